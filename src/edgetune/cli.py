@@ -1,0 +1,211 @@
+"""The `edgetune` command: one entry point, a subcommand per recipe.
+
+Config comes from defaults < `--config FILE` (YAML) < named flags < `key=value`
+overrides. `--help` on a subcommand lists every config key with its default and help
+text, generated from the same dataclasses that validate it. User errors print one clear
+message (no traceback) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from edgetune.errors import EdgetuneError
+
+# Named flags -> dotted config keys (shared by every training/evaluation command).
+TRAIN_FLAGS = {
+    "model": "model",
+    "dataset": "data.dataset",
+    "task": "data.task",
+    "method": "train.method",
+    "peft": "peft.method",
+    "steps": "train.steps",
+    "seed": "seed",
+    "out": "out",
+    "batch_size": "train.batch_size",
+    "lr": "optim.lr",
+    "queries": "zo.queries",
+    "text_field": "data.text_fields",
+    "text_fields": "data.text_fields",
+    "label_field": "data.label_field",
+    "labels": "data.labels",
+    "verbalizer": "data.verbalizer",
+    "template": "data.template",
+    "max_length": "data.max_length",
+    "eval_size": "data.eval_size",
+    "train_size": "data.train_size",
+}
+
+
+def _config_epilog(cls: type) -> str:
+    from edgetune.config import describe
+
+    rows = describe(cls)
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config keys (set with key=value, or in --config FILE as YAML sections):"]
+    lines += [f"  {k:<{width}}  {h} [default: {d}]" for k, d, h in rows]
+    return "\n".join(lines)
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="built-in name (see `edgetune models`), folder, .gguf, hub id")
+    g.add_argument("--dataset", help="built-in name (bbc-news, sst2, ag-news, dolly-openqa, "
+                   "tinystories) or a .tsv/.csv/.jsonl/.txt file")
+    g.add_argument("--task", help="classification | instruction | lm")
+    g.add_argument("--text-field", help="the text column (one field)")
+    g.add_argument("--text-fields", help="text columns, comma-separated (e.g. title,description)")
+    g.add_argument("--label-field", help="the label column")
+    g.add_argument("--labels", help="class names in order, comma-separated")
+    g.add_argument("--verbalizer", help="one answer word per class, comma-separated")
+    g.add_argument("--template", help="classification prompt with {field} placeholders")
+    g.add_argument("--max-length", type=int, help="tokens per example")
+    g.add_argument("--eval-size", type=int, help="held-out examples")
+    g.add_argument("--train-size", type=int, help="cap on training examples")
+    g.add_argument("--seed", type=int, help="run seed")
+    g.add_argument("--config", help="YAML config file")
+    g.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgetune.recipes.finetune import FinetuneConfig
+
+    parser = argparse.ArgumentParser(
+        prog="edgetune",
+        description="Fine-tune, compress and deploy small language models on edge devices.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    ft = sub.add_parser("finetune", help="fine-tune on one device (fo or zo)",
+                        epilog=_config_epilog(FinetuneConfig), formatter_class=fmt)
+    _add_data_flags(ft)
+    g = ft.add_argument_group("training")
+    g.add_argument("--method", help="fo (backprop) | zo (MeZO)")
+    g.add_argument("--peft", help="lora | lora-fa | prompt | bitfit | last-n | full")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--queries", type=int, help="ZO directions per step")
+    g.add_argument("--out", help="run directory")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
+    ev = sub.add_parser("eval", help="evaluate a model (and adapter) on a task")
+    _add_data_flags(ev)
+    ev.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN/adapter)")
+    ev.add_argument("--out", help="write a run directory with the metrics")
+    ev.add_argument("--batch-size", type=int, default=16)
+
+    gen = sub.add_parser("generate", help="greedy generation from a prompt")
+    gen.add_argument("--model", default="smollm2-135m")
+    gen.add_argument("--adapter", help="PEFT adapter folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+
+    sub.add_parser("models", help="list built-in models and whether they are available")
+
+    demo = sub.add_parser("demo", help="the main job: zero-shot vs ZO LoRA vs FO LoRA")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--quick", action="store_true", help="tiny settings (for tests)")
+
+    bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
+    bench.add_argument("which", choices=["memory"])
+    bench.add_argument("--model", default="smollm2-135m")
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--seq-len", type=int, default=128)
+    bench.add_argument("--steps", type=int, default=3)
+    bench.add_argument("--output", default="docs/BENCHMARKS.md")
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for name, key in TRAIN_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from edgetune.config import resolve_config
+    from edgetune.recipes import finetune
+
+    if args.resume:
+        cfg = finetune.config_from_run(args.resume, args.overrides)
+        summary = finetune.run(cfg, resume=True)
+    else:
+        cfg = resolve_config(finetune.FinetuneConfig, args.config, args.overrides, _flags(args))
+        summary = finetune.run(cfg, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edgetune.recipes import evaluate
+
+    summary = evaluate.run(args, _flags(args))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from edgetune.recipes import generate
+
+    print(generate.run(args.model, args.prompt, args.adapter, args.max_new_tokens, args.chat))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from edgetune.models import list_models
+
+    for row in list_models():
+        status = "available" if row["available"] else "MISSING"
+        print(f"{row['name']:<14} {row['kind']:<10} {status:<10} {row['description']}")
+        print(f"{'':<14} from {row['source']}\n{'':<14} at   {row['path']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgetune.recipes import demo
+
+    demo.run(args.out, model=args.model, quick=args.quick)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edgetune.bench import memory
+
+    memory.run(args.model, args.batch_size, args.seq_len, args.steps, args.output)
+    return 0
+
+
+COMMANDS = {
+    "finetune": cmd_finetune,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "models": cmd_models,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EdgetuneError as exc:
+        print(f"edgetune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

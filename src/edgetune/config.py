@@ -1,0 +1,206 @@
+"""Typed configuration: dataclasses, YAML files and dotted `key=value` overrides.
+
+A config is a tree of dataclasses; each field carries its help text in
+`metadata["help"]` (used by `--help`) and each class validates itself in `__post_init__`,
+raising `ConfigError` with the field name and what was expected. Values from YAML and the
+command line are coerced to the annotated type; an unknown key is an error that suggests
+the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from edgetune.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with help text (mutable defaults are copied per instance)."""
+    if isinstance(default, list | dict):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs
+        )
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def check_choice(section: str, name: str, value: Any, choices: typing.Iterable[str]) -> None:
+    """Raise ConfigError unless `value` is one of `choices`, suggesting the closest one."""
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(
+            f"{section}.{name}: {value!r} is not one of {', '.join(choices)}"
+            + _suggest(str(value), choices)
+        )
+
+
+def check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+    """Raise ConfigError unless `value` > 0 (or >= 0)."""
+    if value < 0 or (value == 0 and not allow_zero):
+        expected = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name}: expected a number {expected}, got {value!r}")
+
+
+def _suggest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Coerce a YAML/CLI value to a field's annotated type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(path, value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (str,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {annotation.__name__} fields")
+        return build(annotation, value, prefix=f"{path}.")
+    return value
+
+
+def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict, coercing types and rejecting unknown keys.
+
+    Args:
+        cls: the dataclass type.
+        values: nested mapping of field values (missing fields take their defaults).
+        prefix: dotted path of `cls` inside the root config, for error messages.
+
+    Raises:
+        ConfigError: an unknown key (with the closest valid one) or a bad value.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key {prefix}{key!r}" + _suggest(key, fields)
+                + f"; valid keys under {prefix.rstrip('.') or 'the root'}: {', '.join(fields)}"
+            )
+        kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `tree["a"]["b"] = value` for `dotted == "a.b"`, creating mappings as needed."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse `key=value` (value as YAML, so `3` is an int and `[a, b]` a list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {data!r}")
+    return data
+
+
+def resolve_config(
+    cls: type[T],
+    file: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    flags: dict[str, Any] | None = None,
+) -> T:
+    """Config from defaults < YAML file < CLI flags < `key=value` overrides.
+
+    Args:
+        cls: the root config dataclass.
+        file: optional YAML file.
+        overrides: `key=value` strings with dotted keys.
+        flags: already-dotted values from named CLI flags (None values are ignored).
+    """
+    tree: dict[str, Any] = load_yaml(file) if file else {}
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(tree, key, value)
+    for text in overrides:
+        set_dotted(tree, *parse_override(text))
+    return build(cls, tree)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict of a config (for YAML/JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field of `cls`, for `--help`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows.extend(describe(hint, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,196 @@
+"""Attach a PEFT method to a model and expose what trains.
+
+LoRA and prompt tuning are built with Hugging Face PEFT, so the saved adapter is the
+standard `adapter_config.json` + `adapter_model.safetensors` that
+`PeftModel.from_pretrained` loads. LoRA-FA is LoRA with A frozen after its random init.
+Selective methods (bitfit, last-n) and full fine-tuning mark existing parameters
+trainable and save the whole model.
+
+The `Adapter` is the one interface the training code uses: an ordered list of trainable
+tensors (the ZO directions are drawn in this order, so it must be deterministic) and a
+state dict that restores everything the method created, frozen parts included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgetune.errors import ConfigError
+from edgetune.peft.config import PeftConfig
+
+PEFT_FORMAT_METHODS = ("lora", "lora-fa", "prompt")
+
+
+@dataclass
+class Adapter:
+    """A model with a PEFT method attached.
+
+    Attributes:
+        model: the (possibly PEFT-wrapped) model to call.
+        method: the PEFT method name.
+        names: names of the trainable tensors, in a fixed order.
+    """
+
+    model: torch.nn.Module
+    method: str
+    names: list[str]
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The trainable tensors, in the order of `names`."""
+        params = dict(self.model.named_parameters())
+        return [params[n] for n in self.names]
+
+    def num_trainable(self) -> int:
+        """Number of trainable scalars."""
+        return sum(p.numel() for p in self.trainable())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything this method created or changes (LoRA A and B, prompts, selected
+        weights), cloned, so a fresh `attach` + `load_state_dict` restores the model."""
+        if self.method in ("lora", "lora-fa"):
+            return {
+                n: p.detach().clone()
+                for n, p in self.model.named_parameters()
+                if ".lora_A." in n or ".lora_B." in n
+            }
+        return {n: p.detach().clone() for n, p in zip(self.names, self.trainable(), strict=True)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy tensors from `state` into the model, in place."""
+        params = dict(self.model.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise ConfigError(
+                f"adapter state does not match this model/method (unknown tensors: "
+                f"{missing[:3]}...); resume with the same --model and --peft settings"
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def save(self, out: Path) -> Path:
+        """Save in the standard format: PEFT adapter folder, or the full model.
+
+        Returns:
+            The folder written (`out/adapter` for PEFT methods, `out/model` otherwise).
+        """
+        if self.method in PEFT_FORMAT_METHODS:
+            target = out / "adapter"
+            self.model.save_pretrained(target)  # type: ignore[operator]
+        else:
+            target = out / "model"
+            self.model.save_pretrained(target)  # type: ignore[operator]
+        return target
+
+
+def attach(model: torch.nn.Module, cfg: PeftConfig, seed: int) -> Adapter:
+    """Attach the PEFT method in `cfg` to `model` (modified in place or wrapped).
+
+    Args:
+        model: a Hugging Face causal LM.
+        cfg: the PEFT config.
+        seed: seeds the adapter's random initialisation (LoRA A, soft prompt).
+
+    Returns:
+        The Adapter; everything outside it is frozen.
+    """
+    # PEFT draws its initial weights from the global RNG; fork it so the adapter is a
+    # function of the run seed only and the caller's RNG stream is untouched.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        wrapped = _ATTACHERS[cfg.method](model, cfg)
+    names = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    if not names:
+        raise ConfigError(f"peft.method={cfg.method} selects no parameters of this model")
+    return Adapter(wrapped, cfg.method, names)
+
+
+def _lora(model: torch.nn.Module, cfg: PeftConfig, freeze_a: bool = False) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
+    unknown = [t for t in cfg.target_modules if t not in present]
+    if unknown:
+        raise ConfigError(
+            f"peft.target_modules: {unknown} not found in this model; its linear layers are "
+            f"{sorted(present)}"
+        )
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    wrapped = get_peft_model(model, lora)
+    if freeze_a:
+        for name, param in wrapped.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return wrapped
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear)
+
+
+def _lora_fa(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:
+    return _lora(model, cfg, freeze_a=True)
+
+
+def _prompt(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:
+    from peft import PromptTuningConfig, get_peft_model
+
+    prompt = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.virtual_tokens)
+    return get_peft_model(model, prompt)
+
+
+def _bitfit(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:
+    model.requires_grad_(False)
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    if not biases:
+        raise ConfigError(
+            "peft.method=bitfit: this model has no bias parameters (Llama-family models "
+            "have none); use --peft last-n or --peft lora"
+        )
+    for p in biases:
+        p.requires_grad_(True)
+    return model
+
+
+def _last_n(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:
+    layers = _decoder_layers(model)
+    if cfg.last_layers > len(layers):
+        raise ConfigError(
+            f"peft.last_layers={cfg.last_layers} but the model has {len(layers)} layers"
+        )
+    model.requires_grad_(False)
+    for layer in layers[-cfg.last_layers :]:
+        layer.requires_grad_(True)
+    return model
+
+
+def _decoder_layers(model: torch.nn.Module) -> Any:
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ConfigError("peft.method=last-n: cannot find the model's list of transformer blocks")
+
+
+def _full(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:
+    model.requires_grad_(True)
+    return model
+
+
+_ATTACHERS = {
+    "lora": _lora,
+    "lora-fa": _lora_fa,
+    "prompt": _prompt,
+    "bitfit": _bitfit,
+    "last-n": _last_n,
+    "full": _full,
+}

@@ -1,0 +1,37 @@
+"""PEFT configuration: which parameters train and how the adapter is shaped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgetune.config import check_choice, check_positive, option
+from edgetune.errors import ConfigError
+
+PEFT_METHODS = ("lora", "lora-fa", "prompt", "bitfit", "last-n", "full")
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class PeftConfig:
+    """What trains: a LoRA / LoRA-FA adapter, a soft prompt, selected parameters, or all."""
+
+    method: str = option("lora", "lora | lora-fa (A frozen) | prompt | bitfit | last-n | full")
+    rank: int = option(8, "LoRA rank r")
+    alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / rank)")
+    dropout: float = option(0.0, "LoRA dropout on the adapter input")
+    target_modules: list[str] = option(
+        LLAMA_PROJECTIONS, "linear layers LoRA wraps (default: all attention and MLP projections)"
+    )
+    virtual_tokens: int = option(8, "prompt tuning: number of soft-prompt tokens")
+    last_layers: int = option(2, "last-n: how many final transformer blocks train")
+
+    def __post_init__(self) -> None:
+        check_choice("peft", "method", self.method, PEFT_METHODS)
+        check_positive("peft", "rank", self.rank)
+        check_positive("peft", "alpha", self.alpha)
+        check_positive("peft", "virtual_tokens", self.virtual_tokens)
+        check_positive("peft", "last_layers", self.last_layers)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"peft.dropout: expected a value in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError("peft.target_modules: give at least one module name, e.g. q_proj")

@@ -1,0 +1,148 @@
+"""`edgetune finetune`: fine-tune one model on one device (first-order or zeroth-order).
+
+setup (model, data, task, adapter, stepper) -> fit -> save adapter and summary. Resuming
+reads the run's own config.yaml and its latest checkpoint, drops metric lines logged
+after that checkpoint, and continues; the end state equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edgetune.config import build, option, to_dict
+from edgetune.data import DataConfig
+from edgetune.errors import TrainingDivergedError
+from edgetune.peft import PeftConfig
+from edgetune.runs import RunDir, peak_rss_mb
+from edgetune.train import OptimConfig, TrainConfig
+from edgetune.train.config import DEFAULT_LR
+from edgetune.zo import ZOConfig
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `edgetune finetune` needs (YAML sections = the nested fields)."""
+
+    model: str = option("smollm2-135m", "built-in name, HF folder, .gguf file or hub id")
+    seed: int = option(0, "run seed: data split, batch order, adapter init, ZO directions")
+    out: str = option("runs/finetune", "run directory")
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    zo: ZOConfig = dataclasses.field(default_factory=ZOConfig)
+
+    def __post_init__(self) -> None:
+        if self.optim.lr is None:
+            self.optim.lr = DEFAULT_LR[self.train.method]
+
+
+def setup(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Load the model and data and build the adapter, task and stepper."""
+    from edgetune import models
+    from edgetune.data import build_task, load_splits
+    from edgetune.peft import attach
+
+    model, tokenizer = models.load(cfg.model)
+    splits = load_splits(cfg.data, cfg.seed)
+    task = build_task(splits, cfg.data, tokenizer)
+    adapter = attach(model, cfg.peft, seed=cfg.seed)
+    return {
+        "tokenizer": tokenizer,
+        "task": task,
+        "adapter": adapter,
+        "train_rows": task.prepare_rows(splits.train),
+        "eval_rows": task.prepare_rows(splits.eval),
+        "stepper": make_stepper(cfg, adapter, task),
+    }
+
+
+def make_stepper(cfg: FinetuneConfig, adapter: Any, task: Any) -> Any:
+    """The stepper for `cfg.train.method`."""
+    from edgetune.train import FirstOrderStepper, ZOStepper
+    from edgetune.zo import ZOSGD, MeZOEstimator
+
+    if cfg.train.method == "fo":
+        return FirstOrderStepper(adapter, task, cfg.optim, cfg.train.grad_accum, cfg.seed)
+    estimator = MeZOEstimator(
+        eps=cfg.zo.eps, queries=cfg.zo.queries, one_sided=cfg.zo.estimator == "one-sided"
+    )
+    optimizer = ZOSGD(weight_decay=cfg.optim.weight_decay)
+    return ZOStepper(adapter, task, estimator, optimizer, cfg.train.grad_accum, cfg.seed)
+
+
+def restore(run: RunDir, parts: dict[str, Any]) -> Any:
+    """Load the latest checkpoint into the adapter and stepper; None when there is none."""
+    from edgetune.train import LoopState
+    from edgetune.train.checkpoint import list_checkpoints, load_checkpoint
+
+    saved = list_checkpoints(run.path)
+    step = 0
+    state = None
+    if saved:
+        adapter_state, stepper_state, loop = load_checkpoint(saved[-1])
+        parts["adapter"].load_state_dict(adapter_state)
+        parts["stepper"].load_state_dict(stepper_state)
+        step = loop["step"]
+        state = LoopState(step, loop.get("first_loss"), loop.get("last_eval", {}))
+    run.truncate_after(step)
+    run.truncate_after(step, file="trace.jsonl")
+    return state
+
+
+def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Fine-tune and write the run directory; returns the summary."""
+    from edgetune.train import fit
+
+    start = time.perf_counter()
+    rundir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    rundir.write_config(to_dict(cfg))
+    parts = setup(cfg)
+    state = restore(rundir, parts) if resume else None
+    summary: dict[str, Any] = {
+        "command": "finetune",
+        "model": cfg.model,
+        "method": cfg.train.method,
+        "peft": cfg.peft.method,
+        "trainable_params": parts["adapter"].num_trainable(),
+        "train_examples": len(parts["train_rows"]),
+        "eval_examples": len(parts["eval_rows"]),
+    }
+    try:
+        state = fit(
+            parts["adapter"], parts["task"], parts["train_rows"], parts["eval_rows"],
+            parts["stepper"], cfg.train, cfg.optim, rundir, cfg.seed, state,
+        )
+    except TrainingDivergedError as exc:
+        rundir.write_summary({**summary, "status": "diverged", "error": str(exc),
+                              "wall_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()})
+        raise
+    saved = parts["adapter"].save(rundir.path)
+    evals = [r for r in rundir.read_metrics() if any(k.startswith("eval/") for k in r)]
+    summary.update({
+        "status": "done",
+        "steps": state.step,
+        "final_loss": next((r["loss"] for r in reversed(rundir.read_metrics()) if "loss" in r),
+                           None),
+        **(evals[-1] if evals else {}),
+        "initial_eval": {k: v for k, v in evals[0].items() if k != "step"} if evals else {},
+        "saved": str(saved),
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+    })
+    summary.pop("step", None)
+    rundir.write_summary(summary)
+    return summary
+
+
+def config_from_run(run_dir: str, overrides: list[str]) -> FinetuneConfig:
+    """The config of an existing run with `key=value` overrides applied (for --resume)."""
+    from edgetune.config import parse_override, set_dotted
+
+    tree = RunDir(run_dir, resume=True).read_config()
+    for text in overrides:
+        set_dotted(tree, *parse_override(text))
+    return build(FinetuneConfig, tree)

@@ -1,0 +1,25 @@
+"""`edgetune generate`: greedy continuation of a prompt (optionally with an adapter)."""
+
+from __future__ import annotations
+
+import torch
+
+from edgetune.recipes.evaluate import load_adapter
+
+
+def run(model_spec: str, prompt: str, adapter: str | None, max_new_tokens: int,
+        chat: bool = False) -> str:
+    """Generate greedily and return only the new text."""
+    from edgetune import models
+
+    model, tokenizer = models.load(model_spec)
+    model = load_adapter(model, adapter)
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,92 @@
+"""The run directory: everything a training or evaluation command leaves behind.
+
+    DIR/config.yaml      the fully resolved config
+    DIR/metrics.jsonl    one JSON object per line; `step` + `loss` for training,
+                         `eval/*` keys for evaluation. Only deterministic values go here,
+                         so the same config and seed give the same file byte for byte.
+    DIR/summary.json     final figures: wall_s, peak_rss_mb, last eval/* values, status
+    DIR/adapter/         the trained PEFT adapter (or DIR/model/ for selective/full)
+    DIR/checkpoints/     step-NNNNNN/ folders for --resume
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgetune.errors import EdgetuneError
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the line parseable
+    return value
+
+
+class RunDir:
+    """Reads and writes one run directory."""
+
+    def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False):
+        self.path = Path(path)
+        if resume and not (self.path / "config.yaml").exists():
+            raise EdgetuneError(
+                f"cannot resume {self.path}: no run there (config.yaml is missing); start a "
+                f"new run with --out {self.path}"
+            )
+        if self.path.exists() and (self.path / "metrics.jsonl").exists() and not resume:
+            if not overwrite:
+                raise EdgetuneError(
+                    f"{self.path} already holds a run; pass --resume {self.path} to continue "
+                    f"it, --overwrite to replace it, or another --out"
+                )
+            for name in ("metrics.jsonl", "summary.json", "trace.jsonl"):
+                (self.path / name).unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Write the resolved config as YAML."""
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def read_config(self) -> dict[str, Any]:
+        """The resolved config of an existing run."""
+        path = self.path / "config.yaml"
+        if not path.exists():
+            raise EdgetuneError(f"{self.path} has no config.yaml; is it a run directory?")
+        return yaml.safe_load(path.read_text())
+
+    def log(self, record: dict[str, Any], file: str = "metrics.jsonl") -> None:
+        """Append one JSON line (flushed, so a killed run keeps every line written)."""
+        line = json.dumps({k: _clean(v) for k, v in record.items()})
+        with open(self.path / file, "a") as fh:
+            fh.write(line + "\n")
+
+    def read_metrics(self, file: str = "metrics.jsonl") -> list[dict[str, Any]]:
+        """All lines of a JSONL file (empty if absent)."""
+        path = self.path / file
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int, file: str = "metrics.jsonl") -> None:
+        """Drop lines logged after `step` (used when resuming from a checkpoint)."""
+        kept = [r for r in self.read_metrics(file) if r.get("step", 0) <= step]
+        (self.path / file).write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write summary.json."""
+        clean = {k: _clean(v) for k, v in summary.items()}
+        (self.path / "summary.json").write_text(json.dumps(clean, indent=2) + "\n")

@@ -1,0 +1,16 @@
+"""Single-device training: steppers (first-order, ZO), the loop, checkpoints."""
+
+from edgetune.train.config import OptimConfig, TrainConfig
+from edgetune.train.loop import LoopState, evaluate, fit
+from edgetune.train.steps import FirstOrderStepper, StepResult, ZOStepper
+
+__all__ = [
+    "FirstOrderStepper",
+    "LoopState",
+    "OptimConfig",
+    "StepResult",
+    "TrainConfig",
+    "ZOStepper",
+    "evaluate",
+    "fit",
+]

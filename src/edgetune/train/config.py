@@ -1,0 +1,70 @@
+"""Training-loop and optimizer settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgetune.config import check_choice, check_positive, option
+
+TRAIN_METHODS = ("fo", "zo")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+# Learning rates that work for LoRA on small Llama models when the user gives none.
+DEFAULT_LR = {"fo": 1e-3, "zo": 1e-3}
+
+
+@dataclass
+class OptimConfig:
+    """The update rule's settings (first-order optimizer, or ZO-SGD's lr and decay)."""
+
+    name: str = option("adamw", "first-order optimizer: adamw | sgd")
+    lr: float | None = option(None, "peak learning rate (default: 1e-3 for fo and zo LoRA)")
+    weight_decay: float = option(0.0, "decoupled weight decay")
+    momentum: float = option(0.0, "sgd momentum")
+    schedule: str = option("constant", "lr schedule after warm-up: constant | linear | cosine")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    grad_clip: float = option(1.0, "max gradient norm for first-order steps (0 = off)")
+
+    def __post_init__(self) -> None:
+        check_choice("optim", "name", self.name, OPTIMIZERS)
+        check_choice("optim", "schedule", self.schedule, SCHEDULES)
+        if self.lr is not None:
+            check_positive("optim", "lr", self.lr)
+        check_positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("optim", "momentum", self.momentum, allow_zero=True)
+        check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how many steps, batch shape, evaluation and checkpoint cadence."""
+
+    method: str = option("zo", "fo (backprop) | zo (MeZO, forward passes only)")
+    steps: int = option(100, "optimizer steps")
+    batch_size: int = option(8, "examples per optimizer step")
+    grad_accum: int = option(1, "split each batch into this many micro-batches (saves memory)")
+    eval_every: int = option(50, "evaluate every N steps (0 = only at the end)")
+    eval_at_start: bool = option(True, "evaluate before the first step (zero-shot baseline)")
+    eval_batch_size: int = option(16, "batch size for evaluation")
+    checkpoint_every: int = option(50, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    explode_factor: float = option(
+        20.0, "stop when the loss exceeds this multiple of the first step's loss"
+    )
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        check_choice("train", "method", self.method, TRAIN_METHODS)
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints"):
+            check_positive("train", name, getattr(self, name))
+        for name in ("eval_every", "checkpoint_every"):
+            check_positive("train", name, getattr(self, name), allow_zero=True)
+        check_positive("train", "explode_factor", self.explode_factor)
+        if self.batch_size % self.grad_accum:
+            from edgetune.errors import ConfigError
+
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by "
+                f"train.grad_accum={self.grad_accum}"
+            )

@@ -1,0 +1,119 @@
+"""The single-device training loop: steps, periodic evaluation, checkpoints, divergence.
+
+`fit` is written once for every method: the stepper decides how a step is computed
+(backprop or forward-only ZO); the loop decides which rows it sees (a stateless function
+of seed and step), when to evaluate and checkpoint, and when to stop a diverging run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgetune.errors import TrainingDivergedError
+from edgetune.peft import Adapter
+from edgetune.runs import RunDir
+from edgetune.train.checkpoint import list_checkpoints, save_checkpoint
+from edgetune.train.config import OptimConfig, TrainConfig
+from edgetune.train.sampler import batch_indices
+from edgetune.train.schedule import lr_at
+from edgetune.train.steps import Stepper
+
+
+@dataclass
+class LoopState:
+    """What the loop carries between steps (saved in checkpoints)."""
+
+    step: int = 0
+    first_loss: float | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+def evaluate(adapter: Adapter, task: Any, rows: Sequence[dict], batch_size: int) -> dict:
+    """Task metrics with the `eval/` prefix."""
+    metrics = task.evaluate(adapter.model, rows, batch_size)
+    return {f"eval/{k}": float(v) for k, v in metrics.items()}
+
+
+def fit(
+    adapter: Adapter, task: Any, train_rows: Sequence[dict], eval_rows: Sequence[dict],
+    stepper: Stepper, cfg: TrainConfig, optim: OptimConfig, run: RunDir, seed: int,
+    state: LoopState | None = None,
+) -> LoopState:
+    """Train to `cfg.steps`, starting from `state` (a resumed run) or from scratch.
+
+    Raises:
+        TrainingDivergedError: the loss became non-finite or exploded; checkpoints written
+            before that step are kept.
+    """
+    state = state or LoopState()
+    if state.step == 0 and cfg.eval_at_start and eval_rows:
+        state.last_eval = evaluate(adapter, task, eval_rows, cfg.eval_batch_size)
+        run.log({"step": 0, **state.last_eval})
+    bar = _progress(cfg, state.step)
+    for step in range(state.step, cfg.steps):
+        rows = [train_rows[i] for i in batch_indices(step, len(train_rows), cfg.batch_size, seed)]
+        lr = lr_at(step, cfg.steps, optim.lr or 0.0, optim.schedule, optim.warmup_steps)
+        result = stepper.step(rows, step, lr)
+        _check_divergence(result.loss, state, cfg, run, step + 1)
+        state.step = step + 1
+        run.log({"step": state.step, "loss": result.loss, "lr": lr})
+        if result.estimate is not None:
+            est = result.estimate
+            run.log({"step": state.step, "seeds": est.seeds, "scalars": est.scalars, "lr": lr},
+                    file="trace.jsonl")
+        if _due(state.step, cfg.eval_every, cfg.steps) and eval_rows:
+            state.last_eval = evaluate(adapter, task, eval_rows, cfg.eval_batch_size)
+            run.log({"step": state.step, **state.last_eval})
+        if _due(state.step, cfg.checkpoint_every, cfg.steps):
+            save_checkpoint(
+                run.path, state.step, adapter.state_dict(), stepper.state_dict(),
+                {"first_loss": state.first_loss, "last_eval": state.last_eval},
+                cfg.keep_checkpoints,
+            )
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(_postfix(result.loss, state.last_eval))
+    if bar is not None:
+        bar.close()
+    return state
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def _check_divergence(loss: float, state: LoopState, cfg: TrainConfig, run: RunDir, step: int):
+    if state.first_loss is None and math.isfinite(loss):
+        state.first_loss = loss
+    limit = cfg.explode_factor * max(abs(state.first_loss or 0.0), 1e-3)
+    if math.isfinite(loss) and loss <= limit:
+        return
+    saved = list_checkpoints(run.path)
+    where = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
+    run.log({"step": step, "loss": loss, "diverged": True})
+    raise TrainingDivergedError(
+        f"loss {loss} at step {step} (first loss {state.first_loss}, limit {limit:.3g}): "
+        f"training diverged; {where}. Lower optim.lr (or zo.eps) and resume with "
+        f"--resume {run.path}, or raise train.explode_factor."
+    )
+
+
+def _progress(cfg: TrainConfig, start: int) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} steps", unit="step",
+                dynamic_ncols=True, leave=True)
+
+
+def _postfix(loss: float, last_eval: dict[str, float]) -> dict[str, str]:
+    post = {"loss": f"{loss:.4f}"}
+    for key in ("eval/accuracy", "eval/loss", "eval/perplexity", "eval/rougeL"):
+        if key in last_eval:
+            post[key.split("/")[1]] = f"{last_eval[key]:.4f}"
+            break
+    return post

@@ -1,0 +1,134 @@
+"""Step functions: one optimizer step from a batch of rows, first-order or zeroth-order.
+
+A stepper owns its optimizer state and exposes `step(rows, step, lr) -> StepResult`,
+`state_dict()` and `load_state_dict()`, so the loop and checkpoints treat both alike.
+Batches are split into `grad_accum` micro-batches; the loss of a step is the mean
+per-example loss over the whole batch either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from edgetune.peft import Adapter
+from edgetune.zo import ZOSGD, Estimator, ZOEstimate
+from edgetune.zo.seeds import derive_seed
+
+
+@dataclass
+class StepResult:
+    """What a step reports: its loss and, for ZO, the estimate it applied."""
+
+    loss: float
+    estimate: ZOEstimate | None = None
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+class Stepper(Protocol):
+    """One optimizer step over a batch of rows."""
+
+    def step(self, rows: Sequence[dict], step: int, lr: float) -> StepResult: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def micro_batches(rows: Sequence[dict], parts: int) -> list[Sequence[dict]]:
+    """Split rows into `parts` equal consecutive chunks."""
+    size = len(rows) // parts
+    return [rows[i * size : (i + 1) * size] for i in range(parts)]
+
+
+class FirstOrderStepper:
+    """Backprop through the adapter with AdamW or SGD, grad accumulation and clipping."""
+
+    def __init__(self, adapter: Adapter, task: Any, optim: Any, grad_accum: int, seed: int):
+        self.adapter, self.task, self.grad_accum, self.seed = adapter, task, grad_accum, seed
+        self.grad_clip = optim.grad_clip
+        params = adapter.trainable()
+        if optim.name == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                params, lr=optim.lr, weight_decay=optim.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+            )
+
+    def step(self, rows: Sequence[dict], step: int, lr: float) -> StepResult:
+        """Forward + backward over micro-batches, then one optimizer update."""
+        model = self.adapter.model
+        model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        # Dropout draws from the global RNG: seed it per step so a resumed run matches.
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(self.seed, step))
+            for chunk in micro_batches(rows, self.grad_accum):
+                losses = self.task.example_losses(model, self.task.collate(chunk))
+                loss = losses.mean() / self.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.adapter.trainable(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        return StepResult(total)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state (moments, step counts)."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the optimizer state."""
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class ZOStepper:
+    """A zeroth-order step: estimate (seeds, scalars) from forward passes, then apply.
+
+    The model stays in eval mode so the +eps and -eps passes see the same network
+    (no dropout noise in the difference).
+    """
+
+    def __init__(
+        self, adapter: Adapter, task: Any, estimator: Estimator, optimizer: ZOSGD,
+        grad_accum: int, seed: int,
+    ):
+        self.adapter, self.task, self.estimator = adapter, task, estimator
+        self.optimizer, self.grad_accum, self.seed = optimizer, grad_accum, seed
+
+    def loss_fn(self, rows: Sequence[dict]) -> Any:
+        """A closure returning the mean per-example loss of `rows` at the current params."""
+        batches = [self.task.collate(chunk) for chunk in micro_batches(rows, self.grad_accum)]
+
+        @torch.no_grad()
+        def loss() -> float:
+            values = [self.task.example_losses(self.adapter.model, b).mean() for b in batches]
+            return float(torch.stack(values).mean())
+
+        return loss
+
+    def step(self, rows: Sequence[dict], step: int, lr: float) -> StepResult:
+        """Estimate with seeds derived from (run seed, step), then update in place."""
+        self.adapter.model.eval()
+        params = self.adapter.trainable()
+        estimate = self.estimator.estimate(
+            self.loss_fn(rows), params, derive_seed(self.seed, step)
+        )
+        self.optimizer.step(params, estimate, lr)
+        return StepResult(estimate.loss, estimate)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ZO optimizer's state (empty for ZO-SGD)."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the ZO optimizer's state."""
+        self.optimizer.load_state_dict(state.get("optimizer", {}))

@@ -1,0 +1,35 @@
+"""Random directions z over a list of tensors, regenerated from a seed instead of stored.
+
+A direction is one standard normal tensor per parameter, drawn in parameter order from a
+generator seeded with the direction's seed. Because z is a pure function of the seed, the
+perturbation theta + scale * z can be applied and undone in place without ever holding z
+for more than one parameter at a time: the memory of a ZO step is that of inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from edgetune.zo.seeds import generator
+
+
+def iter_direction(params: Sequence[torch.Tensor], seed: int) -> Iterator[torch.Tensor]:
+    """Yield z for each parameter in order (each z has its parameter's shape, fp32 on CPU)."""
+    gen = generator(seed)
+    for p in params:
+        z = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        yield z.to(device=p.device, dtype=p.dtype)
+
+
+@torch.no_grad()
+def add_direction(params: Sequence[torch.Tensor], seed: int, scale: float) -> None:
+    """theta <- theta + scale * z(seed), in place."""
+    for p, z in zip(params, iter_direction(params, seed), strict=True):
+        p.add_(z, alpha=scale)
+
+
+def direction_vector(params: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+    """z(seed) flattened into one vector (for tests and analysis, not for training)."""
+    return torch.cat([z.flatten() for z in iter_direction(params, seed)])
