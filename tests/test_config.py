@@ -14,8 +14,12 @@ def test_precedence_defaults_file_flags_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: 7\n  batch_size: 4\npeft:\n  rank: 2\n")
     # Execute
-    cfg = resolve_config(FinetuneConfig, path, ["train.steps=9", "optim.lr=0.5"],
-                         {"train.batch_size": 2, "data.text_fields": "title,description"})
+    cfg = resolve_config(
+        FinetuneConfig,
+        path,
+        ["train.steps=9", "optim.lr=0.5"],
+        {"train.batch_size": 2, "data.text_fields": "title,description"},
+    )
     # Assert
     assert cfg.train.steps == 9  # override beats file
     assert cfg.train.batch_size == 2  # flag beats file

@@ -54,8 +54,11 @@ def _config_epilog(cls: type) -> str:
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="built-in name (see `edgetune models`), folder, .gguf, hub id")
-    g.add_argument("--dataset", help="built-in name (bbc-news, sst2, ag-news, dolly-openqa, "
-                   "tinystories) or a .tsv/.csv/.jsonl/.txt file")
+    g.add_argument(
+        "--dataset",
+        help="built-in name (bbc-news, sst2, ag-news, dolly-openqa, "
+        "tinystories) or a .tsv/.csv/.jsonl/.txt file",
+    )
     g.add_argument("--task", help="classification | instruction | lm")
     g.add_argument("--text-field", help="the text column (one field)")
     g.add_argument("--text-fields", help="text columns, comma-separated (e.g. title,description)")
@@ -81,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    ft = sub.add_parser("finetune", help="fine-tune on one device (fo or zo)",
-                        epilog=_config_epilog(FinetuneConfig), formatter_class=fmt)
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune on one device (fo or zo)",
+        epilog=_config_epilog(FinetuneConfig),
+        formatter_class=fmt,
+    )
     _add_data_flags(ft)
     g = ft.add_argument_group("training")
     g.add_argument("--method", help="fo (backprop) | zo (MeZO)")

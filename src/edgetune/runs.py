@@ -1,12 +1,12 @@
 """The run directory: everything a training or evaluation command leaves behind.
 
-    DIR/config.yaml      the fully resolved config
-    DIR/metrics.jsonl    one JSON object per line; `step` + `loss` for training,
-                         `eval/*` keys for evaluation. Only deterministic values go here,
-                         so the same config and seed give the same file byte for byte.
-    DIR/summary.json     final figures: wall_s, peak_rss_mb, last eval/* values, status
-    DIR/adapter/         the trained PEFT adapter (or DIR/model/ for selective/full)
-    DIR/checkpoints/     step-NNNNNN/ folders for --resume
+DIR/config.yaml      the fully resolved config
+DIR/metrics.jsonl    one JSON object per line; `step` + `loss` for training,
+                     `eval/*` keys for evaluation. Only deterministic values go here,
+                     so the same config and seed give the same file byte for byte.
+DIR/summary.json     final figures: wall_s, peak_rss_mb, last eval/* values, status
+DIR/adapter/         the trained PEFT adapter (or DIR/model/ for selective/full)
+DIR/checkpoints/     step-NNNNNN/ folders for --resume
 """
 
 from __future__ import annotations

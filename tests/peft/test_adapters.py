@@ -56,7 +56,9 @@ def test_each_method_trains_the_expected_tensors(method, expected):
     assert len(adapter.names) == expected
     total = sum(p.numel() for p in adapter.model.parameters())
     assert 0 < adapter.num_trainable() <= total
-    frozen = [n for n, p in adapter.model.named_parameters() if p.requires_grad and n not in adapter.names]
+    frozen = [
+        n for n, p in adapter.model.named_parameters() if p.requires_grad and n not in adapter.names
+    ]
     assert frozen == []
 
 

@@ -7,7 +7,7 @@ import torch
 
 from edgetune.models import tiny_llama
 from edgetune.peft import PeftConfig, attach
-from edgetune.zo import MeZOEstimator, ZOSGD, add_direction, derive_seed, direction_vector
+from edgetune.zo import ZOSGD, MeZOEstimator, add_direction, derive_seed, direction_vector
 from edgetune.zo.estimate import ZOEstimate
 
 
@@ -72,7 +72,10 @@ def test_estimator_restores_parameters():
 def _zo_gradient(adapter, ids, queries: int) -> torch.Tensor:
     params = adapter.trainable()
     est = MeZOEstimator(eps=1e-4, queries=queries).estimate(_loss_fn(adapter.model, ids), params, 5)
-    return sum(c * direction_vector(params, s) for s, c in zip(est.seeds, est.scalars, strict=True)) / queries
+    return (
+        sum(c * direction_vector(params, s) for s, c in zip(est.seeds, est.scalars, strict=True))
+        / queries
+    )
 
 
 def test_many_query_estimate_points_along_autograd_gradient():
@@ -82,8 +85,10 @@ def test_many_query_estimate_points_along_autograd_gradient():
     _causal_loss(adapter.model, ids).backward()
     grad = torch.cat([p.grad.flatten() for p in adapter.trainable()])
     # Execute
-    cos = {q: torch.nn.functional.cosine_similarity(_zo_gradient(adapter, ids, q), grad, dim=0).item()
-           for q in (4, 64, 512)}
+    cos = {
+        q: torch.nn.functional.cosine_similarity(_zo_gradient(adapter, ids, q), grad, dim=0).item()
+        for q in (4, 64, 512)
+    }
     # Assert: E[cos] ~ sqrt(q/d) with d = 448 trainable values here
     assert grad.numel() == 448
     assert 0 < cos[4] < cos[64] < cos[512]

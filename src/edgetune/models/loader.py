@@ -91,8 +91,7 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
         ModelNotFoundError: the spec matched nothing, or a hub download failed.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     source, kind = resolve(spec)
     try:

@@ -44,7 +44,9 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
     splits = load_splits(cfg.data, cfg.seed)
     task = build_task(splits, cfg.data, tokenizer)
     rows = task.prepare_rows(splits.eval)
-    metrics = {f"eval/{k}": float(v) for k, v in task.evaluate(model, rows, args.batch_size).items()}
+    metrics = {
+        f"eval/{k}": float(v) for k, v in task.evaluate(model, rows, args.batch_size).items()
+    }
     summary = {
         "command": "eval",
         "model": cfg.model,

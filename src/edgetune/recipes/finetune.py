@@ -113,26 +113,44 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
     }
     try:
         state = fit(
-            parts["adapter"], parts["task"], parts["train_rows"], parts["eval_rows"],
-            parts["stepper"], cfg.train, cfg.optim, rundir, cfg.seed, state,
+            parts["adapter"],
+            parts["task"],
+            parts["train_rows"],
+            parts["eval_rows"],
+            parts["stepper"],
+            cfg.train,
+            cfg.optim,
+            rundir,
+            cfg.seed,
+            state,
         )
     except TrainingDivergedError as exc:
-        rundir.write_summary({**summary, "status": "diverged", "error": str(exc),
-                              "wall_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()})
+        rundir.write_summary(
+            {
+                **summary,
+                "status": "diverged",
+                "error": str(exc),
+                "wall_s": time.perf_counter() - start,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
         raise
     saved = parts["adapter"].save(rundir.path)
     evals = [r for r in rundir.read_metrics() if any(k.startswith("eval/") for k in r)]
-    summary.update({
-        "status": "done",
-        "steps": state.step,
-        "final_loss": next((r["loss"] for r in reversed(rundir.read_metrics()) if "loss" in r),
-                           None),
-        **(evals[-1] if evals else {}),
-        "initial_eval": {k: v for k, v in evals[0].items() if k != "step"} if evals else {},
-        "saved": str(saved),
-        "wall_s": time.perf_counter() - start,
-        "peak_rss_mb": peak_rss_mb(),
-    })
+    summary.update(
+        {
+            "status": "done",
+            "steps": state.step,
+            "final_loss": next(
+                (r["loss"] for r in reversed(rundir.read_metrics()) if "loss" in r), None
+            ),
+            **(evals[-1] if evals else {}),
+            "initial_eval": {k: v for k, v in evals[0].items() if k != "step"} if evals else {},
+            "saved": str(saved),
+            "wall_s": time.perf_counter() - start,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
     summary.pop("step", None)
     rundir.write_summary(summary)
     return summary

@@ -7,8 +7,9 @@ import torch
 from edgetune.recipes.evaluate import load_adapter
 
 
-def run(model_spec: str, prompt: str, adapter: str | None, max_new_tokens: int,
-        chat: bool = False) -> str:
+def run(
+    model_spec: str, prompt: str, adapter: str | None, max_new_tokens: int, chat: bool = False
+) -> str:
     """Generate greedily and return only the new text."""
     from edgetune import models
 
@@ -20,6 +21,10 @@ def run(model_spec: str, prompt: str, adapter: str | None, max_new_tokens: int,
         )
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

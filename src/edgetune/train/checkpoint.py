@@ -24,8 +24,12 @@ def checkpoint_dir(run: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    run: Path, step: int, adapter_state: dict[str, torch.Tensor],
-    stepper_state: dict[str, Any], loop_state: dict[str, Any], keep: int,
+    run: Path,
+    step: int,
+    adapter_state: dict[str, torch.Tensor],
+    stepper_state: dict[str, Any],
+    loop_state: dict[str, Any],
+    keep: int,
 ) -> Path:
     """Write the checkpoint for `step` and keep only the `keep` most recent."""
     target = checkpoint_dir(run, step)

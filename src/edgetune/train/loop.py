@@ -38,8 +38,15 @@ def evaluate(adapter: Adapter, task: Any, rows: Sequence[dict], batch_size: int)
 
 
 def fit(
-    adapter: Adapter, task: Any, train_rows: Sequence[dict], eval_rows: Sequence[dict],
-    stepper: Stepper, cfg: TrainConfig, optim: OptimConfig, run: RunDir, seed: int,
+    adapter: Adapter,
+    task: Any,
+    train_rows: Sequence[dict],
+    eval_rows: Sequence[dict],
+    stepper: Stepper,
+    cfg: TrainConfig,
+    optim: OptimConfig,
+    run: RunDir,
+    seed: int,
     state: LoopState | None = None,
 ) -> LoopState:
     """Train to `cfg.steps`, starting from `state` (a resumed run) or from scratch.
@@ -62,14 +69,19 @@ def fit(
         run.log({"step": state.step, "loss": result.loss, "lr": lr})
         if result.estimate is not None:
             est = result.estimate
-            run.log({"step": state.step, "seeds": est.seeds, "scalars": est.scalars, "lr": lr},
-                    file="trace.jsonl")
+            run.log(
+                {"step": state.step, "seeds": est.seeds, "scalars": est.scalars, "lr": lr},
+                file="trace.jsonl",
+            )
         if _due(state.step, cfg.eval_every, cfg.steps) and eval_rows:
             state.last_eval = evaluate(adapter, task, eval_rows, cfg.eval_batch_size)
             run.log({"step": state.step, **state.last_eval})
         if _due(state.step, cfg.checkpoint_every, cfg.steps):
             save_checkpoint(
-                run.path, state.step, adapter.state_dict(), stepper.state_dict(),
+                run.path,
+                state.step,
+                adapter.state_dict(),
+                stepper.state_dict(),
                 {"first_loss": state.first_loss, "last_eval": state.last_eval},
                 cfg.keep_checkpoints,
             )
@@ -106,8 +118,14 @@ def _progress(cfg: TrainConfig, start: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} steps", unit="step",
-                dynamic_ncols=True, leave=True)
+    return tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=f"{cfg.method} steps",
+        unit="step",
+        dynamic_ncols=True,
+        leave=True,
+    )
 
 
 def _postfix(loss: float, last_eval: dict[str, float]) -> dict[str, str]:

@@ -98,8 +98,13 @@ class ZOStepper:
     """
 
     def __init__(
-        self, adapter: Adapter, task: Any, estimator: Estimator, optimizer: ZOSGD,
-        grad_accum: int, seed: int,
+        self,
+        adapter: Adapter,
+        task: Any,
+        estimator: Estimator,
+        optimizer: ZOSGD,
+        grad_accum: int,
+        seed: int,
     ):
         self.adapter, self.task, self.estimator = adapter, task, estimator
         self.optimizer, self.grad_accum, self.seed = optimizer, grad_accum, seed
@@ -119,9 +124,7 @@ class ZOStepper:
         """Estimate with seeds derived from (run seed, step), then update in place."""
         self.adapter.model.eval()
         params = self.adapter.trainable()
-        estimate = self.estimator.estimate(
-            self.loss_fn(rows), params, derive_seed(self.seed, step)
-        )
+        estimate = self.estimator.estimate(self.loss_fn(rows), params, derive_seed(self.seed, step))
         self.optimizer.step(params, estimate, lr)
         return StepResult(estimate.loss, estimate)
 

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): memory, speed, bytes; results written to docs/BENCHMARKS.md."""

@@ -1,0 +1,1 @@
+"""Reports: plots and Markdown tables of runs."""
