@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_flags(ft)
     g = ft.add_argument_group("training")
-    g.add_argument("--method", help="fo (backprop) | zo (MeZO)")
+    g.add_argument("--method", help="fo (backprop) | zo (MeZO) | prge (P-RGE)")
     g.add_argument("--peft", help="lora | lora-fa | prompt | bitfit | last-n | full")
     g.add_argument("--steps", type=int)
     g.add_argument("--batch-size", type=int)

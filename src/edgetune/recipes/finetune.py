@@ -62,11 +62,17 @@ def setup(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def make_stepper(cfg: FinetuneConfig, adapter: Any, task: Any) -> Any:
     """The stepper for `cfg.train.method`."""
-    from edgetune.train import FirstOrderStepper, ZOStepper
+    from edgetune.train import FirstOrderStepper, PRGEStepper, ZOStepper
     from edgetune.zo import ZOSGD, MeZOEstimator
+    from edgetune.zo.prge import PRGEEstimator
 
     if cfg.train.method == "fo":
         return FirstOrderStepper(adapter, task, cfg.optim, cfg.train.grad_accum, cfg.seed)
+    if cfg.train.method == "prge":
+        prge = PRGEEstimator(cfg.zo.eps, cfg.zo.queries, cfg.zo.parallel_inner)
+        return PRGEStepper(
+            adapter, task, prge, ZOSGD(cfg.optim.weight_decay), cfg.train.grad_accum, cfg.seed
+        )
     estimator = MeZOEstimator(
         eps=cfg.zo.eps, queries=cfg.zo.queries, one_sided=cfg.zo.estimator == "one-sided"
     )

@@ -2,11 +2,12 @@
 
 from edgetune.train.config import OptimConfig, TrainConfig
 from edgetune.train.loop import LoopState, evaluate, fit
-from edgetune.train.steps import FirstOrderStepper, StepResult, ZOStepper
+from edgetune.train.steps import FirstOrderStepper, PRGEStepper, StepResult, ZOStepper
 
 __all__ = [
     "FirstOrderStepper",
     "LoopState",
+    "PRGEStepper",
     "OptimConfig",
     "StepResult",
     "TrainConfig",

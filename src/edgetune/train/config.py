@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from edgetune.config import check_choice, check_positive, option
 
-TRAIN_METHODS = ("fo", "zo")
+TRAIN_METHODS = ("fo", "zo", "prge")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 # Learning rates that work for LoRA on small Llama models when the user gives none.
-DEFAULT_LR = {"fo": 1e-3, "zo": 1e-3}
+DEFAULT_LR = {"fo": 1e-3, "zo": 1e-3, "prge": 1e-3}
 
 
 @dataclass
@@ -40,7 +40,9 @@ class OptimConfig:
 class TrainConfig:
     """The loop: how many steps, batch shape, evaluation and checkpoint cadence."""
 
-    method: str = option("zo", "fo (backprop) | zo (MeZO, forward passes only)")
+    method: str = option(
+        "zo", "fo (backprop) | zo (MeZO, sequential passes) | prge (P-RGE, one batched pass)"
+    )
     steps: int = option(100, "optimizer steps")
     batch_size: int = option(8, "examples per optimizer step")
     grad_accum: int = option(1, "split each batch into this many micro-batches (saves memory)")

@@ -15,7 +15,9 @@ from typing import Any, Protocol
 import torch
 
 from edgetune.peft import Adapter
+from edgetune.peft.multicopy import multi_copy, repeat_batch
 from edgetune.zo import ZOSGD, Estimator, ZOEstimate
+from edgetune.zo.prge import PRGEEstimator
 from edgetune.zo.seeds import derive_seed
 
 
@@ -135,3 +137,41 @@ class ZOStepper:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the ZO optimizer's state."""
         self.optimizer.load_state_dict(state.get("optimizer", {}))
+
+
+class PRGEStepper(ZOStepper):
+    """A P-RGE step: the 2q perturbed adapters evaluated side by side in one pass.
+
+    Same (seeds, scalars) and the same update as `ZOStepper` with MeZO and equal seeds;
+    only how the losses are computed differs (one batched pass over stacked copies).
+    """
+
+    estimator: PRGEEstimator  # type: ignore[assignment]
+
+    def copy_losses(self, rows: Sequence[dict]) -> Any:
+        """A closure (copies, C) -> mean loss of each copy over `rows`, shape [C]."""
+        batches = [self.task.collate(chunk) for chunk in micro_batches(rows, self.grad_accum)]
+        model = self.adapter.model
+
+        @torch.no_grad()
+        def losses(copies: dict[int, torch.Tensor], num_copies: int) -> torch.Tensor:
+            with multi_copy(model, copies, num_copies):
+                per_batch = [
+                    self.task.example_losses(model, repeat_batch(b, num_copies))
+                    .view(num_copies, -1)
+                    .mean(1)
+                    for b in batches
+                ]
+            return torch.stack(per_batch).mean(0)
+
+        return losses
+
+    def step(self, rows: Sequence[dict], step: int, lr: float) -> StepResult:
+        """Estimate with P-RGE (seeds from (run seed, step)), then update in place."""
+        self.adapter.model.eval()
+        params = self.adapter.trainable()
+        estimate = self.estimator.estimate(
+            self.copy_losses(rows), params, derive_seed(self.seed, step)
+        )
+        self.optimizer.step(params, estimate, lr)
+        return StepResult(estimate.loss, estimate)

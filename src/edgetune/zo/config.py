@@ -16,6 +16,9 @@ class ZOConfig:
     eps: float = option(1e-3, "perturbation scale epsilon")
     queries: int = option(1, "directions q averaged per step")
     estimator: str = option("central", "central: (L+ - L-)/2eps; one-sided: (L+ - L0)/eps")
+    parallel_inner: bool = option(
+        True, "prge: +eps and -eps copies in the same pass (False: two passes, + then -)"
+    )
 
     def __post_init__(self) -> None:
         check_positive("zo", "eps", self.eps)

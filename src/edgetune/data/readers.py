@@ -1,0 +1,166 @@
+"""Readers: a data file or a Hugging Face hub dataset -> a list of row dicts.
+
+Formats are chosen by extension (an explicit dict, `READERS`):
+- `.tsv`: header row, tab-separated, quoting disabled so the quotes inside SST-2
+  sentences survive as text.
+- `.csv`: header row, standard CSV quoting (AG News quotes fields containing commas).
+- `.jsonl`: one JSON object per line; `.json`: a list of objects, or one object per line.
+- `.txt`: the whole file as one row `{"text": ...}` (for language modelling).
+
+Every value is kept as read (strings for tsv/csv); the task-specific checks and label
+mapping happen in `edgetune.data.normalize`. Problems raise `DataError` naming the path
+and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgetune.errors import DataError
+
+
+def _read_delimited(path: Path, delimiter: str, quoting: int) -> list[dict[str, Any]]:
+    # The default 128 KB cell limit is too small for user files holding whole documents.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+        if reader.fieldnames is None:
+            return []
+        rows = []
+        for number, row in enumerate(reader, start=2):
+            if None in row or any(v is None for v in row.values()):
+                raise DataError(
+                    f"{path}: line {number} has {len(row) - (None in row)} cells but the "
+                    f"header has {len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); "
+                    f"fix the line or check the delimiter ({'tab' if delimiter == chr(9) else delimiter!r})"
+                )
+            rows.append(dict(row))
+        return rows
+
+
+def _read_tsv(path: Path) -> list[dict[str, Any]]:
+    return _read_delimited(path, "\t", csv.QUOTE_NONE)
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    return _read_delimited(path, ",", csv.QUOTE_MINIMAL)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}: line {number} is not valid JSON ({exc.msg}); each line must "
+                    f'be one object such as {{"text": "..."}}'
+                ) from None
+            rows.append(_as_object(path, row, f"line {number}"))
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path)  # many ".json" files are really JSON Lines
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of objects, got {type(data).__name__}")
+    return [_as_object(path, row, f"item {i}") for i, row in enumerate(data)]
+
+
+def _as_object(path: Path, row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(
+            f"{path}: {where} is a {type(row).__name__}, not an object; write one "
+            f'{{"column": value, ...}} object per example'
+        )
+    return row
+
+
+def _read_txt(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    return [{"text": text}] if text.strip() else []
+
+
+READERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
+    ".tsv": _read_tsv,
+    ".csv": _read_csv,
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".txt": _read_txt,
+}
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Read a data file into row dicts.
+
+    Args:
+        path: a .tsv, .csv, .jsonl, .json or .txt file.
+
+    Returns:
+        One dict per example (column -> value); a .txt file gives one `{"text": ...}` row.
+
+    Raises:
+        DataError: the file is missing, unreadable, has an unknown extension, or no rows.
+    """
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(
+            f"{path}: unknown data file extension {path.suffix or '(none)'!r}; use one of "
+            f"{', '.join(READERS)} (rename the file or convert it)"
+        )
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; check the path passed to --dataset")
+    try:
+        rows = reader(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason}); re-save it as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
+    if not rows:
+        raise DataError(f"{path} has no rows; add examples (after the header line for tsv/csv)")
+    return rows
+
+
+def read_hub(name: str, split: str, tried: list[str]) -> list[dict[str, Any]]:
+    """Load one split of a Hugging Face hub dataset (needs internet).
+
+    Args:
+        name: `owner/name`, optionally `owner/name:config`.
+        split: the split, e.g. "train" or "validation".
+        tried: what was checked before the hub (built-in names, paths), for the error.
+
+    Raises:
+        DataError: the dataset cannot be loaded (offline, unknown id or split); the
+            message lists everything that was tried.
+    """
+    repo, _, subset = name.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(repo, subset or None, split=split)
+        rows = [dict(r) for r in ds]
+    except Exception as exc:  # offline, unknown id, bad split: all become one message
+        raise DataError(
+            f"dataset {name!r} could not be loaded. Tried: {'; '.join(tried)}; "
+            f"Hugging Face hub id {repo!r} (split {split!r}): {type(exc).__name__}: {exc}. "
+            f"The hub is unreachable without internet: pass a built-in name or a local "
+            f".tsv/.csv/.jsonl/.txt file instead"
+        ) from None
+    if not rows:
+        raise DataError(f"hub dataset {name!r} split {split!r} has no rows; pick another split")
+    return rows
