@@ -45,10 +45,8 @@ def _hook(copies: dict[int, torch.Tensor], num_copies: int) -> Any:
         a_copies, b_copies = copies.get(id(a)), copies.get(id(b))
         xs = x.reshape(num_copies, -1, x.shape[-1])  # [C, b*T, in]
         xa = xs @ a.t() if a_copies is None else torch.bmm(xs, a_copies.transpose(1, 2))
-        if b_copies is None:
-            yb = xa @ b.t()
-        else:
-            yb = torch.bmm(xa, b_copies.transpose(1, 2))  # [C, b*T, out]
+        # [C, b*T, out]: each copy's B applied to its own slice
+        yb = xa @ b.t() if b_copies is None else torch.bmm(xa, b_copies.transpose(1, 2))
         scale = module.scaling["default"]  # type: ignore[index]
         return output + scale * yb.reshape(output.shape)
 
