@@ -63,20 +63,20 @@ def setup(cfg: FinetuneConfig) -> dict[str, Any]:
 def make_stepper(cfg: FinetuneConfig, adapter: Any, task: Any) -> Any:
     """The stepper for `cfg.train.method`."""
     from edgetune.train import FirstOrderStepper, PRGEStepper, ZOStepper
-    from edgetune.zo import ZOSGD, MeZOEstimator
+    from edgetune.zo import MeZOEstimator
+    from edgetune.zo.optimizers import make_zo_optimizer
     from edgetune.zo.prge import PRGEEstimator
 
     if cfg.train.method == "fo":
         return FirstOrderStepper(adapter, task, cfg.optim, cfg.train.grad_accum, cfg.seed)
     if cfg.train.method == "prge":
         prge = PRGEEstimator(cfg.zo.eps, cfg.zo.queries, cfg.zo.parallel_inner)
-        return PRGEStepper(
-            adapter, task, prge, ZOSGD(cfg.optim.weight_decay), cfg.train.grad_accum, cfg.seed
-        )
+        optimizer = make_zo_optimizer(cfg.zo, cfg.optim.weight_decay)
+        return PRGEStepper(adapter, task, prge, optimizer, cfg.train.grad_accum, cfg.seed)
     estimator = MeZOEstimator(
         eps=cfg.zo.eps, queries=cfg.zo.queries, one_sided=cfg.zo.estimator == "one-sided"
     )
-    optimizer = ZOSGD(weight_decay=cfg.optim.weight_decay)
+    optimizer = make_zo_optimizer(cfg.zo, cfg.optim.weight_decay)
     return ZOStepper(adapter, task, estimator, optimizer, cfg.train.grad_accum, cfg.seed)
 
 

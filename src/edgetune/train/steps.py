@@ -16,7 +16,8 @@ import torch
 
 from edgetune.peft import Adapter
 from edgetune.peft.multicopy import multi_copy, repeat_batch
-from edgetune.zo import ZOSGD, Estimator, ZOEstimate
+from edgetune.zo import Estimator, ZOEstimate
+from edgetune.zo.optimizers import ZOOptimizer
 from edgetune.zo.prge import PRGEEstimator
 from edgetune.zo.seeds import derive_seed
 
@@ -104,7 +105,7 @@ class ZOStepper:
         adapter: Adapter,
         task: Any,
         estimator: Estimator,
-        optimizer: ZOSGD,
+        optimizer: ZOOptimizer,
         grad_accum: int,
         seed: int,
     ):

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgetune.config import check_choice, check_positive, option
+from edgetune.errors import ConfigError
 
 ZO_ESTIMATORS = ("central", "one-sided")
+ZO_OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "sign")
 
 
 @dataclass
@@ -16,6 +18,9 @@ class ZOConfig:
     eps: float = option(1e-3, "perturbation scale epsilon")
     queries: int = option(1, "directions q averaged per step")
     estimator: str = option("central", "central: (L+ - L-)/2eps; one-sided: (L+ - L0)/eps")
+    optimizer: str = option("sgd", "update rule: sgd | momentum | adam | sign")
+    beta1: float = option(0.9, "momentum / Adam first-moment decay")
+    beta2: float = option(0.999, "Adam second-moment decay")
     parallel_inner: bool = option(
         True, "prge: +eps and -eps copies in the same pass (False: two passes, + then -)"
     )
@@ -24,3 +29,8 @@ class ZOConfig:
         check_positive("zo", "eps", self.eps)
         check_positive("zo", "queries", self.queries)
         check_choice("zo", "estimator", self.estimator, ZO_ESTIMATORS)
+        check_choice("zo", "optimizer", self.optimizer, ZO_OPTIMIZER_NAMES)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"zo.{name}: expected a value in [0, 1), got {value!r}")

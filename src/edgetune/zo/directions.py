@@ -9,6 +9,7 @@ for more than one parameter at a time: the memory of a ZO step is that of infere
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -33,3 +34,18 @@ def add_direction(params: Sequence[torch.Tensor], seed: int, scale: float) -> No
 def direction_vector(params: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
     """z(seed) flattened into one vector (for tests and analysis, not for training)."""
     return torch.cat([z.flatten() for z in iter_direction(params, seed)])
+
+
+def materialize(params: Sequence[torch.Tensor], estimate: Any) -> list[torch.Tensor]:
+    """g_hat = (1/q) sum_i c_i z(s_i) as one tensor per parameter (for stateful optimizers).
+
+    Args:
+        params: the trainable tensors (only their shapes, dtypes and order are used).
+        estimate: a ZOEstimate (seeds, scalars).
+    """
+    grads = [torch.zeros_like(p) for p in params]
+    q = len(estimate.seeds)
+    for seed, scalar in zip(estimate.seeds, estimate.scalars, strict=True):
+        for g, z in zip(grads, iter_direction(params, seed), strict=True):
+            g.add_(z, alpha=scalar / q)
+    return grads
