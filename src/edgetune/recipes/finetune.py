@@ -64,6 +64,7 @@ def make_stepper(cfg: FinetuneConfig, adapter: Any, task: Any) -> Any:
     """The stepper for `cfg.train.method`."""
     from edgetune.train import FirstOrderStepper, PRGEStepper, ZOStepper
     from edgetune.zo import MeZOEstimator
+    from edgetune.zo.fwdgrad import ForwardGradientEstimator
     from edgetune.zo.optimizers import make_zo_optimizer
     from edgetune.zo.prge import PRGEEstimator
 
@@ -73,9 +74,15 @@ def make_stepper(cfg: FinetuneConfig, adapter: Any, task: Any) -> Any:
         prge = PRGEEstimator(cfg.zo.eps, cfg.zo.queries, cfg.zo.parallel_inner)
         optimizer = make_zo_optimizer(cfg.zo, cfg.optim.weight_decay)
         return PRGEStepper(adapter, task, prge, optimizer, cfg.train.grad_accum, cfg.seed)
-    estimator = MeZOEstimator(
-        eps=cfg.zo.eps, queries=cfg.zo.queries, one_sided=cfg.zo.estimator == "one-sided"
-    )
+    if cfg.zo.estimator == "fwdgrad":
+        estimator: Any = ForwardGradientEstimator(
+            cfg.zo.eps,
+            cfg.zo.queries,
+            max(cfg.zo.max_queries, cfg.zo.queries),
+            cfg.zo.var_threshold,
+        )
+    else:
+        estimator = MeZOEstimator(cfg.zo.eps, cfg.zo.queries, cfg.zo.estimator == "one-sided")
     optimizer = make_zo_optimizer(cfg.zo, cfg.optim.weight_decay)
     return ZOStepper(adapter, task, estimator, optimizer, cfg.train.grad_accum, cfg.seed)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from edgetune.config import check_choice, check_positive, option
 from edgetune.errors import ConfigError
 
-ZO_ESTIMATORS = ("central", "one-sided")
+ZO_ESTIMATORS = ("central", "one-sided", "fwdgrad")
 ZO_OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "sign")
 
 
@@ -17,7 +17,12 @@ class ZOConfig:
 
     eps: float = option(1e-3, "perturbation scale epsilon")
     queries: int = option(1, "directions q averaged per step")
-    estimator: str = option("central", "central: (L+ - L-)/2eps; one-sided: (L+ - L0)/eps")
+    estimator: str = option(
+        "central",
+        "central: (L+ - L-)/2eps; one-sided: (L+ - L0)/eps; fwdgrad: FwdLLM variance-controlled",
+    )
+    max_queries: int = option(16, "fwdgrad: cap on directions per step (queries = the minimum)")
+    var_threshold: float = option(1.0, "fwdgrad: stop when var(g_bar)/||g_bar||^2 <= this")
     optimizer: str = option("sgd", "update rule: sgd | momentum | adam | sign")
     beta1: float = option(0.9, "momentum / Adam first-moment decay")
     beta2: float = option(0.999, "Adam second-moment decay")
@@ -29,6 +34,8 @@ class ZOConfig:
         check_positive("zo", "eps", self.eps)
         check_positive("zo", "queries", self.queries)
         check_choice("zo", "estimator", self.estimator, ZO_ESTIMATORS)
+        check_positive("zo", "max_queries", self.max_queries)
+        check_positive("zo", "var_threshold", self.var_threshold, allow_zero=True)
         check_choice("zo", "optimizer", self.optimizer, ZO_OPTIMIZER_NAMES)
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
