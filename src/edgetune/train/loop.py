@@ -66,7 +66,15 @@ def fit(
         result = stepper.step(rows, step, lr)
         _check_divergence(result.loss, state, cfg, run, step + 1)
         state.step = step + 1
-        run.log({"step": state.step, "loss": result.loss, "lr": lr})
+        extras = result.estimate.extras if result.estimate is not None else {}
+        run.log(
+            {
+                "step": state.step,
+                "loss": result.loss,
+                "lr": lr,
+                **{f"zo/{k}": v for k, v in extras.items()},
+            }
+        )
         if result.estimate is not None:
             est = result.estimate
             run.log(
