@@ -115,7 +115,7 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(
-                f"unknown config key {prefix}{key!r}"
+                f"unknown config key '{prefix}{key}'"
                 + _suggest(key, fields)
                 + f"; valid keys under {prefix.rstrip('.') or 'the root'}: {', '.join(fields)}"
             )

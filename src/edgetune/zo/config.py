@@ -26,6 +26,11 @@ class ZOConfig:
     optimizer: str = option("sgd", "update rule: sgd | momentum | adam | sign")
     beta1: float = option(0.9, "momentum / Adam first-moment decay")
     beta2: float = option(0.999, "Adam second-moment decay")
+    exact_restore: str = option(
+        "auto",
+        "restore theta after a perturbation from a copy (bit-exact replay) instead of by "
+        "subtraction: auto (on for PEFT adapters, off for full/last-n) | true | false",
+    )
     parallel_inner: bool = option(
         True, "prge: +eps and -eps copies in the same pass (False: two passes, + then -)"
     )
@@ -36,6 +41,9 @@ class ZOConfig:
         check_choice("zo", "estimator", self.estimator, ZO_ESTIMATORS)
         check_positive("zo", "max_queries", self.max_queries)
         check_positive("zo", "var_threshold", self.var_threshold, allow_zero=True)
+        check_choice(
+            "zo", "exact_restore", str(self.exact_restore).lower(), ("auto", "true", "false")
+        )
         check_choice("zo", "optimizer", self.optimizer, ZO_OPTIMIZER_NAMES)
         for name in ("beta1", "beta2"):
             value = getattr(self, name)

@@ -8,7 +8,7 @@ for more than one parameter at a time: the memory of a ZO step is that of infere
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,3 +49,42 @@ def materialize(params: Sequence[torch.Tensor], estimate: Any) -> list[torch.Ten
         for g, z in zip(grads, iter_direction(params, seed), strict=True):
             g.add_(z, alpha=scalar / q)
     return grads
+
+
+@torch.no_grad()
+def snapshot(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `params`, for an exact restore after a perturbation."""
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def restore(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    """Copy `saved` back into `params` (bit-exact, unlike subtracting the perturbation)."""
+    for p, s in zip(params, saved, strict=True):
+        p.copy_(s)
+
+
+def loss_at(
+    loss_fn: Callable[[], float],
+    params: Sequence[torch.Tensor],
+    seed: int,
+    scale: float,
+    saved: Sequence[torch.Tensor] | None = None,
+) -> float:
+    """L(theta + scale * z(seed)), perturbing in place and leaving theta as it was.
+
+    Args:
+        loss_fn: evaluates the loss at the current params.
+        params: the trainable tensors.
+        seed: the direction's seed.
+        scale: signed step along z (e.g. +eps or -eps).
+        saved: a `snapshot` of params for an exact restore; None restores by subtraction
+            (exact to fp32 rounding, no extra memory).
+    """
+    add_direction(params, seed, scale)
+    value = loss_fn()
+    if saved is not None:
+        restore(params, saved)
+    else:
+        add_direction(params, seed, -scale)
+    return value

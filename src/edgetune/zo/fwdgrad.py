@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgetune.zo.directions import add_direction, direction_vector
+from edgetune.zo.directions import direction_vector, loss_at, snapshot
 from edgetune.zo.estimate import LossFn, ZOEstimate
 from edgetune.zo.seeds import derive_seed
 
@@ -37,6 +37,7 @@ class ForwardGradientEstimator:
         threshold: stop when var(g_bar) / ||g_bar||^2 falls to this.
         candidates: seeds considered per draw for discriminative sampling (1 = off).
         prior: flat prior direction for discriminative sampling, or None.
+        exact_restore: restore theta from a copy (see `MeZOEstimator`).
     """
 
     eps: float = 1e-3
@@ -45,6 +46,7 @@ class ForwardGradientEstimator:
     threshold: float = 1.0
     candidates: int = 1
     prior: torch.Tensor | None = None
+    exact_restore: bool = False
 
     def _pick_seed(self, params: list[torch.Tensor], step_seed: int, i: int) -> int:
         if self.prior is None or self.candidates <= 1:
@@ -64,13 +66,11 @@ class ForwardGradientEstimator:
         total: torch.Tensor | None = None
         sq_norms = 0.0
         ratio = float("inf")
+        saved = snapshot(params) if self.exact_restore else None
         for i in range(self.max_queries):
             seed = self._pick_seed(params, step_seed, i)
-            add_direction(params, seed, self.eps)
-            plus = loss_fn()
-            add_direction(params, seed, -2.0 * self.eps)
-            minus = loss_fn()
-            add_direction(params, seed, self.eps)
+            plus = loss_at(loss_fn, params, seed, self.eps, saved)
+            minus = loss_at(loss_fn, params, seed, -self.eps, saved)
             c = (plus - minus) / (2.0 * self.eps)
             seeds.append(seed)
             scalars.append(c)
