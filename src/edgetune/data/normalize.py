@@ -1,4 +1,5 @@
-"""Schema resolution and row normalisation: raw rows -> the task's row format.
+"""Row normalisation: raw rows -> the task's row format, with the column conventions and
+label mapping it relies on (which columns to use is decided in `resolve.py`).
 
 Normalised rows, per task:
 - classification: `{"fields": {name: str, ...}, "label": int}` (class index);
@@ -10,7 +11,7 @@ Column choices come from the config, else the built-in's spec, else conventions
 ("text"/"sentence"/"content", "label"/"labels", "prompt"/"response", ...). Label rules:
 - string labels map through the class names (given, or the sorted unique values);
 - integer labels (ints, or strings of digits as read from tsv/csv) map through the
-  spec's label map; else, with class names given, values 0..n-1 index them; else the
+  spec's label map (class names given in the config then rename its classes, in order); else, with class names given, values 0..n-1 index them; else the
   classes are the sorted unique integers, named by their decimal string.
 Every problem raises `DataError` naming the row or column and the flag that fixes it.
 """
@@ -21,7 +22,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from edgetune.errors import DataError
+from edgetune.errors import ConfigError, DataError
 
 TEXT_COLUMNS = ("text", "sentence", "content")
 LABEL_COLUMNS = ("label", "labels")
@@ -118,9 +119,16 @@ class LabelMap:
         ints = {int(v) for v in values if is_int_label(v)}
         self.integer = 2 * sum(is_int_label(v) for v in values) > len(values)
         self.label_map = label_map if self.integer else {}
+        self.map_names = list(self.label_map.values())
         self.by_position = False
         if self.integer and label_map:
-            self.labels = list(given or label_map.values())
+            if given and len(given) != len(self.map_names):
+                raise ConfigError(
+                    f"data.labels has {len(given)} names but this dataset has "
+                    f"{len(self.map_names)} classes ({', '.join(self.map_names)}); pass "
+                    f"--labels with one name per class, in that order"
+                )
+            self.labels = list(given or self.map_names)
         elif self.integer and given:
             self.labels = list(given)
             self.by_position = ints <= set(range(len(given)))
@@ -139,6 +147,7 @@ class LabelMap:
             return int(value) if 0 <= int(value) < len(self.labels) else None
         elif self.label_map:
             name = self.label_map.get(int(value))
+            return self.map_names.index(name) if name is not None else None
         else:
             name = str(int(value))
         return self.labels.index(name) if name in self.labels else None

@@ -19,36 +19,39 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edgetune.errors import DataError
 
 
-def _read_delimited(path: Path, delimiter: str, quoting: int) -> list[dict[str, Any]]:
+def _read_delimited(path: Path, delimiter: str, quoted: bool) -> list[dict[str, Any]]:
     # The default 128 KB cell limit is too small for user files holding whole documents.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with path.open(encoding="utf-8", newline="") as f:
+        quoting: Literal[0, 3] = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
         reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
         if reader.fieldnames is None:
             return []
         rows = []
-        for number, row in enumerate(reader, start=2):
+        separator = "tab" if delimiter == "\t" else "comma"
+        for row in reader:
             if None in row or any(v is None for v in row.values()):
+                header = reader.fieldnames
                 raise DataError(
-                    f"{path}: line {number} has {len(row) - (None in row)} cells but the "
-                    f"header has {len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); "
-                    f"fix the line or check the delimiter ({'tab' if delimiter == chr(9) else delimiter!r})"
+                    f"{path}: line {reader.line_num} does not have the {len(header)} "
+                    f"{separator}-separated cells of the header ({', '.join(header)}); fix "
+                    f"the line or check that the file is {separator}-separated"
                 )
             rows.append(dict(row))
         return rows
 
 
 def _read_tsv(path: Path) -> list[dict[str, Any]]:
-    return _read_delimited(path, "\t", csv.QUOTE_NONE)
+    return _read_delimited(path, "\t", quoted=False)
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    return _read_delimited(path, ",", csv.QUOTE_MINIMAL)
+    return _read_delimited(path, ",", quoted=True)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -132,7 +135,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     except OSError as exc:
         raise DataError(f"cannot read {path} ({exc.strerror}); check its permissions") from None
     if not rows:
-        raise DataError(f"{path} has no rows; add examples (after the header line for tsv/csv)")
+        raise DataError(
+            f"{path} is empty (no rows); add examples (after the header line for tsv/csv)"
+        )
     return rows
 
 

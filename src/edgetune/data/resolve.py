@@ -4,7 +4,8 @@ Precedence for every setting: the config (flags / YAML), then the built-in datas
 spec, then inference from the columns (see `edgetune.data.normalize` for conventions).
 A built-in's template and verbalizer are used only while its text fields and classes
 are; the default template puts each field on its own line as "Name: value" and ends with
-the cue "Answer:". `RESOLVERS` maps a task name to its resolver; each returns
+the cue "Answer:"; a literal backslash-n in a given template (as typed on a command line)
+is a newline. `RESOLVERS` maps a task name to its resolver; each returns
 `(rows, eval_rows or None, metadata for DataSplits)` with rows already normalised.
 """
 
@@ -95,7 +96,7 @@ def _text_fields(cfg: DataConfig, source: Source, label_field: str) -> list[str]
 def _template(cfg: DataConfig, source: Source, fields: list[str]) -> str:
     spec = source.spec
     if cfg.template:
-        template = cfg.template
+        template = cfg.template.replace("\\n", "\n")  # a typed "\n" on the command line
     elif spec and spec.template and list(spec.text_fields) == fields:
         template = spec.template
     else:
@@ -112,9 +113,8 @@ def _template(cfg: DataConfig, source: Source, fields: list[str]) -> str:
 
 def _classification(cfg: DataConfig, source: Source) -> Resolved:
     spec, where = source.spec, source.train_name
-    label_field = (
-        cfg.label_field or (spec and spec.label_field) or infer_label_field(source.train, where)
-    )
+    label_field = cfg.label_field or (spec.label_field if spec else None)
+    label_field = label_field or infer_label_field(source.train, where)
     require_column(source.train, label_field, where, "--label-field")
     _check_eval_columns(source, [label_field], "--label-field")
     fields = _text_fields(cfg, source, label_field)
@@ -158,8 +158,10 @@ def _pick(given: str | None, default: str | None, columns: list[str], names: tup
 def _instruction(cfg: DataConfig, source: Source) -> Resolved:
     spec, where = source.spec, source.train_name
     columns = columns_of(source.train)
-    prompt = _pick(cfg.prompt_field, spec and spec.prompt_field, columns, PROMPT_COLUMNS)
-    response = _pick(cfg.response_field, spec and spec.response_field, columns, RESPONSE_COLUMNS)
+    prompt = _pick(cfg.prompt_field, spec.prompt_field if spec else None, columns, PROMPT_COLUMNS)
+    response = _pick(
+        cfg.response_field, spec.response_field if spec else None, columns, RESPONSE_COLUMNS
+    )
     text_field = cfg.text_fields[0] if cfg.text_fields else "text"
     if prompt and response:
         require_column(source.train, prompt, where, "data.prompt_field=...")
