@@ -121,9 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--quick", action="store_true", help="tiny settings (for tests)")
+    demo.add_argument(
+        "--zo",
+        choices=["zo", "prge"],
+        default="zo",
+        help="zeroth-order method of the demo: sequential MeZO or P-RGE",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
-    bench.add_argument("which", choices=["memory"])
+    bench.add_argument("which", choices=["memory", "zo"])
+    bench.add_argument("--peft", default="lora", help="zo: lora | lora-fa")
+    bench.add_argument(
+        "--tta-steps",
+        type=int,
+        default=40,
+        help="zo: ZO steps of the time-to-accuracy runs (0 = skip)",
+    )
+    bench.add_argument("--plot", default="docs/bench_zo_time_to_accuracy.png")
     bench.add_argument("--model", default="smollm2-135m")
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--seq-len", type=int, default=128)
@@ -183,11 +197,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgetune.recipes import demo
 
-    demo.run(args.out, model=args.model, quick=args.quick)
+    demo.run(args.out, model=args.model, quick=args.quick, zo=args.zo)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "zo":
+        from edgetune.bench import zo
+
+        zo.run(args.model, args.peft, args.steps, args.tta_steps, args.output, args.plot)
+        return 0
     from edgetune.bench import memory
 
     memory.run(args.model, args.batch_size, args.seq_len, args.steps, args.output)

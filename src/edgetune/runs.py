@@ -4,6 +4,8 @@ DIR/config.yaml      the fully resolved config
 DIR/metrics.jsonl    one JSON object per line; `step` + `loss` for training,
                      `eval/*` keys for evaluation. Only deterministic values go here,
                      so the same config and seed give the same file byte for byte.
+DIR/timing.jsonl     wall-clock per step (`step_s`, cumulative `train_s`), kept apart
+                     from metrics.jsonl because timings are not reproducible
 DIR/summary.json     final figures: wall_s, peak_rss_mb, last eval/* values, status
 DIR/adapter/         the trained PEFT adapter (or DIR/model/ for selective/full)
 DIR/checkpoints/     step-NNNNNN/ folders for --resume
@@ -49,7 +51,7 @@ class RunDir:
                     f"{self.path} already holds a run; pass --resume {self.path} to continue "
                     f"it, --overwrite to replace it, or another --out"
                 )
-            for name in ("metrics.jsonl", "summary.json", "trace.jsonl"):
+            for name in ("metrics.jsonl", "summary.json", "trace.jsonl", "timing.jsonl"):
                 (self.path / name).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
 

@@ -112,11 +112,15 @@ def test_generate_continues_a_story(cli, capsys, stories260k_path):
     assert len(text.split()) >= 3
 
 
-def test_quick_demo_writes_report_and_plot(tmp_path, cli, stories260k_path, shared_data):
+@pytest.mark.parametrize("zo, label", [("zo", "ZO LoRA (MeZO)"), ("prge", "ZO LoRA (P-RGE, q=4)")])
+def test_quick_demo_writes_report_and_plot(tmp_path, cli, stories260k_path, shared_data, zo, label):
     del shared_data
-    assert cli(["demo", "--quick", "--model", str(stories260k_path), "--out", str(tmp_path)]) == 0
+    args = ["demo", "--quick", "--zo", zo, "--model", str(stories260k_path), "--out", str(tmp_path)]
+    assert cli(args) == 0
     report = (tmp_path / "report.md").read_text()
-    assert "| zero-shot |" in report and "| ZO LoRA (MeZO) |" in report
+    assert "| zero-shot |" in report and f"| {label} |" in report
+    config = (tmp_path / "zo" / "config.yaml").read_text()
+    assert f"method: {zo}" in config
     assert "| first-order LoRA |" in report
     png = (tmp_path / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -28,6 +28,10 @@ def test_run_directory_contract(tmp_path, tiny_args, cli, method, stories260k_pa
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert [r["step"] for r in evals] == [0, 2, 4]
     assert all(0.0 <= r["eval/accuracy"] <= 1.0 and r["eval/loss"] > 0 for r in evals)
+    # timing.jsonl: wall-clock per step, cumulative training seconds increasing
+    timing = RunDir(out, resume=True).read_metrics("timing.jsonl")
+    assert [t["step"] for t in timing] == [1, 2, 3, 4]
+    assert all(b["train_s"] > a["train_s"] > 0 for a, b in zip(timing, timing[1:], strict=False))
     # summary.json
     summary = json.loads((out / "summary.json").read_text())
     assert summary["wall_s"] > 0 and summary["peak_rss_mb"] > 50

@@ -37,13 +37,13 @@ FULL = {
         "--peft",
         "lora",
         "--steps",
-        "200",
+        "60",
         "--batch-size",
         "16",
         "--lr",
         "2e-3",
         "zo.eps=1e-3",
-        "train.eval_every=50",
+        "train.eval_every=20",
     ],
     "fo": [
         "--method",
@@ -51,11 +51,11 @@ FULL = {
         "--peft",
         "lora",
         "--steps",
-        "40",
+        "30",
         "--batch-size",
         "8",
         "--lr",
-        "1e-3",
+        "5e-4",
         "train.eval_every=10",
         "train.eval_at_start=false",
     ],
@@ -83,6 +83,9 @@ QUICK = {
         "train.eval_at_start=false",
     ],
 }
+# `edgetune demo --zo prge`: P-RGE with q=4 directions on b=4 examples (the same 16
+# perturbed evaluations per step as MeZO's batch of 16, in one batched pass).
+PRGE = ["--method", "prge", "--queries", "4", "--batch-size", "4"]
 LABELS = {"zo": "ZO LoRA (MeZO)", "fo": "first-order LoRA"}
 
 
@@ -106,16 +109,29 @@ def _finetune(out: Path, model: str, args: list[str]) -> None:
         )
 
 
-def run(out: str, model: str = "smollm2-135m", quick: bool = False) -> dict[str, Any]:
-    """Run the demo and write its report; returns the per-run summaries."""
+def run(
+    out: str, model: str = "smollm2-135m", quick: bool = False, zo: str = "zo"
+) -> dict[str, Any]:
+    """Run the demo and write its report; returns the per-run summaries.
+
+    Args:
+        out: the demo's folder.
+        model: the model spec.
+        quick: tiny settings (tests).
+        zo: "zo" (sequential MeZO) or "prge" (P-RGE, q=4) for the zeroth-order run.
+    """
     from edgetune.report.plots import plot_metric
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    common, runs = (QUICK_COMMON, QUICK) if quick else (COMMON, FULL)
+    common, runs = (QUICK_COMMON, dict(QUICK)) if quick else (COMMON, dict(FULL))
+    labels = dict(LABELS)
+    if zo == "prge":
+        runs["zo"] = [*runs["zo"], *PRGE]  # later flags win
+        labels["zo"] = "ZO LoRA (P-RGE, q=4)"
     start = time.perf_counter()
     for name, args in runs.items():
-        print(f"\n=== demo: {LABELS[name]} ===", flush=True)
+        print(f"\n=== demo: {labels[name]} ===", flush=True)
         _finetune(root / name, model, [*common, *args])
     summaries = {n: json.loads((root / n / "summary.json").read_text()) for n in runs}
     metrics = {n: RunDir(root / n, resume=True).read_metrics() for n in runs}
@@ -124,19 +140,26 @@ def run(out: str, model: str = "smollm2-135m", quick: bool = False) -> dict[str,
     metrics["fo"] = [{"step": 0, **zero_shot}, *metrics["fo"]]
     key = "eval/accuracy" if "eval/accuracy" in zero_shot else "eval/loss"
     plot_metric(
-        {LABELS[n]: rows for n, rows in metrics.items()},
+        {labels[n]: rows for n, rows in metrics.items()},
         key,
         root / "accuracy.png",
         title=f"{model} on held-out data",
     )
-    table = render(summaries, zero_shot, key, model, time.perf_counter() - start)
+    table = render(summaries, zero_shot, key, model, time.perf_counter() - start, labels)
     (root / "report.md").write_text(table + "\n\n![accuracy against steps](accuracy.png)\n")
     print("\n" + table)
     print(f"\nreport: {root / 'report.md'}  plot: {root / 'accuracy.png'}")
     return summaries
 
 
-def render(summaries: dict[str, dict], zero_shot: dict, key: str, model: str, wall: float) -> str:
+def render(
+    summaries: dict[str, dict],
+    zero_shot: dict,
+    key: str,
+    model: str,
+    wall: float,
+    labels: dict[str, str],
+) -> str:
     """The side-by-side Markdown table."""
     name = key.split("/")[1]
     lines = [
@@ -148,7 +171,7 @@ def render(summaries: dict[str, dict], zero_shot: dict, key: str, model: str, wa
     ]
     for n, s in summaries.items():
         lines.append(
-            f"| {LABELS[n]} | {s[key]:.3f} | {s['steps']} | {s['trainable_params']:,} | "
+            f"| {labels[n]} | {s[key]:.3f} | {s['steps']} | {s['trainable_params']:,} | "
             f"{s['peak_rss_mb']:.0f} | {s['wall_s']:.0f} |"
         )
     lines += [

@@ -105,9 +105,11 @@ def restore(run: RunDir, parts: dict[str, Any]) -> Any:
         parts["adapter"].load_state_dict(adapter_state)
         parts["stepper"].load_state_dict(stepper_state)
         step = loop["step"]
-        state = LoopState(step, loop.get("first_loss"), loop.get("last_eval", {}))
-    run.truncate_after(step)
-    run.truncate_after(step, file="trace.jsonl")
+        state = LoopState(
+            step, loop.get("first_loss"), loop.get("last_eval", {}), loop.get("train_s", 0.0)
+        )
+    for file in ("metrics.jsonl", "trace.jsonl", "timing.jsonl"):
+        run.truncate_after(step, file=file)
     return state
 
 

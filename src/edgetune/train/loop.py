@@ -8,6 +8,7 @@ of seed and step), when to evaluate and checkpoint, and when to stop a diverging
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ class LoopState:
     step: int = 0
     first_loss: float | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
+    train_s: float = 0.0  # cumulative step time, evaluation excluded
 
 
 def evaluate(adapter: Adapter, task: Any, rows: Sequence[dict], batch_size: int) -> dict:
@@ -63,7 +65,10 @@ def fit(
     for step in range(state.step, cfg.steps):
         rows = [train_rows[i] for i in batch_indices(step, len(train_rows), cfg.batch_size, seed)]
         lr = lr_at(step, cfg.steps, optim.lr or 0.0, optim.schedule, optim.warmup_steps)
+        started = time.perf_counter()
         result = stepper.step(rows, step, lr)
+        step_s = time.perf_counter() - started
+        state.train_s += step_s
         _check_divergence(result.loss, state, cfg, run, step + 1)
         state.step = step + 1
         extras = result.estimate.extras if result.estimate is not None else {}
@@ -81,6 +86,10 @@ def fit(
                 {"step": state.step, "seeds": est.seeds, "scalars": est.scalars, "lr": lr},
                 file="trace.jsonl",
             )
+        # Wall-clock goes to its own file so metrics.jsonl stays byte-for-byte reproducible.
+        run.log(
+            {"step": state.step, "step_s": step_s, "train_s": state.train_s}, file="timing.jsonl"
+        )
         if _due(state.step, cfg.eval_every, cfg.steps) and eval_rows:
             state.last_eval = evaluate(adapter, task, eval_rows, cfg.eval_batch_size)
             run.log({"step": state.step, **state.last_eval})
@@ -90,7 +99,11 @@ def fit(
                 state.step,
                 adapter.state_dict(),
                 stepper.state_dict(),
-                {"first_loss": state.first_loss, "last_eval": state.last_eval},
+                {
+                    "first_loss": state.first_loss,
+                    "last_eval": state.last_eval,
+                    "train_s": state.train_s,
+                },
                 cfg.keep_checkpoints,
             )
         if bar is not None:
