@@ -62,7 +62,7 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["zo", "fo"])
+@pytest.mark.parametrize("method", ["zo", "fo", "prge"])
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_args, cli, monkeypatch, method):
     # Prepare: the uninterrupted reference (6 steps, checkpoints every 2)
     assert cli(tiny_args(tmp_path / "straight", method=method, steps=6)) == 0
