@@ -1,0 +1,127 @@
+"""FedIT: federated instruction tuning = FedAvg over LoRA adapters.
+
+Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning" (2023).
+Each round the server broadcasts the global adapter tensors theta; client c trains
+locally and returns delta_c = theta_c - theta with its example count n_c. The server
+aggregates delta = sum_c n_c delta_c / sum_c n_c (or a robust rule) and applies a server
+optimizer (Reddi et al., "Adaptive Federated Optimization", 2021):
+
+    fedavg:  theta += eta * delta
+    fedavgm: m = beta m + delta;                      theta += eta * m
+    fedadam: m = b1 m + (1-b1) delta; v = b2 v + (1-b2) delta^2;   theta += eta m/(sqrt(v)+tau)
+    fedyogi: as fedadam with v = v - (1-b2) delta^2 sign(v - delta^2)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from edgetune.fed.aggregate import clip_scale, combine
+from edgetune.fed.algorithms.base import AggregateResult, load_trainable, trainable_state
+from edgetune.fed.local import ClientJob
+from edgetune.fed.payloads import LoraDelta
+from edgetune.fed.validate import check_delta
+from edgetune.peft import Adapter
+
+_BETA2, _TAU = 0.99, 1e-3
+
+
+class FedIT:
+    """FedAvg of LoRA deltas with optional server optimizers and robust aggregation."""
+
+    name = "fedit"
+
+    def __init__(self, cfg: Any, adapter: Adapter, seed: int):
+        self.cfg = cfg
+        self.state = trainable_state(adapter)
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+
+    def configure(self, rnd: int) -> LoraDelta:
+        """Broadcast the global adapter tensors."""
+        return LoraDelta({k: v.clone() for k, v in self.state.items()})
+
+    def client_update(self, adapter: Adapter, payload: Any, job: ClientJob) -> LoraDelta:
+        """Load the global tensors, train locally, return theta_local - theta_global."""
+        load_trainable(adapter, payload.tensors)
+        results = job.run(adapter)
+        local = trainable_state(adapter)
+        delta = {k: local[k] - payload.tensors[k] for k in local}
+        loss = sum(r.loss for r in results) / max(len(results), 1)
+        return LoraDelta(delta, num_examples=len(job.rows), meta={"loss": loss})
+
+    def aggregate(self, rnd: int, updates: list[tuple[int, Any]]) -> AggregateResult:
+        """Validate, combine and apply the server optimizer."""
+        result = AggregateResult()
+        good: list[LoraDelta] = []
+        for client, update in updates:
+            reason = (
+                check_delta(update, self.state, self.cfg.max_update_norm)
+                if isinstance(update, LoraDelta)
+                else "not a LoRA delta"
+            )
+            if reason:
+                result.rejected[client] = reason
+            else:
+                result.accepted.append(client)
+                good.append(update)
+        if not good:
+            return result
+        scales = [1.0] * len(good)
+        if self.cfg.aggregator == "clip-mean":
+            scales = [clip_scale(_norm(u.tensors), self.cfg.clip) for u in good]
+        weights = [float(u.num_examples) for u in good]
+        delta = {
+            name: combine(
+                [u.tensors[name] * s for u, s in zip(good, scales, strict=True)],
+                weights,
+                self.cfg.aggregator,
+                self.cfg.trim,
+            )
+            for name in self.state
+        }
+        self._apply(delta)
+        result.stats["delta_norm"] = _norm(delta)
+        return result
+
+    def _apply(self, delta: dict[str, torch.Tensor]) -> None:
+        opt, eta, beta = self.cfg.server_optimizer, self.cfg.server_lr, self.cfg.server_momentum
+        for name, d in delta.items():
+            if opt == "fedavg":
+                step = d
+            elif opt == "fedavgm":
+                m = self.m.setdefault(name, torch.zeros_like(d))
+                m.mul_(beta).add_(d)
+                step = m
+            else:
+                m = self.m.setdefault(name, torch.zeros_like(d))
+                v = self.v.setdefault(name, torch.zeros_like(d))
+                m.mul_(beta).add_(d, alpha=1 - beta)
+                d2 = d * d
+                if opt == "fedadam":
+                    v.mul_(_BETA2).add_(d2, alpha=1 - _BETA2)
+                else:
+                    v.sub_((1 - _BETA2) * d2 * torch.sign(v - d2))
+                step = m / (v.sqrt() + _TAU)
+            self.state[name] = self.state[name] + eta * step
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Global tensors and server-optimizer moments."""
+        out = {f"state.{k}": v for k, v in self.state.items()}
+        out.update({f"m.{k}": v for k, v in self.m.items()})
+        out.update({f"v.{k}": v for k, v in self.v.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from `state_dict`."""
+        for prefix, target in (("state.", self.state), ("m.", self.m), ("v.", self.v)):
+            target.update(
+                {k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)}
+            )
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))

@@ -1,0 +1,55 @@
+"""Federated settings: the fleet, rounds, selection, local training and aggregation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgetune.config import check_choice, check_positive, option
+from edgetune.errors import ConfigError
+from edgetune.fed.aggregate import AGGREGATORS
+
+FED_ALGORITHMS = ("fedit", "fedkseed", "fedkseed-pro")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+CLIENT_METHODS = ("fo", "zo", "prge", "auto")
+
+
+@dataclass
+class FedConfig:
+    """How the federation runs."""
+
+    algorithm: str = option("fedit", "fedit | fedkseed | fedkseed-pro")
+    clients: int = option(10, "number of clients")
+    participation: float = option(0.5, "fraction of clients selected per round (0, 1]")
+    partition: str = option("dirichlet:0.5", "iid | dirichlet:A | shards:K | quantity:A")
+    fleet: str = option("mixed", "built-in fleet or profile name, or a YAML file")
+    rounds: int = option(5, "federated rounds")
+    local_steps: int = option(5, "local steps per client per round")
+    method: str = option("auto", "client training: fo | zo | prge | auto (by device memory)")
+    deadline_s: float = option(0.0, "simulated round deadline in seconds (0 = none)")
+    host_gflops: float = option(140.0, "this machine's sustained GFLOP/s, to scale work")
+    server_optimizer: str = option("fedavg", "fedit: fedavg | fedavgm | fedadam | fedyogi")
+    server_lr: float = option(1.0, "server learning rate applied to the aggregated delta")
+    server_momentum: float = option(0.9, "fedavgm momentum / fedadam beta1")
+    aggregator: str = option("mean", "mean | median | trimmed-mean | clip-mean")
+    trim: float = option(0.1, "trimmed-mean: fraction dropped at each end")
+    clip: float = option(1.0, "clip-mean: max update norm (fedit) or |scalar| (fedkseed)")
+    max_update_norm: float = option(100.0, "reject fedit updates with a larger norm")
+    max_abs_scalar: float = option(1e4, "reject fedkseed traces with a larger |scalar|")
+    pool_size: int = option(1024, "fedkseed: K candidate seeds shared by all clients")
+
+    def __post_init__(self) -> None:
+        check_choice("fed", "algorithm", self.algorithm, FED_ALGORITHMS)
+        check_choice("fed", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        check_choice("fed", "aggregator", self.aggregator, AGGREGATORS)
+        check_choice("fed", "method", self.method, CLIENT_METHODS)
+        for name in ("clients", "rounds", "local_steps", "pool_size"):
+            check_positive("fed", name, getattr(self, name))
+        for name in ("server_lr", "clip", "max_update_norm", "max_abs_scalar", "host_gflops"):
+            check_positive("fed", name, getattr(self, name))
+        check_positive("fed", "deadline_s", self.deadline_s, allow_zero=True)
+        if not 0.0 < self.participation <= 1.0:
+            raise ConfigError(f"fed.participation: expected (0, 1], got {self.participation}")
+        if not 0.0 <= self.trim < 0.5:
+            raise ConfigError(f"fed.trim: expected [0, 0.5), got {self.trim}")
+        if self.algorithm.startswith("fedkseed") and self.method in ("fo",):
+            raise ConfigError("fed.method=fo: FedKSeed clients train with ZO (use zo or auto)")

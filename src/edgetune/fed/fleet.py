@@ -1,0 +1,132 @@
+"""Device profiles, the simulated clock and the memory check.
+
+A profile says what a device can do: memory budget, sustained compute, link speeds,
+availability (probability it is reachable in a round) and mid-round dropout. A client's
+simulated round time is its measured work scaled to the device plus its transfer time:
+
+    t = host_seconds * host_gflops / device_gflops + 8 * bytes_down / down_bps
+        + 8 * bytes_up / up_bps
+
+`host_gflops` is this machine's sustained rate (about 140 GFLOP/s fp32 on the 2-core
+build machines, measured on SmolLM2-135M forward passes; see shared/data/README.md).
+
+Built-in profile numbers are order-of-magnitude figures from public specs; the source of
+each is in its comment. Users define their own in YAML (a list of mappings with the
+`DeviceProfile` fields, or `{fleet: [...]}`) and pass the file with --fleet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from edgetune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What one kind of device can do."""
+
+    name: str
+    memory_mb: float  # memory the fine-tuning process may use
+    gflops: float  # sustained fp32 GFLOP/s on transformer matmuls
+    up_mbps: float  # uplink, megabits per second
+    down_mbps: float  # downlink, megabits per second
+    availability: float = 1.0  # probability of being reachable in a round
+    dropout: float = 0.0  # probability of vanishing mid-round
+
+
+BUILTIN_PROFILES: dict[str, DeviceProfile] = {
+    # Raspberry Pi 5 (8 GB): 4x Cortex-A76 @ 2.4 GHz, NEON peak ~150 GFLOP/s fp32
+    # (4 cores x 2.4 GHz x 16 FLOP/cycle); ~30 sustained in PyTorch GEMM. Home Wi-Fi.
+    "rpi5": DeviceProfile("rpi5", 6000, 30, 20, 100, 0.9, 0.05),
+    # Jetson Orin Nano 8 GB: 1024-core Ampere GPU, ~1.3 TFLOP/s fp32 peak (NVIDIA
+    # datasheet); memory shared with the CPU, ~5 GB usable. Wired or Wi-Fi.
+    "jetson-orin-nano": DeviceProfile("jetson-orin-nano", 5000, 600, 50, 200, 0.95, 0.02),
+    # Jetson AGX Orin 64 GB: 2048-core Ampere GPU, ~5.3 TFLOP/s fp32 peak (datasheet).
+    "jetson-agx-orin": DeviceProfile("jetson-agx-orin", 48000, 2500, 100, 500, 0.98, 0.01),
+    # Mid-range phone (Snapdragon 7-class): ~60 GFLOP/s sustained on CPU; an app may use
+    # ~2 GB; LTE uplink ~10 Mbit/s, downlink ~50 Mbit/s; often unreachable (charging/idle).
+    "phone-midrange": DeviceProfile("phone-midrange", 2000, 60, 10, 50, 0.7, 0.1),
+}
+
+# Named fleets: the mix of profiles, cycled over the clients.
+BUILTIN_FLEETS: dict[str, list[str]] = {
+    "mixed": ["phone-midrange", "rpi5", "jetson-orin-nano", "phone-midrange", "jetson-agx-orin"],
+    "phones": ["phone-midrange"],
+    "jetsons": ["jetson-orin-nano", "jetson-agx-orin"],
+    "uniform": ["jetson-orin-nano"],
+}
+
+# Peak memory of each method relative to the model's fp32 weights, from
+# docs/BENCHMARKS.md (`edgetune bench memory`, SmolLM2-135M, batch 8 x 128): inference and
+# ZO ~2.6x the weights (activations, logits, runtime), first-order LoRA ~6.9x.
+MEMORY_FACTOR = {"zo": 2.7, "prge": 3.0, "fo": 6.9}
+
+
+def load_fleet(spec: str, num_clients: int) -> list[DeviceProfile]:
+    """One profile per client, from a built-in fleet/profile name or a YAML file."""
+    if spec in BUILTIN_FLEETS:
+        names = BUILTIN_FLEETS[spec]
+        profiles = [BUILTIN_PROFILES[n] for n in names]
+    elif spec in BUILTIN_PROFILES:
+        profiles = [BUILTIN_PROFILES[spec]]
+    elif Path(spec).is_file():
+        profiles = _read_yaml(Path(spec))
+    else:
+        raise ConfigError(
+            f"fleet {spec!r} is not a built-in fleet ({', '.join(BUILTIN_FLEETS)}), a profile "
+            f"({', '.join(BUILTIN_PROFILES)}) or a YAML file"
+        )
+    return [profiles[i % len(profiles)] for i in range(num_clients)]
+
+
+def _read_yaml(path: Path) -> list[DeviceProfile]:
+    data = yaml.safe_load(path.read_text())
+    items = data.get("fleet") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{path}: expected a list of device profiles (or fleet: [...])")
+    valid = {f.name for f in fields(DeviceProfile)}
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str) and item in BUILTIN_PROFILES:
+            out.append(BUILTIN_PROFILES[item])
+            continue
+        if not isinstance(item, dict) or set(item) - valid:
+            raise ConfigError(f"{path}: profile {i} must use the fields {sorted(valid)}")
+        try:
+            out.append(DeviceProfile(**item))
+        except TypeError as exc:
+            raise ConfigError(f"{path}: profile {i}: {exc}") from None
+    return out
+
+
+def round_seconds(
+    profile: DeviceProfile, host_seconds: float, bytes_down: int, bytes_up: int, host_gflops: float
+) -> float:
+    """Simulated wall time of one client's round (see the module docstring)."""
+    compute = host_seconds * host_gflops / profile.gflops
+    transfer = 8 * bytes_down / (profile.down_mbps * 1e6) + 8 * bytes_up / (profile.up_mbps * 1e6)
+    return compute + transfer
+
+
+def method_memory_mb(num_params: int, method: str) -> float:
+    """Estimated peak memory of fine-tuning a model of `num_params` with `method`."""
+    return num_params * 4 / 2**20 * MEMORY_FACTOR[method]
+
+
+def choose_method(profile: DeviceProfile, num_params: int, requested: str) -> str | None:
+    """The method this device runs: `requested` if it fits; with "auto" the cheapest
+    that fits, preferring backprop (fo) then P-RGE then sequential ZO; None if nothing."""
+    order = ["fo", "prge", "zo"] if requested == "auto" else [requested]
+    for method in order:
+        if method_memory_mb(num_params, method) <= profile.memory_mb:
+            return method
+    return None
+
+
+def describe(profile: DeviceProfile) -> dict:
+    """A profile as a plain dict (for metrics and reports)."""
+    return asdict(profile)

@@ -1,0 +1,54 @@
+"""A client's local training in a round: a few steps of fo / zo / prge on its own rows.
+
+The same job runs in the in-process simulator and in a Flower ClientApp. Batches are a
+stateless function of (client seed, local step); the client seed is derived from
+(run seed, round, client), so every round of every client is reproducible on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edgetune.peft import Adapter
+from edgetune.train.sampler import batch_indices
+from edgetune.train.steps import FirstOrderStepper, PRGEStepper, StepResult, ZOStepper
+from edgetune.zo import ZOSGD, MeZOEstimator
+from edgetune.zo.prge import PRGEEstimator
+
+
+@dataclass
+class ClientJob:
+    """Everything one client needs for one round of local training."""
+
+    client: int
+    method: str  # fo | zo | prge
+    task: Any
+    rows: Sequence[dict]
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int  # derived from (run seed, round, client)
+    optim: Any  # OptimConfig for fo
+    eps: float = 1e-3
+    queries: int = 1
+
+    def stepper(self, adapter: Adapter, estimator: Any = None) -> Any:
+        """The stepper for this client's method (ZO estimators may be supplied)."""
+        if self.method == "fo":
+            return FirstOrderStepper(adapter, self.task, self.optim, 1, self.seed)
+        if self.method == "prge":
+            prge = estimator or PRGEEstimator(self.eps, self.queries)
+            return PRGEStepper(adapter, self.task, prge, ZOSGD(), 1, self.seed)
+        est = estimator or MeZOEstimator(self.eps, self.queries, exact_restore=True)
+        return ZOStepper(adapter, self.task, est, ZOSGD(), 1, self.seed)
+
+    def run(self, adapter: Adapter, estimator: Any = None) -> list[StepResult]:
+        """Run the local steps in place on `adapter`; returns each step's result."""
+        stepper = self.stepper(adapter, estimator)
+        results = []
+        for step in range(self.steps):
+            idx = batch_indices(step, len(self.rows), self.batch_size, self.seed)
+            results.append(stepper.step([self.rows[i] for i in idx], step, self.lr))
+        return results
