@@ -102,6 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
 
+    from edgetune.recipes.federate import FederateConfig
+
+    fd = sub.add_parser(
+        "federate",
+        help="federated fine-tuning over a simulated fleet",
+        epilog=_config_epilog(FederateConfig),
+        formatter_class=fmt,
+    )
+    _add_data_flags(fd)
+    g = fd.add_argument_group("federation")
+    g.add_argument("--algorithm", help="fedit | fedkseed | fedkseed-pro")
+    g.add_argument("--clients", type=int)
+    g.add_argument("--participation", type=float, help="fraction of clients per round")
+    g.add_argument("--partition", help="iid | dirichlet:A | shards:K | quantity:A")
+    g.add_argument("--fleet", help="built-in fleet/profile name or YAML file")
+    g.add_argument("--rounds", type=int)
+    g.add_argument("--local-steps", type=int)
+    g.add_argument("--method", help="client training: fo | zo | prge | auto")
+    g.add_argument("--peft", help="lora | lora-fa | ...")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--out", help="run directory")
+    g.add_argument("--resume", metavar="DIR", help="continue from the last completed round")
+    g.add_argument("--overwrite", action="store_true")
+
     ev = sub.add_parser("eval", help="evaluate a model (and adapter) on a task")
     _add_data_flags(ev)
     ev.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN/adapter)")
@@ -116,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
 
     sub.add_parser("models", help="list built-in models and whether they are available")
+    rep = sub.add_parser("report", help="Markdown report + plots of a federated run")
+    rep.add_argument("run_dir", metavar="DIR")
 
     demo = sub.add_parser("demo", help="the main job: zero-shot vs ZO LoRA vs FO LoRA")
     demo.add_argument("--out", default="runs/demo")
@@ -169,6 +196,42 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+FED_FLAGS = {
+    "algorithm": "fed.algorithm",
+    "clients": "fed.clients",
+    "participation": "fed.participation",
+    "partition": "fed.partition",
+    "fleet": "fed.fleet",
+    "rounds": "fed.rounds",
+    "local_steps": "fed.local_steps",
+}
+
+
+def cmd_federate(args: argparse.Namespace) -> int:
+    from edgetune.config import resolve_config
+    from edgetune.recipes import federate
+
+    if args.resume:
+        cfg = federate.config_from_run(args.resume, args.overrides)
+        summary = federate.run(cfg, resume=True)
+    else:
+        flags = _flags(args)
+        flags.pop("train.method", None)
+        if args.method:
+            flags["fed.method"] = args.method
+        flags.update(
+            {
+                key: getattr(args, name)
+                for name, key in FED_FLAGS.items()
+                if getattr(args, name, None) is not None
+            }
+        )
+        cfg = resolve_config(federate.FederateConfig, args.config, args.overrides, flags)
+        summary = federate.run(cfg, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from edgetune.recipes import evaluate
 
@@ -181,6 +244,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from edgetune.recipes import generate
 
     print(generate.run(args.model, args.prompt, args.adapter, args.max_new_tokens, args.chat))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from edgetune.report.federated import render
+
+    print(render(args.run_dir))
     return 0
 
 
@@ -215,9 +285,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "finetune": cmd_finetune,
+    "federate": cmd_federate,
     "eval": cmd_eval,
     "generate": cmd_generate,
     "models": cmd_models,
+    "report": cmd_report,
     "demo": cmd_demo,
     "bench": cmd_bench,
 }

@@ -3,8 +3,6 @@ payload bytes."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -57,8 +55,10 @@ def test_server_optimizers_move_along_the_mean_delta(opt):
 def test_fedkseed_replay_on_two_clients_gives_identical_models():
     # Prepare: a server round with two traces
     server = FedKSeed(FedConfig(algorithm="fedkseed", pool_size=64), _adapter(), seed=5)
-    traces = [(0, ZOTrace([3, 7, 3], [0.5, -1.0, 2.0], [0.01] * 3, 10)),
-              (1, ZOTrace([7, 60], [1.5, -0.25], [0.01] * 2, 30))]
+    traces = [
+        (0, ZOTrace([3, 7, 3], [0.5, -1.0, 2.0], [0.01] * 3, 10)),
+        (1, ZOTrace([7, 60], [1.5, -0.25], [0.01] * 2, 30)),
+    ]
     start = {k: v.clone() for k, v in server.state.items()}
     result = server.aggregate(0, traces)
     broadcast = decode(encode(server.configure(1)))
@@ -114,15 +114,19 @@ def test_robust_rules_neutralise_a_scaled_update_within_the_norm_bound(rule):
 
 
 def test_bad_traces_are_rejected():
-    server = FedKSeed(FedConfig(algorithm="fedkseed", pool_size=8, max_abs_scalar=100.0),
-                      _adapter(), seed=0)
-    result = server.aggregate(0, [
-        (0, ZOTrace([9], [1.0], [0.01], 5)),  # out of the pool
-        (1, ZOTrace([1], [float("nan")], [0.01], 5)),
-        (2, ZOTrace([1], [1e6], [0.01], 5)),
-        (3, ZOTrace([1, 2], [1.0], [0.01], 5)),
-        (4, LoraDelta({}, 5)),
-    ])
+    server = FedKSeed(
+        FedConfig(algorithm="fedkseed", pool_size=8, max_abs_scalar=100.0), _adapter(), seed=0
+    )
+    result = server.aggregate(
+        0,
+        [
+            (0, ZOTrace([9], [1.0], [0.01], 5)),  # out of the pool
+            (1, ZOTrace([1], [float("nan")], [0.01], 5)),
+            (2, ZOTrace([1], [1e6], [0.01], 5)),
+            (3, ZOTrace([1, 2], [1.0], [0.01], 5)),
+            (4, LoraDelta({}, 5)),
+        ],
+    )
     assert result.accepted == [] and set(result.rejected) == {0, 1, 2, 3, 4}
     assert "outside the pool" in result.rejected[0]
 
@@ -155,7 +159,9 @@ def test_fleet_profiles_and_method_choice(tmp_path):
     t = round_seconds(phone, host_seconds=1.0, bytes_down=10**6, bytes_up=10**6, host_gflops=140)
     assert t == pytest.approx(140 / 60 + 8 / 50 + 8 / 10)
     path = tmp_path / "f.yaml"
-    path.write_text("fleet:\n  - {name: tiny, memory_mb: 100, gflops: 1, up_mbps: 1, down_mbps: 1}\n  - rpi5\n")
+    path.write_text(
+        "fleet:\n  - {name: tiny, memory_mb: 100, gflops: 1, up_mbps: 1, down_mbps: 1}\n  - rpi5\n"
+    )
     assert [p.name for p in load_fleet(str(path), 3)] == ["tiny", "rpi5", "tiny"]
     with pytest.raises(ConfigError, match="not a built-in fleet"):
         load_fleet("nonsense", 2)

@@ -149,7 +149,9 @@ class FedKSeed:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from `state_dict`."""
-        self.state = {k[6:]: v.clone() for k, v in state.items() if k.startswith("state.")}
-        self.previous = {k[9:]: v.clone() for k, v in state.items() if k.startswith("previous.")}
+        # Keep the adapter's tensor order: directions are drawn tensor by tensor in it,
+        # and a checkpoint file stores its keys sorted.
+        self.state = {k: state[f"state.{k}"].clone() for k in self.state}
+        self.previous = {k: state[f"previous.{k}"].clone() for k in self.state}
         self.last = state["last"].tolist()
         self.magnitude = state["magnitude"].clone()

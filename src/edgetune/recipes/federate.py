@@ -1,0 +1,175 @@
+"""`edgetune federate`: federated fine-tuning over a simulated heterogeneous fleet.
+
+setup (model, data split into client partitions, adapter, fleet, per-client method by
+memory) -> rounds of the chosen algorithm in the in-process simulator -> global adapter
+and summary. The algorithm objects are the same ones a Flower deployment runs.
+
+Run directory: config.yaml, metrics.jsonl (one line per round: `round`, `loss`, bytes,
+simulated seconds, accepted/rejected, `eval/*`), clients.jsonl (per client per round:
+device, method, status, bytes, simulated seconds), summary.json (`bytes_up`,
+`bytes_down`, `rounds`, `sim_s`, final `eval/*`), adapter/, and state/ for --resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edgetune.config import build, option, to_dict
+from edgetune.data import DataConfig
+from edgetune.fed.config import FedConfig
+from edgetune.peft import PeftConfig
+from edgetune.runs import RunDir, peak_rss_mb
+from edgetune.train import OptimConfig, TrainConfig
+from edgetune.zo import ZOConfig
+from edgetune.zo.seeds import derive_seed
+
+
+@dataclass
+class FederateConfig:
+    """Everything `edgetune federate` needs (YAML sections = the nested fields)."""
+
+    model: str = option("smollm2-135m", "built-in name, HF folder, .gguf file or hub id")
+    seed: int = option(0, "run seed: split, partition, selection, adapter init, seeds")
+    out: str = option("runs/federate", "run directory")
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    fed: FedConfig = dataclasses.field(default_factory=FedConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    zo: ZOConfig = dataclasses.field(default_factory=ZOConfig)
+
+    def __post_init__(self) -> None:
+        if self.optim.lr is None:
+            self.optim.lr = 1e-3
+
+
+def setup(cfg: FederateConfig) -> dict[str, Any]:
+    """Model, data, partitions, adapter, fleet and each client's method."""
+    from edgetune import models
+    from edgetune.data import build_task, load_splits, partition
+    from edgetune.errors import ConfigError
+    from edgetune.fed.fleet import choose_method, load_fleet
+    from edgetune.peft import attach
+
+    model, tokenizer = models.load(cfg.model)
+    num_params = sum(p.numel() for p in model.parameters())
+    splits = load_splits(cfg.data, cfg.seed)
+    task = build_task(splits, cfg.data, tokenizer)
+    train_rows = task.prepare_rows(splits.train)
+    labels = [r["label"] for r in train_rows] if splits.task == "classification" else None
+    parts = partition(len(train_rows), cfg.fed.clients, cfg.fed.partition, cfg.seed, labels)
+    fleet = load_fleet(cfg.fed.fleet, cfg.fed.clients)
+    methods = [choose_method(p, num_params, cfg.fed.method) for p in fleet]
+    if cfg.fed.algorithm.startswith("fedkseed"):
+        methods = [None if m is None else "zo" for m in methods]
+    if all(m is None for m in methods):
+        raise ConfigError(
+            f"no device in fleet {cfg.fed.fleet!r} can fine-tune this model with "
+            f"fed.method={cfg.fed.method}; use a smaller model or a larger fleet"
+        )
+    return {
+        "task": task,
+        "adapter": attach(model, cfg.peft, seed=cfg.seed),
+        "fleet": fleet,
+        "methods": methods,
+        "partitions": [[train_rows[i] for i in p] for p in parts],
+        "eval_rows": task.prepare_rows(splits.eval),
+        "num_params": num_params,
+    }
+
+
+def jobs_factory(cfg: FederateConfig, parts: dict[str, Any]) -> Any:
+    """round -> {client: ClientJob or None}."""
+    from edgetune.fed.local import ClientJob
+
+    def jobs(rnd: int) -> dict[int, ClientJob | None]:
+        out: dict[int, ClientJob | None] = {}
+        for client, method in enumerate(parts["methods"]):
+            out[client] = (
+                None
+                if method is None
+                else ClientJob(
+                    client,
+                    method,
+                    parts["task"],
+                    parts["partitions"][client],
+                    cfg.fed.local_steps,
+                    cfg.train.batch_size,
+                    float(cfg.optim.lr or 1e-3),
+                    derive_seed(cfg.seed, rnd, client),
+                    cfg.optim,
+                    cfg.zo.eps,
+                    cfg.zo.queries,
+                )
+            )
+        return out
+
+    return jobs
+
+
+def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Federate and write the run directory; returns the summary."""
+    from edgetune.fed.algorithms import ALGORITHMS
+    from edgetune.fed.checkpoint import load_round, save_round
+    from edgetune.fed.simulator import simulate
+    from edgetune.train.loop import evaluate
+
+    start = time.perf_counter()
+    rundir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    rundir.write_config(to_dict(cfg))
+    parts = setup(cfg)
+    adapter = parts["adapter"]
+    algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, adapter, cfg.seed)
+    done = load_round(rundir, algo, adapter) if resume else 0
+
+    def evaluate_global() -> dict[str, float]:
+        rows = parts["eval_rows"]
+        return evaluate(adapter, parts["task"], rows, cfg.train.eval_batch_size) if rows else {}
+
+    totals = simulate(
+        algo,
+        adapter,
+        jobs_factory(cfg, parts),
+        parts["fleet"],
+        cfg.fed,
+        cfg.seed,
+        rundir,
+        evaluate_global,
+        parts["num_params"],
+        cfg.data.max_length,
+        start=done,
+        on_round=lambda r: save_round(rundir, algo, r),
+    )
+    saved = adapter.save(rundir.path)
+    last = rundir.read_metrics()[-1]
+    summary = {
+        "command": "federate",
+        "algorithm": cfg.fed.algorithm,
+        "model": cfg.model,
+        "clients": cfg.fed.clients,
+        "rounds": cfg.fed.rounds,
+        "methods": {m: parts["methods"].count(m) for m in set(parts["methods"]) if m},
+        "bytes_up": int(totals["bytes_up"]),
+        "bytes_down": int(totals["bytes_down"]),
+        "sim_s": totals["sim_s"],
+        **{k: v for k, v in last.items() if k.startswith("eval/")},
+        "saved": str(saved),
+        "status": "done",
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    rundir.write_summary(summary)
+    return summary
+
+
+def config_from_run(run_dir: str, overrides: list[str]) -> FederateConfig:
+    """The config of an existing run with overrides applied (for --resume)."""
+    from edgetune.config import parse_override, set_dotted
+
+    tree = RunDir(run_dir, resume=True).read_config()
+    for text in overrides:
+        set_dotted(tree, *parse_override(text))
+    return build(FederateConfig, tree)

@@ -1,0 +1,126 @@
+"""`edgetune federate` end to end on stories260K: run-directory contract, bytes,
+determinism and resume == uninterrupted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgetune.cli import main
+from edgetune.runs import RunDir
+
+
+@pytest.fixture
+def fed_args(stories260k_path, shared_data):
+    del shared_data
+
+    def make(out, *extra, algorithm="fedit", rounds=2):
+        return [
+            "federate",
+            "--model",
+            str(stories260k_path),
+            "--dataset",
+            "sst2",
+            "--algorithm",
+            algorithm,
+            "--clients",
+            "5",
+            "--participation",
+            "0.6",
+            "--partition",
+            "dirichlet:0.5",
+            "--fleet",
+            "jetsons",
+            "--rounds",
+            str(rounds),
+            "--local-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "data.train_size=100",
+            "data.eval_size=16",
+            "data.max_length=32",
+            *extra,
+        ]
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "algorithm, method",
+    [("fedit", "fo"), ("fedit", "prge"), ("fedkseed", "zo"), ("fedkseed-pro", "zo")],
+)
+def test_federated_run_directory_contract(tmp_path, fed_args, algorithm, method):
+    out = tmp_path / algorithm
+    assert main(fed_args(out, "--method", method, algorithm=algorithm)) == 0
+    rows = RunDir(out, resume=True).read_metrics()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(0 <= r["eval/accuracy"] <= 1 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    assert summary["bytes_up"] == sum(r.get("bytes_up", 0) for r in rows)
+    assert summary["wall_s"] > 0 and summary["peak_rss_mb"] > 0 and "eval/accuracy" in summary
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    clients = RunDir(out, resume=True).read_metrics("clients.jsonl")
+    ok = [c for c in clients if c["status"] == "ok"]
+    assert ok and all(c["method"] == method for c in ok)
+    if algorithm.startswith("fedkseed"):
+        # seeds + scalars: 3 steps x 12 bytes plus a header, whatever the model size
+        assert all(c["bytes_up"] < 400 for c in ok)
+
+
+def test_fedkseed_uploads_far_less_than_fedit(tmp_path, fed_args):
+    assert main(fed_args(tmp_path / "a", "--method", "zo")) == 0
+    assert main(fed_args(tmp_path / "b", "--method", "zo", algorithm="fedkseed")) == 0
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in "ab")
+    assert b["bytes_up"] * 100 < a["bytes_up"]
+
+
+def test_same_seed_same_federated_metrics(tmp_path, fed_args):
+    for name in ("a", "b"):
+        assert main(fed_args(tmp_path / name, "--method", "zo", algorithm="fedkseed")) == 0
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (
+        tmp_path / "b" / "metrics.jsonl"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("algorithm", ["fedit", "fedkseed"])
+def test_resume_equals_uninterrupted(tmp_path, fed_args, monkeypatch, algorithm):
+    assert (
+        main(fed_args(tmp_path / "straight", "--method", "zo", algorithm=algorithm, rounds=3)) == 0
+    )
+    import edgetune.fed.simulator as sim
+
+    original = sim.run_round
+
+    def die_in_round_3(algo, adapter, rnd, *args, **kwargs):
+        if rnd == 2:
+            raise KeyboardInterrupt
+        return original(algo, adapter, rnd, *args, **kwargs)
+
+    monkeypatch.setattr(sim, "run_round", die_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        main(fed_args(tmp_path / "killed", "--method", "zo", algorithm=algorithm, rounds=3))
+    monkeypatch.setattr(sim, "run_round", original)
+    assert main(["federate", "--resume", str(tmp_path / "killed")]) == 0
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "metrics.jsonl").read_bytes() == (
+        tmp_path / "killed" / "metrics.jsonl"
+    ).read_bytes()
+
+
+def test_report_renders_plots_and_the_device_table(tmp_path, fed_args):
+    out = tmp_path / "run"
+    assert main(fed_args(out, "--method", "auto", "--fleet", "mixed")) == 0
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| device | methods |" in report and "phone-midrange" in report
+    for name in ("metric_vs_rounds.png", "metric_vs_time.png", "metric_vs_bytes.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
