@@ -36,7 +36,7 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
-	$(BIN)/mypy src/edgetune/zo
+	$(BIN)/mypy src/edgetune/zo src/edgetune/fed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

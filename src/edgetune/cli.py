@@ -183,11 +183,11 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from edgetune.config import resolve_config
+    from edgetune.config import config_from_run, resolve_config
     from edgetune.recipes import finetune
 
     if args.resume:
-        cfg = finetune.config_from_run(args.resume, args.overrides)
+        cfg = config_from_run(finetune.FinetuneConfig, args.resume, args.overrides)
         summary = finetune.run(cfg, resume=True)
     else:
         cfg = resolve_config(finetune.FinetuneConfig, args.config, args.overrides, _flags(args))
@@ -208,11 +208,11 @@ FED_FLAGS = {
 
 
 def cmd_federate(args: argparse.Namespace) -> int:
-    from edgetune.config import resolve_config
+    from edgetune.config import config_from_run, resolve_config
     from edgetune.recipes import federate
 
     if args.resume:
-        cfg = federate.config_from_run(args.resume, args.overrides)
+        cfg = config_from_run(federate.FederateConfig, args.resume, args.overrides)
         summary = federate.run(cfg, resume=True)
     else:
         flags = _flags(args)

@@ -205,3 +205,17 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
             default = None
         rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def config_from_run(cls: type[T], run_dir: str | Path, overrides: typing.Sequence[str]) -> T:
+    """The resolved config an existing run wrote, with `key=value` overrides (--resume).
+
+    Raises:
+        EdgetuneError: `run_dir` holds no run.
+    """
+    from edgetune.runs import RunDir
+
+    tree = RunDir(run_dir, resume=True).read_config()
+    for text in overrides:
+        set_dotted(tree, *parse_override(text))
+    return build(cls, tree)

@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 MODES = ("inference", "zo", "fo-lora", "fo-full")
@@ -37,6 +38,22 @@ def _status_mb(field: str) -> float:
 def _reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
+
+
+def timed_steps(step: Callable[[int], None], steps: int) -> tuple[float, float]:
+    """Reset the peak-RSS mark, run a warm-up step and `steps` timed ones.
+
+    Returns:
+        (median step seconds, peak RSS in MB since the reset).
+    """
+    _reset_peak()
+    step(0)  # warm-up: allocates optimizer state, grads, copies
+    times = []
+    for i in range(1, steps + 1):
+        start = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), _status_mb("VmHWM")
 
 
 def child(mode: str, model_spec: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
@@ -83,18 +100,12 @@ def child(mode: str, model_spec: str, batch: int, seq: int, steps: int) -> dict[
             optimizer.zero_grad(set_to_none=True)
 
     after_load = _status_mb("VmRSS")
-    _reset_peak()
-    step(0)  # warm-up (allocates optimizer state, grads)
-    times = []
-    for i in range(1, steps + 1):
-        start = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - start)
+    step_s, peak_mb = timed_steps(step, steps)
     return {
         "mode": mode,
-        "peak_mb": _status_mb("VmHWM"),
+        "peak_mb": peak_mb,
         "after_load_mb": after_load,
-        "step_s": statistics.median(times),
+        "step_s": step_s,
         "trainable": adapter.num_trainable() if adapter else 0,
     }
 

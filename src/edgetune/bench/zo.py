@@ -13,14 +13,13 @@ Every measurement runs in its own child process (peak RSS is per process).
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from edgetune.bench.memory import _reset_peak, _status_mb
+from edgetune.bench.memory import timed_steps
+from edgetune.recipes.finetune import run_in_subprocess
 
 TOTAL = 16  # q * b
 QUERIES = (1, 2, 4, 8)
@@ -73,19 +72,13 @@ def child(mode: str, q: int, rows: int, model_spec: str, peft: str, steps: int) 
         def step(i: int) -> None:
             stepper.step(data[i * rows : (i + 1) * rows], i, 1e-4)
 
-    _reset_peak()
-    step(0)
-    times = []
-    for i in range(1, steps + 1):
-        start = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - start)
+    step_s, peak_mb = timed_steps(step, steps)
     return {
         "mode": mode,
         "q": q,
         "rows": rows,
-        "step_s": statistics.median(times),
-        "peak_mb": _status_mb("VmHWM"),
+        "step_s": step_s,
+        "peak_mb": peak_mb,
     }
 
 
@@ -158,22 +151,8 @@ def time_to_accuracy(model: str, out: Path, steps: int) -> dict[str, Path]:
     for i, (label, args) in enumerate(runs.items()):
         target = out / f"tta-{i}"
         every = max(int(args[args.index("--steps") + 1]) // 4, 1)
-        cmd = [
-            sys.executable,
-            "-m",
-            "edgetune.cli",
-            "finetune",
-            "--model",
-            model,
-            "--out",
-            str(target),
-            "--overwrite",
-            *DATA,
-            *args,
-            f"train.eval_every={every}",
-        ]
         print(f"[bench zo] time-to-accuracy: {label}", flush=True)
-        subprocess.run(cmd, check=True, capture_output=True)
+        run_in_subprocess(target, model, [*DATA, *args, f"train.eval_every={every}"], quiet=True)
         dirs[label] = target
     return dirs
 

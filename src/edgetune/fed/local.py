@@ -39,7 +39,7 @@ class ClientJob:
         if self.method == "fo":
             return FirstOrderStepper(adapter, self.task, self.optim, 1, self.seed)
         if self.method == "prge":
-            prge = estimator or PRGEEstimator(self.eps, self.queries)
+            prge: Any = estimator or PRGEEstimator(self.eps, self.queries)
             return PRGEStepper(adapter, self.task, prge, ZOSGD(), 1, self.seed)
         est = estimator or MeZOEstimator(self.eps, self.queries, exact_restore=True)
         return ZOStepper(adapter, self.task, est, ZOSGD(), 1, self.seed)

@@ -11,13 +11,11 @@ the terminal and `OUT/report.md` + `OUT/accuracy.png`; each run's directory is u
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from edgetune.errors import EdgetuneError
+from edgetune.recipes.finetune import run_in_subprocess
 from edgetune.runs import RunDir
 
 # Shared by both runs: same data, split, seed and eval set, so only the method differs.
@@ -89,26 +87,6 @@ PRGE = ["--method", "prge", "--queries", "4", "--batch-size", "4"]
 LABELS = {"zo": "ZO LoRA (MeZO)", "fo": "first-order LoRA"}
 
 
-def _finetune(out: Path, model: str, args: list[str]) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgetune.cli",
-        "finetune",
-        "--model",
-        model,
-        "--out",
-        str(out),
-        "--overwrite",
-        *args,
-    ]
-    result = subprocess.run(cmd)
-    if result.returncode != 0:
-        raise EdgetuneError(
-            f"demo run {out.name} failed (exit {result.returncode}): {' '.join(cmd)}"
-        )
-
-
 def run(
     out: str, model: str = "smollm2-135m", quick: bool = False, zo: str = "zo"
 ) -> dict[str, Any]:
@@ -132,7 +110,7 @@ def run(
     start = time.perf_counter()
     for name, args in runs.items():
         print(f"\n=== demo: {labels[name]} ===", flush=True)
-        _finetune(root / name, model, [*common, *args])
+        run_in_subprocess(root / name, model, [*common, *args])
     summaries = {n: json.loads((root / n / "summary.json").read_text()) for n in runs}
     metrics = {n: RunDir(root / n, resume=True).read_metrics() for n in runs}
     # The FO run skips its step-0 evaluation: it is the same model and eval set as ZO's.

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from edgetune.config import build, option, to_dict
+from edgetune.config import option, to_dict
 from edgetune.data import DataConfig
 from edgetune.fed.config import FedConfig
 from edgetune.peft import PeftConfig
@@ -163,13 +163,3 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     }
     rundir.write_summary(summary)
     return summary
-
-
-def config_from_run(run_dir: str, overrides: list[str]) -> FederateConfig:
-    """The config of an existing run with overrides applied (for --resume)."""
-    from edgetune.config import parse_override, set_dotted
-
-    tree = RunDir(run_dir, resume=True).read_config()
-    for text in overrides:
-        set_dotted(tree, *parse_override(text))
-    return build(FederateConfig, tree)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from edgetune.config import build, option, to_dict
+from edgetune.config import option, to_dict
 from edgetune.data import DataConfig
-from edgetune.errors import TrainingDivergedError
+from edgetune.errors import EdgetuneError, TrainingDivergedError
 from edgetune.peft import PeftConfig
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import OptimConfig, TrainConfig
@@ -176,11 +177,31 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
     return summary
 
 
-def config_from_run(run_dir: str, overrides: list[str]) -> FinetuneConfig:
-    """The config of an existing run with `key=value` overrides applied (for --resume)."""
-    from edgetune.config import parse_override, set_dotted
+def run_in_subprocess(out: Path, model: str, args: list[str], quiet: bool = False) -> None:
+    """`edgetune finetune --model MODEL --out OUT --overwrite ARGS` in its own process, so
+    its peak memory is its own (used by the demo and the benchmarks).
 
-    tree = RunDir(run_dir, resume=True).read_config()
-    for text in overrides:
-        set_dotted(tree, *parse_override(text))
-    return build(FinetuneConfig, tree)
+    Raises:
+        EdgetuneError: the run failed (its stderr is shown unless `quiet` hid it).
+    """
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgetune.cli",
+        "finetune",
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--overwrite",
+        *args,
+    ]
+    result = subprocess.run(cmd, capture_output=quiet, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr or "")[-2000:] if quiet else ""
+        raise EdgetuneError(
+            f"run {out} failed (exit {result.returncode}): {' '.join(cmd)}\n{detail}"
+        )

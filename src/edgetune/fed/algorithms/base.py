@@ -10,6 +10,7 @@ values of `edgetune.fed.payloads`; transports serialize them with `encode`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,6 +45,27 @@ class FedAlgorithm(Protocol):
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def screen(
+    updates: list[tuple[int, Any]], check: Callable[[Any], str | None]
+) -> tuple[list[Any], AggregateResult]:
+    """Split updates into the valid ones and an AggregateResult naming the rejected.
+
+    Args:
+        updates: (client id, decoded update) pairs.
+        check: returns the reason an update is invalid, or None.
+    """
+    result = AggregateResult()
+    good = []
+    for client, update in updates:
+        reason = check(update)
+        if reason:
+            result.rejected[client] = reason
+        else:
+            result.accepted.append(client)
+            good.append(update)
+    return good, result
 
 
 def trainable_state(adapter: Adapter) -> dict[str, torch.Tensor]:

@@ -20,7 +20,12 @@ from typing import Any
 import torch
 
 from edgetune.fed.aggregate import clip_scale, combine
-from edgetune.fed.algorithms.base import AggregateResult, load_trainable, trainable_state
+from edgetune.fed.algorithms.base import (
+    AggregateResult,
+    load_trainable,
+    screen,
+    trainable_state,
+)
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import LoraDelta
 from edgetune.fed.validate import check_delta
@@ -55,19 +60,7 @@ class FedIT:
 
     def aggregate(self, rnd: int, updates: list[tuple[int, Any]]) -> AggregateResult:
         """Validate, combine and apply the server optimizer."""
-        result = AggregateResult()
-        good: list[LoraDelta] = []
-        for client, update in updates:
-            reason = (
-                check_delta(update, self.state, self.cfg.max_update_norm)
-                if isinstance(update, LoraDelta)
-                else "not a LoRA delta"
-            )
-            if reason:
-                result.rejected[client] = reason
-            else:
-                result.accepted.append(client)
-                good.append(update)
+        good, result = screen(updates, self._check)
         if not good:
             return result
         scales = [1.0] * len(good)
@@ -86,6 +79,11 @@ class FedIT:
         self._apply(delta)
         result.stats["delta_norm"] = _norm(delta)
         return result
+
+    def _check(self, update: Any) -> str | None:
+        if not isinstance(update, LoraDelta):
+            return "not a LoRA delta"
+        return check_delta(update, self.state, self.cfg.max_update_norm)
 
     def _apply(self, delta: dict[str, torch.Tensor]) -> None:
         opt, eta, beta = self.cfg.server_optimizer, self.cfg.server_lr, self.cfg.server_momentum

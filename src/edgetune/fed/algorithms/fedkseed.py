@@ -18,12 +18,18 @@ floor, so every seed stays possible): seeds that moved the model more are tried 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from edgetune.fed.algorithms.base import AggregateResult, load_trainable, trainable_state
+from edgetune.fed.algorithms.base import (
+    AggregateResult,
+    load_trainable,
+    screen,
+    trainable_state,
+)
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import SeedScalars, ZOTrace
 from edgetune.fed.validate import check_trace
@@ -41,7 +47,7 @@ def seed_pool(run_seed: int, size: int) -> list[int]:
 
 
 @torch.no_grad()
-def replay(params: list[torch.Tensor], pool: list[int], scalars: list[float]) -> None:
+def replay(params: Sequence[torch.Tensor], pool: list[int], scalars: list[float]) -> None:
     """theta <- theta - sum_k a_k z(s_k), in index order (skipping a_k == 0)."""
     for k, a in enumerate(scalars):
         if a != 0.0:
@@ -110,19 +116,7 @@ class FedKSeed:
 
     def aggregate(self, rnd: int, updates: list[tuple[int, Any]]) -> AggregateResult:
         """Validate traces, accumulate a_k, move the global model by replay."""
-        result = AggregateResult()
-        good: list[ZOTrace] = []
-        for client, update in updates:
-            reason = (
-                check_trace(update, len(self.pool), self.cfg.max_abs_scalar)
-                if isinstance(update, ZOTrace)
-                else "not a ZO trace"
-            )
-            if reason:
-                result.rejected[client] = reason
-            else:
-                result.accepted.append(client)
-                good.append(update)
+        good, result = screen(updates, self._check)
         acc = [0.0] * len(self.pool)
         total = sum(t.num_examples for t in good)
         for trace in good:
@@ -138,6 +132,11 @@ class FedKSeed:
         self.magnitude += torch.tensor([abs(a) for a in acc], dtype=torch.float64)
         result.stats["seeds_used"] = float(sum(1 for a in acc if a != 0.0))
         return result
+
+    def _check(self, update: Any) -> str | None:
+        if not isinstance(update, ZOTrace):
+            return "not a ZO trace"
+        return check_trace(update, len(self.pool), self.cfg.max_abs_scalar)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Global and previous tensors, the last broadcast and the Pro magnitudes."""
