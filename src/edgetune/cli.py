@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_flags(fd)
     g = fd.add_argument_group("federation")
-    g.add_argument("--algorithm", help="fedit | fedkseed | fedkseed-pro")
+    g.add_argument("--algorithm", help="fedit | fedkseed | fedkseed-pro | fwdllm")
     g.add_argument("--clients", type=int)
     g.add_argument("--participation", type=float, help="fraction of clients per round")
     g.add_argument("--partition", help="iid | dirichlet:A | shards:K | quantity:A")

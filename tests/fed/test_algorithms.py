@@ -165,3 +165,46 @@ def test_fleet_profiles_and_method_choice(tmp_path):
     assert [p.name for p in load_fleet(str(path), 3)] == ["tiny", "rpi5", "tiny"]
     with pytest.raises(ConfigError, match="not a built-in fleet"):
         load_fleet("nonsense", 2)
+
+
+def test_seed_trace_replay_rebuilds_the_zo_client_exactly(stories260k_path, shared_data):
+    """Hybrid fleets: the server turns a ZO client's seeds into its exact local adapter."""
+    del shared_data
+    from edgetune import models
+    from edgetune.data import DataConfig, build_task, load_splits
+    from edgetune.fed.local import ClientJob
+    from edgetune.train import OptimConfig
+    from edgetune.zo.directions import add_direction
+
+    model, tokenizer = models.load(str(stories260k_path))
+    adapter = attach(model, PeftConfig(), seed=0)
+    cfg = DataConfig(dataset="sst2", train_size=32, eval_size=8, max_length=32)
+    splits = load_splits(cfg, 0)
+    task = build_task(splits, cfg, tokenizer)
+    algo = FedIT(FedConfig(), adapter, seed=0)
+    for method in ("zo", "prge"):
+        job = ClientJob(
+            0,
+            method,
+            task,
+            task.prepare_rows(splits.train),
+            3,
+            4,
+            1e-2,
+            11,
+            OptimConfig(lr=1e-2),
+            queries=2,
+        )
+        trace = decode(encode(algo.client_update(adapter, algo.configure(0), job)))
+        local = trainable_state(adapter)
+        names = list(algo.state)
+        params = [algo.state[n].clone() for n in names]
+        for seed, coef in zip(trace.seeds, trace.coefs, strict=True):
+            add_direction(params, seed, -coef)
+        assert len(trace.seeds) == 6
+        assert all(torch.equal(p, local[n]) for n, p in zip(names, params, strict=True))
+        delta = algo._as_delta(trace)
+        assert delta.meta["replayed"] == 1.0
+        assert all(
+            torch.allclose(algo.state[n] + delta.tensors[n], local[n], atol=1e-7) for n in names
+        )

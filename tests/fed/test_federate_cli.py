@@ -75,7 +75,7 @@ def test_federated_run_directory_contract(tmp_path, fed_args, algorithm, method)
 
 
 def test_fedkseed_uploads_far_less_than_fedit(tmp_path, fed_args):
-    assert main(fed_args(tmp_path / "a", "--method", "zo")) == 0
+    assert main(fed_args(tmp_path / "a", "--method", "fo")) == 0  # LoRA deltas
     assert main(fed_args(tmp_path / "b", "--method", "zo", algorithm="fedkseed")) == 0
     a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in "ab")
     assert b["bytes_up"] * 100 < a["bytes_up"]
@@ -124,3 +124,39 @@ def test_report_renders_plots_and_the_device_table(tmp_path, fed_args):
     assert "| device | methods |" in report and "phone-midrange" in report
     for name in ("metric_vs_rounds.png", "metric_vs_time.png", "metric_vs_bytes.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hybrid_fleet_backprop_and_zo_devices_in_one_federation(tmp_path, fed_args):
+    # Prepare: a device too small for backprop (P-RGE fits) beside a Jetson AGX
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        "fleet:\n"
+        "  - {name: tiny-board, memory_mb: 5, gflops: 5, up_mbps: 1, down_mbps: 5}\n"
+        "  - jetson-agx-orin\n"
+    )
+    out = tmp_path / "hybrid"
+    # Execute
+    assert (
+        main(fed_args(out, "--method", "auto", "--fleet", str(fleet), "--participation", "1.0"))
+        == 0
+    )
+    # Assert: both kinds of update were aggregated; ZO devices sent seeds, not tensors
+    clients = RunDir(out, resume=True).read_metrics("clients.jsonl")
+    ok = {c["method"]: c for c in clients if c["status"] == "ok"}
+    assert set(ok) == {"fo", "prge"}
+    assert ok["prge"]["bytes_up"] * 20 < ok["fo"]["bytes_up"]
+    assert ok["prge"]["memory_mb"] <= 5 < ok["fo"]["memory_mb"]
+    rows = RunDir(out, resume=True).read_metrics()
+    assert all(r["rejected"] == 0 and r["accepted"] == 5 for r in rows[1:])
+
+
+def test_fwdllm_runs_with_variance_controlled_clients(tmp_path, fed_args):
+    out = tmp_path / "fwd"
+    assert main(fed_args(out, "--method", "zo", "fed.fwd_max_queries=4", algorithm="fwdllm")) == 0
+    clients = [
+        c for c in RunDir(out, resume=True).read_metrics("clients.jsonl") if c["status"] == "ok"
+    ]
+    # 3 local steps x 2..4 directions x 16 bytes + header
+    assert clients and all(c["bytes_up"] < 3 * 4 * 16 + 200 for c in clients)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algorithm"] == "fwdllm" and "eval/accuracy" in summary

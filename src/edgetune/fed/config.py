@@ -8,7 +8,7 @@ from edgetune.config import check_choice, check_positive, option
 from edgetune.errors import ConfigError
 from edgetune.fed.aggregate import AGGREGATORS
 
-FED_ALGORITHMS = ("fedit", "fedkseed", "fedkseed-pro")
+FED_ALGORITHMS = ("fedit", "fedkseed", "fedkseed-pro", "fwdllm")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 CLIENT_METHODS = ("fo", "zo", "prge", "auto")
 
@@ -17,7 +17,7 @@ CLIENT_METHODS = ("fo", "zo", "prge", "auto")
 class FedConfig:
     """How the federation runs."""
 
-    algorithm: str = option("fedit", "fedit | fedkseed | fedkseed-pro")
+    algorithm: str = option("fedit", "fedit | fedkseed | fedkseed-pro | fwdllm")
     clients: int = option(10, "number of clients")
     participation: float = option(0.5, "fraction of clients selected per round (0, 1]")
     partition: str = option("dirichlet:0.5", "iid | dirichlet:A | shards:K | quantity:A")
@@ -36,13 +36,23 @@ class FedConfig:
     max_update_norm: float = option(100.0, "reject fedit updates with a larger norm")
     max_abs_scalar: float = option(1e4, "reject fedkseed traces with a larger |scalar|")
     pool_size: int = option(1024, "fedkseed: K candidate seeds shared by all clients")
+    fwd_max_queries: int = option(8, "fwdllm: cap on directions per local step")
+    fwd_threshold: float = option(1.0, "fwdllm: stop sampling when var/||g||^2 <= this")
+    fwd_candidates: int = option(4, "fwdllm: seeds considered per draw (1 = no steering)")
 
     def __post_init__(self) -> None:
         check_choice("fed", "algorithm", self.algorithm, FED_ALGORITHMS)
         check_choice("fed", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         check_choice("fed", "aggregator", self.aggregator, AGGREGATORS)
         check_choice("fed", "method", self.method, CLIENT_METHODS)
-        for name in ("clients", "rounds", "local_steps", "pool_size"):
+        for name in (
+            "clients",
+            "rounds",
+            "local_steps",
+            "pool_size",
+            "fwd_max_queries",
+            "fwd_candidates",
+        ):
             check_positive("fed", name, getattr(self, name))
         for name in ("server_lr", "clip", "max_update_norm", "max_abs_scalar", "host_gflops"):
             check_positive("fed", name, getattr(self, name))
@@ -51,5 +61,8 @@ class FedConfig:
             raise ConfigError(f"fed.participation: expected (0, 1], got {self.participation}")
         if not 0.0 <= self.trim < 0.5:
             raise ConfigError(f"fed.trim: expected [0, 0.5), got {self.trim}")
-        if self.algorithm.startswith("fedkseed") and self.method in ("fo",):
-            raise ConfigError("fed.method=fo: FedKSeed clients train with ZO (use zo or auto)")
+        if self.algorithm != "fedit" and self.method == "fo":
+            raise ConfigError(
+                f"fed.method=fo: {self.algorithm} clients train with forward passes only; "
+                "use zo or auto"
+            )

@@ -1,9 +1,11 @@
 """Updates and broadcasts as typed values, and their wire format.
 
-Two kinds of client update:
+Three kinds of client update:
 - `LoraDelta`: theta_local - theta_global for each adapter tensor (FedIT, first-order).
 - `ZOTrace`: a list of (seed index, scalar) pairs from a seed pool, plus the lr of each
   step (FedKSeed); a few bytes per local step, whatever the model size.
+- `SeedTrace`: (seed, coefficient) per ZO direction, which the server replays into a
+  delta (ZO devices in FedIT/FwdLLM hybrid fleets); 16 bytes a direction.
 
 Bytes on the wire are `len(encode(x))` of the real serialized payload, never estimated.
 The format is safe to read from untrusted peers: a JSON header plus raw little-endian
@@ -44,13 +46,27 @@ class ZOTrace:
 
 
 @dataclass
+class SeedTrace:
+    """Local ZO training replayable by anyone: theta_local = theta - sum_j coef_j z(seed_j).
+
+    Each direction of each local step contributes (seed, lr * c / q), kept in float64 so
+    the replay is the client's own arithmetic, bit for bit. 16 bytes a direction.
+    """
+
+    seeds: list[int]
+    coefs: list[float]
+    num_examples: int = 0
+    meta: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class SeedScalars:
     """FedKSeed's broadcast: the accumulated scalar of every seed in the pool this round."""
 
     scalars: list[float]
 
 
-Payload = LoraDelta | ZOTrace | SeedScalars
+Payload = LoraDelta | ZOTrace | SeedTrace | SeedScalars
 
 
 def encode(payload: Payload) -> bytes:
@@ -65,6 +81,15 @@ def encode(payload: Payload) -> bytes:
         blob = struct.pack(f"<{n}I{n}f{n}f", *payload.indices, *payload.scalars, *payload.lrs)
         header = {
             "kind": "zo_trace",
+            "n": n,
+            "num_examples": payload.num_examples,
+            "meta": payload.meta,
+        }
+    elif isinstance(payload, SeedTrace):
+        n = len(payload.seeds)
+        blob = struct.pack(f"<{n}Q{n}d", *payload.seeds, *payload.coefs)
+        header = {
+            "kind": "seed_trace",
             "n": n,
             "num_examples": payload.num_examples,
             "meta": payload.meta,
@@ -99,6 +124,14 @@ def decode(data: bytes) -> Payload:
                 list(values[:n]),
                 list(values[n : 2 * n]),
                 list(values[2 * n :]),
+                int(header["num_examples"]),
+                header.get("meta", {}),
+            )
+        if kind == "seed_trace":
+            values = struct.unpack(f"<{n}Q{n}d", blob)
+            return SeedTrace(
+                list(values[:n]),
+                list(values[n:]),
                 int(header["num_examples"]),
                 header.get("meta", {}),
             )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from edgetune.fed.algorithms.base import FedAlgorithm, load_trainable
-from edgetune.fed.fleet import DeviceProfile, round_seconds
+from edgetune.fed.fleet import DeviceProfile, method_memory_mb, round_seconds
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import decode, encode
 from edgetune.runs import RunDir
@@ -77,6 +77,7 @@ def run_round(
             "client": client,
             "device": profile.name,
             "method": job.method if job else None,
+            "memory_mb": round(method_memory_mb(num_params, job.method), 1) if job else None,
         }
         if job is None:
             log.clients.append({**entry, "status": "no method fits its memory"})

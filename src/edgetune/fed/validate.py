@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from edgetune.fed.payloads import LoraDelta, ZOTrace
+from edgetune.fed.payloads import LoraDelta, SeedTrace, ZOTrace
 
 
 def check_delta(
@@ -57,4 +57,19 @@ def check_trace(trace: ZOTrace, pool_size: int, max_abs_scalar: float | None) ->
         return f"num_examples must be positive, got {trace.num_examples}"
     if max_abs_scalar is not None and any(abs(s) > max_abs_scalar for s in trace.scalars):
         return f"a scalar exceeds the bound {max_abs_scalar:.3g}"
+    return None
+
+
+def check_seed_trace(trace: SeedTrace, max_abs_coef: float | None) -> str | None:
+    """The reason a `SeedTrace` is invalid, or None."""
+    if len(trace.seeds) != len(trace.coefs):
+        return "seeds and coefficients have different lengths"
+    if not trace.seeds:
+        return "empty trace"
+    if any(not math.isfinite(c) for c in trace.coefs):
+        return "non-finite coefficient"
+    if trace.num_examples <= 0:
+        return f"num_examples must be positive, got {trace.num_examples}"
+    if max_abs_coef is not None and any(abs(c) > max_abs_coef for c in trace.coefs):
+        return f"a coefficient exceeds the bound {max_abs_coef:.3g}"
     return None

@@ -63,7 +63,7 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
     parts = partition(len(train_rows), cfg.fed.clients, cfg.fed.partition, cfg.seed, labels)
     fleet = load_fleet(cfg.fed.fleet, cfg.fed.clients)
     methods = [choose_method(p, num_params, cfg.fed.method) for p in fleet]
-    if cfg.fed.algorithm.startswith("fedkseed"):
+    if cfg.fed.algorithm != "fedit":  # FedKSeed and FwdLLM clients are forward-only
         methods = [None if m is None else "zo" for m in methods]
     if all(m is None for m in methods):
         raise ConfigError(

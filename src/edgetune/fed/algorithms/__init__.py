@@ -2,7 +2,13 @@
 
 from edgetune.fed.algorithms.fedit import FedIT
 from edgetune.fed.algorithms.fedkseed import FedKSeed
+from edgetune.fed.algorithms.fwdllm import FwdLLM
 
-ALGORITHMS = {"fedit": FedIT, "fedkseed": FedKSeed, "fedkseed-pro": FedKSeed}
+ALGORITHMS = {
+    "fedit": FedIT,
+    "fedkseed": FedKSeed,
+    "fedkseed-pro": FedKSeed,
+    "fwdllm": FwdLLM,
+}
 
-__all__ = ["ALGORITHMS", "FedIT", "FedKSeed"]
+__all__ = ["ALGORITHMS", "FedIT", "FedKSeed", "FwdLLM"]

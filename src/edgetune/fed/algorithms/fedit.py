@@ -2,7 +2,9 @@
 
 Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning" (2023).
 Each round the server broadcasts the global adapter tensors theta; client c trains
-locally and returns delta_c = theta_c - theta with its example count n_c. The server
+locally and returns delta_c = theta_c - theta with its example count n_c. Hybrid fleets:
+devices that cannot backprop train with ZO and send only their seeds and coefficients
+(`SeedTrace`); the server replays them into delta_c (bit-exact) and aggregates both kinds. The server
 aggregates delta = sum_c n_c delta_c / sum_c n_c (or a robust rule) and applies a server
 optimizer (Reddi et al., "Adaptive Federated Optimization", 2021):
 
@@ -27,9 +29,10 @@ from edgetune.fed.algorithms.base import (
     trainable_state,
 )
 from edgetune.fed.local import ClientJob
-from edgetune.fed.payloads import LoraDelta
-from edgetune.fed.validate import check_delta
+from edgetune.fed.payloads import LoraDelta, SeedTrace
+from edgetune.fed.validate import check_delta, check_seed_trace
 from edgetune.peft import Adapter
+from edgetune.zo.directions import add_direction
 
 _BETA2, _TAU = 0.99, 1e-3
 
@@ -49,17 +52,26 @@ class FedIT:
         """Broadcast the global adapter tensors."""
         return LoraDelta({k: v.clone() for k, v in self.state.items()})
 
-    def client_update(self, adapter: Adapter, payload: Any, job: ClientJob) -> LoraDelta:
-        """Load the global tensors, train locally, return theta_local - theta_global."""
+    def client_update(self, adapter: Adapter, payload: Any, job: ClientJob) -> Any:
+        """Load the global tensors and train locally. Backprop clients return the delta
+        theta_local - theta_global; ZO clients return their `SeedTrace` (16 bytes per
+        direction), which the server replays into the same delta."""
         load_trainable(adapter, payload.tensors)
-        results = job.run(adapter)
+        results = job.run(adapter, self.local_estimator(job))
+        loss = sum(r.loss for r in results) / max(len(results), 1)
+        if job.method != "fo":
+            return seed_trace(results, job.lr, len(job.rows), loss)
         local = trainable_state(adapter)
         delta = {k: local[k] - payload.tensors[k] for k in local}
-        loss = sum(r.loss for r in results) / max(len(results), 1)
         return LoraDelta(delta, num_examples=len(job.rows), meta={"loss": loss})
+
+    def local_estimator(self, job: ClientJob) -> Any:
+        """The ZO estimator clients use (None = the job's default MeZO / P-RGE)."""
+        return None
 
     def aggregate(self, rnd: int, updates: list[tuple[int, Any]]) -> AggregateResult:
         """Validate, combine and apply the server optimizer."""
+        updates = [(client, self._as_delta(update)) for client, update in updates]
         good, result = screen(updates, self._check)
         if not good:
             return result
@@ -80,9 +92,22 @@ class FedIT:
         result.stats["delta_norm"] = _norm(delta)
         return result
 
+    def _as_delta(self, update: Any) -> Any:
+        """Replay a valid SeedTrace into a LoraDelta; anything else is returned as is."""
+        if not isinstance(update, SeedTrace) or check_seed_trace(update, None) is not None:
+            return update
+        names = list(self.state)
+        params = [self.state[n].clone() for n in names]
+        for seed, coef in zip(update.seeds, update.coefs, strict=True):
+            add_direction(params, seed, -coef)
+        delta = {n: p - self.state[n] for n, p in zip(names, params, strict=True)}
+        return LoraDelta(delta, update.num_examples, {**update.meta, "replayed": 1.0})
+
     def _check(self, update: Any) -> str | None:
+        if isinstance(update, SeedTrace):
+            return check_seed_trace(update, None) or "not a LoRA delta"
         if not isinstance(update, LoraDelta):
-            return "not a LoRA delta"
+            return "not a LoRA delta or seed trace"
         return check_delta(update, self.state, self.cfg.max_update_norm)
 
     def _apply(self, delta: dict[str, torch.Tensor]) -> None:
@@ -123,3 +148,15 @@ class FedIT:
 
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+
+
+def seed_trace(results: list[Any], lr: float, num_examples: int, loss: float) -> SeedTrace:
+    """The SeedTrace of ZO-SGD steps: coefficient lr * c / q per direction, exactly the
+    value `apply_estimate` used, so replaying it reproduces the client's adapter."""
+    seeds: list[int] = []
+    coefs: list[float] = []
+    for r in results:
+        q = len(r.estimate.seeds)
+        seeds.extend(r.estimate.seeds)
+        coefs.extend(lr * c / q for c in r.estimate.scalars)
+    return SeedTrace(seeds, coefs, num_examples, {"loss": loss})
