@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
-    bench.add_argument("which", choices=["memory", "zo"])
+    bench.add_argument("which", choices=["memory", "zo", "fed"])
+    bench.add_argument("--rounds", type=int, default=15, help="fed: rounds per algorithm")
+    bench.add_argument("--clients", type=int, default=10, help="fed: clients")
     bench.add_argument("--peft", default="lora", help="zo: lora | lora-fa")
     bench.add_argument(
         "--tta-steps",
@@ -272,6 +274,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "fed":
+        from edgetune.bench import fed
+
+        fed.run(args.model, args.rounds, args.clients, args.output, "docs")
+        return 0
     if args.which == "zo":
         from edgetune.bench import zo
 
