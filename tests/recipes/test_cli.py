@@ -119,6 +119,8 @@ def test_quick_demo_writes_report_and_plot(tmp_path, cli, stories260k_path, shar
     assert cli(args) == 0
     report = (tmp_path / "report.md").read_text()
     assert "| zero-shot |" in report and f"| {label} |" in report
+    assert "## Federated: FedIT over a mixed fleet" in report and "| device |" in report
+    assert (tmp_path / "fed" / "report.md").exists()
     config = (tmp_path / "zo" / "config.yaml").read_text()
     assert f"method: {zo}" in config
     assert "| first-order LoRA |" in report

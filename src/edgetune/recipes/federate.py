@@ -151,7 +151,7 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
         "model": cfg.model,
         "clients": cfg.fed.clients,
         "rounds": cfg.fed.rounds,
-        "methods": {m: parts["methods"].count(m) for m in set(parts["methods"]) if m},
+        "methods": {m: parts["methods"].count(m) for m in sorted(set(parts["methods"]) - {None})},
         "bytes_up": int(totals["bytes_up"]),
         "bytes_down": int(totals["bytes_down"]),
         "sim_s": totals["sim_s"],

@@ -177,8 +177,10 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
     return summary
 
 
-def run_in_subprocess(out: Path, model: str, args: list[str], quiet: bool = False) -> None:
-    """`edgetune finetune --model MODEL --out OUT --overwrite ARGS` in its own process, so
+def run_in_subprocess(
+    out: Path, model: str, args: list[str], quiet: bool = False, command: str = "finetune"
+) -> None:
+    """`edgetune COMMAND --model MODEL --out OUT --overwrite ARGS` in its own process, so
     its peak memory is its own (used by the demo and the benchmarks).
 
     Raises:
@@ -191,7 +193,7 @@ def run_in_subprocess(out: Path, model: str, args: list[str], quiet: bool = Fals
         sys.executable,
         "-m",
         "edgetune.cli",
-        "finetune",
+        command,
         "--model",
         model,
         "--out",
