@@ -54,6 +54,11 @@ def device_table(clients: list[dict[str, Any]]) -> list[str]:
 
 def render(run_dir: str | Path) -> Path:
     """Write DIR/report.md and its plots; returns the report path."""
+    if not (Path(run_dir) / "metrics.jsonl").exists():
+        raise EdgetuneError(
+            f"{run_dir} is not a run directory (no metrics.jsonl); pass the --out of an "
+            "`edgetune federate` run"
+        )
     run = RunDir(run_dir, resume=True)
     rows = [r for r in run.read_metrics() if "round" in r]
     if not rows:
