@@ -112,6 +112,7 @@ def run(model: str, rounds: int, clients: int, output: str, plot_dir: str) -> No
         "eval/accuracy",
         plots / "bench_fed_accuracy_vs_bytes.png",
         x="total_bytes_up",
+        logx=True,
         title="accuracy vs cumulative uploaded bytes",
     )
     body = render(results, target, model, rounds, clients, machine_line(), plots, Path(output))

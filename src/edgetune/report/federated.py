@@ -74,7 +74,7 @@ def render(run_dir: str | Path) -> Path:
         "rounds": plot_metric({name: rows}, key, run.path / "metric_vs_rounds.png", x="round"),
         "time": plot_metric({name: rows}, key, run.path / "metric_vs_time.png", x="total_sim_s"),
         "bytes": plot_metric(
-            {name: rows}, key, run.path / "metric_vs_bytes.png", x="total_bytes_up"
+            {name: rows}, key, run.path / "metric_vs_bytes.png", x="total_bytes_up", logx=True
         ),
     }
     last = rows[-1]

@@ -12,6 +12,7 @@ def plot_metric(
     path: str | Path,
     x: str = "step",
     title: str | None = None,
+    logx: bool = False,
 ) -> Path:
     """Plot `key` against `x` for several runs, one line each.
 
@@ -21,6 +22,7 @@ def plot_metric(
         path: the PNG to write.
         x: the x-axis field.
         title: plot title.
+        logx: log-scale x axis (points with x <= 0 are left out), e.g. for bytes.
     """
     import matplotlib
 
@@ -30,9 +32,13 @@ def plot_metric(
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for label, rows in series.items():
         points = [(r[x], r[key]) for r in rows if key in r and x in r]
+        if logx:
+            points = [(px, py) for px, py in points if px > 0]
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(x)
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
