@@ -29,8 +29,11 @@ def test_existing_run_is_never_silently_overwritten(tmp_path):
     run.log({"step": 1, "loss": 2.0})
     with pytest.raises(EdgetuneError, match="already holds a run.*--resume"):
         RunDir(tmp_path / "r")
+    (tmp_path / "r" / "clients.jsonl").write_text("{}\n")
+    (tmp_path / "r" / "checkpoints" / "step-000001").mkdir(parents=True)
     RunDir(tmp_path / "r", overwrite=True)
-    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    for name in ("metrics.jsonl", "clients.jsonl", "checkpoints", "config.yaml"):
+        assert not (tmp_path / "r" / name).exists(), name
 
 
 def test_resume_of_a_missing_run_says_so(tmp_path):

@@ -16,12 +16,24 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from edgetune.errors import EdgetuneError
+
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "trace.jsonl",
+    "timing.jsonl",
+    "clients.jsonl",
+    "report.md",
+)
+RUN_FOLDERS = ("checkpoints", "state", "state.tmp", "adapter", "model")
 
 
 def peak_rss_mb() -> float:
@@ -51,8 +63,12 @@ class RunDir:
                     f"{self.path} already holds a run; pass --resume {self.path} to continue "
                     f"it, --overwrite to replace it, or another --out"
                 )
-            for name in ("metrics.jsonl", "summary.json", "trace.jsonl", "timing.jsonl"):
+            # Everything a run writes goes, so nothing of the old run (log lines, a
+            # checkpoint a later --resume would pick up) mixes into the new one.
+            for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
+            for name in RUN_FOLDERS:
+                shutil.rmtree(self.path / name, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
 
     @property

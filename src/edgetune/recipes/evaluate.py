@@ -57,7 +57,7 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
     }
     if args.out:
-        rundir = RunDir(args.out, overwrite=True)
+        rundir = RunDir(args.out)  # never overwrites a run (it may hold the adapter)
         rundir.write_config({**to_dict(cfg), "adapter": args.adapter})
         rundir.log({"step": 0, **metrics})
         rundir.write_summary(summary)
