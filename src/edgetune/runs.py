@@ -36,9 +36,39 @@ RUN_FILES = (
 RUN_FOLDERS = ("checkpoints", "state", "state.tmp", "adapter", "model")
 
 
+_peak_before_reset = 0.0
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process so far, in MB (Linux reports KB), including
+    peaks from before any `reset_peak_rss`."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return max(own, _peak_before_reset)
+
+
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmHWM = peak RSS, VmRSS = current), in MB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so the next
+    `status_mb("VmHWM")` measures only what follows. False where Linux does not allow it."""
+    global _peak_before_reset
+    _peak_before_reset = max(_peak_before_reset, peak_rss_mb(), status_mb("VmHWM"))
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def _clean(value: Any) -> Any:

@@ -160,3 +160,28 @@ def test_fwdllm_runs_with_variance_controlled_clients(tmp_path, fed_args):
     assert clients and all(c["bytes_up"] < 3 * 4 * 16 + 200 for c in clients)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algorithm"] == "fwdllm" and "eval/accuracy" in summary
+
+
+@pytest.mark.parametrize("rule", ["padded", "svd"])
+def test_heterogeneous_ranks_in_a_hybrid_fleet(tmp_path, fed_args, rule):
+    # Prepare: a rank-2 board that only fits P-RGE beside a rank-4 (global) Jetson AGX
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        "fleet:\n"
+        "  - {name: tiny-board, memory_mb: 5, gflops: 5, up_mbps: 1, down_mbps: 5, lora_rank: 2}\n"
+        "  - jetson-agx-orin\n"
+    )
+    out = tmp_path / rule
+    args = ["--fleet", str(fleet), "--participation", "1.0", "peft.rank=4", "fed.ranks=device"]
+    # Execute
+    assert main(fed_args(out, *args, f"fed.rank_aggregation={rule}")) == 0
+    # Assert: each client trained its own rank, every update (incl. replayed rank-2 seed
+    # traces) was accepted, and the saved global adapter has the global rank
+    run = RunDir(out, resume=True)
+    ok = [c for c in run.read_metrics("clients.jsonl") if c["status"] == "ok"]
+    assert {(c["method"], c["rank"]) for c in ok} == {("prge", 2), ("fo", None)}
+    assert all(c["peak_rss_mb"] > 0 for c in ok)
+    assert all(r["rejected"] == 0 and r["accepted"] == 5 for r in run.read_metrics()[1:])
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert {t.shape[0] for n, t in saved.items() if "lora_A" in n} == {4}
+    assert all(torch.isfinite(t).all() for t in saved.values())

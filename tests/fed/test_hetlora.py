@@ -1,11 +1,26 @@
-"""Heterogeneous-rank LoRA aggregation rules."""
+"""Heterogeneous LoRA ranks: the aggregation rules, the rank view clients train in, and
+FedIT with clients of mixed ranks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from edgetune.errors import ConfigError
 from edgetune.fed.aggregate import weighted_mean
-from edgetune.fed.hetlora import aggregate_padded, aggregate_svd, truncate
+from edgetune.fed.algorithms import FedIT
+from edgetune.fed.algorithms.base import load_trainable
+from edgetune.fed.config import FedConfig
+from edgetune.fed.hetlora import (
+    aggregate_padded,
+    aggregate_svd,
+    at_rank,
+    rank_dim,
+    tensors_rank,
+    truncate,
+    truncate_state,
+)
+from edgetune.fed.payloads import LoraDelta
 
 
 def _pair(rank: int, seed: int, out: int = 6, inp: int = 5):
@@ -41,3 +56,102 @@ def test_svd_reprojection_keeps_the_mean_weight_update_exactly():
     err2 = torch.linalg.norm(b2 @ a2 - mean)
     s = torch.linalg.svdvals(mean)
     assert torch.isclose(err2, s[2:].norm(), atol=1e-5)
+
+
+def _adapter(rank=4):
+    from edgetune.models import tiny_llama
+    from edgetune.peft import PeftConfig, attach
+
+    return attach(tiny_llama(seed=3), PeftConfig(rank=rank), seed=0)
+
+
+def _random_delta(state, rank, seed, scale=0.01):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        n: torch.randn(t.shape, generator=gen) * scale
+        for n, t in truncate_state(state, rank).items()
+    }
+
+
+def test_rank_view_runs_the_first_components_and_restores_the_full_adapter():
+    from edgetune.fed.algorithms.base import trainable_state
+
+    adapter = _adapter(rank=4)
+    for p in adapter.trainable():
+        torch.nn.init.normal_(p.data, std=0.1)  # B starts at zero; make every component count
+    full = trainable_state(adapter)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with at_rank(adapter, 2):
+        assert tensors_rank(trainable_state(adapter)) == 2
+        viewed = adapter.model(input_ids=ids).logits
+    # Reference: the rank-4 adapter with components 2 and 3 zeroed
+    zeroed = {n: t.clone() for n, t in full.items()}
+    for n, t in zeroed.items():
+        t.narrow(rank_dim(n), 2, 2).zero_()
+    load_trainable(adapter, zeroed)
+    assert torch.allclose(viewed, adapter.model(input_ids=ids).logits, atol=1e-6)
+    load_trainable(adapter, full)
+    assert all(torch.equal(trainable_state(adapter)[n], full[n]) for n in full)
+
+
+def test_fedit_with_equal_ranks_is_plain_fedavg_of_the_deltas():
+    adapter = _adapter()
+    algo = FedIT(FedConfig(), adapter, seed=0)
+    start = {n: t.clone() for n, t in algo.state.items()}
+    deltas = [_random_delta(start, None, s) for s in range(3)]
+    counts = [1, 2, 5]
+    algo.aggregate(0, [(i, LoraDelta(deltas[i], counts[i])) for i in range(3)])
+    for name in start:
+        expected = start[name] + weighted_mean([d[name] for d in deltas], [1.0, 2.0, 5.0])
+        assert torch.allclose(algo.state[name], expected, atol=1e-7)
+
+
+def test_fedit_mixed_ranks_pads_each_component_over_its_clients():
+    adapter = _adapter(rank=4)
+    algo = FedIT(FedConfig(), adapter, seed=0)
+    start = {n: t.clone() for n, t in algo.state.items()}
+    # the server hands each client its own rank
+    assert tensors_rank(algo.configure(0, 2).tensors) == 2
+    assert tensors_rank(algo.configure(0).tensors) == 4
+    low, high = _random_delta(start, 2, 0), _random_delta(start, None, 1)
+    result = algo.aggregate(0, [(0, LoraDelta(low, 1)), (1, LoraDelta(high, 3))])
+    assert result.accepted == [0, 1]
+    name_a = next(n for n in start if rank_dim(n) == 0)
+    name_b = name_a.replace(".lora_A.", ".lora_B.")
+    got_a, got_b = algo.state[name_a] - start[name_a], algo.state[name_b] - start[name_b]
+    assert torch.allclose(got_a[:2], (low[name_a] + 3 * high[name_a][:2]) / 4, atol=1e-7)
+    assert torch.allclose(got_a[2:], high[name_a][2:], atol=1e-7)
+    assert torch.allclose(got_b[:, 2:], high[name_b][:, 2:], atol=1e-7)
+    # a rank above the global one, or mixed ranks in one update, is rejected
+    wide = {
+        n: torch.zeros((5, t.shape[1]) if rank_dim(n) == 0 else (t.shape[0], 5))
+        for n, t in start.items()
+    }
+    assert "exceeds the global rank 4" in algo.aggregate(1, [(4, LoraDelta(wide, 1))]).rejected[4]
+    mixed = {**_random_delta(start, 2, 3), name_a: torch.zeros(3, start[name_a].shape[1])}
+    assert "different ranks" in algo.aggregate(2, [(5, LoraDelta(mixed, 1))]).rejected[5]
+
+
+def test_svd_aggregation_keeps_the_mean_product_of_mixed_rank_clients():
+    adapter = _adapter(rank=4)
+    algo = FedIT(FedConfig(rank_aggregation="svd"), adapter, seed=0)
+    start = {n: t.clone() for n, t in algo.state.items()}
+    deltas = [_random_delta(start, 1, 0, 0.1), _random_delta(start, 2, 1, 0.1)]
+    algo.aggregate(0, [(0, LoraDelta(deltas[0], 1)), (1, LoraDelta(deltas[1], 1))])
+    name_a = next(n for n in start if rank_dim(n) == 0)
+    name_b = name_a.replace(".lora_A.", ".lora_B.")
+    products = []
+    for d in deltas:
+        r = d[name_a].shape[0]
+        a = start[name_a][:r] + d[name_a]
+        b = start[name_b][:, :r] + d[name_b]
+        products.append(b @ a)
+    mean = (products[0] + products[1]) / 2
+    assert torch.allclose(algo.state[name_b] @ algo.state[name_a], mean, atol=1e-6)
+
+
+def test_svd_needs_the_fedavg_server():
+    with pytest.raises(ConfigError, match="rank_aggregation=svd"):
+        FedConfig(rank_aggregation="svd", server_optimizer="fedadam")
+    with pytest.raises(ConfigError, match="fed.ranks"):
+        FedConfig(ranks="2,4", algorithm="fedkseed", method="zo")

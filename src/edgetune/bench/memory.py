@@ -23,21 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edgetune.runs import reset_peak_rss, status_mb
+
 MODES = ("inference", "zo", "fo-lora", "fo-full")
-
-
-def _status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (VmHWM = peak RSS, VmRSS = current), in MB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
 
 
 def timed_steps(step: Callable[[int], None], steps: int) -> tuple[float, float]:
@@ -46,14 +34,14 @@ def timed_steps(step: Callable[[int], None], steps: int) -> tuple[float, float]:
     Returns:
         (median step seconds, peak RSS in MB since the reset).
     """
-    _reset_peak()
+    reset_peak_rss()
     step(0)  # warm-up: allocates optimizer state, grads, copies
     times = []
     for i in range(1, steps + 1):
         start = time.perf_counter()
         step(i)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), _status_mb("VmHWM")
+    return statistics.median(times), status_mb("VmHWM")
 
 
 def child(mode: str, model_spec: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
@@ -99,7 +87,7 @@ def child(mode: str, model_spec: str, batch: int, seq: int, steps: int) -> dict[
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    after_load = _status_mb("VmRSS")
+    after_load = status_mb("VmRSS")
     step_s, peak_mb = timed_steps(step, steps)
     return {
         "mode": mode,

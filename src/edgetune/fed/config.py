@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from edgetune.config import check_choice, check_positive, option
 from edgetune.errors import ConfigError
 from edgetune.fed.aggregate import AGGREGATORS
+from edgetune.fed.hetlora import RANK_AGGREGATIONS
 
 FED_ALGORITHMS = ("fedit", "fedkseed", "fedkseed-pro", "fwdllm")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
@@ -33,6 +34,12 @@ class FedConfig:
     aggregator: str = option("mean", "mean | median | trimmed-mean | clip-mean")
     trim: float = option(0.1, "trimmed-mean: fraction dropped at each end")
     clip: float = option(1.0, "clip-mean: max update norm (fedit) or |scalar| (fedkseed)")
+    ranks: str = option(
+        "",
+        "heterogeneous LoRA ranks: '' = all at peft.rank; 'device' = each profile's "
+        "lora_rank; or a list like 2,4,8 cycled over clients (each <= peft.rank)",
+    )
+    rank_aggregation: str = option("padded", "mixed ranks: padded (HetLoRA) | svd")
     max_update_norm: float = option(100.0, "reject fedit updates with a larger norm")
     max_abs_scalar: float = option(1e4, "reject fedkseed traces with a larger |scalar|")
     pool_size: int = option(1024, "fedkseed: K candidate seeds shared by all clients")
@@ -45,6 +52,21 @@ class FedConfig:
         check_choice("fed", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         check_choice("fed", "aggregator", self.aggregator, AGGREGATORS)
         check_choice("fed", "method", self.method, CLIENT_METHODS)
+        check_choice("fed", "rank_aggregation", self.rank_aggregation, RANK_AGGREGATIONS)
+        if self.ranks and self.algorithm not in ("fedit", "fwdllm"):
+            raise ConfigError(
+                f"fed.ranks: heterogeneous LoRA ranks need an adapter-averaging algorithm "
+                f"(fedit or fwdllm); {self.algorithm} replays one shared seed pool, so every "
+                "client must train the same tensors. Drop fed.ranks"
+            )
+        if self.rank_aggregation == "svd" and (
+            self.server_optimizer != "fedavg" or self.aggregator not in ("mean", "clip-mean")
+        ):
+            raise ConfigError(
+                "fed.rank_aggregation=svd rebuilds the global adapter from the mean weight "
+                "update, so it needs fed.server_optimizer=fedavg and fed.aggregator=mean or "
+                "clip-mean; use rank_aggregation=padded for the others"
+            )
         for name in (
             "clients",
             "rounds",

@@ -36,21 +36,25 @@ class DeviceProfile:
     down_mbps: float  # downlink, megabits per second
     availability: float = 1.0  # probability of being reachable in a round
     dropout: float = 0.0  # probability of vanishing mid-round
+    lora_rank: int = 0  # LoRA rank it trains with fed.ranks=device (0: the global rank)
 
 
 BUILTIN_PROFILES: dict[str, DeviceProfile] = {
     # Raspberry Pi 5 (8 GB): 4x Cortex-A76 @ 2.4 GHz, NEON peak ~150 GFLOP/s fp32
     # (4 cores x 2.4 GHz x 16 FLOP/cycle); ~30 sustained in PyTorch GEMM. Home Wi-Fi.
-    "rpi5": DeviceProfile("rpi5", 6000, 30, 20, 100, 0.9, 0.05),
+    "rpi5": DeviceProfile("rpi5", 6000, 30, 20, 100, 0.9, 0.05, 4),
     # Jetson Orin Nano 8 GB: 1024-core Ampere GPU, ~1.3 TFLOP/s fp32 peak (NVIDIA
     # datasheet); memory shared with the CPU, ~5 GB usable. Wired or Wi-Fi.
-    "jetson-orin-nano": DeviceProfile("jetson-orin-nano", 5000, 600, 50, 200, 0.95, 0.02),
+    "jetson-orin-nano": DeviceProfile("jetson-orin-nano", 5000, 600, 50, 200, 0.95, 0.02, 8),
     # Jetson AGX Orin 64 GB: 2048-core Ampere GPU, ~5.3 TFLOP/s fp32 peak (datasheet).
     "jetson-agx-orin": DeviceProfile("jetson-agx-orin", 48000, 2500, 100, 500, 0.98, 0.01),
     # Mid-range phone (Snapdragon 7-class): ~60 GFLOP/s sustained on CPU; an app may use
     # ~2 GB; LTE uplink ~10 Mbit/s, downlink ~50 Mbit/s; often unreachable (charging/idle).
-    "phone-midrange": DeviceProfile("phone-midrange", 2000, 60, 10, 50, 0.7, 0.1),
+    "phone-midrange": DeviceProfile("phone-midrange", 2000, 60, 10, 50, 0.7, 0.1, 2),
 }
+
+# `lora_rank` above (2 phone, 4 Pi, 8 Orin Nano, global for AGX Orin) is what each trains
+# with fed.ranks=device: smaller devices train smaller adapters (HetLoRA's setting).
 
 # Named fleets: the mix of profiles, cycled over the clients.
 BUILTIN_FLEETS: dict[str, list[str]] = {
@@ -125,6 +129,35 @@ def choose_method(profile: DeviceProfile, num_params: int, requested: str) -> st
         if method_memory_mb(num_params, method) <= profile.memory_mb:
             return method
     return None
+
+
+def client_ranks(spec: str, fleet: list[DeviceProfile], global_rank: int) -> list[int | None]:
+    """Each client's LoRA rank from `fed.ranks` (None = the global rank).
+
+    Args:
+        spec: "" (all global), "device" (each profile's lora_rank), or "r1,r2,..." cycled.
+        fleet: one profile per client.
+        global_rank: peft.rank, the rank of the server's adapter.
+    """
+    if not spec:
+        return [None] * len(fleet)
+    if spec == "device":
+        ranks = [min(p.lora_rank, global_rank) if p.lora_rank else global_rank for p in fleet]
+    else:
+        try:
+            cycle = [int(x) for x in spec.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"fed.ranks={spec!r}: expected 'device' or comma-separated ranks like 2,4,8"
+            ) from None
+        bad = [r for r in cycle if not 1 <= r <= global_rank]
+        if bad:
+            raise ConfigError(
+                f"fed.ranks: {bad} outside 1..peft.rank={global_rank}; the server adapter has "
+                "rank peft.rank, so set peft.rank to the largest client rank"
+            )
+        ranks = [cycle[i % len(cycle)] for i in range(len(fleet))]
+    return [None if r == global_rank else r for r in ranks]
 
 
 def describe(profile: DeviceProfile) -> dict:

@@ -33,6 +33,7 @@ class ClientJob:
     optim: Any  # OptimConfig for fo
     eps: float = 1e-3
     queries: int = 1
+    rank: int | None = None  # LoRA rank this client trains (None: the global rank)
 
     def stepper(self, adapter: Adapter, estimator: Any = None) -> Any:
         """The stepper for this client's method (ZO estimators may be supplied)."""

@@ -9,6 +9,11 @@ the global adapter, and checkpoint.
 Simulated time is deterministic: a client's work is counted in FLOPs (2 * parameters per
 token per forward pass, backward counted as two more), divided by its device's GFLOP/s,
 plus its bytes over its links. So the same config and seed give the same metrics.
+
+Memory per client: `memory_mb` is the estimate the method choice uses (MEMORY_FACTOR);
+`peak_rss_mb` is measured, the process's peak RSS during that client's local training
+(the kernel's mark is reset before each client), i.e. the model plus what its method
+needs; it goes to clients.jsonl, not to the deterministic metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from edgetune.fed.algorithms.base import FedAlgorithm, load_trainable
 from edgetune.fed.fleet import DeviceProfile, method_memory_mb, round_seconds
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import decode, encode
-from edgetune.runs import RunDir
+from edgetune.runs import RunDir, reset_peak_rss, status_mb
 from edgetune.zo.seeds import derive_seed, generator
 
 _SELECT_STREAM, _FATE_STREAM = 3, 4
@@ -67,7 +72,7 @@ def run_round(
 ) -> tuple[RoundLog, Any]:
     """One round: broadcast, local training, upload, aggregation."""
     log = RoundLog()
-    down = encode(algo.configure(rnd))
+    broadcast: dict[int | None, bytes] = {}
     updates = []
     for client in select_clients(cfg.clients, cfg.participation, seed, rnd):
         profile, job = fleet[client], jobs.get(client)
@@ -77,6 +82,7 @@ def run_round(
             "client": client,
             "device": profile.name,
             "method": job.method if job else None,
+            "rank": job.rank if job else None,
             "memory_mb": round(method_memory_mb(num_params, job.method), 1) if job else None,
         }
         if job is None:
@@ -85,7 +91,12 @@ def run_round(
         if fate[0] > profile.availability:
             log.clients.append({**entry, "status": "unavailable"})
             continue
+        if job.rank not in broadcast:
+            broadcast[job.rank] = encode(algo.configure(rnd, job.rank))
+        down = broadcast[job.rank]
+        measured = reset_peak_rss()
         update = algo.client_update(adapter, decode(down), job)
+        peak = status_mb("VmHWM") if measured else float("nan")
         up = encode(update)
         seconds = round_seconds(
             profile,
@@ -112,6 +123,7 @@ def run_round(
                 "bytes_up": len(up) if status == "ok" else 0,
                 "bytes_down": len(down),
                 "sim_s": seconds,
+                "peak_rss_mb": round(peak, 1),
             }
         )
     if cfg.deadline_s and any(c.get("status") == "missed the deadline" for c in log.clients):

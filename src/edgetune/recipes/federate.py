@@ -51,7 +51,7 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
     from edgetune import models
     from edgetune.data import build_task, load_splits, partition
     from edgetune.errors import ConfigError
-    from edgetune.fed.fleet import choose_method, load_fleet
+    from edgetune.fed.fleet import choose_method, client_ranks, load_fleet
     from edgetune.peft import attach
 
     model, tokenizer = models.load(cfg.model)
@@ -65,6 +65,11 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
     methods = [choose_method(p, num_params, cfg.fed.method) for p in fleet]
     if cfg.fed.algorithm != "fedit":  # FedKSeed and FwdLLM clients are forward-only
         methods = [None if m is None else "zo" for m in methods]
+    if cfg.fed.ranks and cfg.peft.method not in ("lora", "lora-fa"):
+        raise ConfigError(
+            f"fed.ranks needs a LoRA adapter, not peft.method={cfg.peft.method}; use --peft lora"
+        )
+    ranks = client_ranks(cfg.fed.ranks, fleet, cfg.peft.rank)
     if all(m is None for m in methods):
         raise ConfigError(
             f"no device in fleet {cfg.fed.fleet!r} can fine-tune this model with "
@@ -75,6 +80,7 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
         "adapter": attach(model, cfg.peft, seed=cfg.seed),
         "fleet": fleet,
         "methods": methods,
+        "ranks": ranks,
         "partitions": [[train_rows[i] for i in p] for p in parts],
         "eval_rows": task.prepare_rows(splits.eval),
         "num_params": num_params,
@@ -103,6 +109,7 @@ def jobs_factory(cfg: FederateConfig, parts: dict[str, Any]) -> Any:
                     cfg.optim,
                     cfg.zo.eps,
                     cfg.zo.queries,
+                    parts["ranks"][client],
                 )
             )
         return out

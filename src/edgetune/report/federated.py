@@ -31,7 +31,10 @@ def device_table(clients: list[dict[str, Any]]) -> list[str]:
         g = groups[c["device"]]
         g["methods"] = g.get("methods") or set()
         if c.get("method"):
-            g["methods"].add(c["method"])
+            g["methods"].add(c["method"] + (f" r{c['rank']}" if c.get("rank") else ""))
+        peak = c.get("peak_rss_mb")
+        if isinstance(peak, (int, float)) and peak == peak:
+            g["peak"] = max(g["peak"], peak)
         status = c["status"].split(":")[0]
         g[status] += 1
         g["bytes_up"] += c.get("bytes_up", 0)
@@ -39,15 +42,15 @@ def device_table(clients: list[dict[str, Any]]) -> list[str]:
         g["sim_s"] += c.get("sim_s", 0.0) if status == "ok" else 0.0
     lines = [
         "| device | methods | ok | unavailable | dropped | late | rejected | bytes up | "
-        "bytes down | simulated s (ok) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "bytes down | simulated s (ok) | peak RSS MB (measured) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for device, g in sorted(groups.items()):
         lines.append(
             f"| {device} | {', '.join(sorted(g['methods'])) or '-'} | {g['ok']:.0f} | "
             f"{g['unavailable']:.0f} | {g['dropped mid-round']:.0f} | "
             f"{g['missed the deadline']:.0f} | {g['rejected']:.0f} | {g['bytes_up']:,.0f} | "
-            f"{g['bytes_down']:,.0f} | {g['sim_s']:.1f} |"
+            f"{g['bytes_down']:,.0f} | {g['sim_s']:.1f} | {g['peak'] or '-'} |"
         )
     return lines
 

@@ -1,6 +1,6 @@
 """The shape every federated algorithm has; transports (simulator, Flower) call only this.
 
-    configure(round)                          -> payload broadcast to the selected clients
+    configure(round, rank)                    -> payload for a selected client (of a LoRA rank)
     client_update(adapter, payload, job)      -> the client's update (runs on the client)
     aggregate(round, [(client, update), ...]) -> AggregateResult (new global state inside)
 
@@ -36,7 +36,7 @@ class FedAlgorithm(Protocol):
     name: str
     state: dict[str, torch.Tensor]
 
-    def configure(self, rnd: int) -> Payload: ...
+    def configure(self, rnd: int, rank: int | None = None) -> Payload: ...
 
     def client_update(self, adapter: Adapter, payload: Payload, job: ClientJob) -> Payload: ...
 

@@ -6,6 +6,9 @@ locally and returns delta_c = theta_c - theta with its example count n_c. Hybrid
 devices that cannot backprop train with ZO and send only their seeds and coefficients
 (`SeedTrace`); the server replays them into delta_c (bit-exact) and aggregates both kinds. The server
 aggregates delta = sum_c n_c delta_c / sum_c n_c (or a robust rule) and applies a server
+optimizer. Clients may train different LoRA ranks (`fed.ranks`): each gets the first r_c
+components of the global adapter and deltas are combined per covered rank segment, or
+by SVD re-projection (`fed.rank_aggregation`, see `edgetune.fed.hetlora`). The server
 optimizer (Reddi et al., "Adaptive Federated Optimization", 2021):
 
     fedavg:  theta += eta * delta
@@ -28,6 +31,13 @@ from edgetune.fed.algorithms.base import (
     screen,
     trainable_state,
 )
+from edgetune.fed.hetlora import (
+    aggregate_deltas,
+    at_rank,
+    svd_states,
+    tensors_rank,
+    truncate_state,
+)
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import LoraDelta, SeedTrace
 from edgetune.fed.validate import check_delta, check_seed_trace
@@ -45,23 +55,31 @@ class FedIT:
     def __init__(self, cfg: Any, adapter: Adapter, seed: int):
         self.cfg = cfg
         self.state = trainable_state(adapter)
+        self.rank = tensors_rank(self.state)  # global LoRA rank R (None: not LoRA)
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
 
-    def configure(self, rnd: int) -> LoraDelta:
-        """Broadcast the global adapter tensors."""
-        return LoraDelta({k: v.clone() for k, v in self.state.items()})
+    def configure(self, rnd: int, rank: int | None = None) -> LoraDelta:
+        """Broadcast the global adapter tensors (a rank-r client gets their first r
+        components)."""
+        return LoraDelta(truncate_state(self.state, rank))
 
     def client_update(self, adapter: Adapter, payload: Any, job: ClientJob) -> Any:
-        """Load the global tensors and train locally. Backprop clients return the delta
-        theta_local - theta_global; ZO clients return their `SeedTrace` (16 bytes per
-        direction), which the server replays into the same delta."""
-        load_trainable(adapter, payload.tensors)
-        results = job.run(adapter, self.local_estimator(job))
-        loss = sum(r.loss for r in results) / max(len(results), 1)
-        if job.method != "fo":
-            return seed_trace(results, job.lr, len(job.rows), loss)
-        local = trainable_state(adapter)
+        """Load the global tensors and train locally, at the rank the server sent.
+        Backprop clients return the delta theta_local - theta_global; ZO clients return
+        their `SeedTrace` (16 bytes per direction), which the server replays into the
+        same delta."""
+        rank = tensors_rank(payload.tensors)
+        with at_rank(adapter, rank):
+            load_trainable(adapter, payload.tensors)
+            results = job.run(adapter, self.local_estimator(job))
+            loss = sum(r.loss for r in results) / max(len(results), 1)
+            if job.method != "fo":
+                trace = seed_trace(results, job.lr, len(job.rows), loss)
+                if rank is not None:
+                    trace.meta["rank"] = float(rank)
+                return trace
+            local = trainable_state(adapter)
         delta = {k: local[k] - payload.tensors[k] for k in local}
         return LoraDelta(delta, num_examples=len(job.rows), meta={"loss": loss})
 
@@ -79,36 +97,54 @@ class FedIT:
         if self.cfg.aggregator == "clip-mean":
             scales = [clip_scale(_norm(u.tensors), self.cfg.clip) for u in good]
         weights = [float(u.num_examples) for u in good]
-        delta = {
-            name: combine(
-                [u.tensors[name] * s for u, s in zip(good, scales, strict=True)],
-                weights,
-                self.cfg.aggregator,
-                self.cfg.trim,
+        deltas = [
+            {n: t * s for n, t in u.tensors.items()} for u, s in zip(good, scales, strict=True)
+        ]
+        if self.cfg.rank_aggregation == "svd" and self.rank is not None:
+            new = svd_states(self.state, deltas, weights)
+            delta = {n: new[n] - self.state[n] for n in self.state}
+        else:
+            rule, trim = self.cfg.aggregator, self.cfg.trim
+            delta = aggregate_deltas(
+                deltas, weights, self.state, lambda v, w: combine(v, w, rule, trim)
             )
-            for name in self.state
-        }
         self._apply(delta)
         result.stats["delta_norm"] = _norm(delta)
         return result
 
     def _as_delta(self, update: Any) -> Any:
-        """Replay a valid SeedTrace into a LoraDelta; anything else is returned as is."""
-        if not isinstance(update, SeedTrace) or check_seed_trace(update, None) is not None:
+        """Replay a valid SeedTrace into a LoraDelta (at the client's rank); anything
+        else is returned as is."""
+        if not isinstance(update, SeedTrace) or self._trace_problem(update) is not None:
             return update
-        names = list(self.state)
-        params = [self.state[n].clone() for n in names]
+        rank = int(update.meta["rank"]) if "rank" in update.meta else None
+        start = truncate_state(self.state, rank)
+        names = list(start)
+        params = [start[n].clone() for n in names]
         for seed, coef in zip(update.seeds, update.coefs, strict=True):
             add_direction(params, seed, -coef)
-        delta = {n: p - self.state[n] for n, p in zip(names, params, strict=True)}
+        delta = {n: p - start[n] for n, p in zip(names, params, strict=True)}
         return LoraDelta(delta, update.num_examples, {**update.meta, "replayed": 1.0})
+
+    def _trace_problem(self, trace: SeedTrace) -> str | None:
+        rank = trace.meta.get("rank")
+        if rank is not None and not (self.rank and rank == int(rank) and 1 <= rank <= self.rank):
+            return f"rank {rank} is not a rank in 1..{self.rank} of the global adapter"
+        return check_seed_trace(trace, None)
 
     def _check(self, update: Any) -> str | None:
         if isinstance(update, SeedTrace):
-            return check_seed_trace(update, None) or "not a LoRA delta"
+            return self._trace_problem(update) or "not a LoRA delta"
         if not isinstance(update, LoraDelta):
             return "not a LoRA delta or seed trace"
-        return check_delta(update, self.state, self.cfg.max_update_norm)
+        try:
+            rank = tensors_rank(update.tensors)
+        except ValueError as exc:
+            return str(exc)
+        if rank is not None and self.rank is not None and rank > self.rank:
+            return f"rank {rank} exceeds the global rank {self.rank}"
+        reference = truncate_state(self.state, rank)
+        return check_delta(update, reference, self.cfg.max_update_norm)
 
     def _apply(self, delta: dict[str, torch.Tensor]) -> None:
         opt, eta, beta = self.cfg.server_optimizer, self.cfg.server_lr, self.cfg.server_momentum

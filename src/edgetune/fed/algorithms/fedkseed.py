@@ -89,7 +89,7 @@ class FedKSeed:
         self.last = [0.0] * cfg.pool_size
         self.magnitude = torch.zeros(cfg.pool_size, dtype=torch.float64)
 
-    def configure(self, rnd: int) -> SeedScalars:
+    def configure(self, rnd: int, rank: int | None = None) -> SeedScalars:
         """Broadcast last round's accumulated scalars (K floats)."""
         return SeedScalars(list(self.last))
 
