@@ -66,14 +66,14 @@ def test_fedkseed_replay_on_two_clients_gives_identical_models():
     clients = [_adapter(), _adapter()]
     for client in clients:
         load_trainable(client, start)
-        replay(client.trainable(), server.pool, broadcast.scalars)
+        replay(client.trainable(), server.pool, broadcast.rounds[-1])
     # Assert: identical to each other and to the server, and moved
     a, b = (trainable_state(c) for c in clients)
     assert result.accepted == [0, 1] and result.stats["seeds_used"] == 3
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], server.state[k]) for k in a)
     assert any(not torch.equal(a[k], start[k]) for k in a)
     # the accumulated scalar of seed 7: (10 * -1.0 + 30 * 1.5) / 40 * lr
-    assert broadcast.scalars[7] == pytest.approx(0.01 * (10 * -1.0 + 30 * 1.5) / 40)
+    assert broadcast.rounds[-1][7] == pytest.approx(0.01 * (10 * -1.0 + 30 * 1.5) / 40)
 
 
 def test_malicious_fedit_updates_are_rejected_and_the_model_stays_close():
@@ -141,7 +141,9 @@ def test_payload_round_trips_and_sizes():
     data = encode(trace)
     assert decode(data).indices == trace.indices
     assert len(data) < 100 * 12 + 100  # 12 bytes a step plus a small header
-    assert len(encode(SeedScalars([0.0] * 1024))) < 1024 * 8 + 64
+    sparse = SeedScalars([[0.0] * 1024, [0.0] * 1000 + [0.5] + [0.0] * 23], 3, 1024)
+    assert decode(encode(sparse)) == sparse
+    assert len(encode(sparse)) < 12 + 80  # only the non-zero scalar travels
     with pytest.raises(Exception, match="bad magic"):
         decode(b"pickle-me")
 

@@ -72,7 +72,6 @@ def run_round(
 ) -> tuple[RoundLog, Any]:
     """One round: broadcast, local training, upload, aggregation."""
     log = RoundLog()
-    broadcast: dict[int | None, bytes] = {}
     updates = []
     for client in select_clients(cfg.clients, cfg.participation, seed, rnd):
         profile, job = fleet[client], jobs.get(client)
@@ -91,11 +90,11 @@ def run_round(
         if fate[0] > profile.availability:
             log.clients.append({**entry, "status": "unavailable"})
             continue
-        if job.rank not in broadcast:
-            broadcast[job.rank] = encode(algo.configure(rnd, job.rank))
-        down = broadcast[job.rank]
+        down = encode(algo.configure(rnd, job.rank, client))
+        received = decode(down)
+        algo.prepare(adapter, received)  # what this device holds (one model is shared here)
         measured = reset_peak_rss()
-        update = algo.client_update(adapter, decode(down), job)
+        update = algo.client_update(adapter, received, job)
         peak = status_mb("VmHWM") if measured else float("nan")
         up = encode(update)
         seconds = round_seconds(

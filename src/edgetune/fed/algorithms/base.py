@@ -1,6 +1,7 @@
 """The shape every federated algorithm has; transports (simulator, Flower) call only this.
 
-    configure(round, rank)                    -> payload for a selected client (of a LoRA rank)
+    configure(round, rank, client)            -> payload for a selected client (of a LoRA rank)
+    prepare(adapter, payload)                 -> simulator only: load what the client holds
     client_update(adapter, payload, job)      -> the client's update (runs on the client)
     aggregate(round, [(client, update), ...]) -> AggregateResult (new global state inside)
 
@@ -36,7 +37,11 @@ class FedAlgorithm(Protocol):
     name: str
     state: dict[str, torch.Tensor]
 
-    def configure(self, rnd: int, rank: int | None = None) -> Payload: ...
+    def configure(
+        self, rnd: int, rank: int | None = None, client: int | None = None
+    ) -> Payload: ...
+
+    def prepare(self, adapter: Adapter, payload: Payload) -> None: ...
 
     def client_update(self, adapter: Adapter, payload: Payload, job: ClientJob) -> Payload: ...
 

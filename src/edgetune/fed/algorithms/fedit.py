@@ -59,10 +59,13 @@ class FedIT:
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
 
-    def configure(self, rnd: int, rank: int | None = None) -> LoraDelta:
+    def configure(self, rnd: int, rank: int | None = None, client: int | None = None) -> LoraDelta:
         """Broadcast the global adapter tensors (a rank-r client gets their first r
         components)."""
         return LoraDelta(truncate_state(self.state, rank))
+
+    def prepare(self, adapter: Adapter, payload: Any) -> None:
+        """Nothing: FedIT clients hold no state between rounds."""
 
     def client_update(self, adapter: Adapter, payload: Any, job: ClientJob) -> Any:
         """Load the global tensors and train locally, at the rank the server sent.

@@ -8,9 +8,13 @@ the (k, c, lr) triples (`ZOTrace`, 12 bytes a step). The server accumulates per 
 
     a_k = sum_c (n_c / N) * sum_{t of client c with index k} lr_t * c_t
 
-and the new global model is theta' = theta - sum_k a_k z(s_k). It broadcasts the K-vector
-a (`SeedScalars`); a client holding theta replays it to get theta' exactly, because the
-replay is the same arithmetic in the same order on every party.
+and the new global model is theta' = theta - sum_k a_k z(s_k). The server keeps the
+vector a of every round; a selected client gets the vectors of the rounds since it last
+synced (`SeedScalars`, only the non-zero a_k travel) and replays them onto the model it
+holds, which gives the global model exactly, because the replay is the same arithmetic in
+the same order on every party. A device keeps its model between rounds (Flower context
+state); the simulator, whose clients share one model, loads the global model of the
+client's last synced round instead (`prepare`).
 
 Pro samples k with probability proportional to the accumulated |a_k| seen so far (plus a
 floor, so every seed stays possible): seeds that moved the model more are tried more.
@@ -24,6 +28,7 @@ from typing import Any
 
 import torch
 
+from edgetune.errors import EdgetuneError
 from edgetune.fed.algorithms.base import (
     AggregateResult,
     load_trainable,
@@ -85,13 +90,56 @@ class FedKSeed:
         self.name = cfg.algorithm
         self.pool = seed_pool(seed, cfg.pool_size)
         self.state = trainable_state(adapter)
+        self.initial = {k: v.clone() for k, v in self.state.items()}
         self.previous = {k: v.clone() for k, v in self.state.items()}
-        self.last = [0.0] * cfg.pool_size
+        self.history: list[list[float]] = []  # a of every aggregated round
+        self.synced: dict[int, int] = {}  # server: client -> round of the model it holds
         self.magnitude = torch.zeros(cfg.pool_size, dtype=torch.float64)
+        self.magnitude_rounds = 0  # rounds of history summed into `magnitude`
+        self.client_round = 0  # client: round of the global model the adapter holds
 
-    def configure(self, rnd: int, rank: int | None = None) -> SeedScalars:
-        """Broadcast last round's accumulated scalars (K floats)."""
-        return SeedScalars(list(self.last))
+    def configure(
+        self, rnd: int, rank: int | None = None, client: int | None = None
+    ) -> SeedScalars:
+        """The scalars of every round since `client` last synced (without a client: the
+        last round only)."""
+        since = self.synced.get(client, 0) if client is not None else max(len(self.history) - 1, 0)
+        return SeedScalars([list(a) for a in self.history[since:]], since, len(self.pool))
+
+    def prepare(self, adapter: Adapter, payload: SeedScalars) -> None:
+        """Simulator only: put the global model of round `payload.first_round` (what
+        this client holds) into the shared adapter."""
+        first, done = payload.first_round, len(self.history)
+        if first == done:
+            held = self.state
+        elif first == done - 1:
+            held = self.previous
+        else:
+            params = [v.clone() for v in self.initial.values()]
+            for scalars in self.history[:first]:
+                replay(params, self.pool, scalars)
+            held = dict(zip(self.initial, params, strict=True))
+        load_trainable(adapter, held)
+        self.client_round = first
+
+    def catch_up(self, adapter: Adapter, payload: SeedScalars) -> None:
+        """Replay the broadcast rounds the adapter (at `client_round`) has not seen.
+
+        Raises:
+            EdgetuneError: the adapter is older than the broadcast's first round.
+        """
+        skip = self.client_round - payload.first_round
+        if not 0 <= skip <= len(payload.rounds):
+            raise EdgetuneError(
+                f"client holds the model of round {self.client_round} but the broadcast "
+                f"covers rounds {payload.first_round}..{payload.first_round + len(payload.rounds)}"
+            )
+        for offset, scalars in enumerate(payload.rounds[skip:], start=payload.first_round + skip):
+            replay(adapter.trainable(), self.pool, scalars)
+            if offset >= self.magnitude_rounds:  # a device learning Pro's magnitudes
+                self.magnitude += torch.tensor([abs(a) for a in scalars], dtype=torch.float64)
+                self.magnitude_rounds = offset + 1
+        self.client_round = payload.first_round + len(payload.rounds)
 
     def probabilities(self) -> torch.Tensor | None:
         """Pro: sampling probabilities from past |a_k| (None = uniform)."""
@@ -102,8 +150,7 @@ class FedKSeed:
 
     def client_update(self, adapter: Adapter, payload: Any, job: ClientJob) -> ZOTrace:
         """Catch up by replaying the broadcast, train with pool seeds, upload the trace."""
-        load_trainable(adapter, self.previous)  # what every client held after last round
-        replay(adapter.trainable(), self.pool, payload.scalars)
+        self.catch_up(adapter, payload)
         estimator = PoolEstimator(self.pool, job.eps, self.probabilities())
         results = job.run(adapter, estimator)
         return ZOTrace(
@@ -128,8 +175,11 @@ class FedKSeed:
         self.previous = {k: v.clone() for k, v in self.state.items()}
         params = list(self.state.values())
         replay(params, self.pool, acc)
-        self.last = acc
+        for client, _ in updates:  # every client that replied has replayed up to `rnd`
+            self.synced[client] = rnd
+        self.history.append(acc)
         self.magnitude += torch.tensor([abs(a) for a in acc], dtype=torch.float64)
+        self.magnitude_rounds = len(self.history)
         result.stats["seeds_used"] = float(sum(1 for a in acc if a != 0.0))
         return result
 
@@ -139,10 +189,15 @@ class FedKSeed:
         return check_trace(update, len(self.pool), self.cfg.max_abs_scalar)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Global and previous tensors, the last broadcast and the Pro magnitudes."""
+        """Global, previous and initial tensors, every round's scalars, who synced when,
+        and the Pro magnitudes."""
         out = {f"state.{k}": v for k, v in self.state.items()}
         out.update({f"previous.{k}": v for k, v in self.previous.items()})
-        out["last"] = torch.tensor(self.last, dtype=torch.float64)
+        out.update({f"initial.{k}": v for k, v in self.initial.items()})
+        out["history"] = torch.tensor(self.history, dtype=torch.float64).reshape(
+            len(self.history), len(self.pool)
+        )
+        out["synced"] = torch.tensor(sorted(self.synced.items()), dtype=torch.int64).reshape(-1, 2)
         out["magnitude"] = self.magnitude
         return out
 
@@ -152,5 +207,8 @@ class FedKSeed:
         # and a checkpoint file stores its keys sorted.
         self.state = {k: state[f"state.{k}"].clone() for k in self.state}
         self.previous = {k: state[f"previous.{k}"].clone() for k in self.state}
-        self.last = state["last"].tolist()
+        self.initial = {k: state[f"initial.{k}"].clone() for k in self.state}
+        self.history = state["history"].tolist()
+        self.synced = {int(c): int(r) for c, r in state["synced"].tolist()}
         self.magnitude = state["magnitude"].clone()
+        self.magnitude_rounds = len(self.history)
