@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from edgetune.errors import EdgetuneError
@@ -110,22 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_config_epilog(FederateConfig),
         formatter_class=fmt,
     )
-    _add_data_flags(fd)
-    g = fd.add_argument_group("federation")
-    g.add_argument("--algorithm", help="fedit | fedkseed | fedkseed-pro | fwdllm")
-    g.add_argument("--clients", type=int)
-    g.add_argument("--participation", type=float, help="fraction of clients per round")
-    g.add_argument("--partition", help="iid | dirichlet:A | shards:K | quantity:A")
-    g.add_argument("--fleet", help="built-in fleet/profile name or YAML file")
-    g.add_argument("--rounds", type=int)
-    g.add_argument("--local-steps", type=int)
-    g.add_argument("--method", help="client training: fo | zo | prge | auto")
-    g.add_argument("--peft", help="lora | lora-fa | ...")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--out", help="run directory")
-    g.add_argument("--resume", metavar="DIR", help="continue from the last completed round")
-    g.add_argument("--overwrite", action="store_true")
+    _add_federate_flags(fd)
+
+    fl = sub.add_parser("flower", help="real federations on Flower (SuperLink / SuperNodes)")
+    flsub = fl.add_subparsers(dest="flower_command", required=True)
+    up = flsub.add_parser("up", help="start a SuperLink and N SuperNodes on 127.0.0.1")
+    _add_local_flags(up)
+    frun = flsub.add_parser(
+        "run",
+        help="run `edgetune federate` on a Flower federation (same run directory)",
+        epilog=_config_epilog(FederateConfig),
+        formatter_class=fmt,
+    )
+    _add_federate_flags(frun)
+    g = frun.add_argument_group("flower")
+    g.add_argument("--local", type=int, metavar="N", help="start N local SuperNodes for the run")
+    g.add_argument("--home", default="runs/flower-home", help="FLWR_HOME (config.toml, logs)")
+    g.add_argument("--connection", default=None, help="flwr connection name in HOME/config.toml")
+    g.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for replies")
+    g.add_argument("--wait-nodes", type=float, default=120.0, help="seconds to wait for nodes")
+    g.add_argument("--devices", help="with --local: device profiles of the nodes, cycled")
+    g.add_argument("--tls", metavar="DIR", help="with --local: certificates from `flower certs`")
+    certs = flsub.add_parser("certs", help="write test TLS certificates for 127.0.0.1")
+    certs.add_argument("dir", metavar="DIR")
 
     ev = sub.add_parser("eval", help="evaluate a model (and adapter) on a task")
     _add_data_flags(ev)
@@ -175,6 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_federate_flags(fd: argparse.ArgumentParser) -> None:
+    _add_data_flags(fd)
+    g = fd.add_argument_group("federation")
+    g.add_argument("--algorithm", help="fedit | fedkseed | fedkseed-pro | fwdllm")
+    g.add_argument("--clients", type=int)
+    g.add_argument("--participation", type=float, help="fraction of clients per round")
+    g.add_argument("--partition", help="iid | dirichlet:A | shards:K | quantity:A")
+    g.add_argument("--fleet", help="built-in fleet/profile name or YAML file")
+    g.add_argument("--rounds", type=int)
+    g.add_argument("--local-steps", type=int)
+    g.add_argument("--method", help="client training: fo | zo | prge | auto")
+    g.add_argument("--peft", help="lora | lora-fa | ...")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--out", help="run directory")
+    g.add_argument("--resume", metavar="DIR", help="continue from the last completed round")
+    g.add_argument("--overwrite", action="store_true")
+
+
+def _add_local_flags(up: argparse.ArgumentParser) -> None:
+    up.add_argument("--clients", type=int, required=True, help="number of SuperNodes")
+    up.add_argument("--home", default="runs/flower-home", help="FLWR_HOME (config.toml, logs)")
+    up.add_argument("--port", type=int, default=0, help="SuperLink port (0 = a free one)")
+    up.add_argument("--devices", help="device profiles of the nodes, comma-separated, cycled")
+    up.add_argument("--tls", metavar="DIR", help="certificates from `edgetune flower certs`")
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for name, key in TRAIN_FLAGS.items():
@@ -210,26 +245,49 @@ FED_FLAGS = {
 
 
 def cmd_federate(args: argparse.Namespace) -> int:
+    from edgetune.recipes import federate
+
+    cfg = _federate_config(args)
+    if args.resume:
+        summary = federate.run(cfg, resume=True)
+    else:
+        summary = federate.run(cfg, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _federate_config(args: argparse.Namespace) -> Any:
+    """The FederateConfig of `federate` / `flower run` flags (or of the run to resume)."""
     from edgetune.config import config_from_run, resolve_config
     from edgetune.recipes import federate
 
     if args.resume:
-        cfg = config_from_run(federate.FederateConfig, args.resume, args.overrides)
-        summary = federate.run(cfg, resume=True)
-    else:
-        flags = _flags(args)
-        flags.pop("train.method", None)
-        if args.method:
-            flags["fed.method"] = args.method
-        flags.update(
-            {
-                key: getattr(args, name)
-                for name, key in FED_FLAGS.items()
-                if getattr(args, name, None) is not None
-            }
-        )
-        cfg = resolve_config(federate.FederateConfig, args.config, args.overrides, flags)
-        summary = federate.run(cfg, overwrite=args.overwrite)
+        return config_from_run(federate.FederateConfig, args.resume, args.overrides)
+    flags = _flags(args)
+    flags.pop("train.method", None)
+    if args.method:
+        flags["fed.method"] = args.method
+    flags.update(
+        {
+            key: getattr(args, name)
+            for name, key in FED_FLAGS.items()
+            if getattr(args, name, None) is not None
+        }
+    )
+    return resolve_config(federate.FederateConfig, args.config, args.overrides, flags)
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from edgetune.recipes import flower
+
+    if args.flower_command == "certs":
+        from edgetune.flower.certs import write_test_certificates
+
+        print(f"wrote {write_test_certificates(Path(args.dir))}/{{ca.crt,server.pem,server.key}}")
+        return 0
+    if args.flower_command == "up":
+        return flower.up(args)
+    summary = flower.run(_federate_config(args), args)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -299,6 +357,7 @@ COMMANDS = {
     "report": cmd_report,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "flower": cmd_flower,
 }
 
 

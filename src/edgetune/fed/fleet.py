@@ -87,6 +87,23 @@ def load_fleet(spec: str, num_clients: int) -> list[DeviceProfile]:
     return [profiles[i % len(profiles)] for i in range(num_clients)]
 
 
+def device_profile(name: str, fleet: str, client: int, num_clients: int) -> DeviceProfile:
+    """The profile a real device declares (`device=NAME` in its node config): a built-in
+    profile or one of the fleet YAML's; without a name, the fleet's profile for `client`."""
+    if not name:
+        return load_fleet(fleet, num_clients)[client]
+    if name in BUILTIN_PROFILES:
+        return BUILTIN_PROFILES[name]
+    if Path(fleet).is_file():
+        for profile in _read_yaml(Path(fleet)):
+            if profile.name == name:
+                return profile
+    raise ConfigError(
+        f"device {name!r} is neither a built-in profile ({', '.join(BUILTIN_PROFILES)}) nor in "
+        f"the fleet {fleet!r}; fix the SuperNode's --node-config device=..."
+    )
+
+
 def _read_yaml(path: Path) -> list[DeviceProfile]:
     data = yaml.safe_load(path.read_text())
     items = data.get("fleet") if isinstance(data, dict) else data

@@ -87,32 +87,44 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
     }
 
 
-def jobs_factory(cfg: FederateConfig, parts: dict[str, Any]) -> Any:
-    """round -> {client: ClientJob or None}."""
+def client_job(
+    cfg: FederateConfig,
+    parts: dict[str, Any],
+    client: int,
+    rnd: int,
+    method: str,
+    rank: int | None,
+) -> Any:
+    """The ClientJob of `client` in round `rnd` (the same on a device and in the
+    simulator: its batches and seeds derive from (run seed, round, client))."""
     from edgetune.fed.local import ClientJob
 
-    def jobs(rnd: int) -> dict[int, ClientJob | None]:
-        out: dict[int, ClientJob | None] = {}
-        for client, method in enumerate(parts["methods"]):
-            out[client] = (
-                None
-                if method is None
-                else ClientJob(
-                    client,
-                    method,
-                    parts["task"],
-                    parts["partitions"][client],
-                    cfg.fed.local_steps,
-                    cfg.train.batch_size,
-                    float(cfg.optim.lr or 1e-3),
-                    derive_seed(cfg.seed, rnd, client),
-                    cfg.optim,
-                    cfg.zo.eps,
-                    cfg.zo.queries,
-                    parts["ranks"][client],
-                )
-            )
-        return out
+    return ClientJob(
+        client,
+        method,
+        parts["task"],
+        parts["partitions"][client],
+        cfg.fed.local_steps,
+        cfg.train.batch_size,
+        float(cfg.optim.lr or 1e-3),
+        derive_seed(cfg.seed, rnd, client),
+        cfg.optim,
+        cfg.zo.eps,
+        cfg.zo.queries,
+        rank,
+    )
+
+
+def jobs_factory(cfg: FederateConfig, parts: dict[str, Any]) -> Any:
+    """round -> {client: ClientJob or None}."""
+
+    def jobs(rnd: int) -> dict[int, Any]:
+        return {
+            client: None
+            if method is None
+            else client_job(cfg, parts, client, rnd, method, parts["ranks"][client])
+            for client, method in enumerate(parts["methods"])
+        }
 
     return jobs
 
@@ -150,10 +162,23 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
         start=done,
         on_round=lambda r: save_round(rundir, algo, r),
     )
+    return summarize(cfg, rundir, adapter, parts, totals, start)
+
+
+def summarize(
+    cfg: FederateConfig,
+    rundir: RunDir,
+    adapter: Any,
+    parts: dict[str, Any],
+    totals: dict[str, float],
+    start: float,
+    command: str = "federate",
+) -> dict:
+    """Save the global adapter and write summary.json (shared with the Flower server)."""
     saved = adapter.save(rundir.path)
     last = rundir.read_metrics()[-1]
     summary = {
-        "command": "federate",
+        "command": command,
         "algorithm": cfg.fed.algorithm,
         "model": cfg.model,
         "clients": cfg.fed.clients,
@@ -161,7 +186,7 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
         "methods": {m: parts["methods"].count(m) for m in sorted(set(parts["methods"]) - {None})},
         "bytes_up": int(totals["bytes_up"]),
         "bytes_down": int(totals["bytes_down"]),
-        "sim_s": totals["sim_s"],
+        "sim_s": totals.get("sim_s", 0.0),
         **{k: v for k, v in last.items() if k.startswith("eval/")},
         "saved": str(saved),
         "status": "done",

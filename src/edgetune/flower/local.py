@@ -1,0 +1,235 @@
+"""Start and stop a Flower federation on this machine, and launch edgetune runs on it.
+
+`LocalFederation` starts one SuperLink and N SuperNodes bound to 127.0.0.1 (SuperNode i
+gets `partition-id=i` and a device profile), writes the `flwr` connection into
+`HOME/config.toml`, and stops every process it started by PID. Flower telemetry and
+update checks are switched off in all of them.
+
+`launch` runs `flwr run` on edgetune's Flower app for a run directory whose config.yaml
+is already written, streams the server's log, and returns when the run ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgetune.errors import EdgetuneError
+
+APP_DIR = Path(__file__).parent / "app"
+CONNECTION = "edgetune-local"
+QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for Flower processes: private FLWR_HOME, no telemetry, this venv's
+    executables first on PATH (the SuperLink starts `flower-superexec` by name)."""
+    bindir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        **QUIET,
+        "FLWR_HOME": str(home),
+        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+    }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    """Until something accepts connections on 127.0.0.1:port (or the process dies)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EdgetuneError(f"Flower process exited with {proc.returncode}; see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise EdgetuneError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s; see {log}")
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and `clients` SuperNodes on loopback.
+
+    Attributes:
+        home: FLWR_HOME for every process (config.toml, logs/, apps).
+        clients: number of SuperNodes (partition ids 0..clients-1).
+        devices: device profile per SuperNode (cycled; "" = the run's fleet decides).
+        tls: folder with ca.crt, server.pem and server.key (from `write_test_certificates`);
+            None = insecure.
+        port: the SuperLink's port (0 = pick a free one).
+    """
+
+    home: Path
+    clients: int
+    devices: list[str] = field(default_factory=list)
+    tls: Path | None = None
+    port: int = 0
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).resolve()
+        self.port = self.port or free_port()
+        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def address(self) -> str:
+        """host:port of the SuperLink."""
+        return f"127.0.0.1:{self.port}"
+
+    def security(self, role: str) -> list[str]:
+        """TLS (or --insecure) flags for `role` = superlink | supernode."""
+        if self.tls is None:
+            return ["--insecure"]
+        if role == "superlink":
+            return [
+                "--ssl-ca-certfile",
+                str(self.tls / "ca.crt"),
+                "--ssl-certfile",
+                str(self.tls / "server.pem"),
+                "--ssl-keyfile",
+                str(self.tls / "server.key"),
+            ]
+        return ["--root-certificates", str(self.tls / "ca.crt")]
+
+    def start(self) -> LocalFederation:
+        """Start the SuperLink, then the SuperNodes; write the flwr connection."""
+        self.write_connection()
+        self.spawn(
+            "superlink",
+            [
+                "flower-superlink",
+                *self.security("superlink"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        wait_for_port(self.port, 60, self.procs["superlink"], self.log("superlink"))
+        for i in range(self.clients):
+            self.start_node(i)
+        return self
+
+    def start_node(self, i: int, root_certificates: Path | None = None) -> subprocess.Popen:
+        """Start SuperNode i (its partition id is i)."""
+        device = self.devices[i % len(self.devices)] if self.devices else ""
+        node_config = f"partition-id={i}" + (f' device="{device}"' if device else "")
+        security = self.security("supernode")
+        if root_certificates is not None:
+            security = ["--root-certificates", str(root_certificates)]
+        port = free_port()
+        return self.spawn(
+            f"supernode-{i}",
+            [
+                "flower-supernode",
+                *security,
+                "--superlink",
+                self.address,
+                "--port",
+                str(port),
+                "--node-config",
+                node_config,
+                "--max-retries",
+                "3",
+                "--max-wait-time",
+                "20",
+            ],
+        )
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        """Start one process with its output in HOME/logs/NAME.log."""
+        log = self.log(name).open("w")
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=flower_env(self.home),
+            cwd=self.home,
+            start_new_session=True,  # so stopping it also stops its children
+        )
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> Path:
+        """Where process `name` writes its output."""
+        return self.home / "logs" / f"{name}.log"
+
+    def write_connection(self) -> None:
+        """The `flwr` connection to this SuperLink in HOME/config.toml."""
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
+        lines.append(f'address = "{self.address}"')
+        if self.tls is None:
+            lines.append("insecure = true")
+        else:
+            lines.append(f'root-certificates = "{self.tls / "ca.crt"}"')
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def kill(self, name: str) -> None:
+        """Stop process `name` (and its children) by PID: SIGTERM, then SIGKILL."""
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        """Stop every process this federation started, SuperNodes first."""
+        for name in sorted(self.procs, key=lambda n: n == "superlink"):
+            self.kill(name)
+
+    def __enter__(self) -> LocalFederation:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def launch(
+    run_dir: Path,
+    home: Path,
+    connection: str = CONNECTION,
+    resume: bool = False,
+    round_timeout: float = 600.0,
+    wait_nodes: float = 120.0,
+) -> None:
+    """`flwr run` edgetune's app on `connection` for `run_dir` (config.yaml written) and
+    wait for the run to end.
+
+    Raises:
+        EdgetuneError: the run did not finish (no summary.json); names the logs to read.
+    """
+    run_config = (
+        f'run-dir="{Path(run_dir).resolve()}" resume={str(resume).lower()} '
+        f"round-timeout={float(round_timeout)} wait-nodes={float(wait_nodes)}"
+    )
+    summary = Path(run_dir) / "summary.json"
+    summary.unlink(missing_ok=True)
+    argv = ["flwr", "run", str(APP_DIR), *([connection] if connection else [])]
+    argv += ["--run-config", run_config, "--stream"]
+    done = subprocess.run(argv, env=flower_env(Path(home).resolve()), check=False)
+    if done.returncode != 0 or not summary.exists():
+        raise EdgetuneError(
+            f"the Flower run did not finish (flwr run exited with {done.returncode}); its "
+            f"output is above, and the SuperLink's log is in {Path(home) / 'logs'}. Completed "
+            f"rounds are kept: continue with `edgetune flower run --resume {run_dir}`"
+        )
