@@ -26,6 +26,9 @@ class FedConfig:
     rounds: int = option(5, "federated rounds")
     local_steps: int = option(5, "local steps per client per round")
     method: str = option("auto", "client training: fo | zo | prge | auto (by device memory)")
+    min_clients: int = option(
+        1, "aggregate a round only if this many updates arrived; else the model stays"
+    )
     deadline_s: float = option(0.0, "simulated round deadline in seconds (0 = none)")
     host_gflops: float = option(140.0, "this machine's sustained GFLOP/s, to scale work")
     server_optimizer: str = option("fedavg", "fedit: fedavg | fedavgm | fedadam | fedyogi")
@@ -69,6 +72,7 @@ class FedConfig:
             )
         for name in (
             "clients",
+            "min_clients",
             "rounds",
             "local_steps",
             "pool_size",

@@ -127,12 +127,24 @@ def run_round(
         )
     if cfg.deadline_s and any(c.get("status") == "missed the deadline" for c in log.clients):
         log.sim_s = cfg.deadline_s
+    updates = enough(updates, cfg.min_clients, log.clients)
     result = algo.aggregate(rnd, updates)
     for c in log.clients:
         if c["client"] in result.rejected:
             c["status"] = f"rejected: {result.rejected[c['client']]}"
     load_trainable(adapter, algo.state)
     return log, result
+
+
+def enough(updates: list, min_clients: int, entries: list[dict]) -> list:
+    """`updates`, or none if fewer than `min_clients` arrived (the round then leaves the
+    global model as it was, and the clients' entries say why)."""
+    if len(updates) >= min_clients:
+        return updates
+    for entry in entries:
+        if entry.get("status") == "ok":
+            entry["status"] = f"not aggregated: {len(updates)} updates < min_clients={min_clients}"
+    return []
 
 
 def simulate(

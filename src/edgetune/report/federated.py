@@ -36,20 +36,23 @@ def device_table(clients: list[dict[str, Any]]) -> list[str]:
         if isinstance(peak, (int, float)) and peak == peak:
             g["peak"] = max(g["peak"], peak)
         status = c["status"].split(":")[0]
+        if status.startswith(("no reply", "error", "no node")):
+            status = "lost"  # a real node that did not answer (Flower runs)
         g[status] += 1
         g["bytes_up"] += c.get("bytes_up", 0)
         g["bytes_down"] += c.get("bytes_down", 0)
         g["sim_s"] += c.get("sim_s", 0.0) if status == "ok" else 0.0
     lines = [
-        "| device | methods | ok | unavailable | dropped | late | rejected | bytes up | "
+        "| device | methods | ok | unavailable | dropped | late | lost | rejected | bytes up | "
         "bytes down | simulated s (ok) | peak RSS MB (measured) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for device, g in sorted(groups.items()):
         lines.append(
             f"| {device} | {', '.join(sorted(g['methods'])) or '-'} | {g['ok']:.0f} | "
             f"{g['unavailable']:.0f} | {g['dropped mid-round']:.0f} | "
-            f"{g['missed the deadline']:.0f} | {g['rejected']:.0f} | {g['bytes_up']:,.0f} | "
+            f"{g['missed the deadline']:.0f} | {g['lost']:.0f} | {g['rejected']:.0f} | "
+            f"{g['bytes_up']:,.0f} | "
             f"{g['bytes_down']:,.0f} | {g['sim_s']:.1f} | {g['peak'] or '-'} |"
         )
     return lines
