@@ -71,11 +71,22 @@ def flower_run(cfg, fed, **options):
     return run
 
 
-@pytest.mark.parametrize("algorithm, method", [("fedit", "fo"), ("fedkseed", "zo")])
-def test_flower_run_equals_the_simulator(tmp_path, make_config, federation, algorithm, method):
+@pytest.mark.parametrize(
+    "algorithm, method, extra",
+    [
+        ("fedit", "fo", {}),
+        ("fedkseed", "zo", {}),
+        # forward-gradient clients at heterogeneous LoRA ranks (rank 4 and the global 8)
+        ("fwdllm", "zo", {"fed.ranks": "4,8", "fed.fwd_max_queries": 3}),
+    ],
+)
+def test_flower_run_equals_the_simulator(
+    tmp_path, make_config, federation, algorithm, method, extra
+):
     # Execute: the same federation on Flower and in the simulator
-    flower = flower_run(make_config(tmp_path / "flower", algorithm, method), federation)
-    federate.run(make_config(tmp_path / "sim", algorithm, method))
+    cfg = make_config(tmp_path / "flower", algorithm, method, **extra)
+    flower = flower_run(cfg, federation)
+    federate.run(make_config(tmp_path / "sim", algorithm, method, **extra))
     sim = RunDir(tmp_path / "sim", resume=True)
     # Assert: the same global adapter
     a = load_file(flower.path / "adapter" / "adapter_model.safetensors")

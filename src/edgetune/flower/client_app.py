@@ -17,7 +17,7 @@ Messages:
 The model, data and adapter are built once per process and reused while the process
 lives (with `--isolation process` the ClientApp process serves every message). What a
 device must remember between rounds (FedKSeed: the global model it has caught up to, and
-Pro's seed magnitudes) lives in the Flower context state, so it also survives a new
+Pro's seed magnitudes; FwdLLM: the previous broadcast, for its prior) lives in the Flower context state, so it also survives a new
 ClientApp process.
 """
 
@@ -34,6 +34,7 @@ from flwr.clientapp import ClientApp
 from edgetune.flower.codec import from_records, to_records
 
 CONTROL, HELD, RUN = "edgetune.control", "edgetune.held", "edgetune.run"
+PREV = "edgetune.previous-broadcast"
 app = ClientApp()
 _SESSIONS: dict[str, Any] = {}
 
@@ -89,12 +90,26 @@ def train(msg: Message, context: Context) -> Message:
         context.state[HELD + ".magnitude"] = ArrayRecord(
             torch_state_dict={"magnitude": algo.magnitude}
         )
+    if hasattr(algo, "set_prior"):  # FwdLLM: steer by the step since the last broadcast
+        remember_broadcast(algo, payload, int(control["round"]), context)
     update = algo.client_update(adapter, payload, job)
     content = RecordDict(to_records(update))
     content["edgetune.metrics"] = MetricRecord(
         {"train_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
     )
     return Message(content, reply_to=msg)
+
+
+def remember_broadcast(algo: Any, payload: Any, rnd: int, context: Context) -> None:
+    """Set the prior from the broadcast this device got last round, keep this one."""
+    held = None
+    if PREV in context.state and int(context.state[PREV + ".meta"]["round"]) == rnd - 1:
+        held = context.state[PREV].to_torch_state_dict()
+    algo.set_prior(payload.tensors, held)
+    context.state[PREV] = ArrayRecord(
+        torch_state_dict={k: v.contiguous() for k, v in payload.tensors.items()}
+    )
+    context.state[PREV + ".meta"] = ConfigRecord({"round": rnd})
 
 
 def restore_held(algo: Any, adapter: Any, context: Context) -> None:

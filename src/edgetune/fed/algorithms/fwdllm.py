@@ -8,8 +8,11 @@ draw, the one whose z is most aligned with the last global delta). Clients uploa
 seeds and coefficients of their steps (`SeedTrace`); the server replays them into deltas
 and averages them as FedIT does (FwdLLM's server is FedAvg on the PEFT parameters).
 
-Clients keep the previous global adapter they received (Flower context state), so the
-prior direction costs no extra bytes; the simulator models that with the server's copy.
+The prior is the global step since the last broadcast a device received, when that was
+the previous round: a device keeps the previous global adapter (Flower context state), so
+the prior costs no extra bytes. The simulator applies the same rule with the server's
+copy of the previous global (`configure` + `prepare`); a device that skipped a round
+samples without a prior.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from edgetune.fed.algorithms.fedit import FedIT
+from edgetune.fed.hetlora import truncate_state
 from edgetune.fed.local import ClientJob
 from edgetune.peft import Adapter
 from edgetune.zo.fwdgrad import ForwardGradientEstimator
@@ -31,7 +35,36 @@ class FwdLLM(FedIT):
 
     def __init__(self, cfg: Any, adapter: Adapter, seed: int):
         super().__init__(cfg, adapter, seed)
-        self.prior: torch.Tensor | None = None
+        self.prior: torch.Tensor | None = None  # client: the direction to steer towards
+        self.last_state: dict[str, torch.Tensor] | None = None  # global one round ago
+        self.received: dict[int, int] = {}  # client -> last round it got the broadcast
+        self._base: dict[str, torch.Tensor] | None = None
+
+    def configure(self, rnd: int, rank: int | None = None, client: int | None = None) -> Any:
+        """FedIT's broadcast; remembers what this client held (for `prepare`)."""
+        payload = super().configure(rnd, rank, client)
+        held = client is not None and self.received.get(client) == rnd - 1
+        self._base = truncate_state(self.last_state, rank) if held and self.last_state else None
+        if client is not None:
+            self.received[client] = rnd
+        return payload
+
+    def prepare(self, adapter: Adapter, payload: Any) -> None:
+        """Simulator: the prior from the previous global this client held."""
+        self.set_prior(payload.tensors, self._base)
+
+    def set_prior(
+        self, tensors: dict[str, torch.Tensor], held: dict[str, torch.Tensor] | None
+    ) -> None:
+        """prior = broadcast - previous broadcast (None without one, or if equal)."""
+        self.prior = None
+        if held is None or held.keys() != tensors.keys():
+            return
+        if any(held[k].shape != t.shape for k, t in tensors.items()):
+            return
+        step = torch.cat([(t - held[k]).flatten() for k, t in tensors.items()])
+        if step.norm() > 0:
+            self.prior = step
 
     def local_estimator(self, job: ClientJob) -> ForwardGradientEstimator:
         """Variance-controlled forward gradient, steered by the last global update."""
@@ -46,22 +79,23 @@ class FwdLLM(FedIT):
         )
 
     def aggregate(self, rnd: int, updates: list[tuple[int, Any]]) -> Any:
-        """FedAvg of the replayed deltas; remember the global step as the next prior."""
-        before = torch.cat([v.flatten() for v in self.state.values()])
-        result = super().aggregate(rnd, updates)
-        step = torch.cat([v.flatten() for v in self.state.values()]) - before
-        if result.accepted and step.norm() > 0:
-            self.prior = step
-        return result
+        """FedAvg of the replayed deltas; keeps the global it started from."""
+        self.last_state = {k: v.clone() for k, v in self.state.items()}
+        return super().aggregate(rnd, updates)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """FedIT's state plus the prior direction."""
+        """FedIT's state, the previous global and who received which round."""
         out = super().state_dict()
-        if self.prior is not None:
-            out["prior"] = self.prior
+        if self.last_state is not None:
+            out.update({f"last.{k}": v for k, v in self.last_state.items()})
+        out["received"] = torch.tensor(sorted(self.received.items()), dtype=torch.int64).reshape(
+            -1, 2
+        )
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore FedIT's state and the prior."""
-        super().load_state_dict({k: v for k, v in state.items() if k != "prior"})
-        self.prior = state["prior"].clone() if "prior" in state else None
+        """Restore FedIT's state, the previous global and the receipts."""
+        super().load_state_dict(state)
+        last = {k[5:]: v.clone() for k, v in state.items() if k.startswith("last.")}
+        self.last_state = {k: last[k] for k in self.state} if last else None
+        self.received = {int(c): int(r) for c, r in state["received"].tolist()}
