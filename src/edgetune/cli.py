@@ -164,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
-    bench.add_argument("which", choices=["memory", "zo", "fed"])
-    bench.add_argument("--rounds", type=int, default=15, help="fed: rounds per algorithm")
-    bench.add_argument("--clients", type=int, default=10, help="fed: clients")
+    bench.add_argument("which", choices=["memory", "zo", "fed", "flower"])
+    bench.add_argument("--rounds", type=int, help="fed / flower: rounds (default 15 / 3)")
+    bench.add_argument("--clients", type=int, help="fed / flower: clients (default 10 / 2)")
     bench.add_argument("--peft", default="lora", help="zo: lora | lora-fa")
     bench.add_argument(
         "--tta-steps",
@@ -335,7 +335,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "fed":
         from edgetune.bench import fed
 
-        fed.run(args.model, args.rounds, args.clients, args.output, "docs")
+        fed.run(args.model, args.rounds or 15, args.clients or 10, args.output, "docs")
+        return 0
+    if args.which == "flower":
+        from edgetune.bench import flower
+
+        flower.run(args.model, args.rounds or 3, args.clients or 2, args.output)
         return 0
     if args.which == "zo":
         from edgetune.bench import zo

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from edgetune.config import resolve_config, to_dict
-from edgetune.flower.certs import write_test_certificates
+from edgetune.flower.certs import write_supernode_keys, write_test_certificates
 from edgetune.flower.local import CONNECTION, LocalFederation, launch
 from edgetune.recipes import federate
 from edgetune.runs import RunDir
@@ -186,3 +186,19 @@ def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp
     assert 1 <= interrupted < 3
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert [r["round"] for r in run.read_metrics()] == [0, 1, 2, 3]
+
+
+def test_supernode_authentication_admits_only_registered_nodes(tmp_path, make_config):
+    certs = write_test_certificates(tmp_path / "certs")
+    keys = tmp_path / "keys"
+    write_supernode_keys(keys, 2)
+    strangers = write_supernode_keys(tmp_path / "strangers", 1)
+    with LocalFederation(tmp_path / "home", clients=2, tls=certs, auth=keys) as fed:
+        stranger = fed.start_node(5, key=strangers[0])
+        run = flower_run(make_config(tmp_path / "run", rounds=1), fed)
+        stranger_alive = stranger.poll() is None
+        log = fed.log("supernode-5").read_text()
+    assert [r["accepted"] for r in run.read_metrics()[1:]] == [2]
+    clients = run.read_metrics("clients.jsonl")
+    assert {c["client"] for c in clients} == {0, 1}  # the stranger never took part
+    assert not stranger_alive or "auth" in log.lower() or "denied" in log.lower()

@@ -25,7 +25,16 @@ RUNS = {
 }
 
 
-def _common(model: str, rounds: int, clients: int) -> list[str]:
+def common_flags(
+    model: str,
+    rounds: int,
+    clients: int,
+    participation: float = 0.3,
+    fleet: str = "jetsons",
+    local_steps: int = 3,
+    eval_size: int = 100,
+) -> list[str]:
+    """`edgetune federate` flags the federated benchmarks share (BBC News, Dirichlet 0.5)."""
     return [
         "--model",
         model,
@@ -34,21 +43,21 @@ def _common(model: str, rounds: int, clients: int) -> list[str]:
         "--clients",
         str(clients),
         "--participation",
-        "0.3",
+        str(participation),
         "--partition",
         "dirichlet:0.5",
         "--fleet",
-        "jetsons",
+        fleet,
         "--rounds",
         str(rounds),
         "--local-steps",
-        "3",
+        str(local_steps),
         "--batch-size",
         "4",
         "--seed",
         "0",
         "data.max_length=64",
-        "data.eval_size=100",
+        f"data.eval_size={eval_size}",
         "train.eval_batch_size=25",
         "--overwrite",
     ]
@@ -90,7 +99,7 @@ def run(model: str, rounds: int, clients: int, output: str, plot_dir: str) -> No
             "federate",
             "--out",
             str(out),
-            *_common(model, rounds, clients),
+            *common_flags(model, rounds, clients),
             *args,
         ]
         subprocess.run(cmd, check=True, capture_output=True)

@@ -41,7 +41,7 @@ def load_round(run: RunDir, algo: Any, adapter: Any) -> int:
         rnd = json.loads((target / "round.json").read_text())["round"]
         algo.load_state_dict(load_file(target / "algorithm.safetensors"))
         load_trainable(adapter, algo.state)
-    for file in ("metrics.jsonl", "clients.jsonl"):
+    for file in ("metrics.jsonl", "clients.jsonl", "timing.jsonl"):
         # round 0 is the pre-training evaluation; with no completed round, start afresh
         rows = [r for r in run.read_metrics(file) if rnd and r.get("round", 0) <= rnd]
         (run.path / file).write_text("".join(json.dumps(r) + "\n" for r in rows))

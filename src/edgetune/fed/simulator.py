@@ -19,6 +19,7 @@ needs; it goes to clients.jsonl, not to the deterministic metrics.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,6 +170,7 @@ def simulate(
     if start == 0:
         run.log({"round": 0, **evaluate()})
     for rnd in range(start, cfg.rounds):
+        began = time.perf_counter()
         log, result = run_round(
             algo, adapter, rnd, jobs_for(rnd), fleet, cfg, seed, num_params, tokens
         )
@@ -191,6 +193,7 @@ def simulate(
                 **evaluate(),
             }
         )
+        run.log({"round": rnd + 1, "round_s": time.perf_counter() - began}, file="timing.jsonl")
         if on_round:
             on_round(rnd + 1)
     return totals

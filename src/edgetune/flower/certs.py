@@ -1,4 +1,5 @@
-"""Test certificates for TLS between `flwr`, the SuperLink and SuperNodes.
+"""Test certificates for TLS between `flwr`, the SuperLink and SuperNodes, and SuperNode
+authentication keys.
 
 `write_test_certificates(DIR)` writes a self-signed CA (ca.crt, ca.key) and a server
 certificate for 127.0.0.1 / localhost signed by it (server.pem, server.key). The SuperLink
@@ -69,3 +70,34 @@ def write_test_certificates(out: Path, hosts: tuple[str, ...] = ("127.0.0.1", "l
     for secret in ("ca.key", "server.key"):
         (out / secret).chmod(0o600)
     return out
+
+
+def write_supernode_keys(out: Path, count: int) -> list[Path]:
+    """Write SuperNode authentication key pairs node-I (OpenSSH private key, P-384) and
+    node-I.pub for I in 0..count-1 into `out`; returns the private key paths. Register
+    each .pub with `flwr supernode register` and start the SuperNode with
+    `--auth-supernode-private-key node-I`."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        key = ec.generate_private_key(ec.SECP384R1())
+        private = out / f"node-{i}"
+        private.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            )
+        )
+        private.chmod(0o600)
+        (out / f"node-{i}.pub").write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            )
+        )
+        paths.append(private)
+    return paths

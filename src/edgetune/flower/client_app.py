@@ -14,11 +14,13 @@ Messages:
 - train: control (round, method, rank) plus the algorithm's payload; run `client_update` of the same algorithm object the simulator uses and reply
   with the encoded update.
 
-The model, data and adapter are built once per process and reused while the process
-lives (with `--isolation process` the ClientApp process serves every message). What a
-device must remember between rounds (FedKSeed: the global model it has caught up to, and
-Pro's seed magnitudes; FwdLLM: the previous broadcast, for its prior) lives in the Flower context state, so it also survives a new
-ClientApp process.
+Flower 1.41 runs every message in a fresh `flwr-clientapp` process (it pulls one task
+and exits, in both isolation modes), so nothing survives in memory between rounds. What a
+device must remember (FedKSeed: the global model it has caught up to and Pro's seed
+magnitudes; FwdLLM: the previous broadcast, for its prior) lives in the Flower context
+state, which the SuperNode keeps for the run; the base model is reloaded from the local
+fp32 cache (`setup_s` in the reply's metrics measures it). Within one process the
+session is built once.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     if RUN not in context.state:
         raise RuntimeError("this node has not received the run config; the server resends it")
     cfg, parts, algo = session(str(context.state[RUN]["config"]))
+    setup_s = time.perf_counter() - start
     client, _ = node_identity(context)
     rank = int(control["rank"]) or None
     job = client_job(cfg, parts, client, int(control["round"]), str(control["method"]), rank)
@@ -95,7 +98,11 @@ def train(msg: Message, context: Context) -> Message:
     update = algo.client_update(adapter, payload, job)
     content = RecordDict(to_records(update))
     content["edgetune.metrics"] = MetricRecord(
-        {"train_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+        {
+            "train_s": time.perf_counter() - start,
+            "setup_s": setup_s,
+            "peak_rss_mb": peak_rss_mb(),
+        }
     )
     return Message(content, reply_to=msg)
 

@@ -70,6 +70,9 @@ class LocalFederation:
         tls: folder with ca.crt, server.pem and server.key (from `write_test_certificates`);
             None = insecure.
         port: the SuperLink's port (0 = pick a free one).
+        auth: folder with SuperNode keys node-I / node-I.pub (from `write_supernode_keys`):
+            the SuperLink admits only registered SuperNodes, and each is registered and
+            started with its key; None = no SuperNode authentication. Needs `tls`.
     """
 
     home: Path
@@ -77,11 +80,14 @@ class LocalFederation:
     devices: list[str] = field(default_factory=list)
     tls: Path | None = None
     port: int = 0
+    auth: Path | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).resolve()
         self.port = self.port or free_port()
+        if self.auth is not None and self.tls is None:
+            raise EdgetuneError("SuperNode authentication needs TLS: pass tls= as well")
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
 
     @property
@@ -117,20 +123,41 @@ class LocalFederation:
                 "--port",
                 str(self.port),
                 "--disable-runtime-dependency-installation",
+                *(["--enable-supernode-auth"] if self.auth else []),
             ],
         )
         wait_for_port(self.port, 60, self.procs["superlink"], self.log("superlink"))
         for i in range(self.clients):
+            if self.auth is not None:
+                self.register(self.auth / f"node-{i}.pub")
             self.start_node(i)
         return self
 
-    def start_node(self, i: int, root_certificates: Path | None = None) -> subprocess.Popen:
-        """Start SuperNode i (its partition id is i)."""
+    def register(self, public_key: Path) -> None:
+        """Admit the SuperNode holding the private half of `public_key`."""
+        done = subprocess.run(
+            ["flwr", "supernode", "register", str(public_key), CONNECTION],
+            env=flower_env(self.home),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise EdgetuneError(f"flwr supernode register {public_key} failed: {done.stdout}")
+
+    def start_node(
+        self, i: int, root_certificates: Path | None = None, key: Path | None = None
+    ) -> subprocess.Popen:
+        """Start SuperNode i (its partition id is i), with the CA and auth key of this
+        federation unless others are given."""
         device = self.devices[i % len(self.devices)] if self.devices else ""
         node_config = f"partition-id={i}" + (f' device="{device}"' if device else "")
         security = self.security("supernode")
         if root_certificates is not None:
             security = ["--root-certificates", str(root_certificates)]
+        key = key or (self.auth / f"node-{i}" if self.auth else None)
+        if key is not None:
+            security += ["--auth-supernode-private-key", str(key)]
         port = free_port()
         return self.spawn(
             f"supernode-{i}",
@@ -151,13 +178,19 @@ class LocalFederation:
         )
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        """Start one process with its output in HOME/logs/NAME.log."""
+        """Start one process with its output in HOME/logs/NAME.log.
+
+        SuperNodes share this machine's cores: each gets cores / clients threads, since
+        several PyTorch processes each spinning on every core run many times slower."""
         log = self.log(name).open("w")
+        env = flower_env(self.home)
+        if name.startswith("supernode"):
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.clients)))
         proc = subprocess.Popen(
             argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=flower_env(self.home),
+            env=env,
             cwd=self.home,
             start_new_session=True,  # so stopping it also stops its children
         )
@@ -180,9 +213,15 @@ class LocalFederation:
 
     def kill(self, name: str) -> None:
         """Stop process `name` (and its children) by PID: SIGTERM, then SIGKILL."""
+        import psutil
+
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:
             return
+        try:  # Flower starts helpers in sessions of their own: stop those by PID too
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
@@ -191,6 +230,13 @@ class LocalFederation:
             proc.wait(timeout=10)
         except ProcessLookupError:
             pass
+        for child in family:
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                continue
+        for child in psutil.wait_procs(family, timeout=10)[1]:
+            child.kill()
 
     def stop(self) -> None:
         """Stop every process this federation started, SuperNodes first."""

@@ -242,4 +242,5 @@ class FlowerServer:
         if metrics is not None:
             entry["peak_rss_mb"] = round(float(metrics["peak_rss_mb"]), 1)
             entry["train_s"] = round(float(metrics["train_s"]), 3)
+            entry["setup_s"] = round(float(metrics["setup_s"]), 3)
         return update
