@@ -132,8 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wait-nodes", type=float, default=120.0, help="seconds to wait for nodes")
     g.add_argument("--devices", help="with --local: device profiles of the nodes, cycled")
     g.add_argument("--tls", metavar="DIR", help="with --local: certificates from `flower certs`")
-    certs = flsub.add_parser("certs", help="write test TLS certificates for 127.0.0.1")
+    g.add_argument("--auth", metavar="DIR", help="with --local: SuperNode keys (`flower certs`)")
+    certs = flsub.add_parser(
+        "certs", help="write test TLS certificates for 127.0.0.1 (and SuperNode keys)"
+    )
     certs.add_argument("dir", metavar="DIR")
+    certs.add_argument("--nodes", type=int, default=0, help="also write N SuperNode keys")
 
     ev = sub.add_parser("eval", help="evaluate a model (and adapter) on a task")
     _add_data_flags(ev)
@@ -208,6 +212,7 @@ def _add_local_flags(up: argparse.ArgumentParser) -> None:
     up.add_argument("--port", type=int, default=0, help="SuperLink port (0 = a free one)")
     up.add_argument("--devices", help="device profiles of the nodes, comma-separated, cycled")
     up.add_argument("--tls", metavar="DIR", help="certificates from `edgetune flower certs`")
+    up.add_argument("--auth", metavar="DIR", help="SuperNode keys (`flower certs --nodes N`)")
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -281,9 +286,12 @@ def cmd_flower(args: argparse.Namespace) -> int:
     from edgetune.recipes import flower
 
     if args.flower_command == "certs":
-        from edgetune.flower.certs import write_test_certificates
+        from edgetune.flower.certs import write_supernode_keys, write_test_certificates
 
         print(f"wrote {write_test_certificates(Path(args.dir))}/{{ca.crt,server.pem,server.key}}")
+        if args.nodes:
+            keys = write_supernode_keys(Path(args.dir) / "keys", args.nodes)
+            print(f"wrote {len(keys)} SuperNode key pairs in {Path(args.dir) / 'keys'}")
         return 0
     if args.flower_command == "up":
         return flower.up(args)

@@ -23,7 +23,8 @@ def _federation(args: Any, clients: int) -> Any:
 
     devices = [d for d in (args.devices or "").split(",") if d]
     tls = Path(args.tls).resolve() if args.tls else None
-    return LocalFederation(Path(args.home), clients, devices, tls, getattr(args, "port", 0))
+    auth = Path(args.auth).resolve() if args.auth else None
+    return LocalFederation(Path(args.home), clients, devices, tls, getattr(args, "port", 0), auth)
 
 
 def up(args: Any) -> int:
