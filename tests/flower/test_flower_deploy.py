@@ -7,6 +7,7 @@ Every process started here is stopped by PID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -63,6 +64,17 @@ def federation(tmp_path_factory):
         yield fed
 
 
+@contextlib.contextmanager
+def same_threads_as_the_nodes(fed):
+    """Compute as the SuperNodes do (their thread count), so float sums match bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(fed.node_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def flower_run(cfg, fed, **options):
     """Write the run directory and run it on `fed`."""
     run = RunDir(cfg.out, overwrite=True)
@@ -88,7 +100,8 @@ def test_flower_run_equals_the_simulator(
     # Execute: the same federation on Flower and in the simulator
     cfg = make_config(tmp_path / "flower", algorithm, method, **extra)
     flower = flower_run(cfg, federation)
-    federate.run(make_config(tmp_path / "sim", algorithm, method, **extra))
+    with same_threads_as_the_nodes(federation):
+        federate.run(make_config(tmp_path / "sim", algorithm, method, **extra))
     sim = RunDir(tmp_path / "sim", resume=True)
     # Assert: the same global adapter
     a = load_file(flower.path / "adapter" / "adapter_model.safetensors")
@@ -181,7 +194,7 @@ def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not (run.path / "state" / "round.json").exists():
             time.sleep(0.2)
-        fed.stop()
+        fed.stop(crash=True)
         thread.join(timeout=120)
     assert failures and "--resume" in str(failures[0])
     interrupted = json.loads((run.path / "state" / "round.json").read_text())["round"]
@@ -189,7 +202,8 @@ def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp
     home = str(tmp_path / "home2")
     assert main(["flower", "run", "--resume", str(run.path), "--local", "2", "--home", home]) == 0
     assert (run.path / "report.md").exists()
-    federate.run(make_config(tmp_path / "sim", "fedkseed", "zo", rounds=3))
+    with same_threads_as_the_nodes(fed):  # the first federation: also 2 SuperNodes
+        federate.run(make_config(tmp_path / "sim", "fedkseed", "zo", rounds=3))
     # Assert: the same global adapter as the uninterrupted simulation, every round logged once
     a = load_file(run.path / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")

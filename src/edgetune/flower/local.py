@@ -91,6 +91,11 @@ class LocalFederation:
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
 
     @property
+    def node_threads(self) -> int:
+        """Threads each SuperNode's training uses: this machine's cores / clients."""
+        return max(1, (os.cpu_count() or 1) // max(1, self.clients))
+
+    @property
     def address(self) -> str:
         """host:port of the SuperLink."""
         return f"127.0.0.1:{self.port}"
@@ -185,7 +190,7 @@ class LocalFederation:
         log = self.log(name).open("w")
         env = flower_env(self.home)
         if name.startswith("supernode"):
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.clients)))
+            env["OMP_NUM_THREADS"] = str(self.node_threads)
         proc = subprocess.Popen(
             argv,
             stdout=log,
@@ -211,8 +216,9 @@ class LocalFederation:
             lines.append(f'root-certificates = "{self.tls / "ca.crt"}"')
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
-    def kill(self, name: str) -> None:
-        """Stop process `name` (and its children) by PID: SIGTERM, then SIGKILL."""
+    def kill(self, name: str, crash: bool = False) -> None:
+        """Stop process `name` (and its children) by PID: SIGTERM, then SIGKILL (at once
+        with `crash`, as a power cut would)."""
         import psutil
 
         proc = self.procs.pop(name, None)
@@ -223,7 +229,7 @@ class LocalFederation:
         except psutil.NoSuchProcess:
             family = []
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGKILL if crash else signal.SIGTERM)
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -232,16 +238,17 @@ class LocalFederation:
             pass
         for child in family:
             try:
-                child.terminate()
+                child.kill() if crash else child.terminate()
             except psutil.NoSuchProcess:
                 continue
         for child in psutil.wait_procs(family, timeout=10)[1]:
             child.kill()
 
-    def stop(self) -> None:
-        """Stop every process this federation started, SuperNodes first."""
-        for name in sorted(self.procs, key=lambda n: n == "superlink"):
-            self.kill(name)
+    def stop(self, crash: bool = False) -> None:
+        """Stop every process this federation started: SuperNodes first, or with `crash`
+        the SuperLink first and everything at once."""
+        for name in sorted(self.procs, key=lambda n: (n == "superlink") != crash):
+            self.kill(name, crash)
 
     def __enter__(self) -> LocalFederation:
         return self.start()
