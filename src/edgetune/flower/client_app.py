@@ -73,7 +73,10 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     control = msg.content[CONTROL]
     if RUN not in context.state:
-        raise RuntimeError("this node has not received the run config; the server resends it")
+        raise RuntimeError(
+            "this node has no run config (the server sends it when it greets a new node); "
+            "restart the SuperNode to be greeted again"
+        )
     cfg, parts, algo = session(str(context.state[RUN]["config"]))
     setup_s = time.perf_counter() - start
     client, _ = node_identity(context)
