@@ -19,6 +19,15 @@ from edgetune.runs import RunDir
 
 RUNS = {
     "fedit (fo)": ["--algorithm", "fedit", "--method", "fo", "--lr", "5e-4"],
+    "fedit, ranks 2/4/8 (fo)": [
+        "--algorithm",
+        "fedit",
+        "--method",
+        "fo",
+        "--lr",
+        "5e-4",
+        "fed.ranks=2,4,8",
+    ],
     "fedkseed (zo)": ["--algorithm", "fedkseed", "--method", "zo", "--lr", "2e-3"],
     "fedkseed-pro (zo)": ["--algorithm", "fedkseed-pro", "--method", "zo", "--lr", "2e-3"],
     "fwdllm (zo)": ["--algorithm", "fwdllm", "--method", "zo", "--lr", "2e-3"],
