@@ -162,19 +162,6 @@ def test_a_killed_supernode_does_not_stop_the_run(tmp_path, make_config):
     assert (cells[2], cells[6]) == ("2", "2")  # ok: node 0 twice; lost: node 1 twice
 
 
-def test_tls_run_succeeds_and_a_node_without_the_ca_cannot_join(tmp_path, make_config):
-    certs = write_test_certificates(tmp_path / "certs")
-    other = write_test_certificates(tmp_path / "other-ca")
-    with LocalFederation(tmp_path / "home", clients=2, tls=certs) as fed:
-        intruder = fed.start_node(7, root_certificates=other / "ca.crt")
-        code = intruder.wait(timeout=120)
-        run = flower_run(make_config(tmp_path / "run", rounds=1), fed)
-        log = fed.log("supernode-7").read_text()
-    assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in log
-    assert json.loads((run.path / "summary.json").read_text())["status"] == "done"
-    assert [r["accepted"] for r in run.read_metrics()[1:]] == [2]
-
-
 def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp_path, make_config):
     cfg = make_config(tmp_path / "run", "fedkseed", "zo", rounds=3)
     run = RunDir(cfg.out, overwrite=True)
@@ -212,16 +199,25 @@ def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp
     assert [r["round"] for r in run.read_metrics()] == [0, 1, 2, 3]
 
 
-def test_supernode_authentication_admits_only_registered_nodes(tmp_path, make_config):
+def test_tls_and_supernode_auth_admit_only_trusted_registered_nodes(tmp_path, make_config):
+    # Prepare: a test CA + server certificate, keys for the 2 registered nodes, and two
+    # intruders: one trusting another CA, one with a key the SuperLink does not know
     certs = write_test_certificates(tmp_path / "certs")
+    other = write_test_certificates(tmp_path / "other-ca")
     keys = tmp_path / "keys"
     write_supernode_keys(keys, 2)
-    strangers = write_supernode_keys(tmp_path / "strangers", 1)
+    stranger_key = write_supernode_keys(tmp_path / "strangers", 1)[0]
     with LocalFederation(tmp_path / "home", clients=2, tls=certs, auth=keys) as fed:
-        # a node with the right CA but a key the SuperLink does not know
-        stranger = fed.start_node(5, key=strangers[0])
-        code = stranger.wait(timeout=120)
-        log = fed.log("supernode-5").read_text()
+        # (the wrong-CA node holds a registered key: only TLS can stop it)
+        wrong_ca = fed.start_node(6, root_certificates=other / "ca.crt", key=keys / "node-0")
+        unregistered = fed.start_node(7, key=stranger_key)
+        codes = wrong_ca.wait(timeout=120), unregistered.wait(timeout=120)
+        logs = fed.log("supernode-6").read_text(), fed.log("supernode-7").read_text()
+        # Execute: the federation runs with TLS and authentication on
         run = flower_run(make_config(tmp_path / "run", rounds=1), fed)
-    assert code != 0 and "Failed to activate SuperNode" in log and "SuperNode ID" not in log
+    # Assert: both intruders were refused before getting a node id; the run succeeded
+    assert codes[0] != 0 and "CERTIFICATE_VERIFY_FAILED" in logs[0]
+    assert codes[1] != 0 and "Failed to activate SuperNode" in logs[1]
+    assert all("SuperNode ID" not in log for log in logs)
+    assert json.loads((run.path / "summary.json").read_text())["status"] == "done"
     assert [r["accepted"] for r in run.read_metrics()[1:]] == [2]
