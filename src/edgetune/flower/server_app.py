@@ -44,16 +44,18 @@ def connect(
     config_text: str,
     wanted: int,
     wait_s: float,
+    refused: set[int],
 ) -> set[int]:
     """Greet nodes not seen yet: send them the run config, learn their partition id and
     device, and record them in `nodes` (partition id -> (node id, device)); a node that
     restarted comes back under a new id and replaces its old entry. Waits until `wanted`
-    partitions are known or `wait_s` passed. Returns the partitions greeted."""
+    partitions are known or `wait_s` passed. Nodes whose greeting failed go into
+    `refused` and are not asked again. Returns the partitions greeted."""
     deadline = time.monotonic() + wait_s
     asked: set[int] = set()
     greeted: set[int] = set()
     while True:
-        known = {v[0] for v in nodes.values()} | asked
+        known = {v[0] for v in nodes.values()} | asked | refused
         ids = [n for n in grid.get_node_ids() if n not in known]
         asks = [
             Message(
@@ -66,10 +68,18 @@ def connect(
         asked.update(ids)
         for reply in grid.send_and_receive(asks, timeout=30) if asks else []:
             if reply.has_error():
+                refused.add(reply.metadata.src_node_id)
                 print(f"edgetune: node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
             info = reply.content[CONTROL]
             partition = int(info["partition-id"])
+            if not 0 <= partition < wanted:
+                refused.add(reply.metadata.src_node_id)
+                print(
+                    f"edgetune: node {reply.metadata.src_node_id} says partition-id={partition}, "
+                    f"outside 0..{wanted - 1} (fed.clients={wanted}); it is left out"
+                )
+                continue
             nodes[partition] = (reply.metadata.src_node_id, str(info["device"]))
             greeted.add(partition)
         if len(nodes) >= wanted or time.monotonic() > deadline:
@@ -96,6 +106,7 @@ class FlowerServer:
         self.algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, self.adapter, cfg.seed)
         self.done = load_round(self.run, self.algo, self.adapter) if resume else 0
         self.nodes: dict[int, tuple[int, str]] = {}  # partition id -> (node id, device)
+        self.refused: set[int] = set()  # nodes whose greeting failed (bad node config)
         self.totals = {"bytes_up": 0.0, "bytes_down": 0.0}
         for r in self.run.read_metrics():
             for key in self.totals:
@@ -148,7 +159,7 @@ class FlowerServer:
         or the server did), so FedKSeed sends it every round's scalars: a device skips
         the rounds it already holds."""
         for partition in connect(
-            self.grid, self.nodes, self.config_text, self.cfg.fed.clients, wait_s
+            self.grid, self.nodes, self.config_text, self.cfg.fed.clients, wait_s, self.refused
         ):
             getattr(self.algo, "synced", {}).pop(partition, None)
 
