@@ -27,16 +27,22 @@ from edgetune.runs import RunDir
 pytestmark = pytest.mark.integration
 
 FLEET = "fleet:\n  - {name: board, memory_mb: 48000, gflops: 100, up_mbps: 10, down_mbps: 10}\n"
+# node 0 only fits inference (P-RGE at rank 2), node 1 backprops at the global rank
+HYBRID = (
+    "fleet:\n"
+    "  - {name: tiny-board, memory_mb: 5, gflops: 5, up_mbps: 1, down_mbps: 5, lora_rank: 2}\n"
+    "  - {name: board, memory_mb: 48000, gflops: 100, up_mbps: 10, down_mbps: 10}\n"
+)
 
 
 @pytest.fixture
 def make_config(stories260k_path, shared_data, tmp_path):
-    """A small stories260K federation of 2 always-available boards."""
+    """A small stories260K federation of 2 always-available boards (or the `fleet` text)."""
     del shared_data
-    fleet = tmp_path / "fleet.yaml"
-    fleet.write_text(FLEET)
 
-    def make(out, algorithm="fedit", method="fo", rounds=2, **extra):
+    def make(out, algorithm="fedit", method="fo", rounds=2, fleet_text=FLEET, **extra):
+        fleet = tmp_path / "fleet.yaml"
+        fleet.write_text(fleet_text)
         flags = {
             "model": str(stories260k_path),
             "out": str(out),
@@ -92,6 +98,8 @@ def flower_run(cfg, fed, **options):
         ("fedkseed", "zo", {}),
         # forward-gradient clients at heterogeneous LoRA ranks (rank 4 and the global 8)
         ("fwdllm", "zo", {"fed.ranks": "4,8", "fed.fwd_max_queries": 3}),
+        # a hybrid fleet: a rank-2 P-RGE seed trace (replayed by the server) beside a delta
+        ("fedit", "auto", {"fleet_text": HYBRID, "peft.rank": 4, "fed.ranks": "device"}),
     ],
 )
 def test_flower_run_equals_the_simulator(
@@ -116,7 +124,7 @@ def test_flower_run_equals_the_simulator(
     ]
     f_clients = flower.read_metrics("clients.jsonl")
     s_clients = sim.read_metrics("clients.jsonl")
-    pick = ("round", "client", "status", "bytes_up", "bytes_down")
+    pick = ("round", "client", "status", "method", "rank", "bytes_up", "bytes_down")
     assert [{k: c.get(k) for k in pick} for c in f_clients] == [
         {k: c.get(k) for k in pick} for c in s_clients
     ]
@@ -124,6 +132,10 @@ def test_flower_run_equals_the_simulator(
     assert all(c["carried_up"] > 0 and c["carried_down"] > 0 for c in f_clients)
     summary = json.loads((flower.path / "summary.json").read_text())
     assert summary["command"] == "flower run" and summary["rounds"] == 2
+    if method == "auto":  # the hybrid fleet really was hybrid, and nothing was rejected
+        ok = {(c["method"], c["rank"]) for c in f_clients if c["status"] == "ok"}
+        assert ok == {("prge", 2), ("fo", None)}
+        assert all(r["rejected"] == 0 and r["accepted"] == 2 for r in f_rows[1:])
 
 
 def test_a_killed_supernode_does_not_stop_the_run(tmp_path, make_config):
@@ -163,7 +175,9 @@ def test_a_killed_supernode_does_not_stop_the_run(tmp_path, make_config):
 
 
 def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp_path, make_config):
-    cfg = make_config(tmp_path / "run", "fedkseed", "zo", rounds=3)
+    # FedKSeed-Pro: the seed sampling depends on every past round's scalars, which the
+    # restarted server and the new devices must all recover
+    cfg = make_config(tmp_path / "run", "fedkseed-pro", "zo", rounds=3)
     run = RunDir(cfg.out, overwrite=True)
     run.write_config(to_dict(cfg))
     # Execute: kill the whole federation (SuperLink, ServerApp, SuperNodes) after round 1
@@ -190,7 +204,7 @@ def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp
     assert main(["flower", "run", "--resume", str(run.path), "--local", "2", "--home", home]) == 0
     assert (run.path / "report.md").exists()
     with same_threads_as_the_nodes(fed):  # the first federation: also 2 SuperNodes
-        federate.run(make_config(tmp_path / "sim", "fedkseed", "zo", rounds=3))
+        federate.run(make_config(tmp_path / "sim", "fedkseed-pro", "zo", rounds=3))
     # Assert: the same global adapter as the uninterrupted simulation, every round logged once
     a = load_file(run.path / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
