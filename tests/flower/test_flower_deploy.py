@@ -235,3 +235,50 @@ def test_tls_and_supernode_auth_admit_only_trusted_registered_nodes(tmp_path, ma
     assert all("SuperNode ID" not in log for log in logs)
     assert json.loads((run.path / "summary.json").read_text())["status"] == "done"
     assert [r["accepted"] for r in run.read_metrics()[1:]] == [2]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_nodes", "needs at least one SuperNode, not 0: pass --clients 1 or more"),
+        ("no_certificates", "lacks ca.crt, server.pem, server.key: create it with"),
+        ("too_few_keys", "lacks node-1, node-1.pub for 2 SuperNodes"),
+    ],
+)
+def test_flower_up_refuses_a_federation_that_cannot_come_up(tmp_path, capsys, case, message):
+    certs = write_test_certificates(tmp_path / "certs")
+    write_supernode_keys(tmp_path / "keys", 1)
+    args = {
+        "no_nodes": ["--clients", "0"],
+        "no_certificates": ["--clients", "1", "--tls", str(tmp_path / "nowhere")],
+        "too_few_keys": ["--clients", "2", "--tls", str(certs), "--auth", str(tmp_path / "keys")],
+    }[case]
+    status = main(["flower", "up", "--home", str(tmp_path / "home"), *args])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "home").exists()  # refused before anything was started
+
+
+def test_a_federation_that_fails_to_start_stops_what_it_started(tmp_path):
+    # Prepare: TLS and auth on, but node 0's public key is not a key, so registering it
+    # fails after the SuperLink (and its helper processes) are up
+    import psutil
+
+    certs = write_test_certificates(tmp_path / "certs")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "node-0").write_text("not a key")
+    (keys / "node-0.pub").write_text("not a key")
+    fed = LocalFederation(tmp_path / "home", clients=1, tls=certs, auth=keys)
+    # Execute
+    with pytest.raises(EdgetuneError, match="register .*node-0.pub failed"):
+        fed.start()
+    # Assert: no process started for this federation is left running
+    time.sleep(1.0)
+    left = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(tmp_path) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            left.append(cmdline)
+    assert fed.procs == {} and left == [], left

@@ -24,6 +24,7 @@ from edgetune.errors import EdgetuneError
 
 APP_DIR = Path(__file__).parent / "app"
 CONNECTION = "edgetune-local"
+TLS_FILES = ("ca.crt", "server.pem", "server.key")  # what `edgetune flower certs` writes
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -86,9 +87,35 @@ class LocalFederation:
     def __post_init__(self) -> None:
         self.home = Path(self.home).resolve()
         self.port = self.port or free_port()
-        if self.auth is not None and self.tls is None:
-            raise EdgetuneError("SuperNode authentication needs TLS: pass tls= as well")
+        self.check()
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
+
+    def check(self) -> None:
+        """Refuse, before starting anything, a federation that cannot come up."""
+        if self.clients < 1:
+            raise EdgetuneError(
+                f"a local federation needs at least one SuperNode, not {self.clients}: "
+                "pass --clients 1 or more"
+            )
+        if self.auth is not None and self.tls is None:
+            raise EdgetuneError("SuperNode authentication needs TLS: pass --tls DIR as well")
+        if self.tls is not None:
+            missing = [f for f in TLS_FILES if not (self.tls / f).is_file()]
+            if missing:
+                raise EdgetuneError(
+                    f"TLS folder {self.tls} lacks {', '.join(missing)}: create it with "
+                    f"`edgetune flower certs {self.tls}`"
+                )
+        if self.auth is not None:
+            keys = [f"node-{i}{ext}" for i in range(self.clients) for ext in ("", ".pub")]
+            missing = [k for k in keys if not (self.auth / k).is_file()]
+            if missing:
+                raise EdgetuneError(
+                    f"SuperNode key folder {self.auth} lacks {', '.join(missing[:4])}"
+                    f"{' ...' if len(missing) > 4 else ''} for {self.clients} SuperNodes: "
+                    f"create them with `edgetune flower certs DIR --nodes {self.clients}` "
+                    "and pass --auth DIR/keys"
+                )
 
     @property
     def node_threads(self) -> int:
@@ -116,7 +143,15 @@ class LocalFederation:
         return ["--root-certificates", str(self.tls / "ca.crt")]
 
     def start(self) -> LocalFederation:
-        """Start the SuperLink, then the SuperNodes; write the flwr connection."""
+        """Start the SuperLink, then the SuperNodes; write the flwr connection. If any
+        step fails, stop what was already started before raising."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> LocalFederation:
         self.write_connection()
         self.spawn(
             "superlink",
@@ -148,7 +183,8 @@ class LocalFederation:
             check=False,
         )
         if done.returncode != 0:
-            raise EdgetuneError(f"flwr supernode register {public_key} failed: {done.stdout}")
+            output = (done.stdout + done.stderr).strip() or f"exit status {done.returncode}"
+            raise EdgetuneError(f"flwr supernode register {public_key} failed: {output}")
 
     def start_node(
         self, i: int, root_certificates: Path | None = None, key: Path | None = None
