@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
 
     sub.add_parser("models", help="list built-in models and whether they are available")
-    rep = sub.add_parser("report", help="Markdown report + plots of a federated run")
+    rep = sub.add_parser("report", help="Markdown report + plots of a run (single or federated)")
     rep.add_argument("run_dir", metavar="DIR")
 
     demo = sub.add_parser("demo", help="the main job: zero-shot vs ZO LoRA vs FO LoRA")
@@ -316,7 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from edgetune.report.federated import render
+    from edgetune.report.render import render
 
     print(render(args.run_dir))
     return 0

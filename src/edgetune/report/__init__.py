@@ -1,1 +1,6 @@
-"""Reports: plots and Markdown tables of runs."""
+"""Reports: `report.md` and PNG plots of a run directory.
+
+render.py picks the report by the run's command: single.py (finetune, eval) or
+federated.py (federate, flower run). run_info.py reads the run and writes what was run;
+plots.py draws; numbers.py rounds.
+"""

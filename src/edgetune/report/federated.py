@@ -1,9 +1,15 @@
-"""`edgetune report DIR`: a Markdown report of a federated run with PNG plots.
+"""The report of a federated run (`edgetune federate`, `edgetune flower run`).
 
-Plots: held-out metric against rounds, against simulated seconds and against cumulative
-uploaded bytes. Table: per device class, the clients' methods, rounds taken part, bytes
-up/down and simulated seconds, and what happened to the others (unavailable, dropped,
-late, rejected).
+Opens with what was run (model, data, clients, partition, fleet, algorithm, methods),
+then the held-out metric by round from round 0 (zero-shot) on, and a table per device
+class: the clients' methods, rounds taken part, bytes up/down, simulated seconds, what
+happened to the others (unavailable, dropped, late, lost, rejected) and memory. Plots:
+held-out metric against rounds, simulated seconds and cumulative uploaded bytes.
+
+Memory, honestly labelled: `memory_mb` is the per-device estimate the method choice
+uses. In the simulator every client trains inside one process, so the measured
+`peak_rss_mb` is that process's peak while the client worked (the whole model plus the
+method), not a device's memory; on Flower it is the node process's own peak.
 """
 
 from __future__ import annotations
@@ -13,97 +19,170 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.errors import EdgetuneError
-from edgetune.report.plots import plot_metric
-from edgetune.runs import RunDir
+from edgetune.report import numbers
+from edgetune.report.plots import METRIC_LABELS, plot_metric
+from edgetune.report.run_info import RunRecord, load_run, plot_title, what_was_run
+
+MEASURED_MEMORY = {
+    "federate": "simulator process peak RSS during the client's work (MB)",
+    "flower run": "node process peak RSS (MB, measured)",
+}
 
 
 def _metric_key(rows: list[dict[str, Any]]) -> str:
     for key in ("eval/accuracy", "eval/rougeL", "eval/perplexity", "eval/loss"):
         if any(key in r for r in rows):
             return key
-    raise EdgetuneError("the run has no evaluation lines (eval/*) to plot")
+    raise EdgetuneError(
+        "the run has no evaluation lines (eval/*) to report; rerun it with data.eval_size > 0"
+    )
 
 
-def device_table(clients: list[dict[str, Any]]) -> list[str]:
-    """Markdown rows summarising clients.jsonl per device class."""
+def _status(raw: str) -> str:
+    status = raw.split(":")[0]
+    if status.startswith(("no reply", "error", "no node")):
+        return "lost"  # a real node that did not answer (Flower runs)
+    return status
+
+
+def device_table(clients: list[dict[str, Any]], command: str = "federate") -> list[str]:
+    """Markdown rows summarising clients.jsonl per device class.
+
+    Args:
+        clients: clients.jsonl lines.
+        command: "federate" (simulator) or "flower run": says what the measured memory is.
+    """
     groups: dict[str, dict[str, Any]] = defaultdict(lambda: defaultdict(float))
     for c in clients:
         g = groups[c["device"]]
         g["methods"] = g.get("methods") or set()
         if c.get("method"):
             g["methods"].add(c["method"] + (f" r{c['rank']}" if c.get("rank") else ""))
-        peak = c.get("peak_rss_mb")
-        if isinstance(peak, (int, float)) and peak == peak:
-            g["peak"] = max(g["peak"], peak)
-        status = c["status"].split(":")[0]
-        if status.startswith(("no reply", "error", "no node")):
-            status = "lost"  # a real node that did not answer (Flower runs)
+        for field, into in (("memory_mb", "estimate"), ("peak_rss_mb", "measured")):
+            value = c.get(field)
+            if isinstance(value, (int, float)) and value == value:
+                g[into] = max(g[into], value)
+        status = _status(c["status"])
         g[status] += 1
         g["bytes_up"] += c.get("bytes_up", 0)
         g["bytes_down"] += c.get("bytes_down", 0)
         g["sim_s"] += c.get("sim_s", 0.0) if status == "ok" else 0.0
     lines = [
         "| device | methods | ok | unavailable | dropped | late | lost | rejected | bytes up | "
-        "bytes down | simulated s (ok) | peak RSS MB (measured) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "bytes down | simulated s (ok) | memory estimate per device (MB) | "
+        f"{MEASURED_MEMORY.get(command, MEASURED_MEMORY['federate'])} |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for device, g in sorted(groups.items()):
         lines.append(
             f"| {device} | {', '.join(sorted(g['methods'])) or '-'} | {g['ok']:.0f} | "
             f"{g['unavailable']:.0f} | {g['dropped mid-round']:.0f} | "
             f"{g['missed the deadline']:.0f} | {g['lost']:.0f} | {g['rejected']:.0f} | "
-            f"{g['bytes_up']:,.0f} | "
-            f"{g['bytes_down']:,.0f} | {g['sim_s']:.1f} | {g['peak'] or '-'} |"
+            f"{numbers.count(g['bytes_up'])} | {numbers.count(g['bytes_down'])} | "
+            f"{numbers.seconds(g['sim_s'])} | {numbers.megabytes(g['estimate'] or None)} | "
+            f"{numbers.megabytes(g['measured'] or None)} |"
         )
     return lines
 
 
-def render(run_dir: str | Path) -> Path:
-    """Write DIR/report.md and its plots; returns the report path."""
-    if not (Path(run_dir) / "metrics.jsonl").exists():
-        raise EdgetuneError(
-            f"{run_dir} is not a run directory (no metrics.jsonl); pass the --out of an "
-            "`edgetune federate` run"
-        )
-    run = RunDir(run_dir, resume=True)
-    rows = [r for r in run.read_metrics() if "round" in r]
+def round_rows(run: RunRecord) -> list[dict[str, Any]]:
+    """metrics.jsonl's round lines with cumulative bytes and seconds carried forward, so
+    round 0 (zero-shot) sits at 0 bytes and 0 s."""
+    rows, up, sim = [], 0.0, 0.0
+    for r in run.metrics:
+        if "round" in r:
+            up, sim = r.get("total_bytes_up", up), r.get("total_sim_s", sim)
+            rows.append({**r, "total_bytes_up": up, "total_sim_s": sim})
     if not rows:
-        raise EdgetuneError(f"{run.path} has no federated rounds in metrics.jsonl")
-    key = _metric_key(rows)
-    up = 0.0
-    for r in rows:
-        up = r.get("total_bytes_up", up)
-        r["total_bytes_up"] = up
-        r.setdefault("total_sim_s", 0.0)
-    name = run.read_config().get("fed", {}).get("algorithm", "run")
-    plots = {
-        "rounds": plot_metric({name: rows}, key, run.path / "metric_vs_rounds.png", x="round"),
-        "time": plot_metric({name: rows}, key, run.path / "metric_vs_time.png", x="total_sim_s"),
-        "bytes": plot_metric(
-            {name: rows}, key, run.path / "metric_vs_bytes.png", x="total_bytes_up", logx=True
+        raise EdgetuneError(
+            f"{run.path} has no federated rounds in metrics.jsonl; the run stopped before "
+            f"its first evaluation: resume it with `edgetune federate --resume {run.path}`"
+        )
+    return rows
+
+
+def plots(run: RunRecord, rows: list[dict[str, Any]], key: str) -> dict[str, Path]:
+    """The three PNGs; returns caption -> path."""
+    series, title = {str(run.config.get("fed", {}).get("algorithm")): rows}, plot_title(run)
+    label = METRIC_LABELS[key]
+    return {
+        f"{label} against rounds": plot_metric(
+            series, key, run.path / "metric_vs_rounds.png", title=title, x="round"
+        ),
+        f"{label} against simulated time": plot_metric(
+            series, key, run.path / "metric_vs_time.png", title=title, x="total_sim_s"
+        ),
+        f"{label} against uploaded bytes": plot_metric(
+            series,
+            key,
+            run.path / "metric_vs_bytes.png",
+            title=title,
+            x="total_bytes_up",
+            logx=True,
         ),
     }
-    last = rows[-1]
+
+
+def rounds_table(rows: list[dict[str, Any]], key: str) -> list[str]:
+    """Markdown: one row per round, round 0 (zero-shot) first."""
     lines = [
-        f"# Federated run: {name}",
-        "",
-        f"Rounds: {last['round']}; final {key}: {last.get(key, float('nan')):.4f} "
-        f"(start {rows[0].get(key, float('nan')):.4f}); uploaded {last['total_bytes_up']:,.0f} "
-        f"bytes; simulated time {last['total_sim_s']:.1f} s.",
-        "",
-        "| round | loss | "
-        + key
-        + " | bytes up | bytes down | simulated s | accepted | rejected |",
+        f"| round | training loss | {METRIC_LABELS[key]} | bytes up | bytes down | "
+        "simulated s | accepted | rejected |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows[1:]:
+    for r in rows:
         lines.append(
-            f"| {r['round']} | {r.get('loss', '')} | {r.get(key, float('nan')):.4f} | "
-            f"{r.get('bytes_up', 0):,} | {r.get('bytes_down', 0):,} | "
-            f"{r.get('sim_s', 0.0):.1f} | {r.get('accepted', 0)} | {r.get('rejected', 0)} |"
+            f"| {r['round']} | {numbers.metric(r.get('loss'))} | {numbers.metric(r.get(key))} | "
+            f"{numbers.count(r.get('bytes_up', 0))} | {numbers.count(r.get('bytes_down', 0))} | "
+            f"{numbers.seconds(r.get('sim_s', 0.0))} | {r.get('accepted', 0)} | "
+            f"{r.get('rejected', 0)} |"
         )
-    lines += ["", "## Devices", "", *device_table(run.read_metrics("clients.jsonl")), ""]
-    lines += [f"![{k}]({p.name})" for k, p in plots.items()]
+    return lines
+
+
+def write(run: RunRecord) -> Path:
+    """Write RUN/report.md and its plots for a federated run; returns the report path."""
+    rows = round_rows(run)
+    key = _metric_key(rows)
+    written = plots(run, rows, key)
+    first, last = rows[0], rows[-1]
+    measured = MEASURED_MEMORY.get(run.command, MEASURED_MEMORY["federate"])
+    lines = [
+        f"# {plot_title(run)}",
+        "",
+        "## What was run",
+        "",
+        *what_was_run(run),
+        "",
+        "## Results",
+        "",
+        f"{METRIC_LABELS[key]}: {numbers.metric(last.get(key))} after round {last['round']} "
+        f"(round {first['round']}: {numbers.metric(first.get(key))}); uploaded "
+        f"{numbers.size(last['total_bytes_up'])}; simulated time "
+        f"{numbers.seconds(last['total_sim_s'])} s.",
+        "",
+        *rounds_table(rows, key),
+        "",
+        "## Devices",
+        "",
+        *device_table(run.clients, run.command),
+        "",
+        f"Memory: the estimate is what the method choice assumes a device needs; the "
+        f"{measured.split(' (')[0]} is measured"
+        + (
+            ", one process for every simulated client (whole model included), so it is not "
+            "a device's memory."
+            if run.command == "federate"
+            else "."
+        ),
+        "",
+        *[f"![{caption}]({p.name})" for caption, p in written.items()],
+    ]
     out = run.path / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def render(run_dir: str | Path) -> Path:
+    """Read the run in `run_dir` and write its report (see `write`)."""
+    return write(load_run(run_dir))

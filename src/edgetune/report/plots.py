@@ -1,53 +1,112 @@
-"""PNG plots of run metrics (matplotlib with the non-interactive Agg backend)."""
+"""PNG plots of run metrics (matplotlib with the non-interactive Agg backend).
+
+Every plot has a title (model, data, method), axis labels in words with units, and
+integer ticks on round and step axes. On the log-scale bytes axis, round 0 (the
+zero-shot evaluation, nothing uploaded yet) stays visible: the axis is linear up to the
+first upload and logarithmic after it (matplotlib's symlog).
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+AXIS_LABELS = {
+    "round": "round",
+    "step": "step",
+    "total_sim_s": "simulated time (s)",
+    "total_bytes_up": "bytes uploaded (log scale)",
+    "train_s": "training time (s)",
+}
+METRIC_LABELS = {
+    "eval/accuracy": "held-out accuracy",
+    "eval/loss": "held-out loss",
+    "eval/perplexity": "held-out perplexity",
+    "eval/rougeL": "held-out ROUGE-L",
+    "loss": "training loss",
+}
+INTEGER_AXES = ("round", "step")
+
+
+def axis_label(key: str) -> str:
+    """`key` (a metrics.jsonl field) in words, with its unit."""
+    return AXIS_LABELS.get(key) or METRIC_LABELS.get(key) or key.replace("/", " ").replace("_", " ")
+
+
+def _log_axis_from_zero(ax: Any, positive: list[float]) -> None:
+    """Log scale from the decade below the smallest value, linear below it, so x = 0
+    stays on the axis; the axis ends at a power of ten, so at least two decades show."""
+    if not positive:
+        return
+    low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
+    ax.set_xscale("symlog", linthresh=10.0**low, linscale=0.5)
+    left, right = ax.get_xlim()
+    ax.set_xlim(left, max(right, 10.0 ** max(high, low + 1)))
+
+
+def metric_figure(
+    series: dict[str, list[dict[str, Any]]],
+    key: str,
+    *,
+    title: str,
+    x: str = "step",
+    logx: bool = False,
+) -> Figure:
+    """A figure of `key` against `x` for several runs, one line each (not saved).
+
+    Args:
+        series: run label -> its metrics.jsonl rows.
+        key: the metric, e.g. "eval/accuracy".
+        title: model, data and method.
+        x: the x-axis field ("round", "step", "total_sim_s", "total_bytes_up", ...).
+        logx: log-scale x axis for sizes; x = 0 (round 0) stays on the axis.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    ax = fig.add_subplot()
+    positive: list[float] = []
+    for label, rows in series.items():
+        points = [(r[x], r[key]) for r in rows if key in r and x in r]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            positive += [v for v in xs if v > 0]
+    if logx:
+        _log_axis_from_zero(ax, positive)
+    if x in INTEGER_AXES:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(axis_label(x))
+    ax.set_ylabel(axis_label(key))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` as a PNG (creating its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
 
 
 def plot_metric(
     series: dict[str, list[dict[str, Any]]],
     key: str,
     path: str | Path,
+    *,
+    title: str,
     x: str = "step",
-    title: str | None = None,
     logx: bool = False,
 ) -> Path:
-    """Plot `key` against `x` for several runs, one line each.
-
-    Args:
-        series: run label -> its metrics.jsonl rows.
-        key: the metric, e.g. "eval/accuracy".
-        path: the PNG to write.
-        x: the x-axis field.
-        title: plot title.
-        logx: log-scale x axis (points with x <= 0 are left out), e.g. for bytes.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for label, rows in series.items():
-        points = [(r[x], r[key]) for r in rows if key in r and x in r]
-        if logx:
-            points = [(px, py) for px, py in points if px > 0]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", markersize=3, label=label)
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(key)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    """Plot `key` against `x` for several runs into the PNG `path` (see `metric_figure`)."""
+    return save(metric_figure(series, key, title=title, x=x, logx=logx), path)

@@ -1,0 +1,200 @@
+"""What a report knows about a run: its command, resolved config, summary and metric
+lines, read once from the run directory; and the "what was run" lines and plot titles
+that every report and plot opens with."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgetune.errors import EdgetuneError
+from edgetune.runs import RunDir
+
+FEDERATED_COMMANDS = ("federate", "flower run")
+SINGLE_COMMANDS = ("finetune", "eval")
+TRAIN_METHODS = {
+    "fo": "first-order (backprop)",
+    "zo": "MeZO (zeroth-order)",
+    "prge": "P-RGE (zeroth-order)",
+    "auto": "the cheapest method that fits each device",
+}
+
+
+class NotARunError(EdgetuneError):
+    """The report was pointed at something that is not a readable run directory."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run directory as a report reads it."""
+
+    path: Path
+    command: str  # finetune | eval | federate | flower run
+    config: dict[str, Any]
+    summary: dict[str, Any]  # empty while the run has not finished
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)  # federated runs
+
+    @property
+    def federated(self) -> bool:
+        return self.command in FEDERATED_COMMANDS
+
+
+def _fix(path: Path) -> str:
+    return (
+        f"pass the --out folder of an `edgetune finetune`, `eval --out`, `federate` or "
+        f"`flower run` (it holds config.yaml and metrics.jsonl); {path} is not one"
+    )
+
+
+def _jsonl(run: RunDir, name: str) -> list[dict[str, Any]]:
+    try:
+        return run.read_metrics(name)
+    except json.JSONDecodeError as exc:
+        raise NotARunError(
+            f"{run.path / name} line {exc.lineno} is not JSON ({exc.msg}); the run directory "
+            "is damaged: rerun it, or delete that line if the run was killed while writing it"
+        ) from None
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """Read the run in `run_dir`.
+
+    Raises:
+        NotARunError: `run_dir` is missing, a file, or lacks config.yaml / metrics.jsonl,
+            or one of its files cannot be parsed.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise NotARunError(f"{path} {what}; {_fix(path)}")
+    missing = [n for n in ("config.yaml", "metrics.jsonl") if not (path / n).is_file()]
+    if missing:
+        raise NotARunError(f"{path} has no {' and no '.join(missing)}; {_fix(path)}")
+    run = RunDir(path, resume=True)
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        summary_path = path / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise NotARunError(f"{path}: config.yaml or summary.json cannot be read ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(summary, dict):
+        raise NotARunError(f"{path}: config.yaml or summary.json is not a mapping; {_fix(path)}")
+    # An unfinished run has no summary yet; its config tells federated from single-device.
+    command = summary.get("command") or ("federate" if "fed" in config else "finetune")
+    if command not in FEDERATED_COMMANDS + SINGLE_COMMANDS:
+        raise NotARunError(f"{path}: summary.json names an unknown command {command!r}")
+    metrics = _jsonl(run, "metrics.jsonl")
+    clients = _jsonl(run, "clients.jsonl") if command in FEDERATED_COMMANDS else []
+    return RunRecord(path, command, config, summary, metrics, clients)
+
+
+def short_name(spec: Any) -> str:
+    """A model or dataset as a reader knows it: a built-in name stays, a path becomes
+    its last part (`/data/models/stories260K` -> `stories260K`)."""
+    text = str(spec or "?").rstrip("/")
+    return Path(text).name if "/" in text and Path(text).is_absolute() else text
+
+
+def method_name(run: RunRecord) -> str:
+    """The method in words: the federated algorithm and client method, or the
+    single-device method and adapter."""
+    cfg = run.config
+    peft = cfg.get("peft", {}).get("method", "?")
+    if run.federated:
+        fed = cfg.get("fed", {})
+        client = TRAIN_METHODS.get(fed.get("method"), fed.get("method", "?"))
+        return f"{fed.get('algorithm', '?')}, {peft}, {client}"
+    if run.command == "eval":
+        return "evaluation" + (" with an adapter" if run.summary.get("adapter") else ", zero-shot")
+    train = cfg.get("train", {}).get("method", "?")
+    return f"{TRAIN_METHODS.get(train, train)}, {peft}"
+
+
+def plot_title(run: RunRecord) -> str:
+    """Model, data and method: the title line of every plot of this run."""
+    data = short_name(run.config.get("data", {}).get("dataset"))
+    return f"{short_name(run.config.get('model'))} on {data}: {method_name(run)}"
+
+
+def task_name(run: RunRecord) -> str:
+    """The task the run trained or evaluated: as configured, else as its metrics show."""
+    task = run.config.get("data", {}).get("task")
+    if task:
+        return str(task)
+    keys = {k for row in run.metrics for k in row}
+    if "eval/accuracy" in keys:
+        return "classification (inferred from the data)"
+    if "eval/rougeL" in keys:
+        return "instruction (inferred from the data)"
+    return "lm (inferred from the data)" if "eval/perplexity" in keys else "inferred from the data"
+
+
+def _adapter(cfg: dict[str, Any]) -> str:
+    peft = cfg.get("peft", {})
+    method = peft.get("method", "?")
+    if method in ("lora", "lora-fa"):
+        return f"{method} (rank {peft.get('rank')}, alpha {peft.get('alpha')})"
+    return str(method)
+
+
+def _data(run: RunRecord) -> str:
+    data = run.config.get("data", {})
+    sizes = []
+    if run.summary.get("train_examples") is not None:
+        sizes.append(f"{run.summary['train_examples']:,} training examples")
+    if run.summary.get("eval_examples") is not None:
+        sizes.append(f"{run.summary['eval_examples']:,} held-out")
+    elif data.get("eval_size") is not None:
+        sizes.append(f"{data['eval_size']:,} held-out")
+    detail = f" ({', '.join(sizes)})" if sizes else ""
+    return f"{data.get('dataset')}{detail}, at most {data.get('max_length')} tokens per example"
+
+
+def _status(run: RunRecord) -> str:
+    if not run.summary:
+        return "unfinished, no summary.json yet"
+    return str(run.summary.get("status", "done"))
+
+
+def what_was_run(run: RunRecord) -> list[str]:
+    """Markdown bullets: command, model, data, task, method, length, seed (and for a
+    federation: clients, partition, fleet, algorithm and the methods devices ran)."""
+    cfg = run.config
+    train, optim = cfg.get("train", {}), cfg.get("optim", {})
+    lines = [
+        f"- **command**: `edgetune {run.command}` (status: {_status(run)})",
+        f"- **model**: {cfg.get('model')}",
+        f"- **data**: {_data(run)}",
+        f"- **task**: {task_name(run)}",
+    ]
+    if run.command != "eval":
+        lines.append(f"- **adapter**: {_adapter(cfg)}")
+    if run.federated:
+        fed = cfg.get("fed", {})
+        ran = run.summary.get("methods") or {}
+        devices = ", ".join(f"{m} on {n}" for m, n in ran.items()) or "not recorded yet"
+        lines += [
+            f"- **algorithm**: {fed.get('algorithm')} (aggregator {fed.get('aggregator')}, "
+            f"server optimizer {fed.get('server_optimizer')})",
+            f"- **client method**: {TRAIN_METHODS.get(fed.get('method'), fed.get('method'))}; "
+            f"methods the devices ran: {devices}",
+            f"- **clients**: {fed.get('clients')}, {fed.get('participation')} of them asked "
+            f"per round; partition {fed.get('partition')}; fleet {fed.get('fleet')}",
+            f"- **rounds**: {fed.get('rounds')} of {fed.get('local_steps')} local steps, "
+            f"batch {train.get('batch_size')}, learning rate {optim.get('lr')}",
+        ]
+    elif run.command == "finetune":
+        lines += [
+            f"- **method**: {TRAIN_METHODS.get(train.get('method'), train.get('method'))}",
+            f"- **steps**: {train.get('steps')} of batch {train.get('batch_size')}, "
+            f"learning rate {optim.get('lr')}, evaluated every {train.get('eval_every')}",
+        ]
+    else:
+        lines.append(f"- **adapter evaluated**: {run.summary.get('adapter') or 'none (zero-shot)'}")
+    lines.append(f"- **seed**: {cfg.get('seed')}")
+    return lines
