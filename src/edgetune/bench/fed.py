@@ -13,9 +13,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgetune.runs import RunDir
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RUNS = {
     "fedit (fo)": ["--algorithm", "fedit", "--method", "fo", "--lr", "5e-4"],
@@ -94,7 +97,7 @@ def _summarise(run: Path, target: float) -> dict[str, Any]:
 def run(model: str, rounds: int, clients: int, output: str, plot_dir: str) -> None:
     """Run every algorithm, then write the table and plots."""
     from edgetune.bench.markdown import machine_line, write_section
-    from edgetune.report.plots import plot_metric
+    from edgetune.report.plots import save
 
     work = Path("runs") / "bench-fed"
     dirs = {}
@@ -117,25 +120,34 @@ def run(model: str, rounds: int, clients: int, output: str, plot_dir: str) -> No
     target = round(first["start"] + 0.5 * (first["best"] - first["start"]), 3)
     results = {label: _summarise(d, target) for label, d in dirs.items()}
     plots = Path(plot_dir)
-    series = {label: r["rows"] for label, r in results.items()}
-    plot_metric(
-        series,
-        "eval/accuracy",
-        plots / "bench_fed_accuracy_vs_rounds.png",
-        x="round",
-        title="federated, BBC News, 10 clients, Dirichlet 0.5",
-    )
-    plot_metric(
-        series,
-        "eval/accuracy",
-        plots / "bench_fed_accuracy_vs_bytes.png",
-        x="total_bytes_up",
-        logx=True,
-        title="accuracy vs cumulative uploaded bytes",
-    )
+    for name, fig in figures(results, model, clients).items():
+        save(fig, plots / name)
     body = render(results, target, model, rounds, clients, machine_line(), plots, Path(output))
     write_section(output, "fed", body)
     print(body)
+
+
+def figures(results: dict[str, dict], model: str, clients: int) -> dict[str, Figure]:
+    """The two plots (file name -> figure): accuracy against rounds and against
+    cumulative uploaded bytes, one line per algorithm, round 0 (zero-shot) included."""
+    from edgetune.report.federated import cumulative
+    from edgetune.report.plots import metric_figure
+    from edgetune.report.run_info import short_name
+
+    series = {label: cumulative(r["rows"]) for label, r in results.items()}
+    setting = f"{short_name(model)} on bbc-news, {clients} clients, Dirichlet 0.5"
+    return {
+        "bench_fed_accuracy_vs_rounds.png": metric_figure(
+            series, "eval/accuracy", x="round", title=f"{setting}: federated algorithms"
+        ),
+        "bench_fed_accuracy_vs_bytes.png": metric_figure(
+            series,
+            "eval/accuracy",
+            x="total_bytes_up",
+            logx=True,
+            title=f"{setting}: accuracy per uploaded byte",
+        ),
+    }
 
 
 def render(

@@ -142,6 +142,7 @@ def run(
         zo: "zo" (sequential MeZO) or "prge" (P-RGE, q=4) for the zeroth-order run.
     """
     from edgetune.report.plots import plot_metric
+    from edgetune.report.run_info import short_name
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -160,17 +161,19 @@ def run(
     zero_shot = summaries["zo"]["initial_eval"]
     metrics["fo"] = [{"step": 0, **zero_shot}, *metrics["fo"]]
     key = "eval/accuracy" if "eval/accuracy" in zero_shot else "eval/loss"
+    dataset = common[common.index("--dataset") + 1]
     plot_metric(
         {labels[n]: rows for n, rows in metrics.items()},
         key,
         root / "accuracy.png",
-        title=f"{model} on held-out data",
+        title=f"{short_name(model)} on {dataset}: zero-shot vs ZO LoRA vs first-order LoRA",
     )
     print("\n=== demo: federated FedIT over a mixed fleet ===", flush=True)
     fed_args = [*common, *(QUICK_FED if quick else FED)]
     run_in_subprocess(root / "fed", model, fed_args, command="federate")
     fed_section = federated_section(root / "fed", key)
-    table = render(summaries, zero_shot, key, model, time.perf_counter() - start, labels)
+    configs = {n: RunDir(root / n, resume=True).read_config() for n in runs}
+    table = render(summaries, zero_shot, key, model, time.perf_counter() - start, labels, configs)
     (root / "report.md").write_text(
         table + "\n\n![accuracy against steps](accuracy.png)\n\n" + fed_section + "\n"
     )
@@ -187,11 +190,14 @@ def render(
     model: str,
     wall: float,
     labels: dict[str, str],
+    configs: dict[str, dict],
 ) -> str:
-    """The side-by-side Markdown table."""
+    """The side-by-side Markdown table, after what was run."""
     name = key.split("/")[1]
     lines = [
         f"# edgetune demo: {model}, zero-shot vs ZO LoRA vs first-order LoRA",
+        "",
+        *what_was_run(summaries, configs, labels),
         "",
         f"| method | held-out {name} | steps | trainable params | peak RSS (MB) | wall time (s) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -200,13 +206,31 @@ def render(
     for n, s in summaries.items():
         lines.append(
             f"| {labels[n]} | {s[key]:.3f} | {s['steps']} | {s['trainable_params']:,} | "
-            f"{s['peak_rss_mb']:.0f} | {s['wall_s']:.0f} |"
+            f"{s['peak_rss_mb']:.0f} | {s['wall_s']:.1f} |"
         )
     lines += [
         "",
         f"Held-out examples: {summaries['zo']['eval_examples']}; total demo time {wall:.0f} s.",
     ]
     return "\n".join(lines)
+
+
+def what_was_run(summaries: dict[str, dict], configs: dict[str, dict], labels: dict) -> list[str]:
+    """Markdown bullets: the data, seed, and each fine-tune's method and length."""
+    data = next(iter(configs.values()))["data"]
+    first = next(iter(summaries.values()))
+    lines = [
+        f"- **data**: {data['dataset']}, {first['train_examples']:,} training examples, "
+        f"{first['eval_examples']:,} held-out, at most {data['max_length']} tokens each; "
+        f"seed {next(iter(configs.values()))['seed']}",
+    ]
+    for n, cfg in configs.items():
+        peft, train, optim = cfg["peft"], cfg["train"], cfg["optim"]
+        lines.append(
+            f"- **{labels[n]}**: {peft['method']} rank {peft['rank']}, {train['steps']} steps "
+            f"of batch {train['batch_size']}, learning rate {optim['lr']}"
+        )
+    return lines
 
 
 def federated_section(run: Path, key: str) -> str:
@@ -225,6 +249,9 @@ def federated_section(run: Path, key: str) -> str:
         f"bytes, downloaded {summary['bytes_down']:,}; simulated time {summary['sim_s']:.1f} s; "
         f"wall {summary['wall_s']:.0f} s. Full report: fed/report.md.",
         "",
-        *device_table(rd.read_metrics("clients.jsonl")),
+        *device_table(rd.read_metrics("clients.jsonl"), summary["command"]),
+        "",
+        "Memory: the estimate is per device; the measured peak is the simulator process's "
+        "(every simulated client runs in it), not a device's.",
     ]
     return "\n".join(lines)

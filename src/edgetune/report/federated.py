@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgetune.errors import EdgetuneError
 from edgetune.report import numbers
-from edgetune.report.plots import METRIC_LABELS, plot_metric
+from edgetune.report.plots import METRIC_LABELS, metric_figure, save_all
 from edgetune.report.run_info import RunRecord, load_run, plot_title, what_was_run
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MEASURED_MEMORY = {
     "federate": "simulator process peak RSS during the client's work (MB)",
@@ -85,14 +88,24 @@ def device_table(clients: list[dict[str, Any]], command: str = "federate") -> li
     return lines
 
 
-def round_rows(run: RunRecord) -> list[dict[str, Any]]:
+def cumulative(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """metrics.jsonl's round lines with cumulative bytes and seconds carried forward, so
-    round 0 (zero-shot) sits at 0 bytes and 0 s."""
+    round 0 (zero-shot) sits at 0 bytes and 0 s on the plots."""
     rows, up, sim = [], 0.0, 0.0
-    for r in run.metrics:
+    for r in metrics:
         if "round" in r:
             up, sim = r.get("total_bytes_up", up), r.get("total_sim_s", sim)
             rows.append({**r, "total_bytes_up": up, "total_sim_s": sim})
+    return rows
+
+
+def round_rows(run: RunRecord) -> list[dict[str, Any]]:
+    """The run's round lines (see `cumulative`).
+
+    Raises:
+        EdgetuneError: the run logged no round yet.
+    """
+    rows = cumulative(run.metrics)
     if not rows:
         raise EdgetuneError(
             f"{run.path} has no federated rounds in metrics.jsonl; the run stopped before "
@@ -101,24 +114,15 @@ def round_rows(run: RunRecord) -> list[dict[str, Any]]:
     return rows
 
 
-def plots(run: RunRecord, rows: list[dict[str, Any]], key: str) -> dict[str, Path]:
-    """The three PNGs; returns caption -> path."""
+def figures(run: RunRecord, rows: list[dict[str, Any]], key: str) -> dict[str, Figure]:
+    """The three plots, by file name: `key` against rounds, simulated seconds and
+    cumulative uploaded bytes (log scale), round 0 (zero-shot) included."""
     series, title = {str(run.config.get("fed", {}).get("algorithm")): rows}, plot_title(run)
-    label = METRIC_LABELS[key]
     return {
-        f"{label} against rounds": plot_metric(
-            series, key, run.path / "metric_vs_rounds.png", title=title, x="round"
-        ),
-        f"{label} against simulated time": plot_metric(
-            series, key, run.path / "metric_vs_time.png", title=title, x="total_sim_s"
-        ),
-        f"{label} against uploaded bytes": plot_metric(
-            series,
-            key,
-            run.path / "metric_vs_bytes.png",
-            title=title,
-            x="total_bytes_up",
-            logx=True,
+        "metric_vs_rounds.png": metric_figure(series, key, title=title, x="round"),
+        "metric_vs_time.png": metric_figure(series, key, title=title, x="total_sim_s"),
+        "metric_vs_bytes.png": metric_figure(
+            series, key, title=title, x="total_bytes_up", logx=True
         ),
     }
 
@@ -144,7 +148,7 @@ def write(run: RunRecord) -> Path:
     """Write RUN/report.md and its plots for a federated run; returns the report path."""
     rows = round_rows(run)
     key = _metric_key(rows)
-    written = plots(run, rows, key)
+    images = save_all(figures(run, rows, key), run.path)
     first, last = rows[0], rows[-1]
     measured = MEASURED_MEMORY.get(run.command, MEASURED_MEMORY["federate"])
     lines = [
@@ -176,7 +180,7 @@ def write(run: RunRecord) -> Path:
             else "."
         ),
         "",
-        *[f"![{caption}]({p.name})" for caption, p in written.items()],
+        *images,
     ]
     out = run.path / "report.md"
     out.write_text("\n".join(lines) + "\n")

@@ -99,6 +99,17 @@ def save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def caption(fig: Figure) -> str:
+    """What a figure shows, from its axis labels: "held-out accuracy against round"."""
+    ax = fig.axes[0]
+    return f"{ax.get_ylabel()} against {ax.get_xlabel()}"
+
+
+def save_all(figures: dict[str, Figure], folder: Path) -> list[str]:
+    """Write each figure as `folder/<file name>`; returns Markdown image lines."""
+    return [f"![{caption(fig)}]({save(fig, folder / name).name})" for name, fig in figures.items()]
+
+
 def plot_metric(
     series: dict[str, list[dict[str, Any]]],
     key: str,

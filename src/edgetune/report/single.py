@@ -9,11 +9,14 @@ than two points (an `eval` run) is a table row, not a plot.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgetune.report import numbers
-from edgetune.report.plots import METRIC_LABELS, plot_metric
+from edgetune.report.plots import METRIC_LABELS, metric_figure, save_all
 from edgetune.report.run_info import RunRecord, load_run, plot_title, what_was_run
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 EVAL_KEYS = ("eval/accuracy", "eval/rougeL", "eval/perplexity", "eval/loss")
 
@@ -23,22 +26,20 @@ def eval_keys(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in EVAL_KEYS if any(k in r for r in rows)]
 
 
-def plots(run: RunRecord) -> dict[str, Path]:
-    """Write the run's PNG plots; returns caption -> path."""
+def figures(run: RunRecord) -> dict[str, Figure]:
+    """The run's plots, by file name: training loss and each held-out metric against steps."""
     title = plot_title(run)
     train = [r for r in run.metrics if "loss" in r and "step" in r]
-    written = {}
+    out = {}
     if len(train) > 1:
-        written["training loss against steps"] = plot_metric(
-            {"training": train}, "loss", run.path / "train_loss_vs_steps.png", title=title
-        )
+        out["train_loss_vs_steps.png"] = metric_figure({"training": train}, "loss", title=title)
     for key in eval_keys(run.metrics):
         if sum(key in r for r in run.metrics) > 1:
             name = key.split("/")[1].lower()
-            written[f"{METRIC_LABELS[key]} against steps"] = plot_metric(
-                {"held-out": run.metrics}, key, run.path / f"eval_{name}_vs_steps.png", title=title
+            out[f"eval_{name}_vs_steps.png"] = metric_figure(
+                {"held-out": run.metrics}, key, title=title
             )
-    return written
+    return out
 
 
 def results_table(run: RunRecord) -> list[str]:
@@ -97,7 +98,7 @@ def cost(run: RunRecord) -> str:
 
 def write(run: RunRecord) -> Path:
     """Write RUN/report.md and its plots for a finetune or eval run; returns the report."""
-    written = plots(run)
+    images = save_all(figures(run), run.path)
     lines = [
         f"# {plot_title(run)}",
         "",
@@ -113,7 +114,7 @@ def write(run: RunRecord) -> Path:
     ]
     if len([r for r in run.metrics if any(k in r for k in EVAL_KEYS)]) > 1:
         lines += ["", "## Every evaluation", "", *evaluations(run)]
-    lines += ["", *[f"![{caption}]({p.name})" for caption, p in written.items()]]
+    lines += ["", *images]
     out = run.path / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
