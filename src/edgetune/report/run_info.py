@@ -12,7 +12,6 @@ from typing import Any
 import yaml
 
 from edgetune.errors import EdgetuneError
-from edgetune.runs import RunDir
 
 FEDERATED_COMMANDS = ("federate", "flower run")
 SINGLE_COMMANDS = ("finetune", "eval")
@@ -51,14 +50,25 @@ def _fix(path: Path) -> str:
     )
 
 
-def _jsonl(run: RunDir, name: str) -> list[dict[str, Any]]:
-    try:
-        return run.read_metrics(name)
-    except json.JSONDecodeError as exc:
-        raise NotARunError(
-            f"{run.path / name} line {exc.lineno} is not JSON ({exc.msg}); the run directory "
-            "is damaged: rerun it, or delete that line if the run was killed while writing it"
-        ) from None
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The lines of a JSONL file of the run (empty if absent), each checked."""
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            row = exc.msg
+        if not isinstance(row, dict):
+            raise NotARunError(
+                f"{path} line {number} is not a JSON object ({row}); the run directory is "
+                "damaged: rerun it, or delete that line if the run was killed while writing it"
+            )
+        rows.append(row)
+    return rows
 
 
 def load_run(run_dir: str | Path) -> RunRecord:
@@ -75,7 +85,6 @@ def load_run(run_dir: str | Path) -> RunRecord:
     missing = [n for n in ("config.yaml", "metrics.jsonl") if not (path / n).is_file()]
     if missing:
         raise NotARunError(f"{path} has no {' and no '.join(missing)}; {_fix(path)}")
-    run = RunDir(path, resume=True)
     try:
         config = yaml.safe_load((path / "config.yaml").read_text()) or {}
         summary_path = path / "summary.json"
@@ -88,8 +97,8 @@ def load_run(run_dir: str | Path) -> RunRecord:
     command = summary.get("command") or ("federate" if "fed" in config else "finetune")
     if command not in FEDERATED_COMMANDS + SINGLE_COMMANDS:
         raise NotARunError(f"{path}: summary.json names an unknown command {command!r}")
-    metrics = _jsonl(run, "metrics.jsonl")
-    clients = _jsonl(run, "clients.jsonl") if command in FEDERATED_COMMANDS else []
+    metrics = _jsonl(path / "metrics.jsonl")
+    clients = _jsonl(path / "clients.jsonl") if command in FEDERATED_COMMANDS else []
     return RunRecord(path, command, config, summary, metrics, clients)
 
 

@@ -1,0 +1,47 @@
+"""Tiny real runs (stories260K on SST-2, seconds each) that the report tests read;
+made once per module, each test copies what it changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgetune.cli import main
+
+
+def _data(shared_data: Path) -> list[str]:
+    del shared_data
+    return ["data.eval_size=16", "data.max_length=32"]
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory, stories260k_path, shared_data) -> Path:
+    """A 4-step MeZO LoRA run evaluated at steps 0, 2 and 4."""
+    out = tmp_path_factory.mktemp("runs") / "finetune"
+    args = ["finetune", "--model", str(stories260k_path), "--dataset", "sst2", "--method", "zo"]
+    args += ["--steps", "4", "--batch-size", "4", "--out", str(out), "data.train_size=64"]
+    args += ["train.eval_every=2", "train.progress=false", *_data(shared_data)]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, stories260k_path, shared_data) -> Path:
+    """A zero-shot `edgetune eval --out` run: one evaluation line."""
+    out = tmp_path_factory.mktemp("runs") / "eval"
+    args = ["eval", "--model", str(stories260k_path), "--dataset", "sst2", "--out", str(out)]
+    assert main([*args, *_data(shared_data)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def federate_run(tmp_path_factory, stories260k_path, shared_data) -> Path:
+    """FedIT over 5 clients of the mixed fleet, 2 rounds (round 0 = zero-shot)."""
+    out = tmp_path_factory.mktemp("runs") / "federate"
+    args = ["federate", "--model", str(stories260k_path), "--dataset", "sst2"]
+    args += ["--algorithm", "fedit", "--method", "auto", "--fleet", "mixed", "--clients", "5"]
+    args += ["--participation", "0.6", "--partition", "dirichlet:0.5", "--rounds", "2"]
+    args += ["--local-steps", "3", "--batch-size", "4", "--out", str(out), "data.train_size=100"]
+    assert main([*args, *_data(shared_data)]) == 0
+    return out
