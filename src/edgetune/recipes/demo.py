@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.recipes.finetune import run_in_subprocess
+from edgetune.report.run_info import short_name
 from edgetune.runs import RunDir
 
 # Shared by both runs: same data, split, seed and eval set, so only the method differs.
@@ -142,7 +143,6 @@ def run(
         zo: "zo" (sequential MeZO) or "prge" (P-RGE, q=4) for the zeroth-order run.
     """
     from edgetune.report.plots import plot_metric
-    from edgetune.report.run_info import short_name
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ def render(
     """The side-by-side Markdown table, after what was run."""
     name = key.split("/")[1]
     lines = [
-        f"# edgetune demo: {model}, zero-shot vs ZO LoRA vs first-order LoRA",
+        f"# edgetune demo: {short_name(model)}, zero-shot vs ZO LoRA vs first-order LoRA",
         "",
         *what_was_run(summaries, configs, labels),
         "",
