@@ -6,6 +6,8 @@ demo runs; and one of them trains for real on stories260K."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,26 @@ def test_a_shipped_federation_config_runs_for_real(tmp_path, stories260k_path, s
     assert (summary["algorithm"], summary["rounds"], summary["status"]) == ("fedkseed", 1, "done")
     assert summary["methods"] == {"zo": 3}  # fleet: phones, fed.method: zo
     assert 0 < summary["bytes_up"] < 3 * 400  # seeds and scalars, not LoRA deltas
+
+
+def _readme_commands() -> list[list[str]]:
+    """The README's `edgetune ... --config ...` commands, continuation lines joined."""
+    text = (CONFIGS.parent / "README.md").read_text().replace("\\\n", " ")
+    lines = [line.split(" # ")[0] for line in text.splitlines()]
+    return [
+        shlex.split(line)[1:]
+        for line in lines
+        if line.startswith("edgetune ") and "--config" in line
+    ]
+
+
+def test_readme_uses_shipped_configs_and_its_commands_resolve():
+    text = (CONFIGS.parent / "README.md").read_text()
+    assert "my.yaml" not in text
+    named = set(re.findall(r"configs/([\w.-]+\.yaml)", text))
+    assert named and named <= {p.name for p in SHIPPED}
+    commands = _readme_commands()
+    assert len(commands) >= 6
+    for argv in commands:
+        argv = [str(CONFIGS.parent / a) if a.startswith("configs/") else a for a in argv]
+        assert _from_flags(argv)["model"]  # flags, overrides and file resolve together
