@@ -107,14 +107,15 @@ def test_federated_report_says_what_ran_and_labels_memory_honestly(federate_run)
     )
     head = text.split("## Results")[0]
     assert (
-        "- **clients**: 5, 0.6 of them asked per round; partition dirichlet:0.5; fleet mixed"
+        "- **clients**: 5, 60% of them asked per round; partition dirichlet:0.5; fleet mixed"
         in head
     )
     assert "- **rounds**: 2 of 3 local steps, batch 4" in head
     assert "- **algorithm**: fedit (aggregator mean" in head
     methods = json.loads((federate_run / "summary.json").read_text())["methods"]
     assert (
-        "methods the devices ran: " + ", ".join(f"{m} on {n}" for m, n in methods.items()) in head
+        "methods the devices ran: " + ", ".join(f"{m} on {n} clients" for m, n in methods.items())
+        in head
     )
     rows = RunDir(federate_run, resume=True).read_metrics()
     rounds = _table(text, "| round |")

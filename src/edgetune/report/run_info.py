@@ -96,7 +96,10 @@ def load_run(run_dir: str | Path) -> RunRecord:
     # An unfinished run has no summary yet; its config tells federated from single-device.
     command = summary.get("command") or ("federate" if "fed" in config else "finetune")
     if command not in FEDERATED_COMMANDS + SINGLE_COMMANDS:
-        raise NotARunError(f"{path}: summary.json names an unknown command {command!r}")
+        raise NotARunError(
+            f"{path}: summary.json names the command {command!r}, which has no report "
+            f"(reports exist for {', '.join(SINGLE_COMMANDS + FEDERATED_COMMANDS)} runs)"
+        )
     metrics = _jsonl(path / "metrics.jsonl")
     clients = _jsonl(path / "clients.jsonl") if command in FEDERATED_COMMANDS else []
     return RunRecord(path, command, config, summary, metrics, clients)
@@ -186,14 +189,16 @@ def what_was_run(run: RunRecord) -> list[str]:
     if run.federated:
         fed = cfg.get("fed", {})
         ran = run.summary.get("methods") or {}
-        devices = ", ".join(f"{m} on {n}" for m, n in ran.items()) or "not recorded yet"
+        devices = ", ".join(f"{m} on {n} clients" for m, n in ran.items()) or "not recorded yet"
+        share = fed.get("participation")
+        asked = f"{share:.0%}" if isinstance(share, (int, float)) else share
         lines += [
             f"- **algorithm**: {fed.get('algorithm')} (aggregator {fed.get('aggregator')}, "
             f"server optimizer {fed.get('server_optimizer')})",
             f"- **client method**: {TRAIN_METHODS.get(fed.get('method'), fed.get('method'))}; "
             f"methods the devices ran: {devices}",
-            f"- **clients**: {fed.get('clients')}, {fed.get('participation')} of them asked "
-            f"per round; partition {fed.get('partition')}; fleet {fed.get('fleet')}",
+            f"- **clients**: {fed.get('clients')}, {asked} of them asked per round; "
+            f"partition {fed.get('partition')}; fleet {fed.get('fleet')}",
             f"- **rounds**: {fed.get('rounds')} of {fed.get('local_steps')} local steps, "
             f"batch {train.get('batch_size')}, learning rate {optim.get('lr')}",
         ]
