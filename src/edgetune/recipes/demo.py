@@ -197,7 +197,7 @@ def render(
     lines = [
         f"# edgetune demo: {short_name(model)}, zero-shot vs ZO LoRA vs first-order LoRA",
         "",
-        *what_was_run(summaries, configs, labels),
+        *settings(summaries, configs, labels),
         "",
         f"| method | held-out {name} | steps | trainable params | peak RSS (MB) | wall time (s) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -210,12 +210,12 @@ def render(
         )
     lines += [
         "",
-        f"Held-out examples: {summaries['zo']['eval_examples']}; total demo time {wall:.0f} s.",
+        f"Held-out examples: {summaries['zo']['eval_examples']}; total demo time {wall:.1f} s.",
     ]
     return "\n".join(lines)
 
 
-def what_was_run(summaries: dict[str, dict], configs: dict[str, dict], labels: dict) -> list[str]:
+def settings(summaries: dict[str, dict], configs: dict[str, dict], labels: dict) -> list[str]:
     """Markdown bullets: the data, seed, and each fine-tune's method and length."""
     data = next(iter(configs.values()))["data"]
     first = next(iter(summaries.values()))
@@ -247,7 +247,7 @@ def federated_section(run: Path, key: str) -> str:
         "",
         f"Held-out {key.split('/')[1]} by round: {trail}; uploaded {summary['bytes_up']:,} "
         f"bytes, downloaded {summary['bytes_down']:,}; simulated time {summary['sim_s']:.1f} s; "
-        f"wall {summary['wall_s']:.0f} s. Full report: fed/report.md.",
+        f"wall {summary['wall_s']:.1f} s. Full report: fed/report.md.",
         "",
         *device_table(rd.read_metrics("clients.jsonl"), summary["command"]),
         "",

@@ -1,0 +1,32 @@
+"""The demo's report.md opens with what was run, from the runs' own configs and summaries."""
+
+from __future__ import annotations
+
+import json
+
+from edgetune.recipes import demo
+from edgetune.runs import RunDir
+
+
+def test_demo_report_opens_with_the_settings_of_each_run(finetune_run):
+    summary = json.loads((finetune_run / "summary.json").read_text())
+    config = RunDir(finetune_run, resume=True).read_config()
+    summaries, configs = {"zo": summary, "fo": summary}, {"zo": config, "fo": config}
+    text = demo.render(
+        summaries,
+        summary["initial_eval"],
+        "eval/accuracy",
+        str(config["model"]),
+        12.34,
+        demo.LABELS,
+        configs,
+    )
+    lines = text.splitlines()
+    assert lines[0] == "# edgetune demo: stories260K, zero-shot vs ZO LoRA vs first-order LoRA"
+    assert lines[2] == (
+        "- **data**: sst2, 64 training examples, 16 held-out, at most 32 tokens each; seed 0"
+    )
+    assert lines[3] == "- **ZO LoRA (MeZO)**: lora rank 8, 4 steps of batch 4, learning rate 0.001"
+    row = next(x for x in lines if x.startswith("| ZO LoRA (MeZO) |"))
+    assert row.endswith(f"| {summary['wall_s']:.1f} |")
+    assert lines[-1].endswith("total demo time 12.3 s.")
