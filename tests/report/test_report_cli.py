@@ -185,3 +185,14 @@ def test_a_damaged_metrics_line_exits_2_naming_the_line(finetune_run, tmp_path, 
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err
     assert "metrics.jsonl line 8 is not a JSON object" in err and "Traceback" not in err
+
+
+def test_on_flower_the_measured_memory_is_the_node_process(federate_run):
+    clients = RunDir(federate_run, resume=True).read_metrics("clients.jsonl")
+    lost = [{**clients[0], "status": "no reply: timed out", "bytes_up": 0}]
+    header, _, *rows = federated.device_table(clients + lost, "flower run")
+    assert header.endswith(
+        "| memory estimate per device (MB) | node process peak RSS (MB, measured) |"
+    )
+    row = next(r for r in rows if r.startswith(f"| {clients[0]['device']} |"))
+    assert row.strip("|").split("|")[6].strip() == "1"  # the lost reply is counted as lost
