@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.bench.fed import common_flags
+from edgetune.bench.markdown import threads_line
 from edgetune.runs import RunDir
+from edgetune.threads import split
 
 ALGORITHMS = {
     "fedit (fo)": ["--algorithm", "fedit", "--method", "fo", "--lr", "5e-4"],
@@ -78,6 +80,8 @@ def measure(model: str, rounds: int, clients: int, root: Path) -> dict[str, dict
             "sim_wall_s": sim_wall,
             "flower_wall_s": fl_wall,
             "max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
+            "sim_threads": RunDir(sim_dir, resume=True).read_config()["threads"],
+            "node_threads": split(RunDir(fl_dir, resume=True).read_config()["threads"], clients),
         }
     return out
 
@@ -91,6 +95,9 @@ def render(
         "",
         f"Command: `edgetune bench flower --model {model} --rounds {rounds} --clients {clients}`  ",
         f"Machine: {machine}  ",
+        threads_line([r["sim_threads"] for r in results.values()], "simulator process")
+        + f"; {' / '.join(sorted({str(r['node_threads']) for r in results.values()}))} in each "
+        f"of the {clients} SuperNodes (their share of the run's `threads`)  ",
         f"Task: BBC News, {clients} clients (one SuperNode each, all on this machine), every "
         "client every round, 2 local steps of batch 4; medians over rounds / messages.",
         "",
