@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.bench.fed import common_flags
-from edgetune.bench.markdown import threads_line
 from edgetune.runs import RunDir
 from edgetune.threads import split
 
@@ -86,6 +85,10 @@ def measure(model: str, rounds: int, clients: int, root: Path) -> dict[str, dict
     return out
 
 
+def _distinct(results: dict[str, dict[str, Any]], key: str) -> str:
+    return " / ".join(str(n) for n in sorted({r[key] for r in results.values()}))
+
+
 def render(
     results: dict[str, dict[str, Any]], model: str, rounds: int, clients: int, machine: str
 ) -> str:
@@ -95,9 +98,9 @@ def render(
         "",
         f"Command: `edgetune bench flower --model {model} --rounds {rounds} --clients {clients}`  ",
         f"Machine: {machine}  ",
-        threads_line([r["sim_threads"] for r in results.values()], "simulator process")
-        + f"; {' / '.join(sorted({str(r['node_threads']) for r in results.values()}))} in each "
-        f"of the {clients} SuperNodes (their share of the run's `threads`)  ",
+        f"Threads: {_distinct(results, 'sim_threads')} in each simulator process; "
+        f"{_distinct(results, 'node_threads')} in each of the {clients} SuperNodes (their "
+        "share of the run's `threads`)  ",
         f"Task: BBC News, {clients} clients (one SuperNode each, all on this machine), every "
         "client every round, 2 local steps of batch 4; medians over rounds / messages.",
         "",
