@@ -80,8 +80,9 @@ def _add_threads_flag(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         metavar="N",
-        help="torch threads per process (default: OMP_NUM_THREADS if set, else the cores "
-        "other processes leave free; 1 for tiny models; see edgetune.threads)",
+        help="torch threads (default: OMP_NUM_THREADS if set, else the cores other "
+        "processes leave free, 1 for tiny models; local SuperNodes share them; child "
+        "processes inherit them; see edgetune.threads)",
     )
 
 
