@@ -75,6 +75,17 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
+def _add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads (default: OMP_NUM_THREADS if set, else the cores other "
+        "processes leave free, 1 for tiny models; local SuperNodes share them; child "
+        "processes inherit them; see edgetune.threads)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edgetune.recipes.finetune import FinetuneConfig
 
@@ -92,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     _add_data_flags(ft)
+    _add_threads_flag(ft)
     g = ft.add_argument_group("training")
     g.add_argument("--method", help="fo (backprop) | zo (MeZO) | prge (P-RGE)")
     g.add_argument("--peft", help="lora | lora-fa | prompt | bitfit | last-n | full")
@@ -117,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     flsub = fl.add_subparsers(dest="flower_command", required=True)
     up = flsub.add_parser("up", help="start a SuperLink and N SuperNodes on 127.0.0.1")
     _add_local_flags(up)
+    _add_threads_flag(up)
     frun = flsub.add_parser(
         "run",
         help="run `edgetune federate` on a Flower federation (same run directory)",
@@ -131,8 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for replies")
     g.add_argument("--wait-nodes", type=float, default=120.0, help="seconds to wait for nodes")
     g.add_argument("--devices", help="with --local: device profiles of the nodes, cycled")
-    g.add_argument("--tls", metavar="DIR", help="with --local: certificates from `flower certs`")
-    g.add_argument("--auth", metavar="DIR", help="with --local: SuperNode keys (`flower certs`)")
+    _add_security_flags(g, "with --local: ")
     certs = flsub.add_parser(
         "certs", help="write test TLS certificates for 127.0.0.1 (and SuperNode keys)"
     )
@@ -141,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a model (and adapter) on a task")
     _add_data_flags(ev)
+    _add_threads_flag(ev)
     ev.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN/adapter)")
     ev.add_argument("--out", help="write a run directory with the metrics")
     ev.add_argument("--batch-size", type=int, default=16)
@@ -151,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=48)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_threads_flag(gen)
 
     sub.add_parser("models", help="list built-in models and whether they are available")
     rep = sub.add_parser("report", help="Markdown report + plots of a run (single or federated)")
@@ -166,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="zo",
         help="zeroth-order method of the demo: sequential MeZO or P-RGE",
     )
+    _add_threads_flag(demo)
 
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
     bench.add_argument("which", choices=["memory", "zo", "fed", "flower"])
@@ -184,11 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seq-len", type=int, default=128)
     bench.add_argument("--steps", type=int, default=3)
     bench.add_argument("--output", default="docs/BENCHMARKS.md")
+    _add_threads_flag(bench)
     return parser
 
 
 def _add_federate_flags(fd: argparse.ArgumentParser) -> None:
     _add_data_flags(fd)
+    _add_threads_flag(fd)
     g = fd.add_argument_group("federation")
     g.add_argument("--algorithm", help="fedit | fedkseed | fedkseed-pro | fwdllm")
     g.add_argument("--clients", type=int)
@@ -211,8 +228,27 @@ def _add_local_flags(up: argparse.ArgumentParser) -> None:
     up.add_argument("--home", default="runs/flower-home", help="FLWR_HOME (config.toml, logs)")
     up.add_argument("--port", type=int, default=0, help="SuperLink port (0 = a free one)")
     up.add_argument("--devices", help="device profiles of the nodes, comma-separated, cycled")
-    up.add_argument("--tls", metavar="DIR", help="certificates from `edgetune flower certs`")
-    up.add_argument("--auth", metavar="DIR", help="SuperNode keys (`flower certs --nodes N`)")
+    _add_security_flags(up, "")
+
+
+def _add_security_flags(g: Any, prefix: str) -> None:
+    g.add_argument(
+        "--tls",
+        metavar="DIR",
+        help=f"{prefix}certificates from `edgetune flower certs` "
+        "(default: generated into HOME/certs)",
+    )
+    g.add_argument(
+        "--auth",
+        metavar="DIR",
+        help=f"{prefix}SuperNode keys from `flower certs --nodes N` "
+        "(default: generated into HOME/certs/keys)",
+    )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help=f"{prefix}no TLS and no SuperNode authentication (loopback trials only)",
+    )
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,15 +260,33 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _start_threads(args: argparse.Namespace, cfg: Any = None) -> int:
+    """Set this process's torch threads (and its children's) before torch does any work;
+    `--threads` wins over the config's `threads`, which a run records in config.yaml."""
+    from edgetune import threads
+
+    configured = cfg.threads if cfg is not None else 0
+    source = "--threads" if args.threads else "threads in the config"
+    model = cfg.model if cfg is not None else getattr(args, "model", None)
+    chosen = threads.resolve(args.threads or configured or None, model, source)
+    threads.apply(chosen.count)
+    args.threads = chosen.count
+    if cfg is not None:
+        cfg.threads = chosen.count
+    return chosen.count
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from edgetune.config import config_from_run, resolve_config
     from edgetune.recipes import finetune
 
     if args.resume:
         cfg = config_from_run(finetune.FinetuneConfig, args.resume, args.overrides)
+        _start_threads(args, cfg)
         summary = finetune.run(cfg, resume=True)
     else:
         cfg = resolve_config(finetune.FinetuneConfig, args.config, args.overrides, _flags(args))
+        _start_threads(args, cfg)
         summary = finetune.run(cfg, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
@@ -253,6 +307,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
     from edgetune.recipes import federate
 
     cfg = _federate_config(args)
+    _start_threads(args, cfg)
     if args.resume:
         summary = federate.run(cfg, resume=True)
     else:
@@ -294,8 +349,11 @@ def cmd_flower(args: argparse.Namespace) -> int:
             print(f"wrote {len(keys)} SuperNode key pairs in {Path(args.dir) / 'keys'}")
         return 0
     if args.flower_command == "up":
+        _start_threads(args)
         return flower.up(args)
-    summary = flower.run(_federate_config(args), args)
+    cfg = _federate_config(args)
+    _start_threads(args, cfg)
+    summary = flower.run(cfg, args)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -303,6 +361,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from edgetune.recipes import evaluate
 
+    _start_threads(args)
     summary = evaluate.run(args, _flags(args))
     print(json.dumps(summary, indent=2))
     return 0
@@ -311,6 +370,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from edgetune.recipes import generate
 
+    _start_threads(args)
     print(generate.run(args.model, args.prompt, args.adapter, args.max_new_tokens, args.chat))
     return 0
 
@@ -335,11 +395,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgetune.recipes import demo
 
+    _start_threads(args)
     demo.run(args.out, model=args.model, quick=args.quick, zo=args.zo)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _start_threads(args)
     if args.which == "fed":
         from edgetune.bench import fed
 

@@ -1,7 +1,10 @@
 """edgetune on real Flower processes (SuperLink + SuperNodes on 127.0.0.1).
 
 Parity with the in-process simulator (same config and seed: same global adapter, same
-payload bytes), a SuperNode killed mid-run, TLS on, a node with the wrong CA refused.
+payload bytes), a SuperNode killed mid-run, the secure default (TLS and SuperNode
+authentication with generated certificates and keys) refusing a node with the wrong CA or
+an unregistered key, and `edgetune flower up` starting securely by default. Tests that are
+not about security opt out explicitly (`insecure=True`, `--insecure`) to stay fast.
 Every process started here is stopped by PID.
 """
 
@@ -9,9 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import stat
+import subprocess
+import sys
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -65,7 +73,7 @@ def make_config(stories260k_path, shared_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    fed = LocalFederation(tmp_path_factory.mktemp("flwr-home"), clients=2)
+    fed = LocalFederation(tmp_path_factory.mktemp("flwr-home"), clients=2, insecure=True)
     with fed:
         yield fed
 
@@ -140,7 +148,7 @@ def test_flower_run_equals_the_simulator(
 
 def test_a_killed_supernode_does_not_stop_the_run(tmp_path, make_config):
     cfg = make_config(tmp_path / "run", rounds=2)
-    with LocalFederation(tmp_path / "home", clients=2) as fed:
+    with LocalFederation(tmp_path / "home", clients=2, insecure=True) as fed:
         run = RunDir(cfg.out, overwrite=True)
         run.write_config(to_dict(cfg))
         errors = []
@@ -189,7 +197,7 @@ def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp
         except EdgetuneError as exc:  # expected: the federation is killed under it
             failures.append(exc)
 
-    with LocalFederation(tmp_path / "home1", clients=2) as fed:
+    with LocalFederation(tmp_path / "home1", clients=2, insecure=True) as fed:
         thread = threading.Thread(target=first_attempt, args=(fed.home,))
         thread.start()
         deadline = time.monotonic() + 300
@@ -201,7 +209,8 @@ def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp
     interrupted = json.loads((run.path / "state" / "round.json").read_text())["round"]
     # ... and resume from the CLI on new processes (the devices lost their state too)
     home = str(tmp_path / "home2")
-    assert main(["flower", "run", "--resume", str(run.path), "--local", "2", "--home", home]) == 0
+    resume = ["flower", "run", "--resume", str(run.path), "--local", "2", "--insecure"]
+    assert main([*resume, "--home", home]) == 0
     assert (run.path / "report.md").exists()
     with same_threads_as_the_nodes(fed):  # the first federation: also 2 SuperNodes
         federate.run(make_config(tmp_path / "sim", "fedkseed-pro", "zo", rounds=3))
@@ -213,15 +222,19 @@ def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp
     assert [r["round"] for r in run.read_metrics()] == [0, 1, 2, 3]
 
 
-def test_tls_and_supernode_auth_admit_only_trusted_registered_nodes(tmp_path, make_config):
-    # Prepare: a test CA + server certificate, keys for the 2 registered nodes, and two
-    # intruders: one trusting another CA, one with a key the SuperLink does not know
-    certs = write_test_certificates(tmp_path / "certs")
+def test_by_default_tls_and_supernode_auth_admit_only_trusted_registered_nodes(
+    tmp_path, make_config
+):
+    # Prepare: two intruders: one trusting another CA, one with a key the SuperLink does
+    # not know; the federation itself is started with its defaults
     other = write_test_certificates(tmp_path / "other-ca")
-    keys = tmp_path / "keys"
-    write_supernode_keys(keys, 2)
     stranger_key = write_supernode_keys(tmp_path / "strangers", 1)[0]
-    with LocalFederation(tmp_path / "home", clients=2, tls=certs, auth=keys) as fed:
+    with LocalFederation(tmp_path / "home", clients=2) as fed:
+        # the defaults: certificates and keys generated into HOME/certs, nodes' threads set
+        assert fed.tls == tmp_path / "home" / "certs" and fed.auth == fed.tls / "keys"
+        assert "--enable-supernode-auth" in fed.procs["superlink"].args
+        node_env = psutil.Process(fed.procs["supernode-0"].pid).environ()
+        keys = fed.auth
         # (the wrong-CA node holds a registered key: only TLS can stop it)
         wrong_ca = fed.start_node(6, root_certificates=other / "ca.crt", key=keys / "node-0")
         unregistered = fed.start_node(7, key=stranger_key)
@@ -235,6 +248,38 @@ def test_tls_and_supernode_auth_admit_only_trusted_registered_nodes(tmp_path, ma
     assert all("SuperNode ID" not in log for log in logs)
     assert json.loads((run.path / "summary.json").read_text())["status"] == "done"
     assert [r["accepted"] for r in run.read_metrics()[1:]] == [2]
+    assert node_env["OMP_NUM_THREADS"] == node_env["MKL_NUM_THREADS"] == str(fed.node_threads)
+
+
+def test_flower_up_starts_securely_by_default_and_stops_on_sigterm(tmp_path):
+    # Execute: `edgetune flower up` as a user runs it, with no security flags
+    home = tmp_path / "home"
+    argv = [sys.executable, "-m", "edgetune.cli", "flower", "up", "--clients", "1"]
+    up = subprocess.Popen(
+        [*argv, "--home", str(home), "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        banner = []
+        while not banner or ("Stop: Ctrl-C" not in banner[-1] and banner[-1]):
+            banner.append(up.stdout.readline())
+        family = psutil.Process(up.pid).children(recursive=True)
+        cmdlines = [" ".join(p.cmdline()) for p in family]
+    finally:
+        up.send_signal(signal.SIGTERM)
+        status = up.wait(timeout=60)
+    # Assert: TLS and SuperNode authentication on, with keys made private in HOME/certs
+    assert any("Security: TLS with" in line for line in banner), banner
+    superlink = next(c.split() for c in cmdlines if "flower-superlink" in c)
+    supernode = next(c.split() for c in cmdlines if "flower-supernode" in c)
+    assert "--enable-supernode-auth" in superlink and "--insecure" not in superlink
+    assert str(home / "certs" / "server.key") in superlink
+    assert "--auth-supernode-private-key" in supernode and "--insecure" not in supernode
+    assert stat.S_IMODE((home / "certs" / "keys" / "node-0").stat().st_mode) == 0o600
+    # ... and SIGTERM stopped it cleanly, with every process it started
+    assert status == 0 and psutil.wait_procs(family, timeout=30)[1] == []
 
 
 @pytest.mark.parametrize(
@@ -243,6 +288,7 @@ def test_tls_and_supernode_auth_admit_only_trusted_registered_nodes(tmp_path, ma
         ("no_nodes", "needs at least one SuperNode, not 0: pass --clients 1 or more"),
         ("no_certificates", "lacks ca.crt, server.pem, server.key: create it with"),
         ("too_few_keys", "lacks node-1, node-1.pub for 2 SuperNodes"),
+        ("insecure_with_tls", "--insecure turns TLS and SuperNode authentication off, but"),
     ],
 )
 def test_flower_up_refuses_a_federation_that_cannot_come_up(tmp_path, capsys, case, message):
@@ -252,6 +298,7 @@ def test_flower_up_refuses_a_federation_that_cannot_come_up(tmp_path, capsys, ca
         "no_nodes": ["--clients", "0"],
         "no_certificates": ["--clients", "1", "--tls", str(tmp_path / "nowhere")],
         "too_few_keys": ["--clients", "2", "--tls", str(certs), "--auth", str(tmp_path / "keys")],
+        "insecure_with_tls": ["--clients", "1", "--tls", str(certs), "--insecure"],
     }[case]
     status = main(["flower", "up", "--home", str(tmp_path / "home"), *args])
     err = capsys.readouterr().err

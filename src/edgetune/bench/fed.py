@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgetune.bench.markdown import threads_line
 from edgetune.runs import RunDir
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ def _summarise(run: Path, target: float) -> dict[str, Any]:
         "sim_s_to_target": reached["total_sim_s"] if reached else None,
         "round_to_target": reached["round"] if reached else None,
         "summary": json.loads((run / "summary.json").read_text()),
+        "threads": rd.read_config().get("threads", 0),
     }
 
 
@@ -167,6 +169,7 @@ def render(
         "",
         f"Command: `edgetune bench fed --model {model} --rounds {rounds} --clients {clients}`  ",
         f"Machine: {machine}  ",
+        threads_line([r["threads"] for r in results.values()], "simulator run (config.yaml)"),
         f"{clients} clients (Jetson fleet), 30% participation per round, Dirichlet 0.5 label "
         "skew over BBC News, 3 local steps of batch 4 per round, LoRA r=8 on all projections, "
         "seed 0; held-out accuracy on 100 articles. Bytes are measured from the serialized "

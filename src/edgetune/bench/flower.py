@@ -21,6 +21,7 @@ from typing import Any
 
 from edgetune.bench.fed import common_flags
 from edgetune.runs import RunDir
+from edgetune.threads import split
 
 ALGORITHMS = {
     "fedit (fo)": ["--algorithm", "fedit", "--method", "fo", "--lr", "5e-4"],
@@ -78,8 +79,14 @@ def measure(model: str, rounds: int, clients: int, root: Path) -> dict[str, dict
             "sim_wall_s": sim_wall,
             "flower_wall_s": fl_wall,
             "max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
+            "sim_threads": RunDir(sim_dir, resume=True).read_config()["threads"],
+            "node_threads": split(RunDir(fl_dir, resume=True).read_config()["threads"], clients),
         }
     return out
+
+
+def _distinct(results: dict[str, dict[str, Any]], key: str) -> str:
+    return " / ".join(str(n) for n in sorted({r[key] for r in results.values()}))
 
 
 def render(
@@ -91,6 +98,9 @@ def render(
         "",
         f"Command: `edgetune bench flower --model {model} --rounds {rounds} --clients {clients}`  ",
         f"Machine: {machine}  ",
+        f"Threads: {_distinct(results, 'sim_threads')} in each simulator process; "
+        f"{_distinct(results, 'node_threads')} in each of the {clients} SuperNodes (their "
+        "share of the run's `threads`)  ",
         f"Task: BBC News, {clients} clients (one SuperNode each, all on this machine), every "
         "client every round, 2 local steps of batch 4; medians over rounds / messages.",
         "",

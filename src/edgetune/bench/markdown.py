@@ -12,18 +12,26 @@ from pathlib import Path
 
 
 def machine_line() -> str:
-    """A one-line description of this machine for the results."""
+    """A one-line description of this machine for the results, with the torch threads of
+    this process, which its child processes inherit (`edgetune.threads.apply`)."""
     import os
 
     import psutil
     import torch
 
     mem = f", {psutil.virtual_memory().total / 1024**3:.0f} GB RAM"
+    omp = os.environ.get("OMP_NUM_THREADS", "unset")
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{mem}, "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} torch threads per process (OMP_NUM_THREADS={omp})"
     )
+
+
+def threads_line(counts: list[int], where: str) -> str:
+    """`Threads: ...` as the measuring processes reported them."""
+    distinct = sorted(set(counts))
+    return f"Threads: {' / '.join(map(str, distinct))} in each {where}  "
 
 
 def write_section(path: str | Path, name: str, body: str) -> None:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edgetune.bench.markdown import threads_line
 from edgetune.runs import reset_peak_rss, status_mb
 
 MODES = ("inference", "zo", "fo-lora", "fo-full")
@@ -95,6 +96,7 @@ def child(mode: str, model_spec: str, batch: int, seq: int, steps: int) -> dict[
         "after_load_mb": after_load,
         "step_s": step_s,
         "trainable": adapter.num_trainable() if adapter else 0,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -134,6 +136,7 @@ def render(
         "",
         f"Command: `edgetune bench memory --model {model} --batch-size {batch} --seq-len {seq} --steps {steps}`  ",
         f"Machine: {machine}  ",
+        threads_line([r.get("threads", 0) for r in results], "measuring process"),
         "Peak = the process's peak resident memory (VmHWM) during the steps, reset after the "
         "model is loaded; time = median step over the timed steps (after one warm-up step).",
         "",

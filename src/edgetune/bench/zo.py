@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgetune.bench.markdown import threads_line
 from edgetune.bench.memory import timed_steps
 from edgetune.recipes.finetune import run_in_subprocess
 
@@ -79,6 +80,7 @@ def child(mode: str, q: int, rows: int, model_spec: str, peft: str, steps: int) 
         "rows": rows,
         "step_s": step_s,
         "peak_mb": peak_mb,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -211,6 +213,7 @@ def render(
         f"Command: `edgetune bench zo --model {model} --peft {peft} --steps {steps} "
         f"--tta-steps {tta_steps}`  ",
         f"Machine: {machine}  ",
+        threads_line([r.get("threads", 0) for r in results.values()], "measuring process"),
         f"q x b = {TOTAL} examples per step, 64-token BBC News prompts, LoRA ({peft}) on all "
         "projections; median of the timed steps after a warm-up step, each in its own process.",
         "",

@@ -5,6 +5,12 @@ gets `partition-id=i` and a device profile), writes the `flwr` connection into
 `HOME/config.toml`, and stops every process it started by PID. Flower telemetry and
 update checks are switched off in all of them.
 
+Secure by default: TLS with test certificates and SuperNode authentication with one key
+per node, generated into HOME/certs (kept and reused on the next start) unless given;
+`insecure=True` is the explicit opt-out for loopback trials. Threads: the federation has
+a budget of torch threads (`edgetune.threads`); the SuperLink (whose ServerApp evaluates
+while the nodes wait) gets all of it, each SuperNode an equal share.
+
 `launch` runs `flwr run` on edgetune's Flower app for a run directory whose config.yaml
 is already written, streams the server's log, and returns when the run ends.
 """
@@ -20,11 +26,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgetune import threads
 from edgetune.errors import EdgetuneError
+from edgetune.flower.certs import (
+    TLS_FILES,
+    ensure_supernode_keys,
+    ensure_test_certificates,
+    private_dir,
+)
 
 APP_DIR = Path(__file__).parent / "app"
 CONNECTION = "edgetune-local"
-TLS_FILES = ("ca.crt", "server.pem", "server.key")  # what `edgetune flower certs` writes
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -69,11 +81,15 @@ class LocalFederation:
         clients: number of SuperNodes (partition ids 0..clients-1).
         devices: device profile per SuperNode (cycled; "" = the run's fleet decides).
         tls: folder with ca.crt, server.pem and server.key (from `write_test_certificates`);
-            None = insecure.
+            None = test certificates in HOME/certs (generated when missing).
         port: the SuperLink's port (0 = pick a free one).
         auth: folder with SuperNode keys node-I / node-I.pub (from `write_supernode_keys`):
             the SuperLink admits only registered SuperNodes, and each is registered and
-            started with its key; None = no SuperNode authentication. Needs `tls`.
+            started with its key; None = keys in HOME/certs/keys (generated when missing).
+        insecure: no TLS and no SuperNode authentication (loopback trials only); cannot be
+            combined with `tls` or `auth`.
+        threads: torch threads for this federation's processes (0 = `threads.resolve()`):
+            the SuperLink all of them, each SuperNode `threads.split(threads, clients)`.
     """
 
     home: Path
@@ -82,13 +98,21 @@ class LocalFederation:
     tls: Path | None = None
     port: int = 0
     auth: Path | None = None
+    insecure: bool = False
+    threads: int = 0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).resolve()
         self.port = self.port or free_port()
         self.check()
-        (self.home / "logs").mkdir(parents=True, exist_ok=True)
+        self.threads = self.threads or threads.resolve().count
+        private_dir(self.home)
+        if not self.insecure:
+            certs = self.home / "certs"
+            self.tls = self.tls or ensure_test_certificates(certs)
+            self.auth = self.auth or ensure_supernode_keys(certs / "keys", self.clients)
+        (self.home / "logs").mkdir(exist_ok=True)
 
     def check(self) -> None:
         """Refuse, before starting anything, a federation that cannot come up."""
@@ -97,8 +121,13 @@ class LocalFederation:
                 f"a local federation needs at least one SuperNode, not {self.clients}: "
                 "pass --clients 1 or more"
             )
-        if self.auth is not None and self.tls is None:
-            raise EdgetuneError("SuperNode authentication needs TLS: pass --tls DIR as well")
+        threads.check(self.threads)
+        if self.insecure and (self.tls is not None or self.auth is not None):
+            given = " and ".join(f for f, v in (("--tls", self.tls), ("--auth", self.auth)) if v)
+            raise EdgetuneError(
+                f"--insecure turns TLS and SuperNode authentication off, but {given} was "
+                f"given: drop --insecure to use them, or drop {given} for an insecure trial"
+            )
         if self.tls is not None:
             missing = [f for f in TLS_FILES if not (self.tls / f).is_file()]
             if missing:
@@ -119,8 +148,8 @@ class LocalFederation:
 
     @property
     def node_threads(self) -> int:
-        """Threads each SuperNode's training uses: this machine's cores / clients."""
-        return max(1, (os.cpu_count() or 1) // max(1, self.clients))
+        """Threads each SuperNode's training uses: its share of the federation's threads."""
+        return threads.split(self.threads, self.clients)
 
     @property
     def address(self) -> str:
@@ -129,7 +158,7 @@ class LocalFederation:
 
     def security(self, role: str) -> list[str]:
         """TLS (or --insecure) flags for `role` = superlink | supernode."""
-        if self.tls is None:
+        if self.tls is None:  # only with insecure: __post_init__ fills it otherwise
             return ["--insecure"]
         if role == "superlink":
             return [
@@ -218,20 +247,21 @@ class LocalFederation:
             ],
         )
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        """Start one process with its output in HOME/logs/NAME.log.
+    def env(self, name: str) -> dict[str, str]:
+        """Environment of process `name`: Flower's, with its torch threads. SuperNodes
+        share the federation's threads, since several PyTorch processes each spinning on
+        every core run many times slower; their ClientApps inherit the setting."""
+        count = self.node_threads if name.startswith("supernode") else self.threads
+        return threads.child_env(count, flower_env(self.home))
 
-        SuperNodes share this machine's cores: each gets cores / clients threads, since
-        several PyTorch processes each spinning on every core run many times slower."""
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        """Start one process with its output in HOME/logs/NAME.log."""
         log = self.log(name).open("w")
-        env = flower_env(self.home)
-        if name.startswith("supernode"):
-            env["OMP_NUM_THREADS"] = str(self.node_threads)
         proc = subprocess.Popen(
             argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=self.env(name),
             cwd=self.home,
             start_new_session=True,  # so stopping it also stops its children
         )

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from edgetune import threads
 from edgetune.config import option, to_dict
 from edgetune.data import DataConfig
 from edgetune.fed.config import FedConfig
@@ -40,8 +41,12 @@ class FederateConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     zo: ZOConfig = dataclasses.field(default_factory=ZOConfig)
+    threads: int = option(
+        0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
+    )
 
     def __post_init__(self) -> None:
+        threads.check(self.threads, "threads")
         if self.optim.lr is None:
             self.optim.lr = 1e-3
 

@@ -4,6 +4,8 @@
 `run` writes the same run directory as `edgetune federate` (config.yaml first, then the
 ServerApp fills metrics.jsonl, clients.jsonl, state/, adapter/, summary.json) and renders
 the report; `--local N` brings up N SuperNodes for the run and stops them afterwards.
+Both start with TLS and SuperNode authentication (keys in HOME/certs) unless `--insecure`,
+and share the command's `--threads` among the SuperNodes.
 """
 
 from __future__ import annotations
@@ -15,24 +17,49 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.config import to_dict
+from edgetune.errors import EdgetuneError
 from edgetune.runs import RunDir
 
 
 def _federation(args: Any, clients: int) -> Any:
     from edgetune.flower.local import LocalFederation
 
-    devices = [d for d in (args.devices or "").split(",") if d]
-    tls = Path(args.tls).resolve() if args.tls else None
-    auth = Path(args.auth).resolve() if args.auth else None
-    return LocalFederation(Path(args.home), clients, devices, tls, getattr(args, "port", 0), auth)
+    return LocalFederation(
+        Path(args.home),
+        clients,
+        devices=[d for d in (args.devices or "").split(",") if d],
+        tls=Path(args.tls).resolve() if args.tls else None,
+        port=getattr(args, "port", 0),
+        auth=Path(args.auth).resolve() if args.auth else None,
+        insecure=args.insecure,
+        threads=args.threads or 0,
+    )
+
+
+def _refuse_local_flags_without_local(args: Any) -> None:
+    """--devices, --tls, --auth and --insecure describe the local SuperNodes: refuse them
+    when the run goes to an existing federation, where they would be ignored."""
+    given = [f"--{name}" for name in ("devices", "tls", "auth", "insecure") if getattr(args, name)]
+    if given and not args.local:
+        raise EdgetuneError(
+            f"{', '.join(given)} only apply to a federation started for the run: add "
+            "--local N, or set them where the SuperLink and SuperNodes are started "
+            "(`edgetune flower up`, docs/deploy.md)"
+        )
 
 
 def up(args: Any) -> int:
     """Start the local federation and keep it until Ctrl-C (or SIGTERM)."""
     fed = _federation(args, args.clients).start()
+    security = (
+        "INSECURE (no TLS, no SuperNode authentication)"
+        if fed.insecure
+        else f"TLS with {fed.tls / 'ca.crt'}, SuperNode keys in {fed.auth}"
+    )
     print(
         f"SuperLink on {fed.address} with {args.clients} SuperNodes; FLWR_HOME={fed.home} "
         f"(connection {'edgetune-local'!r}, logs in {fed.home / 'logs'}).\n"
+        f"Security: {security}. Threads: {fed.node_threads} per SuperNode.\n"
         f"Run: edgetune flower run --home {args.home} ...   Stop: Ctrl-C",
         flush=True,
     )
@@ -57,6 +84,7 @@ def run(cfg: Any, args: Any) -> dict:
     from edgetune.flower.local import CONNECTION, launch
     from edgetune.report.federated import render
 
+    _refuse_local_flags_without_local(args)
     resume = bool(args.resume)
     rundir = RunDir(cfg.out, resume=resume, overwrite=args.overwrite)
     if not resume:
