@@ -9,6 +9,8 @@ DIR/timing.jsonl     wall-clock per step (`step_s`, cumulative `train_s`), kept 
 DIR/summary.json     final figures: wall_s, peak_rss_mb, last eval/* values, status
 DIR/adapter/         the trained PEFT adapter (or DIR/model/ for selective/full)
 DIR/checkpoints/     step-NNNNNN/ folders for --resume
+DIR/resumes.jsonl    one line per --resume: the step continued from, damaged checkpoints
+                     dropped, settings changed
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ RUN_FILES = (
     "timing.jsonl",
     "clients.jsonl",
     "report.md",
+    "resumes.jsonl",
 )
 RUN_FOLDERS = ("checkpoints", "state", "state.tmp", "adapter", "model")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.config import to_dict
+from edgetune.recipes.federate import resume_point
 from edgetune.runs import RunDir
 
 
@@ -59,8 +60,9 @@ def run(cfg: Any, args: Any) -> dict:
 
     resume = bool(args.resume)
     rundir = RunDir(cfg.out, resume=resume, overwrite=args.overwrite)
-    if not resume:
-        rundir.write_config(to_dict(cfg))
+    if resume:
+        resume_point(rundir, cfg)  # refuse before anything starts; the ServerApp restores
+    rundir.write_config(to_dict(cfg))
     options = {
         "resume": resume,
         "round_timeout": args.round_timeout,
