@@ -136,7 +136,9 @@ def restore_round(run: RunDir, saved: SavedRound, algo: Any, adapter: Any) -> in
         load_trainable(adapter, algo.state)
     for file in LOG_FILES:
         # round 0 is the pre-training evaluation; with no completed round, start afresh
-        rows = [r for r in run.read_metrics(file) if saved.round and r.get("round", 0) <= saved.round]
+        rows = [
+            r for r in run.read_metrics(file) if saved.round and r.get("round", 0) <= saved.round
+        ]
         (run.path / file).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return saved.round
 

@@ -173,8 +173,10 @@ def _check_nothing_lost(run: RunDir, train: TrainConfig, broken: list[Path]) -> 
             f"{run.path} --overwrite`"
         )
     if run.metrics_path.exists():
-        warn(f"{run.path} holds no checkpoint yet (the first is due at step {first_due}); "
-             "it starts again from step 0")
+        warn(
+            f"{run.path} holds no checkpoint yet (the first is due at step {first_due}); "
+            "it starts again from step 0"
+        )
 
 
 def begin_resume(run: RunDir, point: ResumePoint) -> None:

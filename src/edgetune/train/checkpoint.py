@@ -118,7 +118,7 @@ def _read_state(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path / 'state.json'} is unreadable: {exc}") from None
     step = loop.get("step") if isinstance(loop, dict) else None
-    if not isinstance(step, int) or path.name != f"step-{step:06d}":
+    if not isinstance(step, int) or path.name.split(".")[0] != f"step-{step:06d}":
         raise CheckpointError(f"{path / 'state.json'} does not name the step of {path.name}")
     return loop
 
@@ -132,8 +132,11 @@ def newest_intact(
         ((adapter state, stepper state, loop state) or None when none verifies, the broken
         checkpoint folders, newest first). Each broken one is reported on stderr.
     """
+    # A save killed between renaming an existing folder of its step aside and renaming
+    # the new one into place leaves only `step-N.old`: it is still that step's checkpoint.
+    aside = [p for p in (run / "checkpoints").glob("step-*.old") if not p.with_suffix("").exists()]
     broken = []
-    for path in reversed(list_checkpoints(run)):
+    for path in sorted([*list_checkpoints(run), *aside], key=lambda p: p.name, reverse=True):
         try:
             return load_checkpoint(path), broken
         except CheckpointError as exc:
