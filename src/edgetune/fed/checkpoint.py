@@ -123,7 +123,7 @@ def newest_round(run: RunDir) -> SavedRound:
 def restore_round(run: RunDir, saved: SavedRound, algo: Any, adapter: Any) -> int:
     """Load `saved` into the algorithm and adapter, remove the damaged newer rounds and
     drop log lines of later rounds; returns the round to continue after."""
-    for path in saved.broken:
+    for path in [*saved.broken, *(run.path / "state").glob("*.tmp")]:
         if path.name == "state":
             for name in ("algorithm.safetensors", "round.json"):
                 (path / name).unlink(missing_ok=True)

@@ -1,8 +1,9 @@
 """`edgetune finetune`: fine-tune one model on one device (first-order or zeroth-order).
 
 setup (model, data, task, adapter, stepper) -> fit -> save adapter and summary. Resuming
-reads the run's own config.yaml and its latest checkpoint, drops metric lines logged
-after that checkpoint, and continues; the end state equals an uninterrupted run's.
+reads the run's own config.yaml and its newest intact checkpoint, drops metric lines
+logged after that checkpoint, and continues in the same folder; the end state equals an
+uninterrupted run's. Only RESUME_MAY_CHANGE settings may differ on resume.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetune.config import option, to_dict
+from edgetune.config import build, config_diff, option, to_dict
 from edgetune.data import DataConfig
-from edgetune.errors import EdgetuneError, TrainingDivergedError
+from edgetune.errors import ConfigError, EdgetuneError, TrainingDivergedError
 from edgetune.peft import PeftConfig
 from edgetune.runs import RunDir, peak_rss_mb
-from edgetune.train import OptimConfig, TrainConfig
+from edgetune.train import LoopState, OptimConfig, TrainConfig
+from edgetune.train.checkpoint import CheckpointError, newest_intact, warn
 from edgetune.train.config import DEFAULT_LR
 from edgetune.zo import ZOConfig
 
@@ -134,10 +136,6 @@ def resume_point(run: RunDir, cfg: FinetuneConfig) -> ResumePoint:
         ConfigError: train.steps changed under a decaying schedule, or below the steps done.
         CheckpointError: the run trained past its first checkpoint but none is intact.
     """
-    from edgetune.config import build, config_diff
-    from edgetune.errors import ConfigError
-    from edgetune.train.checkpoint import newest_intact
-
     saved = build(FinetuneConfig, run.read_config())
     changed = {k: v for k, v in config_diff(saved, cfg).items() if k != "out"}
     checkpoint, broken = newest_intact(run.path)
@@ -147,8 +145,8 @@ def resume_point(run: RunDir, cfg: FinetuneConfig) -> ResumePoint:
     if "train.steps" in changed and cfg.optim.schedule != "constant":
         raise ConfigError(
             f"train.steps cannot change on --resume with optim.schedule={cfg.optim.schedule}: "
-            f"the learning rate of the steps taken decayed over train.steps="
-            f"{saved.train.steps}, so the run would match no run of either length. Keep "
+            f"the steps taken followed a learning rate that decays over train.steps="
+            f"{saved.train.steps}, so the result would match no run of either length. Keep "
             f"train.steps={saved.train.steps}, or start a new run with --out"
         )
     if cfg.train.steps < point.step:
@@ -161,8 +159,6 @@ def resume_point(run: RunDir, cfg: FinetuneConfig) -> ResumePoint:
 
 def _check_nothing_lost(run: RunDir, train: TrainConfig, broken: list[Path]) -> None:
     """With no intact checkpoint, starting over is fine only if no checkpoint was due yet."""
-    from edgetune.train.checkpoint import CheckpointError, warn
-
     trained = max((r["step"] for r in run.read_metrics() if "loss" in r), default=0)
     first_due = min(train.checkpoint_every or train.steps, train.steps)
     if broken or trained > first_due:
@@ -182,10 +178,8 @@ def _check_nothing_lost(run: RunDir, train: TrainConfig, broken: list[Path]) -> 
 def begin_resume(run: RunDir, point: ResumePoint) -> None:
     """Drop the damaged checkpoints and the log lines after the restored step, and record
     this resume in resumes.jsonl (metrics.jsonl stays as an uninterrupted run's)."""
-    from edgetune.train.checkpoint import warn
-
-    for path in point.broken:
-        shutil.rmtree(path, ignore_errors=True)
+    for path in [*point.broken, *(run.path / "checkpoints").glob("*.tmp")]:
+        shutil.rmtree(path, ignore_errors=True)  # damaged, or a save cut short
     if point.checkpoint and point.broken:
         warn(f"resuming {run.path} from step {point.step}, the newest intact checkpoint")
     for file in ("metrics.jsonl", "trace.jsonl", "timing.jsonl"):
@@ -204,8 +198,6 @@ def begin_resume(run: RunDir, point: ResumePoint) -> None:
 def restore(point: ResumePoint, parts: dict[str, Any]) -> Any:
     """Load the chosen checkpoint into the adapter and stepper; the LoopState to continue
     from (None to start from step 0)."""
-    from edgetune.train import LoopState
-
     if point.checkpoint is None:
         return None
     adapter_state, stepper_state, loop = point.checkpoint
