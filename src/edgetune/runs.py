@@ -117,7 +117,16 @@ class RunDir:
         path = self.path / "config.yaml"
         if not path.exists():
             raise EdgetuneError(f"{self.path} has no config.yaml; is it a run directory?")
-        return yaml.safe_load(path.read_text())
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            config = exc
+        if not isinstance(config, dict):
+            raise EdgetuneError(
+                f"{path} is damaged (not a YAML mapping of config sections: {config}); "
+                "restore it from a copy of the run, or start a new run with --out"
+            )
+        return config
 
     def log(self, record: dict[str, Any], file: str = "metrics.jsonl") -> None:
         """Append one JSON line (flushed, so a killed run keeps every line written)."""

@@ -109,6 +109,16 @@ def test_settings_that_shaped_the_run_are_refused_and_nothing_is_written(
     assert cli(["finetune", "--resume", str(run)]) == 0
 
 
+def test_a_damaged_config_yaml_is_a_clear_error(tmp_path, tiny_args, cli, capsys):
+    run = tmp_path / "run"
+    assert cli(tiny_args(run, steps=2)) == 0
+    (run / "config.yaml").write_text("model: [unclosed\n")
+    capsys.readouterr()
+    assert cli(["finetune", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml is damaged" in err and "Traceback" not in err
+
+
 def test_a_refused_setting_names_the_fix(tmp_path, tiny_args, cli, capsys):
     run = tmp_path / "run"
     assert cli(tiny_args(run)) == 0

@@ -48,9 +48,10 @@ class FederateConfig:
             self.optim.lr = 1e-3
 
 
-# What `federate --resume` (and `flower run --resume`) may change: more rounds, and the
-# evaluation batch and display. Everything else shaped the rounds already aggregated.
-RESUME_MAY_CHANGE = ("fed.rounds", "train.eval_batch_size", "train.progress")
+# What `federate --resume` (and `flower run --resume`) may change: the number of rounds
+# (no setting decays over them) and the evaluation batch. Everything else shaped the
+# rounds already aggregated.
+RESUME_MAY_CHANGE = ("fed.rounds", "train.eval_batch_size")
 
 
 def resume_point(rundir: RunDir, cfg: FederateConfig) -> SavedRound:
