@@ -231,3 +231,48 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_without_duplicate_lin
     assert (tmp_path / "killed" / "metrics.jsonl").read_bytes() == (
         tmp_path / "straight" / "metrics.jsonl"
     ).read_bytes()
+
+
+def test_a_diverged_run_recovers_with_the_lower_lr_its_error_suggests(
+    tmp_path, tiny_args, cli, capsys
+):
+    # Prepare: a run that diverges, keeping its last good checkpoint
+    run = tmp_path / "boom"
+    assert cli(tiny_args(run, "--lr", "1e6", "train.checkpoint_every=1", steps=6)) == 2
+    assert "--resume" in capsys.readouterr().err
+    # Execute: what the error says: lower optim.lr and resume
+    assert cli(["finetune", "--resume", str(run), "--lr", "1e-3"]) == 0
+    # Assert: finished, no "diverged" line left, the new lr on every step after the restart
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["steps"] == 6
+    rows = [r for r in RunDir(run, resume=True).read_metrics() if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert not any(r.get("diverged") for r in rows)
+    restarted = RunDir(run, resume=True).read_metrics("resumes.jsonl")[0]["step"]
+    assert all(r["lr"] == 1e-3 for r in rows[restarted:])
+
+
+def test_a_diverged_run_resumes_from_the_checkpoint_before_the_diverged_parameters(
+    tmp_path, tiny_args, cli, capsys
+):
+    # Prepare: seed 3's loss first exceeds 1.05 x its first loss at step 8 (1.142 > 1.072),
+    # so the checkpoint of step 7 holds the parameters whose loss diverged
+    extra = ("--seed", "3", "train.checkpoint_every=1")
+    assert cli(tiny_args(tmp_path / "straight", *extra, steps=8)) == 0
+    run = tmp_path / "run"
+    assert cli(tiny_args(run, *extra, "train.explode_factor=1.05", steps=8)) == 2
+    err = capsys.readouterr().err
+    assert "at step 8" in err and "the last good checkpoint is" in err
+    assert err.split("the last good checkpoint is ")[1].startswith(
+        str(run / "checkpoints" / "step-000006")
+    )
+    # Execute
+    assert cli(["finetune", "--resume", str(run), "train.explode_factor=20"]) == 0
+    # Assert: step-000007 dropped with a warning, steps 7-8 redone as the uninterrupted run
+    assert "step-000007" in capsys.readouterr().err
+    resumes = RunDir(run, resume=True).read_metrics("resumes.jsonl")
+    assert resumes[0]["step"] == 6 and resumes[0]["dropped"] == ["step-000007"]
+    assert _adapter(run) == _adapter(tmp_path / "straight")
+    assert (run / "metrics.jsonl").read_bytes() == (
+        tmp_path / "straight" / "metrics.jsonl"
+    ).read_bytes()

@@ -21,7 +21,13 @@ from edgetune.errors import ConfigError, EdgetuneError, TrainingDivergedError
 from edgetune.peft import PeftConfig
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import LoopState, OptimConfig, TrainConfig
-from edgetune.train.checkpoint import CheckpointError, newest_intact, warn
+from edgetune.train.checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    list_checkpoints,
+    newest_intact,
+    warn,
+)
 from edgetune.train.config import DEFAULT_LR
 from edgetune.zo import ZOConfig
 
@@ -117,11 +123,13 @@ RESUME_MAY_CHANGE = (
 @dataclass
 class ResumePoint:
     """Where a resumed run continues: a verified checkpoint (None = from step 0), the
-    damaged newer checkpoints to drop, and the settings changed on this resume."""
+    newer checkpoints to drop (damaged, or holding parameters that diverged), and the
+    settings changed on this resume."""
 
     checkpoint: tuple[dict, dict, dict] | None
     broken: list[Path]
     changed: dict[str, tuple[Any, Any]]
+    diverged: list[Path]
 
     @property
     def step(self) -> int:
@@ -138,10 +146,17 @@ def resume_point(run: RunDir, cfg: FinetuneConfig) -> ResumePoint:
     """
     saved = build(FinetuneConfig, run.read_config())
     changed = {k: v for k, v in config_diff(saved, cfg).items() if k != "out"}
-    checkpoint, broken = newest_intact(run.path)
-    point = ResumePoint(checkpoint, broken, changed)
+    # a diverged run: the checkpoint before the diverging step already holds the
+    # parameters whose loss diverged (see good_before_divergence)
+    diverged_at = [r["step"] for r in run.read_metrics() if r.get("diverged")]
+    up_to = diverged_at[-1] - 2 if diverged_at else None
+    diverged = [
+        p for p in list_checkpoints(run.path) if up_to is not None and checkpoint_step(p) > up_to
+    ]
+    checkpoint, broken = newest_intact(run.path, up_to)
+    point = ResumePoint(checkpoint, broken, changed, diverged)
     if checkpoint is None:
-        _check_nothing_lost(run, saved.train, broken)
+        _check_nothing_lost(run, saved.train, broken, up_to)
     if "train.steps" in changed and cfg.optim.schedule != "constant":
         raise ConfigError(
             f"train.steps cannot change on --resume with optim.schedule={cfg.optim.schedule}: "
@@ -157,9 +172,13 @@ def resume_point(run: RunDir, cfg: FinetuneConfig) -> ResumePoint:
     return point
 
 
-def _check_nothing_lost(run: RunDir, train: TrainConfig, broken: list[Path]) -> None:
-    """With no intact checkpoint, starting over is fine only if no checkpoint was due yet."""
+def _check_nothing_lost(
+    run: RunDir, train: TrainConfig, broken: list[Path], up_to: int | None
+) -> None:
+    """With no intact checkpoint, starting over is fine only if no checkpoint was due
+    within the steps worth keeping (those before a divergence, `up_to`)."""
     trained = max((r["step"] for r in run.read_metrics() if "loss" in r), default=0)
+    trained = trained if up_to is None else max(0, min(trained, up_to))
     first_due = min(train.checkpoint_every or train.steps, train.steps)
     if broken or trained > first_due:
         where = "every checkpoint is broken" if broken else "checkpoints/ holds none"
@@ -178,17 +197,21 @@ def _check_nothing_lost(run: RunDir, train: TrainConfig, broken: list[Path]) -> 
 def begin_resume(run: RunDir, point: ResumePoint) -> None:
     """Drop the damaged checkpoints and the log lines after the restored step, and record
     this resume in resumes.jsonl (metrics.jsonl stays as an uninterrupted run's)."""
-    for path in [*point.broken, *(run.path / "checkpoints").glob("*.tmp")]:
-        shutil.rmtree(path, ignore_errors=True)  # damaged, or a save cut short
-    if point.checkpoint and point.broken:
-        warn(f"resuming {run.path} from step {point.step}, the newest intact checkpoint")
+    if point.diverged:
+        names = ", ".join(p.name for p in point.diverged)
+        warn(f"{names} of {run.path} hold the parameters whose loss diverged; dropped")
+    dropped = [*point.broken, *point.diverged]
+    for path in [*dropped, *(run.path / "checkpoints").glob("*.tmp")]:
+        shutil.rmtree(path, ignore_errors=True)  # damaged, diverged, or a save cut short
+    if point.checkpoint and dropped:
+        warn(f"resuming {run.path} from step {point.step}, the newest good checkpoint")
     for file in ("metrics.jsonl", "trace.jsonl", "timing.jsonl"):
         # with no checkpoint even the step-0 evaluation is redone, so drop it too
         run.truncate_after(point.step if point.checkpoint else -1, file=file)
     run.log(
         {
             "step": point.step,
-            "dropped": [p.name for p in point.broken],
+            "dropped": [p.name for p in dropped],
             "changed": {k: list(v) for k, v in point.changed.items()},
         },
         file="resumes.jsonl",

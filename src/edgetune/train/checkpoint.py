@@ -123,10 +123,23 @@ def _read_state(path: Path) -> dict[str, Any]:
     return loop
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder, from its name (step-NNNNNN[.old])."""
+    return int(path.name.split(".")[0].removeprefix("step-"))
+
+
+def good_before_divergence(run: Path, diverged_at: int) -> list[Path]:
+    """Checkpoints taken before a loss diverged at step `diverged_at`. The loss of step s
+    is measured on the parameters after s - 1 updates, so checkpoint s - 1 already holds
+    the parameters that diverged: only steps up to s - 2 are good."""
+    return [p for p in list_checkpoints(run) if checkpoint_step(p) <= diverged_at - 2]
+
+
 def newest_intact(
-    run: Path,
+    run: Path, up_to: int | None = None
 ) -> tuple[tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]] | None, list[Path]]:
-    """The newest checkpoint that verifies, and the broken ones newer than it.
+    """The newest checkpoint that verifies (of steps <= `up_to` when given), and the broken
+    ones newer than it.
 
     Returns:
         ((adapter state, stepper state, loop state) or None when none verifies, the broken
@@ -135,8 +148,10 @@ def newest_intact(
     # A save killed between renaming an existing folder of its step aside and renaming
     # the new one into place leaves only `step-N.old`: it is still that step's checkpoint.
     aside = [p for p in (run / "checkpoints").glob("step-*.old") if not p.with_suffix("").exists()]
+    found = [*list_checkpoints(run), *aside]
+    found = [p for p in found if up_to is None or checkpoint_step(p) <= up_to]
     broken = []
-    for path in sorted([*list_checkpoints(run), *aside], key=lambda p: p.name, reverse=True):
+    for path in sorted(found, key=lambda p: p.name, reverse=True):
         try:
             return load_checkpoint(path), broken
         except CheckpointError as exc:
