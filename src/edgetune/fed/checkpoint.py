@@ -99,7 +99,7 @@ def newest_round(run: RunDir) -> SavedRound:
             is intact, so resuming would silently start over. (A server killed between
             logging round 1 and saving it loses only that round: it starts again.)
     """
-    broken = []
+    broken: list[Path] = []
     for path in _candidates(run):
         try:
             rnd, state = _load(path)

@@ -150,7 +150,7 @@ def newest_intact(
     aside = [p for p in (run / "checkpoints").glob("step-*.old") if not p.with_suffix("").exists()]
     found = [*list_checkpoints(run), *aside]
     found = [p for p in found if up_to is None or checkpoint_step(p) <= up_to]
-    broken = []
+    broken: list[Path] = []
     for path in sorted(found, key=lambda p: p.name, reverse=True):
         try:
             return load_checkpoint(path), broken
