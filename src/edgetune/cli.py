@@ -281,7 +281,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from edgetune.recipes import finetune
 
     if args.resume:
-        cfg = config_from_run(finetune.FinetuneConfig, args.resume, args.overrides)
+        _check_resume_flags(args)
+        cfg = config_from_run(
+            finetune.FinetuneConfig,
+            args.resume,
+            args.overrides,
+            _flags(args),
+            finetune.RESUME_MAY_CHANGE,
+        )
         _start_threads(args, cfg)
         summary = finetune.run(cfg, resume=True)
     else:
@@ -321,8 +328,6 @@ def _federate_config(args: argparse.Namespace) -> Any:
     from edgetune.config import config_from_run, resolve_config
     from edgetune.recipes import federate
 
-    if args.resume:
-        return config_from_run(federate.FederateConfig, args.resume, args.overrides)
     flags = _flags(args)
     flags.pop("train.method", None)
     if args.method:
@@ -334,7 +339,34 @@ def _federate_config(args: argparse.Namespace) -> Any:
             if getattr(args, name, None) is not None
         }
     )
+    if args.resume:
+        _check_resume_flags(args)
+        return config_from_run(
+            federate.FederateConfig,
+            args.resume,
+            args.overrides,
+            flags,
+            federate.RESUME_MAY_CHANGE,
+        )
     return resolve_config(federate.FederateConfig, args.config, args.overrides, flags)
+
+
+def _check_resume_flags(args: argparse.Namespace) -> None:
+    """--resume continues a run with its own config: a second config or a restart is a
+    different command."""
+    from edgetune.errors import ConfigError
+
+    if args.config:
+        raise ConfigError(
+            f"--config cannot be combined with --resume {args.resume}: the run's own "
+            "config.yaml is used; give the settings that may change as flags or key=value"
+        )
+    if args.overwrite:
+        raise ConfigError(
+            f"--overwrite cannot be combined with --resume {args.resume}; to start the run "
+            f"over use --config {Path(args.resume) / 'config.yaml'} --out {args.resume} "
+            "--overwrite"
+        )
 
 
 def cmd_flower(args: argparse.Namespace) -> int:

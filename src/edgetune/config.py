@@ -9,6 +9,7 @@ the closest valid key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -207,15 +208,63 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     return rows
 
 
-def config_from_run(cls: type[T], run_dir: str | Path, overrides: typing.Sequence[str]) -> T:
-    """The resolved config an existing run wrote, with `key=value` overrides (--resume).
+def config_from_run(
+    cls: type[T],
+    run_dir: str | Path,
+    overrides: typing.Sequence[str],
+    flags: dict[str, Any] | None = None,
+    may_change: typing.Collection[str] = (),
+) -> T:
+    """The resolved config an existing run wrote, with named flags and `key=value`
+    overrides on top (--resume). `out` is always `run_dir`, so a copied run continues in
+    the copy. Only the keys in `may_change` may differ from the saved config; anything
+    else raises here, before the run directory is touched.
 
     Raises:
         EdgetuneError: `run_dir` holds no run.
+        ConfigError: a setting other than `may_change` differs from the saved one.
     """
     from edgetune.runs import RunDir
 
-    tree = RunDir(run_dir, resume=True).read_config()
+    saved_tree = RunDir(run_dir, resume=True).read_config()
+    saved_tree["out"] = str(run_dir)
+    tree = copy.deepcopy(saved_tree)
+    for key, value in (flags or {}).items():
+        set_dotted(tree, key, value)
     for text in overrides:
         set_dotted(tree, *parse_override(text))
-    return build(cls, tree)
+    cfg = build(cls, tree)
+    changed = config_diff(build(cls, saved_tree), cfg)
+    if "out" in changed:
+        raise ConfigError(
+            f"--resume {run_dir} continues in {run_dir}; drop --out / out= (to continue "
+            f"elsewhere, copy the run folder and resume the copy)"
+        )
+    refused = [key for key in changed if key not in may_change]
+    if refused:
+        old, new = changed[refused[0]]
+        allowed = ", ".join(may_change) or "none"
+        raise ConfigError(
+            f"{refused[0]}={new!r} cannot change on --resume ({run_dir} was trained with "
+            f"{old!r}); settings that may change on resume: {allowed}. For other settings "
+            f"start a new run, e.g. --config {Path(run_dir) / 'config.yaml'} --out NEW_DIR "
+            f"{refused[0]}={new}"
+        )
+    return cfg
+
+
+def config_diff(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for every leaf that differs between two
+    configs of the same class."""
+
+    def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                flat.update(leaves(value, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value
+        return flat
+
+    a, b = leaves(to_dict(old)), leaves(to_dict(new))
+    return {key: (a.get(key), b.get(key)) for key in b if a.get(key) != b.get(key)}

@@ -9,6 +9,8 @@ DIR/timing.jsonl     wall-clock per step (`step_s`, cumulative `train_s`), kept 
 DIR/summary.json     final figures: wall_s, peak_rss_mb, last eval/* values, status
 DIR/adapter/         the trained PEFT adapter (or DIR/model/ for selective/full)
 DIR/checkpoints/     step-NNNNNN/ folders for --resume
+DIR/resumes.jsonl    one line per --resume: the step continued from, damaged checkpoints
+                     dropped, settings changed
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ RUN_FILES = (
     "timing.jsonl",
     "clients.jsonl",
     "report.md",
+    "resumes.jsonl",
 )
 RUN_FOLDERS = ("checkpoints", "state", "state.tmp", "adapter", "model")
 
@@ -114,7 +117,16 @@ class RunDir:
         path = self.path / "config.yaml"
         if not path.exists():
             raise EdgetuneError(f"{self.path} has no config.yaml; is it a run directory?")
-        return yaml.safe_load(path.read_text())
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            config = exc
+        if not isinstance(config, dict):
+            raise EdgetuneError(
+                f"{path} is damaged (not a YAML mapping of config sections: {config}); "
+                "restore it from a copy of the run, or start a new run with --out"
+            )
+        return config
 
     def log(self, record: dict[str, Any], file: str = "metrics.jsonl") -> None:
         """Append one JSON line (flushed, so a killed run keeps every line written)."""

@@ -201,12 +201,13 @@ def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp
         thread = threading.Thread(target=first_attempt, args=(fed.home,))
         thread.start()
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not (run.path / "state" / "round.json").exists():
+        while time.monotonic() < deadline and not list(run.path.glob("state/round-*/round.json")):
             time.sleep(0.2)
         fed.stop(crash=True)
         thread.join(timeout=120)
     assert failures and "--resume" in str(failures[0])
-    interrupted = json.loads((run.path / "state" / "round.json").read_text())["round"]
+    saved = max(run.path.glob("state/round-*/round.json"))
+    interrupted = json.loads(saved.read_text())["round"]
     # ... and resume from the CLI on new processes (the devices lost their state too)
     home = str(tmp_path / "home2")
     resume = ["flower", "run", "--resume", str(run.path), "--local", "2", "--insecure"]

@@ -20,6 +20,8 @@ from typing import Any
 from edgetune import threads
 from edgetune.config import option, to_dict
 from edgetune.data import DataConfig
+from edgetune.errors import ConfigError
+from edgetune.fed.checkpoint import SavedRound, newest_round
 from edgetune.fed.config import FedConfig
 from edgetune.peft import PeftConfig
 from edgetune.runs import RunDir, peak_rss_mb
@@ -49,6 +51,28 @@ class FederateConfig:
         threads.check(self.threads, "threads")
         if self.optim.lr is None:
             self.optim.lr = 1e-3
+
+
+# What `federate --resume` (and `flower run --resume`) may change: the number of rounds
+# (no setting decays over them) and the evaluation batch. Everything else shaped the
+# rounds already aggregated.
+RESUME_MAY_CHANGE = ("threads", "fed.rounds", "train.eval_batch_size")
+
+
+def resume_point(rundir: RunDir, cfg: FederateConfig) -> SavedRound:
+    """The newest intact round state, checked against `cfg`; writes nothing.
+
+    Raises:
+        ConfigError: fed.rounds is below the rounds already completed.
+        CheckpointError: rounds were completed but no round state is intact.
+    """
+    saved = newest_round(rundir)
+    if cfg.fed.rounds < saved.round:
+        raise ConfigError(
+            f"fed.rounds={cfg.fed.rounds} is below the {saved.round} rounds {rundir.path} "
+            f"has completed; on --resume fed.rounds must be at least {saved.round}"
+        )
+    return saved
 
 
 def setup(cfg: FederateConfig) -> dict[str, Any]:
@@ -137,17 +161,18 @@ def jobs_factory(cfg: FederateConfig, parts: dict[str, Any]) -> Any:
 def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Federate and write the run directory; returns the summary."""
     from edgetune.fed.algorithms import ALGORITHMS
-    from edgetune.fed.checkpoint import load_round, save_round
+    from edgetune.fed.checkpoint import restore_round, save_round
     from edgetune.fed.simulator import simulate
     from edgetune.train.loop import evaluate
 
     start = time.perf_counter()
     rundir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    saved = resume_point(rundir, cfg) if resume else None
     rundir.write_config(to_dict(cfg))
     parts = setup(cfg)
     adapter = parts["adapter"]
     algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, adapter, cfg.seed)
-    done = load_round(rundir, algo, adapter) if resume else 0
+    done = restore_round(rundir, saved, algo, adapter) if saved is not None else 0
 
     def evaluate_global() -> dict[str, float]:
         rows = parts["eval_rows"]

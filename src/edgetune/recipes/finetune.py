@@ -1,25 +1,34 @@
 """`edgetune finetune`: fine-tune one model on one device (first-order or zeroth-order).
 
 setup (model, data, task, adapter, stepper) -> fit -> save adapter and summary. Resuming
-reads the run's own config.yaml and its latest checkpoint, drops metric lines logged
-after that checkpoint, and continues; the end state equals an uninterrupted run's.
+reads the run's own config.yaml and its newest intact checkpoint, drops metric lines
+logged after that checkpoint, and continues in the same folder; the end state equals an
+uninterrupted run's. Only RESUME_MAY_CHANGE settings may differ on resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgetune import threads
-from edgetune.config import option, to_dict
+from edgetune.config import build, config_diff, option, to_dict
 from edgetune.data import DataConfig
-from edgetune.errors import EdgetuneError, TrainingDivergedError
+from edgetune.errors import ConfigError, EdgetuneError, TrainingDivergedError
 from edgetune.peft import PeftConfig
 from edgetune.runs import RunDir, peak_rss_mb
-from edgetune.train import OptimConfig, TrainConfig
+from edgetune.train import LoopState, OptimConfig, TrainConfig
+from edgetune.train.checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    list_checkpoints,
+    newest_intact,
+    warn,
+)
 from edgetune.train.config import DEFAULT_LR
 from edgetune.zo import ZOConfig
 
@@ -98,25 +107,135 @@ def make_stepper(cfg: FinetuneConfig, adapter: Any, task: Any) -> Any:
     return ZOStepper(adapter, task, estimator, optimizer, cfg.train.grad_accum, cfg.seed)
 
 
-def restore(run: RunDir, parts: dict[str, Any]) -> Any:
-    """Load the latest checkpoint into the adapter and stepper; None when there is none."""
-    from edgetune.train import LoopState
-    from edgetune.train.checkpoint import list_checkpoints, load_checkpoint
+# What `finetune --resume` may change: the length of the run (a constant learning rate
+# keeps every step taken valid), evaluation / checkpoint cadence and display, and the
+# step size (optim.lr, zo.eps) that the divergence error tells the user to lower, and the
+# thread count (the machine may be busier now). All else shaped the steps already taken
+# (data, model, adapter, seed, method, batch, schedule).
+RESUME_MAY_CHANGE = (
+    "threads",
+    "train.steps",
+    "train.eval_every",
+    "train.eval_at_start",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.explode_factor",
+    "train.progress",
+    "optim.lr",
+    "zo.eps",
+)
 
-    saved = list_checkpoints(run.path)
-    step = 0
-    state = None
-    if saved:
-        adapter_state, stepper_state, loop = load_checkpoint(saved[-1])
-        parts["adapter"].load_state_dict(adapter_state)
-        parts["stepper"].load_state_dict(stepper_state)
-        step = loop["step"]
-        state = LoopState(
-            step, loop.get("first_loss"), loop.get("last_eval", {}), loop.get("train_s", 0.0)
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: a verified checkpoint (None = from step 0), the
+    newer checkpoints to drop (damaged, or holding parameters that diverged), and the
+    settings changed on this resume."""
+
+    checkpoint: tuple[dict, dict, dict] | None
+    broken: list[Path]
+    changed: dict[str, tuple[Any, Any]]
+    diverged: list[Path]
+
+    @property
+    def step(self) -> int:
+        return self.checkpoint[2]["step"] if self.checkpoint else 0
+
+
+def resume_point(run: RunDir, cfg: FinetuneConfig) -> ResumePoint:
+    """Choose the checkpoint to continue from and check that the changed settings fit it.
+    Writes nothing, so a refused resume leaves the run as it was.
+
+    Raises:
+        ConfigError: train.steps changed under a decaying schedule, or below the steps done.
+        CheckpointError: the run trained past its first checkpoint but none is intact.
+    """
+    saved = build(FinetuneConfig, run.read_config())
+    changed = {k: v for k, v in config_diff(saved, cfg).items() if k != "out"}
+    # a diverged run: the checkpoint before the diverging step already holds the
+    # parameters whose loss diverged (see good_before_divergence)
+    diverged_at = [r["step"] for r in run.read_metrics() if r.get("diverged")]
+    up_to = diverged_at[-1] - 2 if diverged_at else None
+    diverged = [
+        p for p in list_checkpoints(run.path) if up_to is not None and checkpoint_step(p) > up_to
+    ]
+    checkpoint, broken = newest_intact(run.path, up_to)
+    point = ResumePoint(checkpoint, broken, changed, diverged)
+    if checkpoint is None:
+        _check_nothing_lost(run, saved.train, broken, up_to)
+    if "train.steps" in changed and cfg.optim.schedule != "constant":
+        raise ConfigError(
+            f"train.steps cannot change on --resume with optim.schedule={cfg.optim.schedule}: "
+            f"the steps taken followed a learning rate that decays over train.steps="
+            f"{saved.train.steps}, so the result would match no run of either length. Keep "
+            f"train.steps={saved.train.steps}, or start a new run with --out"
         )
+    if cfg.train.steps < point.step:
+        raise ConfigError(
+            f"train.steps={cfg.train.steps} is below the {point.step} steps {run.path} has "
+            f"already trained; on --resume train.steps must be at least {point.step}"
+        )
+    return point
+
+
+def _check_nothing_lost(
+    run: RunDir, train: TrainConfig, broken: list[Path], up_to: int | None
+) -> None:
+    """With no intact checkpoint, starting over is fine only if no checkpoint was due
+    within the steps worth keeping (those before a divergence, `up_to`)."""
+    trained = max((r["step"] for r in run.read_metrics() if "loss" in r), default=0)
+    trained = trained if up_to is None else max(0, min(trained, up_to))
+    first_due = min(train.checkpoint_every or train.steps, train.steps)
+    if broken or trained > first_due:
+        where = "every checkpoint is broken" if broken else "checkpoints/ holds none"
+        raise CheckpointError(
+            f"cannot resume {run.path}: it trained {trained} steps but {where}. Start it "
+            f"over with `edgetune finetune --config {run.path / 'config.yaml'} --out "
+            f"{run.path} --overwrite`"
+        )
+    if run.metrics_path.exists():
+        warn(
+            f"{run.path} holds no checkpoint yet (the first is due at step {first_due}); "
+            "it starts again from step 0"
+        )
+
+
+def begin_resume(run: RunDir, point: ResumePoint) -> None:
+    """Drop the damaged checkpoints and the log lines after the restored step, and record
+    this resume in resumes.jsonl (metrics.jsonl stays as an uninterrupted run's)."""
+    if point.diverged:
+        names = ", ".join(p.name for p in point.diverged)
+        warn(f"{names} of {run.path} hold the parameters whose loss diverged; dropped")
+    dropped = [*point.broken, *point.diverged]
+    for path in [*dropped, *(run.path / "checkpoints").glob("*.tmp")]:
+        shutil.rmtree(path, ignore_errors=True)  # damaged, diverged, or a save cut short
+    if point.checkpoint and dropped:
+        warn(f"resuming {run.path} from step {point.step}, the newest good checkpoint")
     for file in ("metrics.jsonl", "trace.jsonl", "timing.jsonl"):
-        run.truncate_after(step, file=file)
-    return state
+        # with no checkpoint even the step-0 evaluation is redone, so drop it too
+        run.truncate_after(point.step if point.checkpoint else -1, file=file)
+    run.log(
+        {
+            "step": point.step,
+            "dropped": [p.name for p in dropped],
+            "changed": {k: list(v) for k, v in point.changed.items()},
+        },
+        file="resumes.jsonl",
+    )
+
+
+def restore(point: ResumePoint, parts: dict[str, Any]) -> Any:
+    """Load the chosen checkpoint into the adapter and stepper; the LoopState to continue
+    from (None to start from step 0)."""
+    if point.checkpoint is None:
+        return None
+    adapter_state, stepper_state, loop = point.checkpoint
+    parts["adapter"].load_state_dict(adapter_state)
+    parts["stepper"].load_state_dict(stepper_state)
+    return LoopState(
+        loop["step"], loop.get("first_loss"), loop.get("last_eval", {}), loop.get("train_s", 0.0)
+    )
 
 
 def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -125,9 +244,12 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
 
     start = time.perf_counter()
     rundir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
+    point = resume_point(rundir, cfg) if resume else None
+    if point is not None:
+        begin_resume(rundir, point)
     rundir.write_config(to_dict(cfg))
     parts = setup(cfg)
-    state = restore(rundir, parts) if resume else None
+    state = restore(point, parts) if point is not None else None
     summary: dict[str, Any] = {
         "command": "finetune",
         "model": cfg.model,

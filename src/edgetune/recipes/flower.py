@@ -18,6 +18,7 @@ from typing import Any
 
 from edgetune.config import to_dict
 from edgetune.errors import EdgetuneError
+from edgetune.recipes.federate import resume_point
 from edgetune.runs import RunDir
 
 
@@ -87,8 +88,9 @@ def run(cfg: Any, args: Any) -> dict:
     _refuse_local_flags_without_local(args)
     resume = bool(args.resume)
     rundir = RunDir(cfg.out, resume=resume, overwrite=args.overwrite)
-    if not resume:
-        rundir.write_config(to_dict(cfg))
+    if resume:
+        resume_point(rundir, cfg)  # refuse before anything starts; the ServerApp restores
+    rundir.write_config(to_dict(cfg))
     options = {
         "resume": resume,
         "round_timeout": args.round_timeout,

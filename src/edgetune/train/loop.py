@@ -16,7 +16,7 @@ from typing import Any
 from edgetune.errors import TrainingDivergedError
 from edgetune.peft import Adapter
 from edgetune.runs import RunDir
-from edgetune.train.checkpoint import list_checkpoints, save_checkpoint
+from edgetune.train.checkpoint import good_before_divergence, save_checkpoint
 from edgetune.train.config import OptimConfig, TrainConfig
 from edgetune.train.sampler import batch_indices
 from edgetune.train.schedule import lr_at
@@ -124,8 +124,8 @@ def _check_divergence(loss: float, state: LoopState, cfg: TrainConfig, run: RunD
     limit = cfg.explode_factor * max(abs(state.first_loss or 0.0), 1e-3)
     if math.isfinite(loss) and loss <= limit:
         return
-    saved = list_checkpoints(run.path)
-    where = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
+    saved = good_before_divergence(run.path, step)
+    where = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint precedes it"
     run.log({"step": step, "loss": loss, "diverged": True})
     raise TrainingDivergedError(
         f"loss {loss} at step {step} (first loss {state.first_loss}, limit {limit:.3g}): "
