@@ -93,12 +93,13 @@ def ev(*extra: str) -> list[str]:
 
 def fleet(profile: str) -> dict[str, str]:
     """A fleet YAML holding one device profile written as `profile`."""
-    return {"fleet.yaml": f"fleet:\n  - {profile}\n"}
+    return {"fleet.yaml": f"fleet:\n  - {{{profile}}}\n"}
 
 
-GOOD = "name: dev, memory_mb: 4000, gflops: 100, up_mbps: 10, down_mbps: 50"
+GOOD = "name: dev, memory_mb: 4000, gflops: 100, up_mbps: 12, down_mbps: 50"
 FLEET = ("--fleet", "{tmp}/fleet.yaml")
 HEADER = "sentence,label\n"
+ROWS = "a fine film,good\na dull film,bad\n" * 6  # verbalizer words stories260K tells apart
 
 CASES = [
     # --- numbers: NaN, infinity, out of range, wrong type -------------------------
@@ -118,15 +119,15 @@ CASES = [
     Case("seed-word", ft("seed=abc"), r"seed.*integer"),
     Case("peft-rank-zero", ft("peft.rank=0"), r"peft\.rank.*> 0"),
     Case("peft-dropout", ft("peft.dropout=1.5"), r"peft\.dropout"),
-    Case("max-length-tiny", ft("--max-length", "2"), r"data\.max_length.*>= 4"),
-    Case("max-length-beyond-context", ft("--max-length", "100000"), r"max_length.*512"),
-    Case("eval-size-negative", ft("--eval-size", "-1"), r"data\.eval_size"),
-    Case("train-size-zero", ft("--train-size", "0"), r"data\.train_size"),
+    Case("max-length-tiny", ft("data.max_length=2"), r"data\.max_length.*>= 4"),
+    Case("max-length-beyond-context", ft("data.max_length=100000"), r"max_length.*512"),
+    Case("eval-size-negative", ft("data.eval_size=-1"), r"data\.eval_size"),
+    Case("train-size-zero", ft("data.train_size=0"), r"data\.train_size"),
     Case(
         "eval-size-too-big",
-        ft("--dataset", "{tmp}/d.csv", "--eval-size", "50"),
+        ft("--dataset", "{tmp}/d.csv", "data.eval_size=50"),
         r"12 rows.*eval_size=50",
-        {"d.csv": HEADER + "good film,1\nbad film,0\n" * 6},
+        {"d.csv": HEADER + ROWS},
     ),
     Case("bool-word", ft("train.progress=maybe"), r"train\.progress.*true or false"),
     Case("list-for-int", ft("train.steps=[1,2]"), r"train\.steps.*integer"),
@@ -138,7 +139,7 @@ CASES = [
     Case("task-choice", ft("--task", "regression"), r"data\.task.*not one of"),
     Case("misspelt-flag", ft("--stpes", "5"), r"did you mean --steps\?"),
     Case("misspelt-flag-eval", ev("--adaptr", "x"), r"did you mean --adapter\?"),
-    Case("override-without-equals", ft("steps"), r"unrecognized arguments: steps"),
+    Case("override-without-equals", ft("steps"), r"override 'steps' is not of the form key=value"),
     Case("section-as-value", ft("train=5"), r"train.*mapping"),
     # --- files: config, model, dataset, run directory ----------------------------
     Case("config-missing", ft("--config", "{tmp}/nope.yaml"), r"nope\.yaml does not exist"),
@@ -161,10 +162,25 @@ CASES = [
     Case("dataset-unknown", ft("--dataset", "no-such-data"), r"unknown dataset 'no-such-data'"),
     Case("dataset-missing-file", ft("--dataset", "{tmp}/x.csv"), r"x\.csv does not exist"),
     Case("dataset-folder", ft("--dataset", "{tmp}"), r"is a folder"),
-    Case("dataset-extension", ft("--dataset", "{tmp}/d.parquet"), r"unknown data file extension"),
+    Case(
+        "dataset-extension",
+        ft("--dataset", "{tmp}/d.parquet"),
+        r"unknown data file extension",
+        {"d.parquet": "x"},
+    ),
     Case("resume-missing", ["finetune", "--resume", "{tmp}/none"], r"cannot resume"),
-    Case("out-is-file", ft("--out", "{tmp}/f.txt"), r"f\.txt.*(is a file|not a folder)", {"f.txt": "x"}),
-    Case("out-under-file", ft("--out", "{tmp}/f.txt/run"), r"f\.txt.*not a folder", {"f.txt": "x"}),
+    Case(
+        "out-is-file",
+        ft("--out", "{tmp}/f.txt"),
+        r"f\.txt.*(is a file|not a folder)",
+        {"f.txt": "x"},
+    ),
+    Case(
+        "out-under-file",
+        ft("--out", "{tmp}/f.txt/run"),
+        r"f\.txt/run.*Not a directory",
+        {"f.txt": "x"},
+    ),
     Case("out-unwritable", ft("--out", "/proc/edgetune-run"), r"cannot (create|write)"),
     Case("eval-out-is-file", ev("--out", "{tmp}/f.txt"), r"f\.txt", {"f.txt": "x"}),
     # --- data files --------------------------------------------------------------
@@ -190,7 +206,7 @@ CASES = [
         "csv-label-field-missing",
         ft("--dataset", "{tmp}/d.csv", "--label-field", "stars"),
         r"column 'stars' not found",
-        {"d.csv": HEADER + "good film,1\nbad film,0\n" * 6},
+        {"d.csv": HEADER + ROWS},
     ),
     Case(
         "csv-ragged-row",
@@ -202,7 +218,7 @@ CASES = [
         "csv-all-text-empty",
         ft("--dataset", "{tmp}/d.csv"),
         r"empty",
-        {"d.csv": HEADER + ",1\n,0\n" * 6},
+        {"d.csv": HEADER + ",good\n,bad\n" * 6},
     ),
     Case(
         "csv-empty-label",
@@ -257,7 +273,7 @@ CASES = [
     Case(
         "template-unknown-field",
         ft("--template", "Review: {review}\\nAnswer:"),
-        r"data\.template uses 'review'",
+        r"'review' not found",
     ),
     Case("template-no-field", ft("--template", "Answer:"), r"no \{field\} placeholder"),
     Case("labels-duplicate", ft("--labels", "a,a"), r"unique"),
@@ -276,21 +292,45 @@ CASES = [
     Case("partition-bad-alpha", fed("--partition", "dirichlet:-1"), r"dirichlet"),
     Case("fleet-unknown", fed("--fleet", "laptops"), r"fleet 'laptops'"),
     Case("algorithm-unknown", fed("--algorithm", "fedprox"), r"fed\.algorithm"),
-    Case("fleet-up-zero", fed(*FLEET), r"up_mbps.*> 0", fleet(GOOD.replace("10", "0", 1))),
-    Case("fleet-memory-word", fed(*FLEET), r"memory_mb.*number.*'lots'", fleet(GOOD.replace("4000", "lots"))),
+    Case(
+        "fleet-up-zero",
+        fed(*FLEET),
+        r"up_mbps.*> 0",
+        fleet(GOOD.replace("up_mbps: 12", "up_mbps: 0")),
+    ),
+    Case(
+        "fleet-memory-word",
+        fed(*FLEET),
+        r"memory_mb.*number.*'lots'",
+        fleet(GOOD.replace("4000", "lots")),
+    ),
     Case("fleet-syntax", fed(*FLEET), r"fleet\.yaml.*not valid YAML", {"fleet.yaml": "fleet: [\n"}),
-    Case("fleet-gflops-negative", fed(*FLEET), r"gflops.*> 0", fleet(GOOD.replace("100", "-5"))),
-    Case("fleet-availability", fed(*FLEET), r"availability.*2\.5", fleet(GOOD + ", availability: 2.5")),
+    Case(
+        "fleet-gflops-negative",
+        fed(*FLEET),
+        r"gflops.*> 0",
+        fleet(GOOD.replace("gflops: 100", "gflops: -5")),
+    ),
+    Case(
+        "fleet-availability",
+        fed(*FLEET),
+        r"availability.*2\.5",
+        fleet(GOOD + ", availability: 2.5"),
+    ),
     Case("fleet-dropout", fed(*FLEET), r"dropout.*-1", fleet(GOOD + ", dropout: -1")),
-    Case("fleet-nan", fed(*FLEET), r"gflops.*nan", fleet(GOOD.replace("100", ".nan"))),
+    Case(
+        "fleet-nan", fed(*FLEET), r"gflops.*nan", fleet(GOOD.replace("gflops: 100", "gflops: .nan"))
+    ),
     Case("fleet-rank", fed(*FLEET), r"lora_rank.*integer", fleet(GOOD + ", lora_rank: 2.5")),
     Case("fleet-unknown-field", fed(*FLEET), r"memory_gb", fleet(GOOD + ", memory_gb: 4")),
-    Case("fleet-missing-field", fed(*FLEET), r"gflops", fleet("{name: dev, memory_mb: 4000}")),
+    Case("fleet-missing-field", fed(*FLEET), r"gflops", fleet("name: dev, memory_mb: 4000")),
     Case("fleet-empty", fed(*FLEET), r"list of device profiles", {"fleet.yaml": ""}),
     Case("fleet-not-utf8", fed(*FLEET), r"fleet\.yaml", {"fleet.yaml": b"fleet: [\xff]\n"}),
     # --- eval, generate, report, flower --------------------------------------------
     Case("eval-adapter-not-folder", ev("--adapter", "{tmp}"), r"not a PEFT adapter folder"),
-    Case("eval-adapter-other-model", ev("--adapter", "{other}"), r"adapter.*(other|different) model"),
+    Case(
+        "eval-adapter-other-model", ev("--adapter", "{other}"), r"adapter.*(other|different) model"
+    ),
     Case("eval-batch-size-zero", ev("--batch-size", "0"), r"batch.size.*> 0"),
     Case("eval-size-zero", ev("--eval-size", "0"), r"eval.size"),
     Case(
@@ -354,7 +394,7 @@ def _run_in_process(argv: list[str], capsys) -> tuple[int | str | None, str]:
     except SystemExit as exc:  # argparse exits with 2 on a bad command line
         status = exc.code
     except Exception:  # noqa: BLE001 - classify, then fail with the traceback shown
-        pytest.fail(f"TRACEBACK for {argv}:\n{traceback.format_exc()[-3000:]}")
+        pytest.fail(f"TRACEBACK: {traceback.format_exc()[-3000:]}")
     captured = capsys.readouterr()
     return status, captured.out + captured.err
 
@@ -374,10 +414,12 @@ def test_bad_input_exits_2_with_a_message(case, tmp_path, capsys, stories260k_pa
     status, output = _run_in_process(argv, capsys)
     # Assert
     if status == 0:
-        pytest.fail(f"SILENT: exit 0 for {argv}\n{output[-2000:]}")
-    assert status == 2, output[-2000:]
+        pytest.fail(f"SILENT: exit 0\n{output[-1000:]}")
+    assert status == 2, f"WRONG STATUS {status}: {output[-1000:]}"
     assert "Traceback" not in output
-    assert re.search(case.message, output, re.IGNORECASE | re.DOTALL), output[-2000:]
+    assert re.search(case.message, output, re.IGNORECASE | re.DOTALL), (
+        f"WRONG MESSAGE: {output[-600:]}"
+    )
 
 
 def test_the_table_is_broad():
@@ -389,14 +431,16 @@ def test_the_table_is_broad():
     ("argv", "message", "files"),
     [
         (ft("--stpes", "5"), r"did you mean --steps\?", {}),
-        (fed(*FLEET), r"up_mbps", fleet(GOOD.replace("10", "0", 1))),
+        (fed(*FLEET), r"up_mbps", fleet(GOOD.replace("up_mbps: 12", "up_mbps: 0"))),
     ],
     ids=["misspelt-flag", "fleet-up-zero"],
 )
 def test_bad_input_in_a_real_process(argv, message, files, tmp_path, stories260k_path):
     # Prepare
     _write_files(tmp_path, files)
-    argv = [a.replace("{model}", str(stories260k_path)).replace("{tmp}", str(tmp_path)) for a in argv]
+    argv = [
+        a.replace("{model}", str(stories260k_path)).replace("{tmp}", str(tmp_path)) for a in argv
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Execute
     done = subprocess.run(

@@ -8,10 +8,11 @@ nothing matches, the error lists every attempt and why it failed. Models load in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from edgetune.errors import ModelNotFoundError
+from edgetune.errors import EdgetuneError, ModelNotFoundError
 from edgetune.models.builtin import BUILTIN_MODELS
 from edgetune.models.gguf import convert_gguf
 
@@ -111,7 +112,69 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
         raise ModelNotFoundError(f"cannot load model from {source}: {exc}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # Tokenizers saved without a limit report 1e30; the model's positions are the real
+    # one, and the tasks check data.max_length against it (`build_task`).
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and context < tokenizer.model_max_length:
+        tokenizer.model_max_length = context
     return model.eval(), tokenizer
+
+
+def check_adapter_fits(model: Any, adapter: Path) -> None:
+    """Refuse a PEFT adapter trained on another model before PEFT loads it (PEFT's own
+    error is a size-mismatch line per tensor, a hundred lines for a small model).
+
+    Every LoRA tensor must match the in/out features of the module it adapts, and a soft
+    prompt the model's hidden size.
+
+    Raises:
+        EdgetuneError: a tensor does not fit; the message names the model it came from.
+    """
+    from safetensors import safe_open
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a legacy .bin adapter: PEFT's own check applies
+    modules = dict(model.named_modules())
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+            problem = _misfit(modules, model.config, key, list(f.get_slice(key).get_shape()))
+            if problem:
+                base = _recorded_base(Path(adapter))
+                raise EdgetuneError(
+                    f"adapter {adapter} was trained on a different model: {problem}. Load it "
+                    f"with the model it was trained on (pass --model {base or 'BASE'})"
+                )
+
+
+def _misfit(modules: dict[str, Any], config: Any, key: str, shape: list[int]) -> str | None:
+    """Why adapter tensor `key` of `shape` does not fit the model (None if it does)."""
+    if key.endswith("prompt_embeddings"):
+        hidden = getattr(config, "hidden_size", None)
+        if hidden is not None and shape[-1] != hidden:
+            return f"its soft prompt has width {shape[-1]}, this model's hidden size is {hidden}"
+        return None
+    path, sep, tail = key.removeprefix("base_model.model.").partition(".lora_")
+    if not sep:
+        return None
+    module = modules.get(path)
+    if module is None:
+        return f"this model has no module {path!r}"
+    want = {"A.weight": ("in_features", 1), "B.weight": ("out_features", 0)}.get(tail)
+    if want is None or not hasattr(module, want[0]):
+        return None
+    size = getattr(module, want[0])
+    if shape[want[1]] != size:
+        return f"{path} has {want[0]}={size} here but {shape[want[1]]} in the adapter"
+    return None
+
+
+def _recorded_base(adapter: Path) -> str | None:
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("base_model_name_or_path") if isinstance(config, dict) else None
 
 
 def list_models() -> list[dict[str, Any]]:
