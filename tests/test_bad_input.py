@@ -12,17 +12,29 @@ real subprocess. The real stories260K model and tiny data keep the whole table f
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
 import sys
 import traceback
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from transformers.utils import logging as hf_logging
 
 from edgetune.cli import main
+from edgetune.config import resolve_config
+from edgetune.errors import ConfigError
+from edgetune.recipes.federate import FederateConfig
+from edgetune.recipes.finetune import FinetuneConfig
+
+# transformers binds its log handler to sys.stderr on first use; bind it now to the
+# session's stream, not to one test's capture (closed after that test, so a later
+# warning would print a "Logging error" traceback).
+hf_logging.get_logger("transformers")
 
 
 @dataclass
@@ -157,7 +169,25 @@ CASES = [
         {"c.yaml": "optim:\n  lrr: 0.1\n"},
     ),
     Case("config-is-folder", ft("--config", "{tmp}"), r"does not exist|folder"),
+    Case(
+        "config-not-utf8",
+        ft("--config", "{tmp}/c.yaml"),
+        r"c\.yaml is not UTF-8",
+        {"c.yaml": b"train: {steps: \xff}\n"},
+    ),
     Case("model-unknown", ft("--model", "no-such-model"), r"cannot find model 'no-such-model'"),
+    Case(
+        "model-truncated-gguf",
+        ft("--model", "{tmp}/m.gguf"),
+        r"cannot read GGUF file .*m\.gguf",
+        {"m.gguf": b"GGUF\x03\x00"},
+    ),
+    Case(
+        "model-config-not-json",
+        ft("--model", "{tmp}"),
+        r"config\.json.*not a valid JSON",
+        {"config.json": "{oops"},
+    ),
     Case("model-empty-folder", ft("--model", "{tmp}"), r"no config\.json"),
     Case("dataset-unknown", ft("--dataset", "no-such-data"), r"unknown dataset 'no-such-data'"),
     Case("dataset-missing-file", ft("--dataset", "{tmp}/x.csv"), r"x\.csv does not exist"),
@@ -349,6 +379,17 @@ CASES = [
         r"max.new.tokens",
     ),
     Case("generate-empty-prompt", ["generate", "--model", "{model}", "--prompt", ""], r"prompt"),
+    Case(
+        "generate-encoder",
+        ["generate", "--model", "minilm-l6", "--prompt", "a", "--max-new-tokens", "2"],
+        r"cannot generate",
+    ),
+    Case(
+        "eval-adapter-config-damaged",
+        ev("--adapter", "{tmp}"),
+        r"adapter_config\.json is not a JSON object",
+        {"adapter_config.json": "{oops"},
+    ),
     Case("generate-unknown-model", ["generate", "--model", "nope", "--prompt", "a"], r"'nope'"),
     Case("report-missing", ["report", "{tmp}/none"], r"none"),
     Case("bench-unknown", ["bench", "speed"], r"invalid choice: 'speed'"),
@@ -387,7 +428,7 @@ def _write_files(tmp: Path, files: dict[str, str | bytes]) -> None:
             path.write_text(content)
 
 
-def _run_in_process(argv: list[str], capsys) -> tuple[int | str | None, str]:
+def _run_in_process(argv: list[str], capfd) -> tuple[int | str | None, str]:
     """(exit status, everything printed); an escaping exception fails as a traceback."""
     try:
         status = main(argv)
@@ -395,12 +436,12 @@ def _run_in_process(argv: list[str], capsys) -> tuple[int | str | None, str]:
         status = exc.code
     except Exception:  # noqa: BLE001 - classify, then fail with the traceback shown
         pytest.fail(f"TRACEBACK: {traceback.format_exc()[-3000:]}")
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     return status, captured.out + captured.err
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_exits_2_with_a_message(case, tmp_path, capsys, stories260k_path, request):
+def test_bad_input_exits_2_with_a_message(case, tmp_path, capfd, stories260k_path, request):
     # Prepare
     _write_files(tmp_path, case.files)
     other = request.getfixturevalue("other_adapter") if "{other}" in str(case.argv) else ""
@@ -411,7 +452,7 @@ def test_bad_input_exits_2_with_a_message(case, tmp_path, capsys, stories260k_pa
         for a in case.argv
     ]
     # Execute
-    status, output = _run_in_process(argv, capsys)
+    status, output = _run_in_process(argv, capfd)
     # Assert
     if status == 0:
         pytest.fail(f"SILENT: exit 0\n{output[-1000:]}")
@@ -450,3 +491,25 @@ def test_bad_input_in_a_real_process(argv, message, files, tmp_path, stories260k
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert re.search(message, done.stderr), done.stderr[-2000:]
+
+
+def _float_keys(cls: type, prefix: str = "") -> list[str]:
+    """Dotted keys of every float (or optional float) field of config class `cls`."""
+    keys, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _float_keys(hint, f"{prefix}{f.name}.")
+        elif hint is float or float in typing.get_args(hint):
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+@pytest.mark.parametrize("cls", [FinetuneConfig, FederateConfig])
+def test_every_float_setting_rejects_nan_and_infinity(cls):
+    keys = _float_keys(cls)
+    assert {"optim.lr", "zo.eps"} <= set(keys)
+    for key in keys:
+        for value in (".nan", "nan", ".inf", "-inf"):
+            with pytest.raises(ConfigError, match=rf"{re.escape(key)}: expected a finite number"):
+                resolve_config(cls, None, [f"{key}={value}"])

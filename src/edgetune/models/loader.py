@@ -9,6 +9,7 @@ nothing matches, the error lists every attempt and why it failed. Models load in
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,11 @@ def resolve(spec: str) -> tuple[Path | str, str]:
             return path, "causal-lm"
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return convert_gguf(ggufs[0]), "causal-lm"
+            return _convert_user_gguf(ggufs[0]), "causal-lm"
         tried.append(f"local folder {path} (no config.json and not exactly one .gguf file)")
     elif path.suffix == ".gguf":
         if path.is_file():
-            return convert_gguf(path), "causal-lm"
+            return _convert_user_gguf(path), "causal-lm"
         tried.append(f"GGUF file {path} (does not exist)")
     else:
         tried.append(f"local path {path} (does not exist)")
@@ -56,6 +57,19 @@ def resolve(spec: str) -> tuple[Path | str, str]:
             return spec, "causal-lm"
         tried.append(f"Hugging Face hub id {spec!r} (huggingface.co is unreachable from here)")
     raise ModelNotFoundError(_not_found(spec, tried))
+
+
+def _convert_user_gguf(path: Path) -> Path:
+    """`convert_gguf` of a user's file, whose reader fails with low-level errors on a
+    truncated or foreign file (struct.error on a short header, ValueError on an
+    unsupported architecture)."""
+    try:
+        return convert_gguf(path)
+    except (struct.error, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"cannot read GGUF file {path} ({exc}); check that it is a "
+            f"complete .gguf file of a causal LM (a partial download is a common cause)"
+        ) from None
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -132,6 +146,11 @@ def check_adapter_fits(model: Any, adapter: Path) -> None:
     """
     from safetensors import safe_open
 
+    if _recorded_config(Path(adapter)) is None:
+        raise EdgetuneError(
+            f"{adapter}/adapter_config.json is not a JSON object (damaged or not written by "
+            f"PEFT); train the adapter again or restore the file"
+        )
     weights = Path(adapter) / "adapter_model.safetensors"
     if not weights.is_file():
         return  # a legacy .bin adapter: PEFT's own check applies
@@ -140,7 +159,7 @@ def check_adapter_fits(model: Any, adapter: Path) -> None:
         for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
             problem = _misfit(modules, model.config, key, list(f.get_slice(key).get_shape()))
             if problem:
-                base = _recorded_base(Path(adapter))
+                base = _recorded_config(Path(adapter)).get("base_model_name_or_path")
                 raise EdgetuneError(
                     f"adapter {adapter} was trained on a different model: {problem}. Load it "
                     f"with the model it was trained on (pass --model {base or 'BASE'})"
@@ -169,12 +188,13 @@ def _misfit(modules: dict[str, Any], config: Any, key: str, shape: list[int]) ->
     return None
 
 
-def _recorded_base(adapter: Path) -> str | None:
+def _recorded_config(adapter: Path) -> dict[str, Any] | None:
+    """adapter_config.json as a dict, or None when it is unreadable or not an object."""
     try:
-        config = json.loads((adapter / "adapter_config.json").read_text())
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -14,7 +14,8 @@ def run(
     """Generate greedily and return only the new text.
 
     Raises:
-        ConfigError: `max_new_tokens` below 1 or an empty prompt.
+        ConfigError: `max_new_tokens` below 1, an empty prompt, or a model that cannot
+            generate (an encoder).
     """
     from edgetune import models
 
@@ -27,6 +28,11 @@ def run(
         raise ConfigError("--prompt is empty; pass the text to continue, e.g. --prompt 'Once'")
 
     model, tokenizer = models.load(model_spec)
+    if not model.can_generate():
+        raise ConfigError(
+            f"--model {model_spec} is a {type(model).__name__}, which cannot generate text; "
+            f"pass a causal LM (see `edgetune models`)"
+        )
     model = load_adapter(model, adapter)
     if chat and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(
