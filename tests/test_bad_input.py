@@ -391,7 +391,27 @@ CASES = [
         {"adapter_config.json": "{oops"},
     ),
     Case("generate-unknown-model", ["generate", "--model", "nope", "--prompt", "a"], r"'nope'"),
+    Case("eval-adapter-missing", ev("--adapter", "{tmp}/nope"), r"nope is not a PEFT adapter"),
+    Case(
+        "eval-split-without-label",
+        ft("--dataset", "{tmp}/d.csv", "data.eval_split={tmp}/e.csv"),
+        r"column 'label' not found in .*e\.csv",
+        {"d.csv": HEADER + ROWS, "e.csv": "sentence,stars\na,1\n"},
+    ),
+    Case("federate-resume-missing", ["federate", "--resume", "{tmp}/none"], r"cannot resume"),
     Case("report-missing", ["report", "{tmp}/none"], r"none"),
+    Case("report-a-file", ["report", "{tmp}/f.txt"], r"not a run directory", {"f.txt": "x"}),
+    Case("models-extra-argument", ["models", "x"], r"unrecognized arguments: x"),
+    Case("demo-zo-choice", ["demo", "--zo", "adam"], r"invalid choice: 'adam'"),
+    Case("bench-misspelt-flag", ["bench", "zo", "--stpes", "3"], r"did you mean --steps\?"),
+    Case(
+        "flower-run-resume-missing", ["flower", "run", "--resume", "{tmp}/none"], r"cannot resume"
+    ),
+    Case(
+        "flower-up-auth-without-tls",
+        ["flower", "up", "--clients", "1", "--auth", "{tmp}"],
+        r"needs TLS",
+    ),
     Case("bench-unknown", ["bench", "speed"], r"invalid choice: 'speed'"),
     Case("command-unknown", ["fine-tune"], r"invalid choice: 'fine-tune'"),
     Case("flower-up-no-nodes", ["flower", "up", "--clients", "0"], r"at least one SuperNode"),
