@@ -142,11 +142,13 @@ def check_adapter_fits(model: Any, adapter: Path) -> None:
     prompt the model's hidden size.
 
     Raises:
-        EdgetuneError: a tensor does not fit; the message names the model it came from.
+        EdgetuneError: adapter_config.json is damaged, or a tensor does not fit (the
+            message names the model the adapter was trained on).
     """
     from safetensors import safe_open
 
-    if _recorded_config(Path(adapter)) is None:
+    config = _recorded_config(Path(adapter))
+    if config is None:
         raise EdgetuneError(
             f"{adapter}/adapter_config.json is not a JSON object (damaged or not written by "
             f"PEFT); train the adapter again or restore the file"
@@ -159,7 +161,7 @@ def check_adapter_fits(model: Any, adapter: Path) -> None:
         for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
             problem = _misfit(modules, model.config, key, list(f.get_slice(key).get_shape()))
             if problem:
-                base = _recorded_config(Path(adapter)).get("base_model_name_or_path")
+                base = config.get("base_model_name_or_path")
                 raise EdgetuneError(
                     f"adapter {adapter} was trained on a different model: {problem}. Load it "
                     f"with the model it was trained on (pass --model {base or 'BASE'})"
