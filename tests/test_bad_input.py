@@ -168,7 +168,7 @@ CASES = [
         r"did you mean 'lr'",
         {"c.yaml": "optim:\n  lrr: 0.1\n"},
     ),
-    Case("config-is-folder", ft("--config", "{tmp}"), r"does not exist|folder"),
+    Case("config-is-folder", ft("--config", "{tmp}"), r"is a folder; pass a YAML file"),
     Case(
         "config-not-utf8",
         ft("--config", "{tmp}/c.yaml"),

@@ -157,6 +157,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file to --config")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
