@@ -9,6 +9,7 @@ message (no traceback) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from collections.abc import Sequence
@@ -468,6 +469,23 @@ COMMANDS = {
 }
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The (sub)parser of the command in `args` (e.g. `flower run`), for its flags."""
+    for name in (args.command, getattr(args, "flower_command", None)):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or name not in subs[0].choices:
+            break
+        parser = subs[0].choices[name]
+    return parser
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, flag: str) -> str:
+    """ "did you mean --steps?" for a misspelt `--stpes` ("" when nothing is close)."""
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(flag.split("=", 1)[0], options, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = build_parser()
@@ -476,7 +494,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+        command = _command_parser(parser, args)
+        hints = [_did_you_mean(command, u) for u in unknown if u.startswith("--")]
+        command.error(
+            f"unrecognized arguments: {' '.join(unknown or extra)}"
+            + "".join(f" ({h})" for h in hints if h)
+        )
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:

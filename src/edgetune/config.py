@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -44,8 +45,9 @@ def check_choice(section: str, name: str, value: Any, choices: typing.Iterable[s
 
 
 def check_positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
-    """Raise ConfigError unless `value` > 0 (or >= 0)."""
-    if value < 0 or (value == 0 and not allow_zero):
+    """Raise ConfigError unless `value` > 0 (or >= 0); NaN fails too (it compares false
+    with everything, so `value < 0` alone would let it through)."""
+    if not value >= 0 or (value == 0 and not allow_zero):
         expected = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{section}.{name}: expected a number {expected}, got {value!r}")
 
@@ -85,9 +87,15 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
     if annotation is float:
         try:
-            return float(value)
+            if isinstance(value, bool):
+                raise TypeError(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        # NaN passes every `x > 0` check and inf switches bounds off; neither is a setting.
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}; pass a real value")
+        return number
     if annotation is str:
         if isinstance(value, dict | list):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -150,10 +158,16 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file to --config")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text ({exc.reason}); re-save it"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

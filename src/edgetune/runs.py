@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shutil
 from pathlib import Path
@@ -102,7 +103,23 @@ class RunDir:
                 (self.path / name).unlink(missing_ok=True)
             for name in RUN_FOLDERS:
                 shutil.rmtree(self.path / name, ignore_errors=True)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.path.is_dir():
+            raise EdgetuneError(
+                f"--out {self.path} is a file, not a folder; pass a folder for the run "
+                f"(it is created if missing)"
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EdgetuneError(
+                f"cannot create the run folder {self.path} ({exc.strerror}); pass --out a "
+                f"folder you can write to"
+            ) from None
+        if not os.access(self.path, os.W_OK):
+            raise EdgetuneError(
+                f"cannot write to the run folder {self.path} (permission denied); pass --out "
+                f"a folder you can write to"
+            )
 
     @property
     def metrics_path(self) -> Path:

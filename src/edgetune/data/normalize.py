@@ -14,11 +14,15 @@ Column choices come from the config, else the built-in's spec, else conventions
   spec's label map (class names given in the config then rename its classes, in order); else, with class names given, values 0..n-1 index them; else the
   classes are the sorted unique integers, named by their decimal string.
 Every problem raises `DataError` naming the row or column and the flag that fixes it.
+Rows whose text is empty (every text field blank, or an instruction's prompt or
+response blank) are dropped with a warning on stderr that says how many; a source with
+no non-empty row is an error. An empty label is always an error (it is not a class).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,6 +103,33 @@ def _cell(row: dict[str, Any], name: str, number: int, where: str, flag: str) ->
     return row[name]
 
 
+def _text(row: dict[str, Any], name: str, number: int, where: str, flag: str) -> str:
+    value = _cell(row, name, number, where, flag)
+    if isinstance(value, dict | list):
+        raise DataError(
+            f"row {number} of {where}: column {name!r} holds a {type(value).__name__}, not a "
+            f"string; write the text as a string or pass {flag} with a text column"
+        )
+    return str(value)
+
+
+def _drop_empty(kept: list[dict], empty: list[int], total: int, where: str, what: str) -> None:
+    """Warn that rows `empty` (1-based) were dropped; DataError when nothing is left."""
+    if not empty:
+        return
+    if not kept:
+        raise DataError(
+            f"every row of {where} ({total}) has empty {what}; fill it in, or pick other "
+            f"columns (--text-fields, data.prompt_field / data.response_field)"
+        )
+    shown = ", ".join(str(n) for n in empty[:5]) + (" ..." if len(empty) > 5 else "")
+    print(
+        f"edgetune: warning: dropped {len(empty)} of {total} rows of {where} with empty "
+        f"{what} (rows {shown}); fill them in or delete them to silence this",
+        file=sys.stderr,
+    )
+
+
 def is_int_label(value: Any) -> bool:
     """True for ints (not bools) and strings of digits."""
     if isinstance(value, bool):
@@ -165,9 +196,14 @@ def normalize_classification(
     Raises:
         DataError: a row lacks a column, or its label is not one of the classes.
     """
-    out = []
+    out, empty = [], []
     for number, row in enumerate(rows, start=1):
         raw = _cell(row, label_field, number, where, "--label-field")
+        if not str(raw).strip():
+            raise DataError(
+                f"row {number} of {where} has an empty label in column {label_field!r}; "
+                f"give it one of the classes or delete the row"
+            )
         index = labels.index(raw)
         if index is None:
             raise DataError(
@@ -175,10 +211,12 @@ def normalize_classification(
                 f"({', '.join(labels.labels)}); fix the row, or pass --labels with every "
                 f"class name"
             )
-        fields = {
-            name: str(_cell(row, name, number, where, "--text-fields")) for name in text_fields
-        }
+        fields = {name: _text(row, name, number, where, "--text-fields") for name in text_fields}
+        if not any(v.strip() for v in fields.values()):
+            empty.append(number)
+            continue
         out.append({"fields": fields, "label": index})
+    _drop_empty(out, empty, len(rows), where, f"text in {', '.join(text_fields)}")
     return out
 
 
@@ -190,21 +228,29 @@ def normalize_instruction(
     where: str,
 ) -> list[dict[str, Any]]:
     """Rows -> `{"prompt", "response"}`, from two columns or one "### Human/Assistant" text."""
-    out = []
+    out, empty = [], []
     for number, row in enumerate(rows, start=1):
         if prompt_field and response_field:
-            prompt = _cell(row, prompt_field, number, where, "data.prompt_field=...")
-            response = _cell(row, response_field, number, where, "data.response_field=...")
+            prompt = _text(row, prompt_field, number, where, "data.prompt_field=...")
+            response = _text(row, response_field, number, where, "data.response_field=...")
         else:
-            text = _cell(row, text_field, number, where, "--text-field")
-            prompt, response = split_dialogue(str(text), f"row {number} of {where}")
-        out.append({"prompt": str(prompt), "response": str(response)})
+            text = _text(row, text_field, number, where, "--text-field")
+            prompt, response = split_dialogue(text, f"row {number} of {where}")
+        if not prompt.strip() or not response.strip():
+            empty.append(number)
+            continue
+        out.append({"prompt": prompt, "response": response})
+    _drop_empty(out, empty, len(rows), where, "prompt or response")
     return out
 
 
 def normalize_lm(rows: Sequence[dict[str, Any]], text_field: str, where: str) -> list[dict]:
     """Rows -> `{"text"}` documents; a single row is cut into paragraphs at blank lines."""
-    texts = [str(_cell(row, text_field, n, where, "--text-field")) for n, row in enumerate(rows, 1)]
+    texts = [_text(row, text_field, n, where, "--text-field") for n, row in enumerate(rows, 1)]
     if len(texts) == 1:
         texts = re.split(r"\n\s*\n", texts[0])
-    return [{"text": t.strip()} for t in texts if t.strip()]
+        return [{"text": t.strip()} for t in texts if t.strip()]
+    out = [{"text": t.strip()} for t in texts if t.strip()]
+    empty = [n for n, t in enumerate(texts, 1) if not t.strip()]
+    _drop_empty(out, empty, len(texts), where, f"text in {text_field!r}")
+    return out

@@ -23,6 +23,26 @@ from typing import Any, Literal
 
 from edgetune.errors import DataError
 
+SEPARATORS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+
+
+def _check_separator(path: Path, header: list[str], delimiter: str) -> None:
+    """Refuse a header that is one column only because the file uses another separator
+    (a `;`-separated .csv or a comma-separated .tsv would otherwise load as one text
+    column and silently train a language model on "a;b" lines)."""
+    if len(header) != 1:
+        return
+    for other, name in SEPARATORS.items():
+        if other != delimiter and other in header[0]:
+            expected = SEPARATORS[delimiter]
+            fix = {",": "name it .csv", "\t": "name it .tsv"}.get(
+                other, f"re-save it {expected}-separated"
+            )
+            raise DataError(
+                f"{path}: the header {header[0]!r} is separated by {name}s ({other!r}), but a "
+                f"{path.suffix} file must be {expected}-separated; {fix} (or convert the file)"
+            )
+
 
 def _read_delimited(path: Path, delimiter: str, quoted: bool) -> list[dict[str, Any]]:
     # The default 128 KB cell limit is too small for user files holding whole documents.
@@ -32,6 +52,7 @@ def _read_delimited(path: Path, delimiter: str, quoted: bool) -> list[dict[str, 
         reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
         if reader.fieldnames is None:
             return []
+        _check_separator(path, list(reader.fieldnames), delimiter)
         rows = []
         separator = "tab" if delimiter == "\t" else "comma"
         for row in reader:

@@ -63,8 +63,18 @@ def infer_task(cfg: DataConfig, source: Source) -> str:
         return "instruction"
     if isinstance(text, str) and HUMAN in text and ASSISTANT in text:
         return "instruction"
-    if "text" in columns or len(columns) == 1:
+    if len(columns) == 1:
         return "lm"
+    if "text" in columns:
+        # Training a language model on "text" would ignore every other column; a column
+        # such as "sentiment" is more likely a label under another name.
+        others = [c for c in columns if c != "text"]
+        raise ConfigError(
+            f"cannot infer the task of {source.train_name}: besides 'text' it has the "
+            f"columns {', '.join(others)}, which a language model would ignore. Pass "
+            f"--task lm to train on 'text' alone, or --task classification --label-field "
+            f"{others[0]} if that column holds the class"
+        )
     raise ConfigError(
         f"cannot infer the task of {source.train_name} from its columns "
         f"({', '.join(columns)}); pass --task classification|instruction|lm"

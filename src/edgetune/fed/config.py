@@ -85,6 +85,15 @@ class FedConfig:
         check_positive("fed", "deadline_s", self.deadline_s, allow_zero=True)
         if not 0.0 < self.participation <= 1.0:
             raise ConfigError(f"fed.participation: expected (0, 1], got {self.participation}")
+        # The simulator and the Flower server select this many clients per round.
+        selected = max(1, round(self.participation * self.clients))
+        if self.min_clients > selected:
+            raise ConfigError(
+                f"fed.min_clients={self.min_clients} but only {selected} of fed.clients="
+                f"{self.clients} are selected per round (fed.participation="
+                f"{self.participation}), so no round would ever aggregate; set "
+                f"fed.min_clients to at most {selected} or raise fed.participation"
+            )
         if not 0.0 <= self.trim < 0.5:
             raise ConfigError(f"fed.trim: expected [0, 0.5), got {self.trim}")
         if self.algorithm != "fedit" and self.method == "fo":

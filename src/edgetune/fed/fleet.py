@@ -17,7 +17,9 @@ each is in its comment. Users define their own in YAML (a list of mappings with 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import difflib
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -37,6 +39,53 @@ class DeviceProfile:
     availability: float = 1.0  # probability of being reachable in a round
     dropout: float = 0.0  # probability of vanishing mid-round
     lora_rank: int = 0  # LoRA rank it trains with fed.ranks=device (0: the global rank)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(
+                f"device profile name: expected a non-empty string, got {self.name!r}"
+            )
+        for name in ("memory_mb", "gflops", "up_mbps", "down_mbps"):
+            _check_number(self.name, name, getattr(self, name), low=0.0, low_open=True)
+        _check_number(
+            self.name, "availability", self.availability, low=0.0, low_open=True, high=1.0
+        )
+        _check_number(self.name, "dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        if (
+            isinstance(self.lora_rank, bool)
+            or not isinstance(self.lora_rank, int)
+            or self.lora_rank < 0
+        ):
+            raise ConfigError(
+                f"device {self.name!r}: lora_rank: expected an integer >= 0 (0 = the global "
+                f"rank), got {self.lora_rank!r}"
+            )
+
+
+def _check_number(
+    device: str,
+    field: str,
+    value: object,
+    low: float,
+    low_open: bool = False,
+    high: float = math.inf,
+    high_open: bool = False,
+) -> None:
+    """Raise ConfigError unless `value` is a finite number in the given range."""
+    lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+    expected = f"> {low:g}" if high == math.inf else f"in {lo}{low:g}, {high:g}{hi}"
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
+    if not ok:
+        raise ConfigError(
+            f"device {device!r}: {field}: expected a number {expected}, got {value!r}; fix the "
+            f"profile in the fleet YAML"
+        )
 
 
 BUILTIN_PROFILES: dict[str, DeviceProfile] = {
@@ -105,23 +154,49 @@ def device_profile(name: str, fleet: str, client: int, num_clients: int) -> Devi
 
 
 def _read_yaml(path: Path) -> list[DeviceProfile]:
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"fleet file {path} is not UTF-8 text ({exc.reason}); re-save it"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"fleet file {path} is not valid YAML: {exc}") from None
     items = data.get("fleet") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise ConfigError(f"{path}: expected a list of device profiles (or fleet: [...])")
-    valid = {f.name for f in fields(DeviceProfile)}
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str) and item in BUILTIN_PROFILES:
             out.append(BUILTIN_PROFILES[item])
             continue
-        if not isinstance(item, dict) or set(item) - valid:
-            raise ConfigError(f"{path}: profile {i} must use the fields {sorted(valid)}")
         try:
-            out.append(DeviceProfile(**item))
-        except TypeError as exc:
+            out.append(DeviceProfile(**_profile_fields(item)))
+        except ConfigError as exc:
             raise ConfigError(f"{path}: profile {i}: {exc}") from None
     return out
+
+
+def _profile_fields(item: object) -> dict:
+    """The fields of one YAML profile, or ConfigError naming unknown or missing ones."""
+    valid = [f.name for f in fields(DeviceProfile)]
+    required = [f.name for f in fields(DeviceProfile) if f.default is MISSING]
+    if not isinstance(item, dict):
+        raise ConfigError(
+            f"expected a built-in profile name ({', '.join(BUILTIN_PROFILES)}) or a mapping "
+            f"with the fields {', '.join(valid)}, got {item!r}"
+        )
+    for key in item:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown field {key!r}{hint}; valid fields: {', '.join(valid)}")
+    missing = [name for name in required if name not in item]
+    if missing:
+        raise ConfigError(
+            f"missing {', '.join(missing)}; every profile needs {', '.join(required)}"
+        )
+    return item
 
 
 def round_seconds(

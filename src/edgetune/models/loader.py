@@ -8,10 +8,12 @@ nothing matches, the error lists every attempt and why it failed. Models load in
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 from typing import Any
 
-from edgetune.errors import ModelNotFoundError
+from edgetune.errors import EdgetuneError, ModelNotFoundError
 from edgetune.models.builtin import BUILTIN_MODELS
 from edgetune.models.gguf import convert_gguf
 
@@ -42,11 +44,11 @@ def resolve(spec: str) -> tuple[Path | str, str]:
             return path, "causal-lm"
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return convert_gguf(ggufs[0]), "causal-lm"
+            return _convert_user_gguf(ggufs[0]), "causal-lm"
         tried.append(f"local folder {path} (no config.json and not exactly one .gguf file)")
     elif path.suffix == ".gguf":
         if path.is_file():
-            return convert_gguf(path), "causal-lm"
+            return _convert_user_gguf(path), "causal-lm"
         tried.append(f"GGUF file {path} (does not exist)")
     else:
         tried.append(f"local path {path} (does not exist)")
@@ -55,6 +57,19 @@ def resolve(spec: str) -> tuple[Path | str, str]:
             return spec, "causal-lm"
         tried.append(f"Hugging Face hub id {spec!r} (huggingface.co is unreachable from here)")
     raise ModelNotFoundError(_not_found(spec, tried))
+
+
+def _convert_user_gguf(path: Path) -> Path:
+    """`convert_gguf` of a user's file, whose reader fails with low-level errors on a
+    truncated or foreign file (struct.error on a short header, ValueError on an
+    unsupported architecture)."""
+    try:
+        return convert_gguf(path)
+    except (struct.error, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"cannot read GGUF file {path} ({exc}); check that it is a "
+            f"complete .gguf file of a causal LM (a partial download is a common cause)"
+        ) from None
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -111,7 +126,77 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
         raise ModelNotFoundError(f"cannot load model from {source}: {exc}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # Tokenizers saved without a limit report 1e30; the model's positions are the real
+    # one, and the tasks check data.max_length against it (`build_task`).
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and context < tokenizer.model_max_length:
+        tokenizer.model_max_length = context
     return model.eval(), tokenizer
+
+
+def check_adapter_fits(model: Any, adapter: Path) -> None:
+    """Refuse a PEFT adapter trained on another model before PEFT loads it (PEFT's own
+    error is a size-mismatch line per tensor, a hundred lines for a small model).
+
+    Every LoRA tensor must match the in/out features of the module it adapts, and a soft
+    prompt the model's hidden size.
+
+    Raises:
+        EdgetuneError: adapter_config.json is damaged, or a tensor does not fit (the
+            message names the model the adapter was trained on).
+    """
+    from safetensors import safe_open
+
+    config = _recorded_config(Path(adapter))
+    if config is None:
+        raise EdgetuneError(
+            f"{adapter}/adapter_config.json is not a JSON object (damaged or not written by "
+            f"PEFT); train the adapter again or restore the file"
+        )
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a legacy .bin adapter: PEFT's own check applies
+    modules = dict(model.named_modules())
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+            problem = _misfit(modules, model.config, key, list(f.get_slice(key).get_shape()))
+            if problem:
+                base = config.get("base_model_name_or_path")
+                raise EdgetuneError(
+                    f"adapter {adapter} was trained on a different model: {problem}. Load it "
+                    f"with the model it was trained on (pass --model {base or 'BASE'})"
+                )
+
+
+def _misfit(modules: dict[str, Any], config: Any, key: str, shape: list[int]) -> str | None:
+    """Why adapter tensor `key` of `shape` does not fit the model (None if it does)."""
+    if key.endswith("prompt_embeddings"):
+        hidden = getattr(config, "hidden_size", None)
+        if hidden is not None and shape[-1] != hidden:
+            return f"its soft prompt has width {shape[-1]}, this model's hidden size is {hidden}"
+        return None
+    path, sep, tail = key.removeprefix("base_model.model.").partition(".lora_")
+    if not sep:
+        return None
+    module = modules.get(path)
+    if module is None:
+        return f"this model has no module {path!r}"
+    want = {"A.weight": ("in_features", 1), "B.weight": ("out_features", 0)}.get(tail)
+    if want is None or not hasattr(module, want[0]):
+        return None
+    size = getattr(module, want[0])
+    if shape[want[1]] != size:
+        return f"{path} has {want[0]}={size} here but {shape[want[1]]} in the adapter"
+    return None
+
+
+def _recorded_config(adapter: Path) -> dict[str, Any] | None:
+    """adapter_config.json as a dict, or None when it is unreadable or not an object."""
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def list_models() -> list[dict[str, Any]]:

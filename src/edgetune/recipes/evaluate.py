@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.errors import EdgetuneError
+from edgetune.models.loader import check_adapter_fits
 
 
 def load_adapter(model: Any, adapter: str | None) -> Any:
@@ -26,6 +27,7 @@ def load_adapter(model: Any, adapter: str | None) -> Any:
         )
     from peft import PeftModel
 
+    check_adapter_fits(model, path)
     return PeftModel.from_pretrained(model, path).eval()
 
 

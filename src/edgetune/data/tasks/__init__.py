@@ -35,11 +35,17 @@ def build_task(splits: DataSplits, cfg: DataConfig, tokenizer: Any) -> Task:
 
     Raises:
         ConfigError: an unknown task, colliding verbalizer tokens, or a max_length too
-            short for the prompt frame.
+            short for the prompt frame or beyond the tokenizer's `model_max_length`.
     """
     builder = TASKS.get(splits.task)
     if builder is None:
         raise ConfigError(f"unknown task {splits.task!r}; valid tasks: {', '.join(TASKS)}")
+    context = tokenizer.model_max_length  # the model's positions (see `models.load`)
+    if cfg.max_length > context:
+        raise ConfigError(
+            f"data.max_length={cfg.max_length} is beyond the model's context of {context} "
+            f"tokens; pass --max-length {context} or less"
+        )
     return builder(splits, cfg, tokenizer)
 
 
