@@ -400,7 +400,7 @@ CASES = [
     ),
     Case("federate-resume-missing", ["federate", "--resume", "{tmp}/none"], r"cannot resume"),
     Case("report-missing", ["report", "{tmp}/none"], r"none"),
-    Case("report-a-file", ["report", "{tmp}/f.txt"], r"not a run directory", {"f.txt": "x"}),
+    Case("report-a-file", ["report", "{tmp}/f.txt"], r"is a file.*--out folder", {"f.txt": "x"}),
     Case("models-extra-argument", ["models", "x"], r"unrecognized arguments: x"),
     Case("demo-zo-choice", ["demo", "--zo", "adam"], r"invalid choice: 'adam'"),
     Case("bench-misspelt-flag", ["bench", "zo", "--stpes", "3"], r"did you mean --steps\?"),
