@@ -17,9 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from edgetune import console
 from edgetune.config import option, to_dict
 from edgetune.data import DataConfig
-from edgetune.fed.config import FedConfig
+from edgetune.fed.config import AUTO_PARTITION, FedConfig
+from edgetune.models.builtin import base_model_id
 from edgetune.peft import PeftConfig
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import OptimConfig, TrainConfig
@@ -54,13 +56,15 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
     from edgetune.fed.fleet import choose_method, client_ranks, load_fleet
     from edgetune.peft import attach
 
+    console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.train.progress)
     model, tokenizer = models.load(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
     splits = load_splits(cfg.data, cfg.seed)
     task = build_task(splits, cfg.data, tokenizer)
     train_rows = task.prepare_rows(splits.train)
     labels = [r["label"] for r in train_rows] if splits.task == "classification" else None
-    parts = partition(len(train_rows), cfg.fed.clients, cfg.fed.partition, cfg.seed, labels)
+    scheme = partition_for(cfg.fed.partition, splits.task)
+    parts = partition(len(train_rows), cfg.fed.clients, scheme, cfg.seed, labels)
     fleet = load_fleet(cfg.fed.fleet, cfg.fed.clients)
     methods = [choose_method(p, num_params, cfg.fed.method) for p in fleet]
     if cfg.fed.algorithm != "fedit":  # FedKSeed and FwdLLM clients are forward-only
@@ -76,6 +80,7 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
             f"fed.method={cfg.fed.method}; use a smaller model or a larger fleet"
         )
     return {
+        "partition": scheme,
         "task": task,
         "adapter": attach(model, cfg.peft, seed=cfg.seed),
         "fleet": fleet,
@@ -85,6 +90,14 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
         "eval_rows": task.prepare_rows(splits.eval),
         "num_params": num_params,
     }
+
+
+def partition_for(scheme: str, task: str) -> str:
+    """The partition scheme to use: `auto` is label skew (dirichlet:0.5) for
+    classification and iid for tasks without labels; any other scheme as given."""
+    if scheme != AUTO_PARTITION:
+        return scheme
+    return "dirichlet:0.5" if task == "classification" else "iid"
 
 
 def client_job(
@@ -140,13 +153,18 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     rundir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
     rundir.write_config(to_dict(cfg))
     parts = setup(cfg)
+    fed = dataclasses.replace(cfg.fed, partition=parts["partition"])
+    cfg = dataclasses.replace(cfg, fed=fed)
+    rundir.write_config(to_dict(cfg))  # says which partition `auto` chose
     adapter = parts["adapter"]
     algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, adapter, cfg.seed)
     done = load_round(rundir, algo, adapter) if resume else 0
 
     def evaluate_global() -> dict[str, float]:
         rows = parts["eval_rows"]
-        return evaluate(adapter, parts["task"], rows, cfg.train.eval_batch_size) if rows else {}
+        if not rows:
+            return {}
+        return evaluate(adapter, parts["task"], rows, cfg.train.eval_batch_size, cfg.train.progress)
 
     totals = simulate(
         algo,
@@ -161,6 +179,7 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
         cfg.data.max_length,
         start=done,
         on_round=lambda r: save_round(rundir, algo, r),
+        progress=cfg.train.progress,
     )
     return summarize(cfg, rundir, adapter, parts, totals, start)
 
@@ -175,7 +194,7 @@ def summarize(
     command: str = "federate",
 ) -> dict:
     """Save the global adapter and write summary.json (shared with the Flower server)."""
-    saved = adapter.save(rundir.path)
+    saved = adapter.save(rundir.path, base_model_id(cfg.model))
     last = rundir.read_metrics()[-1]
     summary = {
         "command": command,
