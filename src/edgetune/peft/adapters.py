@@ -91,9 +91,12 @@ class Adapter:
             if base_model is not None:
                 for config in self.model.peft_config.values():  # type: ignore[union-attr]
                     config.base_model_name_or_path = base_model
+            # The vocabulary never changes here; "auto" would ask the Hub for the base
+            # model's config (a network lookup, or a warning when offline).
+            self.model.save_pretrained(target, save_embedding_layers=False)  # type: ignore[operator]
         else:
             target = out / "model"
-        self.model.save_pretrained(target)  # type: ignore[operator]
+            self.model.save_pretrained(target)  # type: ignore[operator]
         if card is not None:
             card.write(target)
         return target
