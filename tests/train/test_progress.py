@@ -63,12 +63,14 @@ def test_step_bar_shows_training_loss_and_labels_the_evaluation(tmp_path, lm_arg
 
 
 def test_evaluation_and_model_loading_report_progress(tmp_path, lm_args, capsys):
-    assert main(lm_args(tmp_path / "lm")) == 0
+    out = tmp_path / "lm"
+    assert main(lm_args(out)) == 0
     frames = _frames(capsys.readouterr().err)
+    blocks = json.loads((out / "summary.json").read_text())["eval_examples"]
     assert frames[0].startswith("edgetune: loading model ")
     eval_frames = [f for f in frames if f.startswith("evaluating")]
-    assert eval_frames, frames[:5]
-    assert any(re.search(r"\b(\d+)/\1\b", f) for f in eval_frames)  # ran to the end
+    # one bar per evaluation (steps 0, 2 and 4), each over every held-out block
+    assert sum(f"| 0/{blocks} " in f for f in eval_frames) == 3, eval_frames
 
 
 def test_progress_false_leaves_stderr_empty(tmp_path, lm_args, capsys):
