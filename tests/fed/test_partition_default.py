@@ -1,5 +1,5 @@
 """The default partition fits the task: label skew for classification, iid for tasks
-without labels, and the run's config.yaml says which one was used."""
+without labels, and the run's config.yaml and adapter card say which one was used."""
 
 from __future__ import annotations
 
@@ -50,4 +50,8 @@ def test_default_federation_runs_and_records_its_partition(
         "train.progress=false",
     ]
     assert main(args) == 0
-    assert yaml.safe_load((out / "config.yaml").read_text())["fed"]["partition"] == expected
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["fed"]["partition"] == expected
+    assert config["data"]["task"] == task
+    card = (out / "adapter" / "README.md").read_text()
+    assert f"fed.algorithm=fedit, 1 rounds, 3 clients (fleet mixed, partition {expected})" in card

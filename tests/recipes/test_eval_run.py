@@ -5,6 +5,7 @@ run."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -96,3 +97,21 @@ def test_a_folder_without_a_run_is_a_clear_error(tmp_path, cli, capsys):
     status = cli(["eval", str(tmp_path)])
     err = capsys.readouterr().err
     assert status == 2 and "is not a run directory" in err
+
+
+def test_a_copied_adapter_finds_its_base_model_and_refuses_another(
+    csv_run, tmp_path, cli, capsys, stories260k_path
+):
+    copy = tmp_path / "elsewhere" / "adapter"
+    shutil.copytree(csv_run / "adapter", copy)  # no config.yaml beside it
+    data = ["--dataset", str(tmp_path / "films.csv"), "data.max_length=32", "--eval-size", "10"]
+    capsys.readouterr()
+
+    assert cli(["eval", "--adapter", str(copy), *data, "train.progress=false"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str(stories260k_path.resolve())
+
+    status = cli(["eval", "--adapter", str(copy), "--model", "smollm2-135m", *data])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert f"it was trained on {stories260k_path.resolve()}" in err
+    assert f"pass --model {stories260k_path.resolve()}" in err

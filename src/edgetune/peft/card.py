@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from edgetune.config import to_dict
+from edgetune.models.builtin import base_model_id
+
 
 @dataclass
 class ModelCard:
@@ -43,6 +46,32 @@ class ModelCard:
     metrics: dict[str, float] = field(default_factory=dict)
     data_details: dict[str, Any] = field(default_factory=dict)
     command: str = ""
+
+    @classmethod
+    def for_run(cls, cfg: Any, command: str, method: str, metrics: dict[str, float]) -> ModelCard:
+        """The card of a finetune or federate run whose resolved config is `cfg` (its
+        `model`, `seed`, `out`, `data` and `peft` sections are read)."""
+        data = cfg.data
+        details = {
+            "labels": data.labels,
+            "verbalizer": data.verbalizer,
+            "template": data.template,
+            "max_length": data.max_length,
+            "eval_size": data.eval_size,
+            "seed": cfg.seed,
+        }
+        typed = command_line()
+        return cls(
+            base_model=base_model_id(cfg.model),
+            model=cfg.model,
+            dataset=data.dataset,
+            task=data.task or "",
+            method=method,
+            peft=to_dict(cfg.peft),
+            metrics=metrics,
+            data_details=details,
+            command=typed or f"edgetune {command} --config {Path(cfg.out) / 'config.yaml'}",
+        )
 
     def render(self) -> str:
         """The card as Markdown with YAML front matter."""

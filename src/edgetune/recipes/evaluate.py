@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
     metrics = evaluate_model(model, task, rows, args.batch_size, progress)
     summary = {
         "command": "eval",
-        "model": cfg.model,
+        "model": model_spec,
         "adapter": adapter,
         **({"run": str(source)} if source is not None else {}),
         "eval_examples": len(rows),
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
     }
     if args.out:
         rundir = RunDir(args.out)  # never overwrites a run (it may hold the adapter)
-        rundir.write_config({**to_dict(cfg), "adapter": adapter})
+        rundir.write_config({**to_dict(cfg), "model": model_spec, "adapter": adapter})
         rundir.log({"step": 0, **metrics})
         rundir.write_summary(summary)
     return summary

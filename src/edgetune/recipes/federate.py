@@ -20,9 +20,11 @@ from typing import Any
 from edgetune import console
 from edgetune.config import option, to_dict
 from edgetune.data import DataConfig
+from edgetune.data.splits import resolved_data
 from edgetune.fed.config import AUTO_PARTITION, FedConfig
 from edgetune.models.builtin import base_model_id
 from edgetune.peft import PeftConfig
+from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import OptimConfig, TrainConfig
 from edgetune.zo import ZOConfig
@@ -80,6 +82,7 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
             f"fed.method={cfg.fed.method}; use a smaller model or a larger fleet"
         )
     return {
+        "data": resolved_data(cfg.data, splits),
         "partition": scheme,
         "task": task,
         "adapter": attach(model, cfg.peft, seed=cfg.seed),
@@ -154,8 +157,8 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     rundir.write_config(to_dict(cfg))
     parts = setup(cfg)
     fed = dataclasses.replace(cfg.fed, partition=parts["partition"])
-    cfg = dataclasses.replace(cfg, fed=fed)
-    rundir.write_config(to_dict(cfg))  # says which partition `auto` chose
+    cfg = dataclasses.replace(cfg, data=parts["data"], fed=fed)
+    rundir.write_config(to_dict(cfg))  # says which partition `auto` chose, labels used...
     adapter = parts["adapter"]
     algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, adapter, cfg.seed)
     done = load_round(rundir, algo, adapter) if resume else 0
@@ -194,8 +197,14 @@ def summarize(
     command: str = "federate",
 ) -> dict:
     """Save the global adapter and write summary.json (shared with the Flower server)."""
-    saved = adapter.save(rundir.path, base_model_id(cfg.model))
     last = rundir.read_metrics()[-1]
+    final = {k: v for k, v in last.items() if k.startswith("eval/")}
+    method = (
+        f"edgetune {command}, fed.algorithm={cfg.fed.algorithm}, {cfg.fed.rounds} rounds, "
+        f"{cfg.fed.clients} clients (fleet {cfg.fed.fleet}, partition {cfg.fed.partition})"
+    )
+    card = ModelCard.for_run(cfg, command, method, final)
+    saved = adapter.save(rundir.path, base_model_id(cfg.model), card)
     summary = {
         "command": command,
         "algorithm": cfg.fed.algorithm,

@@ -20,7 +20,7 @@ from edgetune.data.splits import resolved_data
 from edgetune.errors import EdgetuneError, TrainingDivergedError
 from edgetune.models.builtin import base_model_id
 from edgetune.peft import PeftConfig
-from edgetune.peft.card import ModelCard, command_line
+from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import OptimConfig, TrainConfig
 from edgetune.train.config import DEFAULT_LR
@@ -168,7 +168,9 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
     final = {k: v for k, v in (evals[-1] if evals else {}).items() if k != "step"}
     # Only a step-0 evaluation is the zero-shot baseline (train.eval_at_start).
     initial = [{k: v for k, v in r.items() if k != "step"} for r in evals if r["step"] == 0]
-    saved = parts["adapter"].save(rundir.path, base_model_id(cfg.model), model_card(cfg, final))
+    method = f"edgetune finetune, train.method={cfg.train.method}, {state.step} steps"
+    card = ModelCard.for_run(cfg, "finetune", method, final)
+    saved = parts["adapter"].save(rundir.path, base_model_id(cfg.model), card)
     summary.update(
         {
             "status": "done",
@@ -185,30 +187,6 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
     )
     rundir.write_summary(summary)
     return summary
-
-
-def model_card(cfg: FinetuneConfig, metrics: dict[str, float]) -> ModelCard:
-    """The adapter's README.md: base model, data, method, PEFT settings, metrics, command."""
-    data = cfg.data
-    details = {
-        "labels": data.labels,
-        "verbalizer": data.verbalizer,
-        "template": data.template,
-        "max_length": data.max_length,
-        "eval_size": data.eval_size,
-        "seed": cfg.seed,
-    }
-    return ModelCard(
-        base_model=base_model_id(cfg.model),
-        model=cfg.model,
-        dataset=data.dataset,
-        task=data.task or "",
-        method=f"edgetune finetune, train.method={cfg.train.method}, {cfg.train.steps} steps",
-        peft=to_dict(cfg.peft),
-        metrics=metrics,
-        data_details=details,
-        command=command_line() or f"edgetune finetune --config {Path(cfg.out) / 'config.yaml'}",
-    )
 
 
 def run_in_subprocess(
