@@ -17,7 +17,10 @@ from edgetune.data.splits import load_held_out, load_splits
 def _csv(tmp_path, rows: int = 60):
     """A two-class CSV whose every text is unique (so rows can be told apart)."""
     lines = ["text,label"]
-    lines += [f"film number {i} was {'great' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}" for i in range(rows)]
+    lines += [
+        f"film number {i} was {'great' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}"
+        for i in range(rows)
+    ]
     path = tmp_path / "films.csv"
     path.write_text("\n".join(lines) + "\n")
     return path
