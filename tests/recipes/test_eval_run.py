@@ -118,3 +118,21 @@ def test_a_copied_adapter_finds_its_base_model_and_refuses_another(
     assert status == 2 and "Traceback" not in err
     assert f"it was trained on {stories260k_path.resolve()}" in err
     assert f"pass --model {stories260k_path.resolve()}" in err
+
+
+def test_eval_of_a_federate_run_reproduces_its_final_evaluation(
+    tmp_path, stories260k_path, cli, capsys
+):
+    out = tmp_path / "fed"
+    args = ["federate", "--model", str(stories260k_path), "--dataset", str(_csv(tmp_path))]
+    args += ["--clients", "2", "--rounds", "1", "--local-steps", "1", "--out", str(out)]
+    args += ["data.eval_size=10", "data.max_length=32", "train.progress=false"]
+    assert cli(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+
+    assert cli(["eval", str(out), "train.progress=false"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval_examples"] == 10
+    assert result["eval/accuracy"] == pytest.approx(summary["eval/accuracy"])
+    assert result["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-5)

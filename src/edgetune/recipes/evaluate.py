@@ -1,8 +1,8 @@
 """`edgetune eval`: task metrics of a model, optionally with a trained adapter.
 
-`edgetune eval RUN` (or `--adapter RUN/adapter`) evaluates a finetune run's adapter with
-everything the run used (model, data, task, template, labels, verbalizer, max_length)
-read from RUN/config.yaml, on the rows that run held out. Only `--eval-size` and
+`edgetune eval RUN` (or `--adapter RUN/adapter`) evaluates a finetune (or federate)
+run's adapter with everything the run used (model, data, task, template, labels,
+verbalizer, max_length) read from RUN/config.yaml, on the rows that run held out. Only `--eval-size` and
 `--seed` may differ, and they draw among the rows the run never trained on (see
 `data.splits.load_held_out`); any other setting that differs from the run is an error,
 since it would score something other than what was trained. Without a run, the flags
@@ -29,6 +29,7 @@ from edgetune.config import (
 )
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.models.builtin import builtin_for_base_model
+from edgetune.runs import RunDir
 
 # Settings an evaluation of a run may change: which held-out rows, how many, and
 # whether a progress bar shows.
@@ -105,16 +106,18 @@ def _weights_of(run: Path) -> tuple[str | None, str | None]:
 
 
 def config_for_run(run: Path, file: str | None, overrides: list[str], flags: dict) -> Any:
-    """(the run's FinetuneConfig with the evaluation's `seed` / `data.eval_size`, the
-    run's config as saved).
+    """(the run's config with the evaluation's `seed` / `data.eval_size` applied, the
+    run's config as saved); a FinetuneConfig, or a FederateConfig for a federate run.
 
     Raises:
         ConfigError: a flag, override or --config value differs from the run in anything
             else (naming each setting, the run's value and the fix).
     """
+    from edgetune.recipes.federate import FederateConfig
     from edgetune.recipes.finetune import FinetuneConfig
 
-    saved = config_from_run(FinetuneConfig, run, [])
+    cls = FederateConfig if "fed" in RunDir(run, resume=True).read_config() else FinetuneConfig
+    saved = config_from_run(cls, run, [])
     tree = to_dict(saved)
     for key, value in _leaves(load_yaml(file) if file else {}).items():
         set_dotted(tree, key, value)
@@ -122,7 +125,7 @@ def config_for_run(run: Path, file: str | None, overrides: list[str], flags: dic
         set_dotted(tree, key, value)
     for text in overrides:
         set_dotted(tree, *parse_override(text))
-    requested = build(FinetuneConfig, tree)
+    requested = build(cls, tree)
     before, after = _leaves(to_dict(saved)), _leaves(to_dict(requested))
     conflicts = [k for k in after if after[k] != before.get(k) and k not in RUN_EVAL_KEYS]
     if conflicts:
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
     from edgetune.data import build_task, load_splits
     from edgetune.data.splits import load_held_out
     from edgetune.recipes.finetune import FinetuneConfig
-    from edgetune.runs import RunDir, peak_rss_mb
+    from edgetune.runs import peak_rss_mb
     from edgetune.train.loop import evaluate_model
 
     start = time.perf_counter()
