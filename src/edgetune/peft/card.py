@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from edgetune.config import to_dict
-from edgetune.models.builtin import base_model_id
+from edgetune.models.builtin import BUILTIN_MODELS, base_model_id
 
 
 @dataclass
@@ -27,7 +27,9 @@ class ModelCard:
 
     Attributes:
         base_model: the hub id or path recorded as `base_model_name_or_path`.
-        model: the model as the run named it (e.g. a built-in name).
+        model: the model as the run named it (a built-in's name with its description,
+            e.g. that SmolLM2 was dequantized from Q4_1: the adapter was trained on those
+            weights).
         dataset: the dataset setting of the run.
         task: classification | instruction | lm.
         method: how it was trained, e.g. "finetune, zo (MeZO), 100 steps".
@@ -61,9 +63,10 @@ class ModelCard:
             "seed": cfg.seed,
         }
         typed = command_line()
+        builtin = BUILTIN_MODELS.get(cfg.model)
         return cls(
             base_model=base_model_id(cfg.model),
-            model=cfg.model,
+            model=f"{cfg.model} ({builtin.description})" if builtin else cfg.model,
             dataset=data.dataset,
             task=data.task or "",
             method=method,
@@ -89,7 +92,7 @@ class ModelCard:
             "## Base model",
             "",
             f"- `base_model_name_or_path`: `{self.base_model}`",
-            f"- as named in the run: `{self.model}`",
+            f"- as named in the run: {self.model}",
             "",
             "## Data",
             "",
