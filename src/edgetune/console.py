@@ -16,8 +16,10 @@ import sys
 import warnings
 from typing import Any
 
-# Libraries whose deprecation warnings describe their own internals, not the user's code.
-_NOISY_MODULES = r"(transformers|peft|accelerate|torch)(\.|$)"
+# Libraries whose deprecation warnings describe their own internals, not the user's code,
+# and the two whose UserWarnings are about Hub lookups and defaults a user cannot act on.
+_DEPRECATING_MODULES = r"(transformers|peft|accelerate|torch)(\.|$)"
+_CHATTY_MODULES = r"(transformers|peft)(\.|$)"
 
 
 def status(message: str, enabled: bool = True) -> None:
@@ -57,8 +59,9 @@ def quiet_third_party() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=_NOISY_MODULES)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=_DEPRECATING_MODULES)
+    warnings.filterwarnings("ignore", category=UserWarning, module=_CHATTY_MODULES)
     for name in ("transformers", "peft", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" in sys.modules:  # already imported: the environment was read
