@@ -136,3 +136,20 @@ def test_eval_of_a_federate_run_reproduces_its_final_evaluation(
     assert result["eval_examples"] == 10
     assert result["eval/accuracy"] == pytest.approx(summary["eval/accuracy"])
     assert result["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-5)
+
+
+def test_eval_run_of_a_selective_fine_tune_uses_its_saved_model(
+    tmp_path, stories260k_path, cli, capsys
+):
+    out = tmp_path / "last-n"
+    args = ["finetune", "--model", str(stories260k_path), "--dataset", str(_csv(tmp_path))]
+    args += ["--method", "fo", "--peft", "last-n", "--steps", "3", "--out", str(out)]
+    args += ["--lr", "0.01", "data.eval_size=10", "data.max_length=32", "train.progress=false"]
+    assert cli(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+
+    assert cli(["eval", str(out), "train.progress=false"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-5)
+    assert result["eval/loss"] != pytest.approx(summary["initial_eval"]["eval/loss"], rel=1e-5)

@@ -161,10 +161,11 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
     flags = {k: v for k, v in flags.items() if k not in ("out", "train.batch_size")}
     source = run_of(getattr(args, "run", None), args.adapter)
     adapter = args.adapter
+    weights = None
     if source is not None:
         cfg, saved = config_for_run(source, args.config, list(args.overrides), flags)
         adapter, weights = _weights_of(source)
-        model_spec = weights or cfg.model
+        model_spec = cfg.model
     else:
         cfg = resolve_config(FinetuneConfig, args.config, args.overrides, flags)
         given = "model" in flags or cfg.model != FinetuneConfig().model
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
     progress = cfg.train.progress
     console.status(f"loading model {model_spec} and data {cfg.data.dataset}", progress)
     model, tokenizer = models.load(model_spec)
-    model = load_adapter(model, adapter)
+    model = load_adapter(model, adapter) if weights is None else _load_weights(weights)
     if source is not None:
         splits = load_held_out(saved.data, saved.seed, cfg.data.eval_size, cfg.seed)
     else:
@@ -196,6 +197,14 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
         rundir.log({"step": 0, **metrics})
         rundir.write_summary(summary)
     return summary
+
+
+def _load_weights(folder: str) -> Any:
+    """The whole model a selective / full fine-tune saved (its tokenizer is the base's)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def _model_for_adapter(adapter: str | None, model: str, given: bool) -> str:
