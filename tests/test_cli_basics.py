@@ -13,10 +13,18 @@ import pytest
 import edgetune
 from edgetune.cli import main
 
+QUIET_ENV = (
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "TRANSFORMERS_VERBOSITY",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+)
+
 
 def _edgetune(*args: str) -> subprocess.CompletedProcess:
     """`python -m edgetune ARGS` in a fresh process (importing this checkout)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(edgetune.__file__).parents[1])}
+    # Without what an earlier in-process quiet run put into this process's environment.
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
+    env["PYTHONPATH"] = str(Path(edgetune.__file__).parents[1])
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "edgetune", *args], capture_output=True, text=True, env=env
