@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgetune import __version__
+from edgetune.console import quiet_third_party
 from edgetune.errors import EdgetuneError
 
 # Named flags -> dotted config keys (shared by every training/evaluation command).
@@ -94,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgetune",
         description="Fine-tune, compress and deploy small language models on edge devices.",
     )
+    parser.add_argument("--version", action="version", version=f"edgetune {__version__}")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show third-party output (library progress bars, warnings, logs)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -152,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("dir", metavar="DIR")
     certs.add_argument("--nodes", type=int, default=0, help="also write N SuperNode keys")
 
-    ev = sub.add_parser("eval", help="evaluate a model (and adapter) on a task")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a finetune run (`eval RUN`) or a model (and adapter) on a task",
+        description="`edgetune eval RUN` scores a finetune run's adapter on the rows it held "
+        "out, with the run's model, data and prompt settings (only --eval-size and --seed "
+        "may change). Without RUN, the flags say what to evaluate.",
+    )
+    ev.add_argument("run", nargs="?", metavar="RUN", help="a finetune run directory")
     _add_data_flags(ev)
     _add_threads_flag(ev)
     ev.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN/adapter)")
@@ -201,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=3)
     bench.add_argument("--output", default="docs/BENCHMARKS.md")
     _add_threads_flag(bench)
+    for command in sub.choices.values():  # `edgetune COMMAND --verbose` works too
+        command.add_argument(
+            "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
 
 
@@ -211,7 +230,10 @@ def _add_federate_flags(fd: argparse.ArgumentParser) -> None:
     g.add_argument("--algorithm", help="fedit | fedkseed | fedkseed-pro | fwdllm")
     g.add_argument("--clients", type=int)
     g.add_argument("--participation", type=float, help="fraction of clients per round")
-    g.add_argument("--partition", help="iid | dirichlet:A | shards:K | quantity:A")
+    g.add_argument(
+        "--partition",
+        help="auto (label skew if classification, else iid) | iid | dirichlet:A | ...",
+    )
     g.add_argument("--fleet", help="built-in fleet/profile name or YAML file")
     g.add_argument("--rounds", type=int)
     g.add_argument("--local-steps", type=int)
@@ -394,6 +416,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from edgetune.recipes import evaluate
 
+    if args.run and "=" in args.run and not Path(args.run).exists():
+        args.overrides, args.run = [args.run, *args.overrides], None  # `eval key=value`
     _start_threads(args)
     summary = evaluate.run(args, _flags(args))
     print(json.dumps(summary, indent=2))
@@ -502,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if not args.verbose:
+        quiet_third_party()
     try:
         return COMMANDS[args.command](args)
     except EdgetuneError as exc:

@@ -15,6 +15,7 @@ For lm the unit of splitting is a document (see `edgetune.data.normalize`); the 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,13 +73,89 @@ def load_splits(cfg: DataConfig, seed: int) -> DataSplits:
         ConfigError: a config value that does not fit the data (verbalizer length,
             template placeholders, an uninferable task).
     """
+    loaded = _load(cfg)
+    train, evaluation = _split(loaded.rows, loaded.eval_rows, cfg, seed, loaded.where)
+    return DataSplits(
+        train=train, eval=evaluation, task=loaded.task, source=loaded.where, **loaded.meta
+    )
+
+
+def load_held_out(cfg: DataConfig, seed: int, eval_size: int, eval_seed: int) -> DataSplits:
+    """The splits of a finished run (`cfg`, `seed`) with `eval_size` evaluation rows
+    drawn with `eval_seed` among the rows that run never trained on.
+
+    With the run's own eval_size and seed this is exactly the run's eval split; a smaller
+    size takes its first rows; another seed or a larger size draws from the held-out rows
+    plus any rows `train_size` left unused, never from the training rows. With an eval
+    split, every row of it is held out.
+
+    Raises:
+        DataError: `eval_size` exceeds the rows the run held out (the message says how
+            many there are).
+    """
+    loaded = _load(cfg)
+    train, evaluation = _split(loaded.rows, loaded.eval_rows, cfg, seed, loaded.where)
+    if loaded.eval_rows is not None:
+        pool = list(loaded.eval_rows)
+        if eval_seed == seed:
+            chosen = {id(r) for r in evaluation}
+            pool = evaluation + [r for r in pool if id(r) not in chosen]
+    else:
+        order = _order(len(loaded.rows), seed)
+        trained = cfg.eval_size + len(train)
+        pool = [loaded.rows[i] for i in order[: cfg.eval_size] + order[trained:]]
+    if eval_seed != seed:
+        random.Random(eval_seed).shuffle(pool)
+    if eval_size > len(pool):
+        raise DataError(
+            f"--eval-size {eval_size}: the run trained on {len(train)} rows of "
+            f"{loaded.where} and held out only {len(pool)}, so a larger evaluation would "
+            f"score training rows; pass --eval-size {len(pool)} or less"
+        )
+    return DataSplits(
+        train=train, eval=pool[:eval_size], task=loaded.task, source=loaded.where, **loaded.meta
+    )
+
+
+@dataclass
+class _Loaded:
+    rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]] | None
+    task: str
+    meta: dict[str, Any]
+    where: str
+
+
+def _load(cfg: DataConfig) -> _Loaded:
     source = load_source(cfg)
     task = cfg.task or (source.spec.task if source.spec else infer_task(cfg, source))
     rows, eval_rows, meta = RESOLVERS[task](cfg, source)
     if not rows:
         raise DataError(f"{source.train_name} has no usable rows for the {task} task; add data")
-    train, evaluation = _split(rows, eval_rows, cfg, seed, source.train_name)
-    return DataSplits(train=train, eval=evaluation, task=task, source=source.train_name, **meta)
+    return _Loaded(rows, eval_rows, task, meta, source.train_name)
+
+
+def _order(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def resolved_data(cfg: DataConfig, splits: DataSplits) -> DataConfig:
+    """`cfg` with what `load_splits` resolved filled in (task, columns, labels,
+    verbalizer, template), so a run's config.yaml says what was used and re-loading it
+    gives the same rows and prompts."""
+    return dataclasses.replace(
+        cfg,
+        task=splits.task,
+        text_fields=list(splits.text_fields) or cfg.text_fields,
+        label_field=splits.label_field or cfg.label_field,
+        labels=list(splits.labels) or cfg.labels,
+        verbalizer=list(splits.verbalizer) or cfg.verbalizer,
+        template=splits.template or cfg.template,
+        prompt_field=splits.prompt_field or cfg.prompt_field,
+        response_field=splits.response_field or cfg.response_field,
+    )
 
 
 def _split(
@@ -88,9 +165,7 @@ def _split(
     seed: int,
     where: str,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    rng = random.Random(seed)
-    order = list(range(len(rows)))
-    rng.shuffle(order)
+    order = _order(len(rows), seed)
     if eval_rows is not None:
         if cfg.eval_size < len(eval_rows):
             keep = sorted(random.Random(seed).sample(range(len(eval_rows)), cfg.eval_size))

@@ -12,6 +12,7 @@ from edgetune.fed.hetlora import RANK_AGGREGATIONS
 FED_ALGORITHMS = ("fedit", "fedkseed", "fedkseed-pro", "fwdllm")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 CLIENT_METHODS = ("fo", "zo", "prge", "auto")
+AUTO_PARTITION = "auto"  # resolved by the recipe once the task is known
 
 
 @dataclass
@@ -21,7 +22,11 @@ class FedConfig:
     algorithm: str = option("fedit", "fedit | fedkseed | fedkseed-pro | fwdllm")
     clients: int = option(10, "number of clients")
     participation: float = option(0.5, "fraction of clients selected per round (0, 1]")
-    partition: str = option("dirichlet:0.5", "iid | dirichlet:A | shards:K | quantity:A")
+    partition: str = option(
+        AUTO_PARTITION,
+        "auto (dirichlet:0.5 for classification, else iid) | iid | dirichlet:A | shards:K "
+        "| quantity:A",
+    )
     fleet: str = option("mixed", "built-in fleet or profile name, or a YAML file")
     rounds: int = option(5, "federated rounds")
     local_steps: int = option(5, "local steps per client per round")

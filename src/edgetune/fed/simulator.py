@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from edgetune import console
 from edgetune.fed.algorithms.base import FedAlgorithm, load_trainable
 from edgetune.fed.fleet import DeviceProfile, method_memory_mb, round_seconds
 from edgetune.fed.local import ClientJob
@@ -161,14 +162,19 @@ def simulate(
     tokens: int,
     start: int = 0,
     on_round: Callable[[int], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Run rounds `start`..cfg.rounds-1; returns the running totals."""
+    """Run rounds `start`..cfg.rounds-1; returns the running totals. With `progress`,
+    one line per round on stderr (see `round_line`)."""
     totals = {"bytes_up": 0.0, "bytes_down": 0.0, "sim_s": 0.0}
     for r in run.read_metrics():
         for key in totals:
             totals[key] = r.get(f"total_{key}", totals[key])
     if start == 0:
-        run.log({"round": 0, **evaluate()})
+        initial = evaluate()
+        run.log({"round": 0, **initial})
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in initial.items())
+        console.status(f"round 0/{cfg.rounds} (before training): {scores}", progress)
     for rnd in range(start, cfg.rounds):
         began = time.perf_counter()
         log, result = run_round(
@@ -180,23 +186,36 @@ def simulate(
         for entry in log.clients:
             run.log(entry, file="clients.jsonl")
         losses = [x for x in log.losses if x == x]
-        run.log(
-            {
-                "round": rnd + 1,
-                "loss": sum(losses) / len(losses) if losses else float("nan"),
-                "bytes_up": log.bytes_up,
-                "bytes_down": log.bytes_down,
-                "sim_s": log.sim_s,
-                "accepted": len(result.accepted),
-                "rejected": len(result.rejected),
-                **{f"total_{k}": v for k, v in totals.items()},
-                **evaluate(),
-            }
-        )
+        record = {
+            "round": rnd + 1,
+            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "bytes_up": log.bytes_up,
+            "bytes_down": log.bytes_down,
+            "sim_s": log.sim_s,
+            "accepted": len(result.accepted),
+            "rejected": len(result.rejected),
+            **{f"total_{k}": v for k, v in totals.items()},
+            **evaluate(),
+        }
+        run.log(record)
+        console.status(round_line(record, cfg.rounds), progress)
         run.log({"round": rnd + 1, "round_s": time.perf_counter() - began}, file="timing.jsonl")
         if on_round:
             on_round(rnd + 1)
     return totals
+
+
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    """`round 3/5: 4 accepted, 1 rejected, loss 2.1834, eval/loss 2.0012, 9.6 KB up,
+    40.2 KB down` for a round's metrics record."""
+    parts = [
+        f"round {record['round']}/{rounds}: {record['accepted']} accepted",
+        f"{record['rejected']} rejected",
+        f"loss {record['loss']:.4f}",
+    ]
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval/")]
+    parts += [f"{record['bytes_up'] / 1e3:.1f} KB up", f"{record['bytes_down'] / 1e3:.1f} KB down"]
+    return ", ".join(parts)
 
 
 def clients_table(run: RunDir) -> list[dict]:

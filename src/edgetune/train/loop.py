@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgetune import console
 from edgetune.errors import TrainingDivergedError
 from edgetune.peft import Adapter
 from edgetune.runs import RunDir
@@ -33,9 +34,24 @@ class LoopState:
     train_s: float = 0.0  # cumulative step time, evaluation excluded
 
 
-def evaluate(adapter: Adapter, task: Any, rows: Sequence[dict], batch_size: int) -> dict:
-    """Task metrics with the `eval/` prefix."""
-    metrics = task.evaluate(adapter.model, rows, batch_size)
+def evaluate(
+    adapter: Adapter, task: Any, rows: Sequence[dict], batch_size: int, progress: bool = False
+) -> dict:
+    """Task metrics with the `eval/` prefix; with `progress`, a bar over the rows (an
+    evaluation of a few hundred examples takes tens of seconds on a CPU)."""
+    return evaluate_model(adapter.model, task, rows, batch_size, progress)
+
+
+def evaluate_model(
+    model: Any, task: Any, rows: Sequence[dict], batch_size: int, progress: bool = False
+) -> dict:
+    """`evaluate` for a bare model (no Adapter), e.g. a loaded PEFT adapter."""
+    bar = console.bar(len(rows), "evaluating", "ex", enabled=progress, leave=False)
+    try:
+        metrics = task.evaluate(model, rows, batch_size, bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
     return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
 
@@ -59,7 +75,7 @@ def fit(
     """
     state = state or LoopState()
     if state.step == 0 and cfg.eval_at_start and eval_rows:
-        state.last_eval = evaluate(adapter, task, eval_rows, cfg.eval_batch_size)
+        state.last_eval = evaluate(adapter, task, eval_rows, cfg.eval_batch_size, cfg.progress)
         run.log({"step": 0, **state.last_eval})
     bar = _progress(cfg, state.step)
     for step in range(state.step, cfg.steps):
@@ -91,7 +107,7 @@ def fit(
             {"step": state.step, "step_s": step_s, "train_s": state.train_s}, file="timing.jsonl"
         )
         if _due(state.step, cfg.eval_every, cfg.steps) and eval_rows:
-            state.last_eval = evaluate(adapter, task, eval_rows, cfg.eval_batch_size)
+            state.last_eval = evaluate(adapter, task, eval_rows, cfg.eval_batch_size, cfg.progress)
             run.log({"step": state.step, **state.last_eval})
         if _due(state.step, cfg.checkpoint_every, cfg.steps):
             save_checkpoint(
@@ -135,24 +151,15 @@ def _check_divergence(loss: float, state: LoopState, cfg: TrainConfig, run: RunD
 
 
 def _progress(cfg: TrainConfig, start: int) -> Any:
-    if not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=cfg.steps,
-        initial=start,
-        desc=f"{cfg.method} steps",
-        unit="step",
-        dynamic_ncols=True,
-        leave=True,
-    )
+    return console.bar(cfg.steps, f"{cfg.method} steps", "step", cfg.progress, initial=start)
 
 
 def _postfix(loss: float, last_eval: dict[str, float]) -> dict[str, str]:
+    """This step's training loss, and the latest evaluation's headline figure labelled
+    as such (for lm the evaluation's own `loss` would otherwise hide the training loss)."""
     post = {"loss": f"{loss:.4f}"}
-    for key in ("eval/accuracy", "eval/loss", "eval/perplexity", "eval/rougeL"):
+    for key in ("eval/accuracy", "eval/rougeL", "eval/loss"):
         if key in last_eval:
-            post[key.split("/")[1]] = f"{last_eval[key]:.4f}"
+            post[key.replace("/", "_")] = f"{last_eval[key]:.4f}"
             break
     return post

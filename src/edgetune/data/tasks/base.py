@@ -11,7 +11,7 @@ so a batch repeated 2q times for P-RGE can be cut into slices.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -38,9 +38,14 @@ class Task(Protocol):
         ...
 
     def evaluate(
-        self, model: torch.nn.Module, rows: Sequence[dict], batch_size: int
+        self,
+        model: torch.nn.Module,
+        rows: Sequence[dict],
+        batch_size: int,
+        on_batch: Callable[[int], None] | None = None,
     ) -> dict[str, float]:
-        """Metrics without the "eval/" prefix, under no_grad and eval mode (restored)."""
+        """Metrics without the "eval/" prefix, under no_grad and eval mode (restored);
+        `on_batch(rows_done)` is called after each batch (for a progress bar)."""
         ...
 
 
@@ -56,9 +61,15 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def batches(rows: Sequence[dict], batch_size: int) -> Iterator[Sequence[dict]]:
-    """Consecutive chunks of `rows` of at most `batch_size` (the last may be shorter)."""
+def batches(
+    rows: Sequence[dict], batch_size: int, on_batch: Callable[[int], None] | None = None
+) -> Iterator[Sequence[dict]]:
+    """Consecutive chunks of `rows` of at most `batch_size` (the last may be shorter);
+    `on_batch(len(chunk))` runs once the caller is done with each chunk."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, len(rows), batch_size):
-        yield rows[start : start + batch_size]
+        chunk = rows[start : start + batch_size]
+        yield chunk
+        if on_batch is not None:
+            on_batch(len(chunk))

@@ -14,7 +14,7 @@ row gives the same logits as the unpadded row (to float rounding).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -133,14 +133,18 @@ class ClassificationTask:
         return F.cross_entropy(self.class_logits(model, batch), batch["labels"], reduction="none")
 
     def evaluate(
-        self, model: torch.nn.Module, rows: Sequence[dict], batch_size: int
+        self,
+        model: torch.nn.Module,
+        rows: Sequence[dict],
+        batch_size: int,
+        on_batch: Callable[[int], None] | None = None,
     ) -> dict[str, float]:
         """accuracy (argmax over the class logits) and mean loss over `rows`."""
         if not rows:
             raise DataError("no rows to evaluate; set data.eval_size above 0")
         correct, total_loss = 0, 0.0
         with evaluating(model):
-            for chunk in batches(rows, batch_size):
+            for chunk in batches(rows, batch_size, on_batch):
                 batch = self.collate(chunk)
                 logits = self.class_logits(model, batch)
                 losses = F.cross_entropy(logits, batch["labels"], reduction="none")

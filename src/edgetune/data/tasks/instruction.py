@@ -15,7 +15,7 @@ frame kept whole. Training batches are right-padded; generation prompts are left
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -115,7 +115,11 @@ class InstructionTask:
         return [text.split("### Human:")[0].strip() for text in texts]
 
     def evaluate(
-        self, model: torch.nn.Module, rows: Sequence[dict], batch_size: int
+        self,
+        model: torch.nn.Module,
+        rows: Sequence[dict],
+        batch_size: int,
+        on_batch: Callable[[int], None] | None = None,
     ) -> dict[str, float]:
         """loss (mean over response tokens), perplexity and rougeL (F1 in [0, 1])."""
         from rouge_score import rouge_scorer
@@ -125,7 +129,7 @@ class InstructionTask:
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         total, count, rouge = 0.0, 0.0, 0.0
         with evaluating(model):
-            for chunk in batches(rows, batch_size):
+            for chunk in batches(rows, batch_size, on_batch):
                 sums, counts = next_token_losses(model, self.collate(chunk))
                 total, count = total + float(sums.sum()), count + float(counts.sum())
                 for row, answer in zip(chunk, self.generate(model, chunk), strict=True):

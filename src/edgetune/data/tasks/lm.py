@@ -12,7 +12,7 @@ instruction task, which uses the same loss on response tokens only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -89,7 +89,11 @@ class LMTask:
         return total / count.clamp_min(1.0)
 
     def evaluate(
-        self, model: torch.nn.Module, rows: Sequence[dict], batch_size: int
+        self,
+        model: torch.nn.Module,
+        rows: Sequence[dict],
+        batch_size: int,
+        on_batch: Callable[[int], None] | None = None,
     ) -> dict[str, float]:
         """loss (mean over all predicted tokens) and perplexity = exp(loss)."""
         rows = self.prepare_rows(rows)
@@ -97,7 +101,7 @@ class LMTask:
             raise DataError("no rows to evaluate; set data.eval_size above 0")
         total, count = 0.0, 0.0
         with evaluating(model):
-            for chunk in batches(rows, batch_size):
+            for chunk in batches(rows, batch_size, on_batch):
                 sums, counts = next_token_losses(model, self.collate(chunk))
                 total, count = total + float(sums.sum()), count + float(counts.sum())
         loss = total / max(count, 1.0)
