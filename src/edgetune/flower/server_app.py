@@ -15,6 +15,7 @@ also records the bytes Flower carried for each message, framing included.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from edgetune.errors import EdgetuneError
+from edgetune.fed.payloads import PayloadError
 from edgetune.flower.client_app import CONTROL
 from edgetune.flower.codec import carried_bytes, from_records, payload_bytes, to_records
 
@@ -243,15 +244,16 @@ class FlowerServer:
             return None
         try:
             update = from_records(reply.content)
-        except EdgetuneError as exc:  # malformed: this client's problem only
+        except PayloadError as exc:  # malformed: this client's problem only
+            print(f"edgetune: round {entry['round']}, client {entry['client']}: {exc}")
             entry["status"] = f"rejected: {exc}"
             return None
         entry.update(
             status="ok", bytes_up=payload_bytes(reply.content), carried_up=carried_bytes(reply)
         )
         metrics = reply.content.metric_records.get("edgetune.metrics")
-        if metrics is not None:
-            entry["peak_rss_mb"] = round(float(metrics["peak_rss_mb"]), 1)
-            entry["train_s"] = round(float(metrics["train_s"]), 3)
-            entry["setup_s"] = round(float(metrics["setup_s"]), 3)
+        for key, digits in (("peak_rss_mb", 1), ("train_s", 3), ("setup_s", 3)):
+            value = metrics.get(key) if metrics is not None else None
+            if isinstance(value, int | float) and math.isfinite(value):  # a peer's claim
+                entry[key] = round(float(value), digits)
         return update
