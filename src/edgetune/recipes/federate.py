@@ -141,7 +141,7 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     rundir.write_config(to_dict(cfg))
     parts = setup(cfg)
     adapter = parts["adapter"]
-    algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, adapter, cfg.seed)
+    algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, adapter, cfg.seed, float(cfg.optim.lr or 1e-3))
     done = load_round(rundir, algo, adapter) if resume else 0
 
     def evaluate_global() -> dict[str, float]:
