@@ -7,8 +7,12 @@ round), `wait-nodes` (seconds to wait for the nodes to connect).
 
 Per round: the same client selection as the simulator (seeded), one message per selected
 device that is connected, replies decoded and validated by the same algorithm object,
-aggregation, evaluation, checkpoint. Devices choose no method themselves: the server
-gives each the method its profile fits (`fed.method`) and its LoRA rank. Bytes in
+aggregation, evaluation, checkpoint. A reply that does not decode (`PayloadError`) is
+rejected and logged in clients.jsonl, and the round goes on; each update's example
+count is capped at the size of the client's partition, which this server knows because
+it runs the same seeded `setup` (partitioning) as its devices. Devices choose no method
+themselves: the server gives each the method its profile fits (`fed.method`) and its
+LoRA rank. Bytes in
 metrics are payload bytes (`len(encode(x))`, what the simulator reports); clients.jsonl
 also records the bytes Flower carried for each message, framing included.
 """
@@ -24,7 +28,9 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from edgetune.errors import ConfigError
 from edgetune.fed.payloads import PayloadError
+from edgetune.fed.validate import cap_examples
 from edgetune.flower.client_app import CONTROL
 from edgetune.flower.codec import carried_bytes, from_records, payload_bytes, to_records
 
@@ -100,11 +106,18 @@ class FlowerServer:
 
         self.grid = grid
         self.cfg = cfg = config_from_run(FederateConfig, run_dir, [])
+        if cfg.fed.attack:
+            raise ConfigError(
+                f"fed.attack={cfg.fed.attack} is a simulator option (edgetune federate); a "
+                "Flower federation's devices are real: drop fed.attack"
+            )
         self.config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         self.run = RunDir(run_dir, resume=True)
         self.parts = setup(cfg)
         self.adapter = self.parts["adapter"]
-        self.algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, self.adapter, cfg.seed)
+        self.algo = ALGORITHMS[cfg.fed.algorithm](
+            cfg.fed, self.adapter, cfg.seed, float(cfg.optim.lr or 1e-3)
+        )
         self.done = load_round(self.run, self.algo, self.adapter) if resume else 0
         self.nodes: dict[int, tuple[int, str]] = {}  # partition id -> (node id, device)
         self.refused: set[int] = set()  # nodes whose greeting failed (bad node config)
@@ -206,6 +219,10 @@ class FlowerServer:
             if client is not None:
                 update = self.receive(reply, entries[client])
                 if update is not None:
+                    # the server derived the same seeded partitions as its devices (setup)
+                    note = cap_examples(update, len(self.parts["partitions"][client]))
+                    if note:
+                        entries[client]["note"] = note
                     updates.append((client, update))
         updates.sort(key=lambda u: u[0])  # the simulator's order: by client
         updates = enough(updates, cfg.fed.min_clients, list(entries.values()))
