@@ -28,10 +28,11 @@ on every seed, or one client's own value:
 
     mean:         w_c = n_c / N, n_c the client's example count capped by the server;
     clip-mean:    as mean, each scalar clipped to +-fed.clip (a fixed bound);
-    median:       clients whose ||c_c|| is an outlier of the round (log-space MAD, at
-                  least 10x the median) are rejected; the others are scaled to at most
-                  the median norm and averaged, w_c = 1 / C: no client moves the model
-                  more than a typical one (clipping at a bound the data sets);
+    median:       clients whose ||c_c|| is an outlier of the round (log-space MAD, the
+                  limit kept within 10x..100x the median) are rejected; the others are
+                  scaled to at most the median norm and averaged, w_c = 1 / C: no
+                  client moves the model more than a typical one (clipping at a bound
+                  the data sets);
     trimmed-mean: the same screening, then the int(trim * C) largest-norm clients are
                   dropped and the rest averaged, w_c = 1 / C'.
 
