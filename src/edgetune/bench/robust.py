@@ -174,6 +174,16 @@ def render(results: dict, model: str, rounds: int, clients: int, machine: str) -
             row = [verdict(cells[a], honest) for a in attacks]
             lines.append(f"| {rule} | {honest:.3f} | " + " | ".join(row) + " |")
         lines += ["", summary(algorithm, by_rule, attacks), ""]
+    lines += [
+        "Reading notes: a rejected attacker still costs a little (its round averages 8 "
+        "clients' data, not 10). FedKSeed learns slowly at this scale (4 rounds of 20 ZO "
+        "steps move the loss by about 0.01), so its columns measure damage (an attack "
+        "that gets through sends the loss to ~11), not lost progress. lie-count is a sign "
+        "flip that claims 10^9 examples: after the cap it equals signflip. FedIT's robust "
+        "rules drop sign-flipped deltas by their direction (negative cosine with the "
+        "coordinate-wise median); FedKSeed's median and trimmed mean drop traces whose "
+        "norm is an outlier of the round and clip the rest to the median norm.",
+    ]
     return "\n".join(lines)
 
 
