@@ -169,8 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
     bench.add_argument("which", choices=["memory", "zo", "fed", "flower", "robust"])
-    bench.add_argument("--rounds", type=int, help="fed / flower: rounds (default 15 / 3)")
-    bench.add_argument("--clients", type=int, help="fed / flower: clients (default 10 / 2)")
+    bench.add_argument(
+        "--rounds", type=int, help="fed / flower / robust: rounds (default 15 / 3 / 4)"
+    )
+    bench.add_argument(
+        "--clients", type=int, help="fed / flower / robust: clients (default 10 / 2 / 10)"
+    )
     bench.add_argument("--peft", default="lora", help="zo: lora | lora-fa")
     bench.add_argument(
         "--tta-steps",
