@@ -7,12 +7,11 @@ devices that cannot backprop train with ZO and send only their seeds and coeffic
 (`SeedTrace`); the server replays them into delta_c (bit-exact) and aggregates both
 kinds. The server aggregates delta = sum_c n_c delta_c / sum_c n_c (or a robust rule:
 median and trimmed mean first drop updates whose cosine with the coordinate-wise median
-of the others is significantly negative, e.g. sign-flipped ones, see
-`edgetune.fed.aggregate.opposed`) and applies a server optimizer. Clients may train
-different LoRA ranks (`fed.ranks`): each gets the first r_c components of the global
-adapter and deltas are combined per covered rank segment, or by SVD re-projection
-(`fed.rank_aggregation`, see `edgetune.fed.hetlora`). The server optimizer (Reddi et
-al., "Adaptive Federated Optimization", 2021):
+is negative, e.g. sign-flipped ones, see `edgetune.fed.aggregate.opposed`) and applies a
+server optimizer. Clients may train different LoRA ranks (`fed.ranks`): each gets the
+first r_c components of the global adapter and deltas are combined per covered rank
+segment, or by SVD re-projection (`fed.rank_aggregation`, see `edgetune.fed.hetlora`).
+The server optimizer (Reddi et al., "Adaptive Federated Optimization", 2021):
 
     fedavg:  theta += eta * delta
     fedavgm: m = beta m + delta;                      theta += eta * m
