@@ -16,10 +16,6 @@ whole updates instead: `norm_outliers` screens each client's update norm against
 round's median in log space (MAD-scaled, never tighter than 10x nor looser than 100x the
 median), and `median_clip` scales every client to at most the median norm, a clipping
 bound taken from the data rather than a fixed setting.
-
-Dense updates of typical norm can still point the wrong way (a sign flip): `opposed`
-flags an update whose cosine with the coordinate-wise median of the round is negative
-(below `OPPOSED_COSINE`), which FedIT's robust rules drop before combining.
 """
 
 from __future__ import annotations
@@ -108,32 +104,6 @@ def norm_outliers(norms: list[float]) -> list[str | None]:
         "(an outlier; robust aggregation drops it)"
         for n, x in zip(norms, logs, strict=True)
     ]
-
-
-# A dense update is opposed to the round when its cosine with the coordinate-wise median
-# of all updates is below OPPOSED_COSINE. Honest first-order LoRA deltas sit at +0.3..+0.45
-# (stories260K, 10 iid clients, 2 steps of batch 4), sign-flipped ones near -0.3; a ZO
-# client's replayed delta is a random direction whose cosine is ~N(0, 1/sqrt(numel)), so
-# the threshold sits below zero, where no honest random direction falls.
-OPPOSED_COSINE = -0.05
-
-
-def opposed(flat: list[torch.Tensor]) -> list[str | None]:
-    """For each flattened update, why it points against the round's consensus (its
-    cosine with the coordinate-wise median), or None. Rounds of under 3 screen nothing."""
-    if len(flat) < 3:
-        return [None] * len(flat)
-    centre = median(flat).double()
-    out: list[str | None] = []
-    for v in flat:
-        cos = float(torch.nn.functional.cosine_similarity(v.double(), centre, dim=0))
-        out.append(
-            None
-            if cos >= OPPOSED_COSINE
-            else f"update points against the round (cosine {cos:.2f} with the coordinate-"
-            "wise median; robust aggregation drops it)"
-        )
-    return out
 
 
 def median_clip(norms: list[float]) -> list[float]:

@@ -4,14 +4,12 @@ Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning"
 Each round the server broadcasts the global adapter tensors theta; client c trains
 locally and returns delta_c = theta_c - theta with its example count n_c. Hybrid fleets:
 devices that cannot backprop train with ZO and send only their seeds and coefficients
-(`SeedTrace`); the server replays them into delta_c (bit-exact) and aggregates both
-kinds. The server aggregates delta = sum_c n_c delta_c / sum_c n_c (or a robust rule:
-median and trimmed mean first drop updates whose cosine with the coordinate-wise median
-is negative, e.g. sign-flipped ones, see `edgetune.fed.aggregate.opposed`) and applies a
-server optimizer. Clients may train different LoRA ranks (`fed.ranks`): each gets the
-first r_c components of the global adapter and deltas are combined per covered rank
-segment, or by SVD re-projection (`fed.rank_aggregation`, see `edgetune.fed.hetlora`).
-The server optimizer (Reddi et al., "Adaptive Federated Optimization", 2021):
+(`SeedTrace`); the server replays them into delta_c (bit-exact) and aggregates both kinds. The server
+aggregates delta = sum_c n_c delta_c / sum_c n_c (or a robust rule) and applies a server
+optimizer. Clients may train different LoRA ranks (`fed.ranks`): each gets the first r_c
+components of the global adapter and deltas are combined per covered rank segment, or
+by SVD re-projection (`fed.rank_aggregation`, see `edgetune.fed.hetlora`). The server
+optimizer (Reddi et al., "Adaptive Federated Optimization", 2021):
 
     fedavg:  theta += eta * delta
     fedavgm: m = beta m + delta;                      theta += eta * m
@@ -26,7 +24,7 @@ from typing import Any
 
 import torch
 
-from edgetune.fed.aggregate import clip_scale, combine, opposed
+from edgetune.fed.aggregate import clip_scale, combine
 from edgetune.fed.algorithms.base import (
     AggregateResult,
     load_trainable,
@@ -98,8 +96,6 @@ class FedIT:
         """Validate, combine and apply the server optimizer."""
         updates = [(client, self._as_delta(update)) for client, update in updates]
         good, result = screen(updates, self._check)
-        if self.cfg.aggregator in ("median", "trimmed-mean"):
-            good = self._drop_opposed(good, result)
         if not good:
             return result
         scales = [1.0] * len(good)
@@ -120,22 +116,6 @@ class FedIT:
         self._apply(delta)
         result.stats["delta_norm"] = _norm(delta)
         return result
-
-    def _drop_opposed(self, good: list[LoraDelta], result: AggregateResult) -> list[LoraDelta]:
-        """Robust rules: move updates that point against the round's coordinate-wise
-        median from accepted to rejected (`opposed`). Mixed LoRA ranks have no common
-        coordinates, so such rounds are not screened."""
-        if any(u.tensors[n].shape != t.shape for u in good for n, t in self.state.items()):
-            return good
-        flat = [torch.cat([u.tensors[n].flatten() for n in self.state]) for u in good]
-        kept = []
-        for client, update, reason in zip(list(result.accepted), good, opposed(flat), strict=True):
-            if reason:
-                result.accepted.remove(client)
-                result.rejected[client] = reason
-            else:
-                kept.append(update)
-        return kept
 
     def _as_delta(self, update: Any) -> Any:
         """Replay a valid SeedTrace into a LoraDelta (at the client's rank); anything
