@@ -359,7 +359,9 @@ CASES = [
     # --- eval, generate, report, flower --------------------------------------------
     Case("eval-adapter-not-folder", ev("--adapter", "{tmp}"), r"not a PEFT adapter folder"),
     Case(
-        "eval-adapter-other-model", ev("--adapter", "{other}"), r"adapter.*(other|different) model|these differ: model="
+        "eval-adapter-other-model",
+        ev("--adapter", "{other}"),
+        r"adapter.*(other|different) model|these differ: model=",
     ),
     Case("eval-batch-size-zero", ev("--batch-size", "0"), r"batch.size.*> 0"),
     Case("eval-size-zero", ev("--eval-size", "0"), r"eval.size"),

@@ -199,9 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_flag(demo)
 
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
-    bench.add_argument("which", choices=["memory", "zo", "fed", "flower"])
-    bench.add_argument("--rounds", type=int, help="fed / flower: rounds (default 15 / 3)")
-    bench.add_argument("--clients", type=int, help="fed / flower: clients (default 10 / 2)")
+    bench.add_argument("which", choices=["memory", "zo", "fed", "flower", "robust"])
+    bench.add_argument(
+        "--rounds", type=int, help="fed / flower / robust: rounds (default 15 / 3 / 4)"
+    )
+    bench.add_argument(
+        "--clients", type=int, help="fed / flower / robust: clients (default 10 / 2 / 10)"
+    )
     bench.add_argument("--peft", default="lora", help="zo: lora | lora-fa")
     bench.add_argument(
         "--tta-steps",
@@ -468,6 +472,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from edgetune.bench import flower
 
         flower.run(args.model, args.rounds or 3, args.clients or 2, args.output)
+        return 0
+    if args.which == "robust":  # stories260k unless --model names another
+        from edgetune.bench import robust
+
+        model = "stories260k" if args.model == "smollm2-135m" else args.model
+        robust.run(model, args.rounds or 4, args.clients or 10, args.output)
         return 0
     if args.which == "zo":
         from edgetune.bench import zo

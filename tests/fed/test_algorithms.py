@@ -27,7 +27,7 @@ def _delta(state, scale, n, seed):
 def test_fedavg_equals_a_hand_computed_weighted_average():
     # Prepare: three clients with 1, 2 and 5 examples
     adapter = _adapter()
-    algo = FedIT(FedConfig(), adapter, seed=0)
+    algo = FedIT(FedConfig(), adapter, seed=0, lr=0.01)
     before = {k: v.clone() for k, v in algo.state.items()}
     updates = [(c, _delta(before, 0.01, n, c)) for c, n in enumerate([1, 2, 5])]
     # Execute
@@ -43,7 +43,7 @@ def test_fedavg_equals_a_hand_computed_weighted_average():
 @pytest.mark.parametrize("opt", ["fedavgm", "fedadam", "fedyogi"])
 def test_server_optimizers_move_along_the_mean_delta(opt):
     adapter = _adapter()
-    algo = FedIT(FedConfig(server_optimizer=opt, server_lr=0.01), adapter, seed=0)
+    algo = FedIT(FedConfig(server_optimizer=opt, server_lr=0.01), adapter, seed=0, lr=0.01)
     before = {k: v.clone() for k, v in algo.state.items()}
     update = _delta(before, 0.01, 4, 1)
     algo.aggregate(0, [(0, update)])
@@ -54,7 +54,7 @@ def test_server_optimizers_move_along_the_mean_delta(opt):
 
 def test_fedkseed_replay_on_two_clients_gives_identical_models():
     # Prepare: a server round with two traces
-    server = FedKSeed(FedConfig(algorithm="fedkseed", pool_size=64), _adapter(), seed=5)
+    server = FedKSeed(FedConfig(algorithm="fedkseed", pool_size=64), _adapter(), seed=5, lr=0.01)
     traces = [
         (0, ZOTrace([3, 7, 3], [0.5, -1.0, 2.0], [0.01] * 3, 10)),
         (1, ZOTrace([7, 60], [1.5, -0.25], [0.01] * 2, 30)),
@@ -78,7 +78,7 @@ def test_fedkseed_replay_on_two_clients_gives_identical_models():
 
 def test_malicious_fedit_updates_are_rejected_and_the_model_stays_close():
     adapter = _adapter()
-    algo = FedIT(FedConfig(max_update_norm=1.0), adapter, seed=0)
+    algo = FedIT(FedConfig(max_update_norm=1.0), adapter, seed=0, lr=0.01)
     state = {k: v.clone() for k, v in algo.state.items()}
     honest = [(c, _delta(state, 0.001, 10, c)) for c in range(3)]
     nan = _delta(state, 0.001, 10, 9)
@@ -92,7 +92,7 @@ def test_malicious_fedit_updates_are_rejected_and_the_model_stays_close():
     assert "non-finite" in result.rejected[3]
     assert "LoRA tensors of different ranks [2, 3]" in result.rejected[4]
     assert "exceeds the bound" in result.rejected[5]
-    reference = FedIT(FedConfig(), _adapter(), seed=0)
+    reference = FedIT(FedConfig(), _adapter(), seed=0, lr=0.01)
     reference.aggregate(0, honest)
     assert all(torch.equal(algo.state[k], reference.state[k]) for k in state)
 
@@ -101,12 +101,12 @@ def test_malicious_fedit_updates_are_rejected_and_the_model_stays_close():
 def test_robust_rules_neutralise_a_scaled_update_within_the_norm_bound(rule):
     adapter = _adapter()
     cfg = FedConfig(aggregator=rule, trim=0.25, clip=0.05, max_update_norm=50.0)
-    algo = FedIT(cfg, adapter, seed=0)
+    algo = FedIT(cfg, adapter, seed=0, lr=0.01)
     state = {k: v.clone() for k, v in algo.state.items()}
     honest = [(c, _delta(state, 0.001, 10, c)) for c in range(4)]
     attack = _delta(state, 0.1, 10, 99)  # 100x larger, still under the hard bound
     algo.aggregate(0, [*honest, (4, attack)])
-    plain = FedIT(FedConfig(max_update_norm=50.0), _adapter(), seed=0)
+    plain = FedIT(FedConfig(max_update_norm=50.0), _adapter(), seed=0, lr=0.01)
     plain.aggregate(0, [*honest, (4, attack)])
     moved = sum(float((algo.state[k] - state[k]).norm()) for k in state)
     moved_plain = sum(float((plain.state[k] - state[k]).norm()) for k in state)
@@ -116,7 +116,10 @@ def test_robust_rules_neutralise_a_scaled_update_within_the_norm_bound(rule):
 
 def test_bad_traces_are_rejected():
     server = FedKSeed(
-        FedConfig(algorithm="fedkseed", pool_size=8, max_abs_scalar=100.0), _adapter(), seed=0
+        FedConfig(algorithm="fedkseed", pool_size=8, max_abs_scalar=100.0),
+        _adapter(),
+        seed=0,
+        lr=0.01,
     )
     result = server.aggregate(
         0,
@@ -184,7 +187,7 @@ def test_seed_trace_replay_rebuilds_the_zo_client_exactly(stories260k_path, shar
     cfg = DataConfig(dataset="sst2", train_size=32, eval_size=8, max_length=32)
     splits = load_splits(cfg, 0)
     task = build_task(splits, cfg, tokenizer)
-    algo = FedIT(FedConfig(), adapter, seed=0)
+    algo = FedIT(FedConfig(), adapter, seed=0, lr=0.01)
     for method in ("zo", "prge"):
         job = ClientJob(
             0,

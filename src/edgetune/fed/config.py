@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from edgetune.config import check_choice, check_positive, option
 from edgetune.errors import ConfigError
 from edgetune.fed.aggregate import AGGREGATORS
+from edgetune.fed.attacks import parse_attack
 from edgetune.fed.hetlora import RANK_AGGREGATIONS
 
 FED_ALGORITHMS = ("fedit", "fedkseed", "fedkseed-pro", "fwdllm")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 CLIENT_METHODS = ("fo", "zo", "prge", "auto")
 AUTO_PARTITION = "auto"  # resolved by the recipe once the task is known
+_REAL_FIELDS = (
+    "participation",
+    "deadline_s",
+    "host_gflops",
+    "server_lr",
+    "server_momentum",
+    "trim",
+    "clip",
+    "max_update_norm",
+    "max_abs_scalar",
+    "fwd_threshold",
+)
 
 
 @dataclass
@@ -54,6 +68,11 @@ class FedConfig:
     fwd_max_queries: int = option(8, "fwdllm: cap on directions per local step")
     fwd_threshold: float = option(1.0, "fwdllm: stop sampling when var/||g||^2 <= this")
     fwd_candidates: int = option(4, "fwdllm: seeds considered per draw (1 = no steering)")
+    attack: str = option(
+        "",
+        "simulator only: KIND:FRACTION malicious clients, KIND = signflip | scale | noise | "
+        "nan | lie-count | big-scalar (fedkseed), e.g. signflip:0.2 ('' = none)",
+    )
 
     def __post_init__(self) -> None:
         check_choice("fed", "algorithm", self.algorithm, FED_ALGORITHMS)
@@ -88,6 +107,11 @@ class FedConfig:
         for name in ("server_lr", "clip", "max_update_norm", "max_abs_scalar", "host_gflops"):
             check_positive("fed", name, getattr(self, name))
         check_positive("fed", "deadline_s", self.deadline_s, allow_zero=True)
+        for name in _REAL_FIELDS:  # NaN passes every comparison above
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(f"fed.{name}: expected a finite number, got {value!r}")
+        parse_attack(self.attack, self.algorithm)
         if not 0.0 < self.participation <= 1.0:
             raise ConfigError(f"fed.participation: expected (0, 1], got {self.participation}")
         # The simulator and the Flower server select this many clients per round.

@@ -3,8 +3,10 @@
 Per round: select clients (seeded), drop the unavailable ones, broadcast the algorithm's
 payload through the real wire format, run each client's local training on the one shared
 model, pass each update through `encode`/`decode` (so bytes are measured, never
-estimated), drop clients that vanish mid-round or miss the deadline, aggregate, evaluate
-the global adapter, and checkpoint.
+estimated), drop clients that vanish mid-round or miss the deadline, cap each update's
+example count at its partition's size (`cap_examples`), aggregate, evaluate the global
+adapter, and checkpoint. With `fed.attack`, a seeded subset of clients corrupts its
+update after local training and before `encode` (`edgetune.fed.attacks`).
 
 Simulated time is deterministic: a client's work is counted in FLOPs (2 * parameters per
 token per forward pass, backward counted as two more), divided by its device's GFLOP/s,
@@ -28,9 +30,11 @@ import torch
 
 from edgetune import console
 from edgetune.fed.algorithms.base import FedAlgorithm, load_trainable
+from edgetune.fed.attacks import attackers, corrupt, parse_attack
 from edgetune.fed.fleet import DeviceProfile, method_memory_mb, round_seconds
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import decode, encode
+from edgetune.fed.validate import cap_examples
 from edgetune.runs import RunDir, reset_peak_rss, status_mb
 from edgetune.zo.seeds import derive_seed, generator
 
@@ -75,6 +79,8 @@ def run_round(
     """One round: broadcast, local training, upload, aggregation."""
     log = RoundLog()
     updates = []
+    attack = parse_attack(cfg.attack, cfg.algorithm)
+    malicious = attackers(attack, cfg.clients, seed)
     for client in select_clients(cfg.clients, cfg.participation, seed, rnd):
         profile, job = fleet[client], jobs.get(client)
         fate = torch.rand(2, generator=generator(derive_seed(seed, _FATE_STREAM, rnd, client)))
@@ -86,6 +92,8 @@ def run_round(
             "rank": job.rank if job else None,
             "memory_mb": round(method_memory_mb(num_params, job.method), 1) if job else None,
         }
+        if attack is not None and client in malicious:
+            entry["attack"] = attack.kind
         if job is None:
             log.clients.append({**entry, "status": "no method fits its memory"})
             continue
@@ -98,6 +106,8 @@ def run_round(
         measured = reset_peak_rss()
         update = algo.client_update(adapter, received, job)
         peak = status_mb("VmHWM") if measured else float("nan")
+        if attack is not None and client in malicious:  # after training, before the wire
+            update = corrupt(update, attack, seed, rnd, client, cfg.max_abs_scalar)
         up = encode(update)
         seconds = round_seconds(
             profile,
@@ -114,7 +124,11 @@ def run_round(
             status = "missed the deadline"
         else:
             log.bytes_up += len(up)
-            updates.append((client, decode(up)))
+            arrived = decode(up)
+            note = cap_examples(arrived, len(job.rows))  # the server knows the partition
+            if note:
+                entry["note"] = note
+            updates.append((client, arrived))
             log.losses.append(float(getattr(update, "meta", {}).get("loss", float("nan"))))
             log.sim_s = max(log.sim_s, seconds)
         log.clients.append(

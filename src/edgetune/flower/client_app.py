@@ -150,6 +150,8 @@ def session(config_text: str) -> tuple[Any, dict[str, Any], Any]:
         _SESSIONS.clear()
         cfg = build(FederateConfig, yaml.safe_load(config_text))
         parts = setup(cfg)
-        algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, parts["adapter"], cfg.seed)
+        algo = ALGORITHMS[cfg.fed.algorithm](
+            cfg.fed, parts["adapter"], cfg.seed, float(cfg.optim.lr or 1e-3)
+        )
         _SESSIONS[key] = (cfg, parts, algo)
     return _SESSIONS[key]

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgetune.errors import EdgetuneError
-from edgetune.fed.payloads import LoraDelta, Payload, decode, encode, tensor_spans
+from flwr.app import ArrayRecord, ConfigRecord
+
+from edgetune.fed.payloads import LoraDelta, Payload, PayloadError, decode, encode, tensor_spans
 
 HEAD, TENSORS, RAW = "edgetune.head", "edgetune.tensors", "edgetune.raw"
 
 
 def to_records(payload: Payload) -> dict[str, Any]:
     """Flower records (name -> ConfigRecord/ArrayRecord) carrying `encode(payload)`."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.app import Array
 
     data = encode(payload)
     if not isinstance(payload, LoraDelta):
@@ -44,29 +45,41 @@ def join(content: Any) -> bytes:
     """The `encode` bytes carried by a message's RecordDict `content`.
 
     Raises:
-        EdgetuneError: the message carries no edgetune payload or a malformed one.
+        PayloadError: the message carries no edgetune payload or a malformed one (any
+            record of the wrong type, header bytes that do not parse, arrays that differ
+            from the header); never another exception, whatever a peer sent.
     """
-    try:
-        head = content[HEAD]["head"]
-        if TENSORS not in content:
-            return bytes(head) + bytes(content[HEAD]["data"])
-        _, spans = tensor_spans(bytes(head) + b"")
-        arrays = content[TENSORS]
-        parts = [bytes(head)]
-        for name, dtype, shape, start, stop in spans:
-            array = arrays[name]
-            if array.stype != RAW or array.dtype != dtype or list(array.shape) != shape:
-                raise EdgetuneError(f"tensor {name}: array does not match the header")
-            if len(array.data) != stop - start:
-                raise EdgetuneError(
-                    f"tensor {name}: {len(array.data)} bytes, expected {stop - start}"
-                )
-            parts.append(bytes(array.data))
-        if set(arrays.keys()) != {s[0] for s in spans}:
-            raise EdgetuneError("the message's arrays differ from the tensors its header lists")
-        return b"".join(parts)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EdgetuneError(f"message carries no valid edgetune payload ({exc})") from None
+    head = _bytes(_record(content, HEAD, ConfigRecord), "head")
+    if TENSORS not in content:
+        return head + _bytes(content[HEAD], "data")
+    arrays = _record(content, TENSORS, ArrayRecord)
+    _, spans = tensor_spans(head)
+    if set(arrays.keys()) != {s[0] for s in spans}:
+        raise PayloadError("the message's arrays differ from the tensors its header lists")
+    parts = [head]
+    for name, dtype, shape, start, stop in spans:
+        array = arrays[name]
+        if array.stype != RAW or array.dtype != dtype or list(array.shape) != shape:
+            raise PayloadError(f"tensor {name[:60]}: array does not match the header")
+        if not isinstance(array.data, bytes) or len(array.data) != stop - start:
+            raise PayloadError(f"tensor {name[:60]}: wrong data size, expected {stop - start}")
+        parts.append(array.data)
+    return b"".join(parts)
+
+
+def _record(content: Any, name: str, kind: type) -> Any:
+    """content[name] if it is a record of type `kind`."""
+    record = content.get(name) if hasattr(content, "get") else None
+    if not isinstance(record, kind):
+        raise PayloadError(f"message carries no edgetune payload ({name} is not a {kind.__name__})")
+    return record
+
+
+def _bytes(record: Any, key: str) -> bytes:
+    value = record.get(key)
+    if not isinstance(value, bytes):
+        raise PayloadError(f"message carries no edgetune payload ({HEAD}.{key} is not bytes)")
+    return value
 
 
 def from_records(content: Any) -> Payload:

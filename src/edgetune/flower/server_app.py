@@ -7,14 +7,19 @@ round), `wait-nodes` (seconds to wait for the nodes to connect).
 
 Per round: the same client selection as the simulator (seeded), one message per selected
 device that is connected, replies decoded and validated by the same algorithm object,
-aggregation, evaluation, checkpoint. Devices choose no method themselves: the server
-gives each the method its profile fits (`fed.method`) and its LoRA rank. Bytes in
+aggregation, evaluation, checkpoint. A reply that does not decode (`PayloadError`) is
+rejected and logged in clients.jsonl, and the round goes on; each update's example
+count is capped at the size of the client's partition, which this server knows because
+it runs the same seeded `setup` (partitioning) as its devices. Devices choose no method
+themselves: the server gives each the method its profile fits (`fed.method`) and its
+LoRA rank. Bytes in
 metrics are payload bytes (`len(encode(x))`, what the simulator reports); clients.jsonl
 also records the bytes Flower carried for each message, framing included.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,9 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from edgetune.errors import EdgetuneError
+from edgetune.errors import ConfigError
+from edgetune.fed.payloads import PayloadError
+from edgetune.fed.validate import cap_examples
 from edgetune.flower.client_app import CONTROL
 from edgetune.flower.codec import carried_bytes, from_records, payload_bytes, to_records
 
@@ -99,11 +106,18 @@ class FlowerServer:
 
         self.grid = grid
         self.cfg = cfg = config_from_run(FederateConfig, run_dir, [])
+        if cfg.fed.attack:
+            raise ConfigError(
+                f"fed.attack={cfg.fed.attack} is a simulator option (edgetune federate); a "
+                "Flower federation's devices are real: drop fed.attack"
+            )
         self.config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         self.run = RunDir(run_dir, resume=True)
         self.parts = setup(cfg)
         self.adapter = self.parts["adapter"]
-        self.algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, self.adapter, cfg.seed)
+        self.algo = ALGORITHMS[cfg.fed.algorithm](
+            cfg.fed, self.adapter, cfg.seed, float(cfg.optim.lr or 1e-3)
+        )
         self.done = load_round(self.run, self.algo, self.adapter) if resume else 0
         self.nodes: dict[int, tuple[int, str]] = {}  # partition id -> (node id, device)
         self.refused: set[int] = set()  # nodes whose greeting failed (bad node config)
@@ -205,6 +219,10 @@ class FlowerServer:
             if client is not None:
                 update = self.receive(reply, entries[client])
                 if update is not None:
+                    # the server derived the same seeded partitions as its devices (setup)
+                    note = cap_examples(update, len(self.parts["partitions"][client]))
+                    if note:
+                        entries[client]["note"] = note
                     updates.append((client, update))
         updates.sort(key=lambda u: u[0])  # the simulator's order: by client
         updates = enough(updates, cfg.fed.min_clients, list(entries.values()))
@@ -243,15 +261,16 @@ class FlowerServer:
             return None
         try:
             update = from_records(reply.content)
-        except EdgetuneError as exc:  # malformed: this client's problem only
+        except PayloadError as exc:  # malformed: this client's problem only
+            print(f"edgetune: round {entry['round']}, client {entry['client']}: {exc}")
             entry["status"] = f"rejected: {exc}"
             return None
         entry.update(
             status="ok", bytes_up=payload_bytes(reply.content), carried_up=carried_bytes(reply)
         )
         metrics = reply.content.metric_records.get("edgetune.metrics")
-        if metrics is not None:
-            entry["peak_rss_mb"] = round(float(metrics["peak_rss_mb"]), 1)
-            entry["train_s"] = round(float(metrics["train_s"]), 3)
-            entry["setup_s"] = round(float(metrics["setup_s"]), 3)
+        for key, digits in (("peak_rss_mb", 1), ("train_s", 3), ("setup_s", 3)):
+            value = metrics.get(key) if metrics is not None else None
+            if isinstance(value, int | float) and math.isfinite(value):  # a peer's claim
+                entry[key] = round(float(value), digits)
         return update

@@ -189,7 +189,7 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     cfg = dataclasses.replace(cfg, data=parts["data"], fed=fed)
     rundir.write_config(to_dict(cfg))  # says which partition `auto` chose, labels used...
     adapter = parts["adapter"]
-    algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, adapter, cfg.seed)
+    algo = ALGORITHMS[cfg.fed.algorithm](cfg.fed, adapter, cfg.seed, float(cfg.optim.lr or 1e-3))
     done = restore_round(rundir, saved, algo, adapter) if saved is not None else 0
 
     def evaluate_global() -> dict[str, float]:

@@ -52,7 +52,9 @@ class FedIT:
 
     name = "fedit"
 
-    def __init__(self, cfg: Any, adapter: Adapter, seed: int):
+    def __init__(self, cfg: Any, adapter: Adapter, seed: int, lr: float):
+        """`lr` is the run's client learning rate (one constructor for every algorithm;
+        FedIT's deltas already contain their steps, so its server does not use it)."""
         self.cfg = cfg
         self.state = trainable_state(adapter)
         self.rank = tensors_rank(self.state)  # global LoRA rank R (None: not LoRA)
@@ -131,7 +133,9 @@ class FedIT:
 
     def _trace_problem(self, trace: SeedTrace) -> str | None:
         rank = trace.meta.get("rank")
-        if rank is not None and not (self.rank and rank == int(rank) and 1 <= rank <= self.rank):
+        if rank is not None and not (
+            self.rank and math.isfinite(rank) and rank == int(rank) and 1 <= rank <= self.rank
+        ):
             return f"rank {rank} is not a rank in 1..{self.rank} of the global adapter"
         return check_seed_trace(trace, None)
 

@@ -6,7 +6,7 @@ s_0..s_{K-1} = derive(run seed, POOL, k). A client's local step picks an index k
 the two-point estimate c along z(s_k) and updates theta -= lr * c * z(s_k); it uploads only
 the (k, c, lr) triples (`ZOTrace`, 12 bytes a step). The server accumulates per seed
 
-    a_k = sum_c (n_c / N) * sum_{t of client c with index k} lr_t * c_t
+    a_k = sum_c w_c * sum_{t of client c with index k} lr * clip(c_t)
 
 and the new global model is theta' = theta - sum_k a_k z(s_k). The server keeps the
 vector a of every round; a selected client gets the vectors of the rounds since it last
@@ -16,12 +16,37 @@ the same order on every party. A device keeps its model between rounds (Flower c
 state); the simulator, whose clients share one model, loads the global model of the
 client's last synced round instead (`prepare`).
 
+The server decides the learning rate: lr is the run's (`optim.lr`, passed to the
+constructor), and a trace reporting any other lr is rejected (honest clients report
+exactly the run's lr, so a different one is a forged or misconfigured client). A trace
+with more steps than `fed.local_steps` is rejected too.
+
+Aggregation rules (`fed.aggregator`) act on each client's scalar vector c_c (its T
+scalars), since seeds are sparse (pool K ~ 1024, a client touches T ~ 5 seeds, so
+clients rarely share one) and a per-seed median or trimmed mean over clients would be ~0
+on every seed, or one client's own value:
+
+    mean:         w_c = n_c / N, n_c the client's example count capped by the server;
+    clip-mean:    as mean, each scalar clipped to +-fed.clip (a fixed bound);
+    median:       clients whose ||c_c|| is an outlier of the round (log-space MAD, the
+                  limit kept within 10x..100x the median) are rejected; the others are
+                  scaled to at most the median norm and averaged, w_c = 1 / C: no
+                  client moves the model more than a typical one (clipping at a bound
+                  the data sets);
+    trimmed-mean: the same screening, then the int(trim * C) largest-norm clients are
+                  dropped and the rest averaged, w_c = 1 / C'.
+
+Robust rules ignore example counts (a client cannot buy influence). A sign-flipped
+trace of typical norm passes screening; its effect is bounded by the median norm (1/C of
+the step each).
+
 Pro samples k with probability proportional to the accumulated |a_k| seen so far (plus a
 floor, so every seed stays possible): seeds that moved the model more are tried more.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +54,7 @@ from typing import Any
 import torch
 
 from edgetune.errors import EdgetuneError
+from edgetune.fed.aggregate import check_bound, median_clip, norm_outliers
 from edgetune.fed.algorithms.base import (
     AggregateResult,
     load_trainable,
@@ -85,9 +111,10 @@ class PoolEstimator:
 class FedKSeed:
     """Seed-pool federated ZO (see the module docstring)."""
 
-    def __init__(self, cfg: Any, adapter: Adapter, seed: int):
+    def __init__(self, cfg: Any, adapter: Adapter, seed: int, lr: float):
         self.cfg = cfg
         self.name = cfg.algorithm
+        self.lr = lr  # the run's client lr: the server's, whatever a trace reports
         self.pool = seed_pool(seed, cfg.pool_size)
         self.state = trainable_state(adapter)
         self.initial = {k: v.clone() for k, v in self.state.items()}
@@ -162,16 +189,10 @@ class FedKSeed:
         )
 
     def aggregate(self, rnd: int, updates: list[tuple[int, Any]]) -> AggregateResult:
-        """Validate traces, accumulate a_k, move the global model by replay."""
+        """Validate traces, accumulate a_k by the configured rule, move the global model
+        by replay."""
         good, result = screen(updates, self._check)
-        acc = [0.0] * len(self.pool)
-        total = sum(t.num_examples for t in good)
-        for trace in good:
-            weight = trace.num_examples / total
-            for k, c, lr in zip(trace.indices, trace.scalars, trace.lrs, strict=True):
-                if self.cfg.aggregator == "clip-mean":
-                    c = max(-self.cfg.clip, min(self.cfg.clip, c))
-                acc[k] += weight * lr * c
+        acc = self.combine(good, result)
         self.previous = {k: v.clone() for k, v in self.state.items()}
         params = list(self.state.values())
         replay(params, self.pool, acc)
@@ -183,10 +204,45 @@ class FedKSeed:
         result.stats["seeds_used"] = float(sum(1 for a in acc if a != 0.0))
         return result
 
+    def combine(self, traces: list[ZOTrace], result: AggregateResult) -> list[float]:
+        """a_k under `fed.aggregator` (see the module docstring); outliers screened by the
+        robust rules move from `result.accepted` to `result.rejected`."""
+        rule = self.cfg.aggregator
+        check_bound("clip", self.cfg.clip)
+        if rule in ("median", "trimmed-mean"):
+            norms = [math.sqrt(sum(c * c for c in t.scalars)) for t in traces]
+            reasons = norm_outliers(norms)
+            for client, reason in zip(list(result.accepted), reasons, strict=True):
+                if reason:
+                    result.accepted.remove(client)
+                    result.rejected[client] = reason
+            kept = [(t, n) for t, n, r in zip(traces, norms, reasons, strict=True) if not r]
+            if rule == "trimmed-mean":
+                kept.sort(key=lambda tn: tn[1])
+                drop = int(self.cfg.trim * len(kept))
+                result.stats["trimmed"] = float(drop)
+                kept = kept[: len(kept) - drop]
+            traces = [t for t, _ in kept]
+            if not kept:
+                return [0.0] * len(self.pool)
+            factors = median_clip([n for _, n in kept]) if rule == "median" else [1.0] * len(kept)
+            weights = [f / len(kept) for f in factors]
+        else:
+            total = sum(t.num_examples for t in traces)
+            weights = [t.num_examples / total for t in traces]
+        bound = self.cfg.clip if rule == "clip-mean" else math.inf
+        acc = [0.0] * len(self.pool)
+        for trace, weight in zip(traces, weights, strict=True):
+            for k, c in zip(trace.indices, trace.scalars, strict=True):
+                acc[k] += weight * self.lr * max(-bound, min(bound, c))
+        return acc
+
     def _check(self, update: Any) -> str | None:
         if not isinstance(update, ZOTrace):
             return "not a ZO trace"
-        return check_trace(update, len(self.pool), self.cfg.max_abs_scalar)
+        return check_trace(
+            update, len(self.pool), self.cfg.max_abs_scalar, self.lr, self.cfg.local_steps
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Global, previous and initial tensors, every round's scalars, who synced when,

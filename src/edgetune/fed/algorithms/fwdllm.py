@@ -33,8 +33,8 @@ class FwdLLM(FedIT):
 
     name = "fwdllm"
 
-    def __init__(self, cfg: Any, adapter: Adapter, seed: int):
-        super().__init__(cfg, adapter, seed)
+    def __init__(self, cfg: Any, adapter: Adapter, seed: int, lr: float):
+        super().__init__(cfg, adapter, seed, lr)
         self.prior: torch.Tensor | None = None  # client: the direction to steer towards
         self.last_state: dict[str, torch.Tensor] | None = None  # global one round ago
         self.received: dict[int, int] = {}  # client -> last round it got the broadcast

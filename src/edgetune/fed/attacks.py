@@ -1,0 +1,142 @@
+"""Malicious clients, a simulator option: `fed.attack=KIND:FRACTION` (e.g. signflip:0.2).
+
+Robustness is measured, not assumed: a seeded subset of round(FRACTION x clients)
+clients (the same every round, as a compromised device stays compromised) trains
+honestly, then corrupts its update before `encode`, so the attack goes through the real
+wire format, validation and aggregation. clients.jsonl marks them (`attack`).
+
+Kinds (u is the honest update: a LoRA delta's tensors, a FedKSeed trace's scalars, or a
+ZO client's seed coefficients):
+
+    signflip    -u (gradient ascent: undoes honest progress)
+    scale       SCALE x u (a boosted update, "model replacement")
+    noise       Gaussian noise with NOISE x the rms of u per value, in place of u
+    nan         u with one NaN value
+    lie-count   -u claiming num_examples = 10^9 (buys the whole weight of a weighted mean)
+    big-scalar  FedKSeed only: every scalar at 0.999 x fed.max_abs_scalar, against the sign
+                of the honest one (the largest ascent the validation lets through)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from edgetune.errors import ConfigError
+from edgetune.fed.payloads import LoraDelta, Payload, SeedTrace, ZOTrace
+from edgetune.zo.seeds import derive_seed, generator
+
+SCALE, NOISE, LIE = 100.0, 10.0, 10**9
+_ATTACK_STREAM = 5  # distinguishes the attacker draw and attack noise from other seeds
+ALL = ("fedit", "fedkseed", "fedkseed-pro", "fwdllm")
+APPLIES: dict[str, tuple[str, ...]] = {
+    "signflip": ALL,
+    "scale": ALL,
+    "noise": ALL,
+    "nan": ALL,
+    "lie-count": ALL,
+    "big-scalar": ("fedkseed", "fedkseed-pro"),
+}
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Which attack, and the fraction of clients that run it."""
+
+    kind: str
+    fraction: float
+
+
+def parse_attack(spec: str, algorithm: str) -> Attack | None:
+    """`KIND:FRACTION` as an Attack ('' = none).
+
+    Raises:
+        ConfigError: unknown kind, a fraction outside (0, 1), or a kind that does not
+            apply to `algorithm`.
+    """
+    if not spec:
+        return None
+    kind, _, fraction = spec.partition(":")
+    if kind not in APPLIES:
+        raise ConfigError(
+            f"fed.attack: unknown attack {kind!r}; use one of {', '.join(APPLIES)} "
+            "as KIND:FRACTION, e.g. signflip:0.2"
+        )
+    try:
+        share = float(fraction)
+    except ValueError:
+        share = math.nan
+    if not 0.0 < share < 1.0:
+        raise ConfigError(
+            f"fed.attack: expected KIND:FRACTION with a fraction in (0, 1), got {spec!r} "
+            "(e.g. signflip:0.2)"
+        )
+    if algorithm not in APPLIES[kind]:
+        raise ConfigError(
+            f"fed.attack={kind} sends seed scalars just under fed.max_abs_scalar, which "
+            f"only {' and '.join(APPLIES[kind])} upload; {algorithm} clients send tensors "
+            "or seed coefficients: use scale"
+        )
+    return Attack(kind, share)
+
+
+def attackers(attack: Attack | None, clients: int, seed: int) -> set[int]:
+    """The malicious clients: a seeded draw of round(fraction x clients) (at least 1)."""
+    if attack is None:
+        return set()
+    count = max(1, round(attack.fraction * clients))
+    perm = torch.randperm(clients, generator=generator(derive_seed(seed, _ATTACK_STREAM)))
+    return set(perm[:count].tolist())
+
+
+def corrupt(
+    update: Payload, attack: Attack, seed: int, rnd: int, client: int, max_abs_scalar: float
+) -> Payload:
+    """The malicious version of the honest `update` (a new object; `update` is kept)."""
+    gen = generator(derive_seed(seed, _ATTACK_STREAM, rnd, client))
+    kind = attack.kind
+    if isinstance(update, LoraDelta):
+        tensors = {n: _values(t, kind, gen) for n, t in update.tensors.items()}
+        if kind == "nan":
+            first = next(iter(tensors))
+            tensors[first] = tensors[first].clone().reshape(-1)
+            tensors[first][0] = math.nan
+            tensors[first] = tensors[first].reshape(update.tensors[first].shape)
+        return LoraDelta(tensors, _count(update.num_examples, kind), dict(update.meta))
+    if isinstance(update, ZOTrace):
+        scalars = _scalars(update.scalars, kind, gen, max_abs_scalar)
+        count = _count(update.num_examples, kind)
+        return ZOTrace(list(update.indices), scalars, list(update.lrs), count, dict(update.meta))
+    if isinstance(update, SeedTrace):
+        coefs = _scalars(update.coefs, kind, gen, max_abs_scalar)
+        count = _count(update.num_examples, kind)
+        return SeedTrace(list(update.seeds), coefs, count, dict(update.meta))
+    raise TypeError(f"clients do not send {type(update).__name__}")
+
+
+def _count(num_examples: int, kind: str) -> int:
+    return LIE if kind == "lie-count" else num_examples
+
+
+def _values(t: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind in ("signflip", "lie-count"):
+        return -t
+    if kind == "scale":
+        return t * SCALE
+    if kind == "noise":
+        rms = float(t.double().pow(2).mean().sqrt()) if t.numel() else 0.0
+        return (torch.randn(t.shape, generator=gen) * NOISE * rms).to(t.dtype)
+    return t.clone()
+
+
+def _scalars(
+    values: list[float], kind: str, gen: torch.Generator, max_abs_scalar: float
+) -> list[float]:
+    if kind == "big-scalar":
+        return [-math.copysign(0.999 * max_abs_scalar, v) for v in values]
+    out = _values(torch.tensor(values, dtype=torch.float64), kind, gen).tolist()
+    if kind == "nan" and out:
+        out[0] = math.nan
+    return out
