@@ -51,6 +51,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         threads.check(self.threads, "threads")
+        self.zo.check_read_by(self.train.method)
         if self.optim.lr is None:
             self.optim.lr = DEFAULT_LR[self.train.method]
 
