@@ -466,6 +466,9 @@ CASES = [
     Case("zo-parallel-inner", ft("zo.parallel_inner=false"), r"zo\.parallel_inner.*'zo'"),
     Case("zo-max-queries-central", ft("zo.max_queries=4"), r"zo\.max_queries.*fwdgrad"),
     Case("prge-exact-restore", ft("--method", "prge", "zo.exact_restore=true"), r"exact_restore"),
+    Case("zo-optim-name", ft("optim.name=sgd"), r"optim\.name='sgd'.*'zo'.*zo\.optimizer"),
+    Case("prge-grad-clip", ft("--method", "prge", "optim.grad_clip=0.5"), r"optim\.grad_clip"),
+    Case("fo-adamw-momentum", ft("--method", "fo", "optim.momentum=0.9"), r"optim\.name=sgd"),
 ]
 
 
