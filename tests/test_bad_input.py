@@ -422,6 +422,55 @@ CASES = [
         ["flower", "up", "--clients", "1", "--tls", "{tmp}/tls"],
         r"lacks ca\.crt",
     ),
+    # --- numbers refused by the parser, before a benchmark or Flower starts ----------
+    Case("bench-rounds-zero", ["bench", "fed", "--rounds", "0"], r"--rounds.*>= 1, got 0"),
+    Case("bench-rounds-word", ["bench", "fed", "--rounds", "ten"], r"--rounds.*>= 1.*'ten'"),
+    Case("bench-clients-negative", ["bench", "flower", "--clients", "-2"], r"--clients.*-2"),
+    Case("bench-steps-zero", ["bench", "memory", "--steps", "0"], r"--steps.*>= 1, got 0"),
+    Case("bench-batch-size-zero", ["bench", "memory", "--batch-size", "0"], r"--batch-size.*0"),
+    Case("bench-seq-len-negative", ["bench", "memory", "--seq-len", "-8"], r"--seq-len.*-8"),
+    Case("bench-tta-steps-negative", ["bench", "zo", "--tta-steps", "-1"], r"--tta-steps.*>= 0"),
+    Case(
+        "flower-up-port-too-big",
+        ["flower", "up", "--clients", "1", "--port", "70000"],
+        r"--port.*0\.\.65535.*70000",
+    ),
+    Case("flower-up-port-negative", ["flower", "up", "--clients", "1", "--port", "-1"], r"--port"),
+    Case("flower-run-local-zero", ["flower", "run", "--local", "0"], r"--local.*>= 1, got 0"),
+    Case(
+        "flower-certs-nodes-negative", ["flower", "certs", "{tmp}/c", "--nodes", "-1"], r"--nodes"
+    ),
+    Case(
+        "flower-certs-dir-is-file",
+        ["flower", "certs", "{tmp}/f.txt"],
+        r"f\.txt: File exists.*not a file",
+        {"f.txt": "x"},
+    ),
+    Case(
+        "flower-certs-under-file",
+        ["flower", "certs", "{tmp}/f.txt/certs"],
+        r"f\.txt/certs.*not inside one",
+        {"f.txt": "x"},
+    ),
+    # --- settings the chosen method would never read --------------------------------
+    Case(
+        "prge-fwdgrad",
+        ft("--method", "prge", "zo.estimator=fwdgrad"),
+        r"zo\.estimator='fwdgrad'.*prge.*--method zo",
+    ),
+    Case(
+        "prge-one-sided",
+        ft("--method", "prge", "zo.estimator=one-sided"),
+        r"zo\.estimator='one-sided'.*prge",
+    ),
+    Case("fo-zo-queries", ft("--method", "fo", "--queries", "8"), r"zo\.queries=8.*'fo'"),
+    Case("fo-zo-optimizer", ft("--method", "fo", "zo.optimizer=adam"), r"zo\.optimizer.*'fo'"),
+    Case("zo-parallel-inner", ft("zo.parallel_inner=false"), r"zo\.parallel_inner.*'zo'"),
+    Case("zo-max-queries-central", ft("zo.max_queries=4"), r"zo\.max_queries.*fwdgrad"),
+    Case("prge-exact-restore", ft("--method", "prge", "zo.exact_restore=true"), r"exact_restore"),
+    Case("zo-optim-name", ft("optim.name=sgd"), r"optim\.name='sgd'.*'zo'.*zo\.optimizer"),
+    Case("prge-grad-clip", ft("--method", "prge", "optim.grad_clip=0.5"), r"optim\.grad_clip"),
+    Case("fo-adamw-momentum", ft("--method", "fo", "optim.momentum=0.9"), r"optim\.name=sgd"),
 ]
 
 

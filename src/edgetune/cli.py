@@ -89,6 +89,35 @@ def _add_threads_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def at_least(low: int) -> Any:
+    """An argparse `type=` for integers >= `low`: a bad value exits 2 with a message
+    naming it and the range, before the command starts anything."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {low}, got {text!r}"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def port(text: str) -> int:
+    """An argparse `type=` for a TCP port: 0 (pick a free one) .. 65535."""
+    value = at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a port in 0..65535 (0 = a free one), got {value}"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edgetune.recipes.finetune import FinetuneConfig
 
@@ -147,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_federate_flags(frun)
     g = frun.add_argument_group("flower")
-    g.add_argument("--local", type=int, metavar="N", help="start N local SuperNodes for the run")
+    g.add_argument(
+        "--local", type=at_least(1), metavar="N", help="start N local SuperNodes for the run"
+    )
     g.add_argument("--home", default="runs/flower-home", help="FLWR_HOME (config.toml, logs)")
     g.add_argument("--connection", default=None, help="flwr connection name in HOME/config.toml")
     g.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for replies")
@@ -158,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "certs", help="write test TLS certificates for 127.0.0.1 (and SuperNode keys)"
     )
     certs.add_argument("dir", metavar="DIR")
-    certs.add_argument("--nodes", type=int, default=0, help="also write N SuperNode keys")
+    certs.add_argument("--nodes", type=at_least(0), default=0, help="also write N SuperNode keys")
 
     ev = sub.add_parser(
         "eval",
@@ -201,23 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
     bench.add_argument("which", choices=["memory", "zo", "fed", "flower", "robust"])
     bench.add_argument(
-        "--rounds", type=int, help="fed / flower / robust: rounds (default 15 / 3 / 4)"
+        "--rounds", type=at_least(1), help="fed / flower / robust: rounds (default 15 / 3 / 4)"
     )
     bench.add_argument(
-        "--clients", type=int, help="fed / flower / robust: clients (default 10 / 2 / 10)"
+        "--clients", type=at_least(1), help="fed / flower / robust: clients (default 10 / 2 / 10)"
     )
     bench.add_argument("--peft", default="lora", help="zo: lora | lora-fa")
     bench.add_argument(
         "--tta-steps",
-        type=int,
+        type=at_least(0),
         default=40,
         help="zo: ZO steps of the time-to-accuracy runs (0 = skip)",
     )
     bench.add_argument("--plot", default="docs/bench_zo_time_to_accuracy.png")
     bench.add_argument("--model", default="smollm2-135m")
-    bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--seq-len", type=int, default=128)
-    bench.add_argument("--steps", type=int, default=3)
+    bench.add_argument("--batch-size", type=at_least(1), default=8)
+    bench.add_argument("--seq-len", type=at_least(1), default=128)
+    bench.add_argument("--steps", type=at_least(1), default=3)
     bench.add_argument("--output", default="docs/BENCHMARKS.md")
     _add_threads_flag(bench)
     for command in sub.choices.values():  # `edgetune COMMAND --verbose` works too
@@ -253,7 +284,7 @@ def _add_federate_flags(fd: argparse.ArgumentParser) -> None:
 def _add_local_flags(up: argparse.ArgumentParser) -> None:
     up.add_argument("--clients", type=int, required=True, help="number of SuperNodes")
     up.add_argument("--home", default="runs/flower-home", help="FLWR_HOME (config.toml, logs)")
-    up.add_argument("--port", type=int, default=0, help="SuperLink port (0 = a free one)")
+    up.add_argument("--port", type=port, default=0, help="SuperLink port (0 = a free one)")
     up.add_argument("--devices", help="device profiles of the nodes, comma-separated, cycled")
     _add_security_flags(up, "")
 

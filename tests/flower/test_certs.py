@@ -123,3 +123,15 @@ def test_conflicting_security_flags_are_refused(tmp_path, capsys, args, message)
     err = capsys.readouterr().err
     assert status == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "HOME").exists() and not (tmp_path / "RUN").exists()
+
+
+@pytest.mark.parametrize("where", ["f.txt", "f.txt/certs"], ids=["is-a-file", "under-a-file"])
+def test_a_certificate_folder_that_is_a_file_is_refused(tmp_path, where):
+    # Prepare
+    (tmp_path / "f.txt").write_text("x")
+    # Execute / Assert
+    with pytest.raises(
+        EdgetuneError, match=r"cannot create folder .*f\.txt.*not a file and not inside one"
+    ):
+        write_test_certificates(tmp_path / where)
+    assert (tmp_path / "f.txt").read_text() == "x"

@@ -23,16 +23,28 @@ import ipaddress
 import os
 from pathlib import Path
 
+from edgetune.errors import EdgetuneError
+
 TLS_FILES = ("ca.crt", "server.pem", "server.key")  # what the SuperLink and flwr need
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 
 
 def private_dir(path: Path) -> Path:
-    """Create folder `path` (and its parents) readable by its owner only, if missing."""
+    """Create folder `path` (and its parents) readable by its owner only, if missing.
+
+    Raises:
+        EdgetuneError: `path`, or a folder above it, is a file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise EdgetuneError(
+            f"cannot create folder {path}: {exc.filename}: {exc.strerror}; pass a folder "
+            "(or a new path) that is not a file and not inside one"
+        ) from exc
     return path
 
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from edgetune.config import check_choice, check_positive, option
 from edgetune.errors import ConfigError
 
 ZO_ESTIMATORS = ("central", "one-sided", "fwdgrad")
 ZO_OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "sign")
+
+# The zo settings each training method reads (fwdgrad-only ones only with that estimator).
+_UPDATE = ("eps", "queries", "optimizer", "beta1", "beta2")
+READ_BY_METHOD = {
+    "fo": (),
+    "zo": (*_UPDATE, "estimator", "exact_restore"),
+    "prge": (*_UPDATE, "parallel_inner"),
+}
+FWDGRAD_ONLY = ("max_queries", "var_threshold")
 
 
 @dataclass
@@ -49,3 +58,31 @@ class ZOConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"zo.{name}: expected a value in [0, 1), got {value!r}")
+
+    def check_read_by(self, method: str) -> None:
+        """Refuse a zo setting that training `method` would never read.
+
+        A setting counts as given when it differs from its default (a config that spells
+        out a default value is accepted: it asks for nothing the run does not do).
+
+        Raises:
+            ConfigError: names the setting, the method and the fix.
+        """
+        read = set(READ_BY_METHOD.get(method, ()))
+        if method == "zo" and self.estimator == "fwdgrad":
+            read |= set(FWDGRAD_ONLY)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in read or value == f.default:
+                continue
+            if f.name == "estimator":  # only zo has a choice of estimator
+                raise ConfigError(
+                    f"zo.estimator={value!r} does not apply to train.method={method!r} "
+                    f"(P-RGE is its own batched central estimator): use --method zo for "
+                    f"the {value} estimator, or drop zo.estimator"
+                )
+            raise ConfigError(
+                f"zo.{f.name}={value!r} is not used by train.method={method!r}: drop it, "
+                f"or pick a method that reads it"
+                + (" (zo.estimator=fwdgrad with --method zo)" if f.name in FWDGRAD_ONLY else "")
+            )
