@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_flag(ev)
     ev.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN/adapter)")
     ev.add_argument("--out", help="write a run directory with the metrics")
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--batch-size", type=at_least(1), default=16)
 
     gen = sub.add_parser("generate", help="greedy generation from a prompt")
     gen.add_argument("--model", default="smollm2-135m")

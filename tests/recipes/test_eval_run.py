@@ -116,7 +116,7 @@ def test_a_copied_adapter_finds_its_base_model_and_refuses_another(
     status = cli(["eval", "--adapter", str(copy), "--model", "smollm2-135m", *data])
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err
-    assert f"it was trained on {stories260k_path.resolve()}" in err
+    assert "was trained on a different model" in err
     assert f"pass --model {stories260k_path.resolve()}" in err
 
 
