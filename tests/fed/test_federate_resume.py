@@ -164,7 +164,7 @@ def fedit(stories260k_path, shared_data):
 
     model, _ = models.load(str(stories260k_path))
     adapter = attach(model, PeftConfig(), seed=0)
-    return ALGORITHMS["fedit"](FedConfig(), adapter, 0), adapter
+    return ALGORITHMS["fedit"](FedConfig(), adapter, 0, 1e-3), adapter
 
 
 def _at_round(algo, value: float) -> None:
