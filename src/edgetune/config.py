@@ -267,18 +267,19 @@ def config_from_run(
     return cfg
 
 
+def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} for every leaf of a nested config mapping."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def config_diff(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old value, new value)} for every leaf that differs between two
     configs of the same class."""
-
-    def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                flat.update(leaves(value, f"{prefix}{key}."))
-            else:
-                flat[f"{prefix}{key}"] = value
-        return flat
-
     a, b = leaves(to_dict(old)), leaves(to_dict(new))
     return {key: (a.get(key), b.get(key)) for key in b if a.get(key) != b.get(key)}

@@ -41,7 +41,7 @@ def test_finetune_report_opens_with_what_was_run_and_rounds_its_numbers(finetune
     for bullet in (
         "- **command**: `edgetune finetune` (status: done)",
         "- **data**: sst2 (64 training examples, 16 held-out), at most 32 tokens per example",
-        "- **task**: classification (inferred from the data)",
+        "- **task**: classification",
         "- **adapter**: lora (rank 8, alpha 16.0)",
         "- **method**: MeZO (zeroth-order)",
         "- **steps**: 4 of batch 4, learning rate 0.001, evaluated every 2",

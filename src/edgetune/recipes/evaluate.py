@@ -21,6 +21,7 @@ from edgetune import console
 from edgetune.config import (
     build,
     config_from_run,
+    leaves,
     load_yaml,
     parse_override,
     resolve_config,
@@ -121,14 +122,14 @@ def config_for_run(run: Path, file: str | None, overrides: list[str], flags: dic
     cls = FederateConfig if "fed" in RunDir(run, resume=True).read_config() else FinetuneConfig
     saved = config_from_run(cls, run, [])
     tree = to_dict(saved)
-    for key, value in _leaves(load_yaml(file) if file else {}).items():
+    for key, value in leaves(load_yaml(file) if file else {}).items():
         set_dotted(tree, key, value)
     for key, value in flags.items():
         set_dotted(tree, key, value)
     for text in overrides:
         set_dotted(tree, *parse_override(text))
     requested = build(cls, tree)
-    before, after = _leaves(to_dict(saved)), _leaves(to_dict(requested))
+    before, after = leaves(to_dict(saved)), leaves(to_dict(requested))
     conflicts = [k for k in after if after[k] != before.get(k) and k not in RUN_EVAL_KEYS]
     if conflicts:
         listed = "; ".join(f"{k}={after[k]!r} (the run's: {before.get(k)!r})" for k in conflicts)
@@ -138,16 +139,6 @@ def config_for_run(run: Path, file: str | None, overrides: list[str], flags: dic
             f"evaluate without the run: edgetune eval --model ... --dataset ... --adapter ..."
         )
     return requested, saved
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
