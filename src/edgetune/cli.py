@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_flag(demo)
 
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
-    bench.add_argument("which", choices=["memory", "zo", "fed", "flower", "robust"])
+    bench.add_argument("which", choices=["memory", "zo", "fed", "flower", "robust", "threads"])
     bench.add_argument(
         "--rounds", type=at_least(1), help="fed / flower / robust: rounds (default 15 / 3 / 4)"
     )
@@ -509,6 +509,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         model = "stories260k" if args.model == "smollm2-135m" else args.model
         robust.run(model, args.rounds or 4, args.clients or 10, args.output)
+        return 0
+    if args.which == "threads":
+        from edgetune.bench import threads
+
+        threads.run(args.model, args.batch_size, args.seq_len, args.steps, args.output)
         return 0
     if args.which == "zo":
         from edgetune.bench import zo
