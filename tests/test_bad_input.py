@@ -431,6 +431,11 @@ CASES = [
     Case("bench-seq-len-negative", ["bench", "memory", "--seq-len", "-8"], r"--seq-len.*-8"),
     Case("bench-tta-steps-negative", ["bench", "zo", "--tta-steps", "-1"], r"--tta-steps.*>= 0"),
     Case(
+        "bench-flag-it-ignores",
+        ["bench", "memory", "--rounds", "3", "--peft", "lora-fa"],
+        r"bench memory does not use --peft, --rounds; drop it",
+    ),
+    Case(
         "flower-up-port-too-big",
         ["flower", "up", "--clients", "1", "--port", "70000"],
         r"--port.*0\.\.65535.*70000",

@@ -18,7 +18,7 @@ from typing import Any
 
 from edgetune import __version__
 from edgetune.console import quiet_third_party
-from edgetune.errors import EdgetuneError
+from edgetune.errors import ConfigError, EdgetuneError
 
 # Named flags -> dotted config keys (shared by every training/evaluation command).
 TRAIN_FLAGS = {
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="zo: ZO steps of the time-to-accuracy runs (0 = skip)",
     )
     bench.add_argument("--plot", default="docs/bench_zo_time_to_accuracy.png")
-    bench.add_argument("--model", default="smollm2-135m")
+    bench.add_argument("--model", help="default: smollm2-135m (robust: stories260k)")
     bench.add_argument("--batch-size", type=at_least(1), default=8)
     bench.add_argument("--seq-len", type=at_least(1), default=128)
     bench.add_argument("--steps", type=at_least(1), default=3)
@@ -492,37 +492,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# The flags each benchmark reads (besides --model, --output, --threads); any other bench
+# flag given with a value other than its default would be ignored, so it is refused.
+BENCH_READS = {
+    "memory": ("batch_size", "seq_len", "steps"),
+    "zo": ("peft", "steps", "tta_steps", "plot"),
+    "fed": ("rounds", "clients"),
+    "flower": ("rounds", "clients"),
+    "robust": ("rounds", "clients"),
+    "threads": ("batch_size", "seq_len", "steps"),
+}
+
+
+def _check_bench_flags(args: argparse.Namespace) -> None:
+    defaults = build_parser().parse_args(["bench", args.which])
+    flags = {name for reads in BENCH_READS.values() for name in reads}
+    ignored = [
+        f"--{name.replace('_', '-')}"
+        for name in sorted(flags - set(BENCH_READS[args.which]))
+        if getattr(args, name) != getattr(defaults, name)
+    ]
+    if ignored:
+        reads = "".join(f", --{n.replace('_', '-')}" for n in BENCH_READS[args.which])
+        raise ConfigError(
+            f"bench {args.which} does not use {', '.join(ignored)}; drop it (bench "
+            f"{args.which} reads --model, --output, --threads{reads})"
+        )
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    _check_bench_flags(args)
+    model = args.model or ("stories260k" if args.which == "robust" else "smollm2-135m")
+    args.model = model
     _start_threads(args)
     if args.which == "fed":
         from edgetune.bench import fed
 
-        fed.run(args.model, args.rounds or 15, args.clients or 10, args.output, "docs")
+        fed.run(model, args.rounds or 15, args.clients or 10, args.output, "docs")
         return 0
     if args.which == "flower":
         from edgetune.bench import flower
 
-        flower.run(args.model, args.rounds or 3, args.clients or 2, args.output)
+        flower.run(model, args.rounds or 3, args.clients or 2, args.output)
         return 0
-    if args.which == "robust":  # stories260k unless --model names another
+    if args.which == "robust":
         from edgetune.bench import robust
 
-        model = "stories260k" if args.model == "smollm2-135m" else args.model
         robust.run(model, args.rounds or 4, args.clients or 10, args.output)
         return 0
     if args.which == "threads":
         from edgetune.bench import threads
 
-        threads.run(args.model, args.batch_size, args.seq_len, args.steps, args.output)
+        threads.run(model, args.batch_size, args.seq_len, args.steps, args.output)
         return 0
     if args.which == "zo":
         from edgetune.bench import zo
 
-        zo.run(args.model, args.peft, args.steps, args.tta_steps, args.output, args.plot)
+        zo.run(model, args.peft, args.steps, args.tta_steps, args.output, args.plot)
         return 0
     from edgetune.bench import memory
 
-    memory.run(args.model, args.batch_size, args.seq_len, args.steps, args.output)
+    memory.run(model, args.batch_size, args.seq_len, args.steps, args.output)
     return 0
 
 
