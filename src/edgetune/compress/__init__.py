@@ -1,0 +1,5 @@
+"""Compression of a fine-tuned causal LM for edge inference: structured pruning and quantization.
+
+`compress/prune/` removes whole units (MLP channels, key/value head groups) so the saved model
+is physically smaller; `compress/quantize.py` stores weights in int8.
+"""

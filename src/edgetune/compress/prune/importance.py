@@ -1,0 +1,172 @@
+"""Importance scores for the prunable units (MLP channels, key/value groups).
+
+A unit's score is the sum over all its weights of `|W_ij| * s_j`, where `j` is the weight's
+input feature and `s_j` a per-input-feature scale:
+
+- magnitude (the baseline): `s_j = 1`, i.e. the L1 norm of the unit's weights;
+- activation-aware (Wanda-sp, An et al. 2024 "Fluctuation-based Adaptive Structured Pruning",
+  and Sun et al. 2023 "Wanda"): `s_j = ||X_j||_2`, the L2 norm of input feature `j` over all
+  calibration tokens. The norms come from forward pre-hooks on `q_proj` (its input is also
+  `k_proj`'s and `v_proj`'s), `gate_proj` (also `up_proj`'s), `down_proj` and `o_proj`, so
+  only forward passes run: a device that can only do inference can compute them.
+
+Unit weights, with `d = head_dim`, `r` query heads per group, `H = hidden`, `I = intermediate`:
+MLP channel `c`: `gate[c, :]`, `up[c, :]` (inputs: hidden, [H]) and `down[:, c]` (input:
+channel `c` itself). KV group `g`: `q[g*r*d:(g+1)*r*d, :]`, `k[g*d:(g+1)*d, :]`,
+`v[g*d:(g+1)*d, :]` (inputs: hidden) and `o[:, g*r*d:(g+1)*r*d]` (inputs: those heads'
+attention outputs). Padding tokens (attention_mask == 0) are left out of the norms.
+
+First-order Taylor (`|W * dL/dW|`) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgetune.compress.prune.units import (
+    PruneError,
+    group_size,
+    head_dim,
+    llama_layers,
+    num_kv_heads,
+)
+
+
+@dataclass(frozen=True)
+class UnitScores:
+    """Per-layer importance of every unit; higher means more important.
+
+    Attributes:
+        mlp: one tensor [intermediate_size] per layer.
+        kv_groups: one tensor [num_key_value_heads] per layer.
+    """
+
+    mlp: tuple[torch.Tensor, ...]
+    kv_groups: tuple[torch.Tensor, ...]
+
+
+@torch.no_grad()
+def magnitude_scores(model: Any) -> UnitScores:
+    """L1 norm of each unit's weights."""
+    layers = llama_layers(model)
+    return _scores(layers, [_Scales() for _ in layers])
+
+
+@torch.no_grad()
+def activation_scores(
+    model: Any, batches: Iterable[torch.Tensor | Mapping[str, Any]]
+) -> UnitScores:
+    """Weight magnitude times input-activation norm, from forward passes on `batches`.
+
+    Args:
+        model: a Llama-layout causal LM (left in its current train/eval mode).
+        batches: calibration batches, each `input_ids` [B, T] or a mapping with `input_ids`
+            and optionally `attention_mask` (padding is excluded from the norms).
+
+    Returns:
+        The scores of every MLP channel and key/value group, per layer.
+    """
+    layers = llama_layers(model)
+    scales = [_Scales.zeros(layer) for layer in layers]
+    mask_now: list[torch.Tensor | None] = [None]
+    handles = []
+    for layer, sc in zip(layers, scales, strict=True):
+        for module, key in (
+            (layer.self_attn.q_proj, "hidden_attn"),
+            (layer.self_attn.o_proj, "attn_out"),
+            (layer.mlp.gate_proj, "hidden_mlp"),
+            (layer.mlp.down_proj, "channels"),
+        ):
+            handles.append(module.register_forward_pre_hook(_accumulator(sc, key, mask_now)))
+    seen = 0
+    try:
+        for batch in batches:
+            inputs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
+            mask_now[0] = inputs.get("attention_mask")
+            model(**inputs)
+            seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if seen == 0:
+        raise PruneError("activation importance got no calibration batches; pass at least one.")
+    for sc in scales:
+        sc.finish()
+    return _scores(layers, scales)
+
+
+class _Scales:
+    """Per-input-feature scales `s_j` for the four input spaces of one layer (None = all ones)."""
+
+    def __init__(self, sums: dict[str, torch.Tensor] | None = None) -> None:
+        self.sums = sums
+        self.norms: dict[str, torch.Tensor | None] = dict.fromkeys(
+            ("hidden_attn", "attn_out", "hidden_mlp", "channels")
+        )
+
+    @classmethod
+    def zeros(cls, layer: Any) -> _Scales:
+        """Empty sums of squares sized for `layer`'s four input spaces."""
+        attn, mlp = layer.self_attn, layer.mlp
+        sizes = {
+            "hidden_attn": attn.q_proj.in_features,
+            "attn_out": attn.o_proj.in_features,
+            "hidden_mlp": mlp.gate_proj.in_features,
+            "channels": mlp.down_proj.in_features,
+        }
+        return cls({key: torch.zeros(n, dtype=torch.float64) for key, n in sizes.items()})
+
+    def finish(self) -> None:
+        """Turn the sums of squares into L2 norms."""
+        assert self.sums is not None
+        self.norms = {key: s.sqrt().float() for key, s in self.sums.items()}
+
+    def weighted(self, weight: torch.Tensor, key: str) -> torch.Tensor:
+        """`|W|` with each input column scaled by its feature's norm."""
+        norm = self.norms[key]
+        absw = weight.detach().abs().float()
+        return absw if norm is None else absw * norm.to(absw.device)
+
+
+def _accumulator(scales: _Scales, key: str, mask_now: list[torch.Tensor | None]) -> Any:
+    """A forward pre-hook adding the squared input features of real tokens to `scales`."""
+
+    def hook(_module: Any, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().float()
+        mask = mask_now[0]
+        if mask is not None and mask.shape == x.shape[:-1]:
+            x = x[mask.to(torch.bool)]
+        assert scales.sums is not None
+        scales.sums[key] += x.reshape(-1, x.shape[-1]).pow(2).sum(0).double().cpu()
+
+    return hook
+
+
+def _scores(layers: list[Any], scales: list[_Scales]) -> UnitScores:
+    """Sum the scaled weight magnitudes of every unit of every layer."""
+    mlp, kv = [], []
+    for layer, sc in zip(layers, scales, strict=True):
+        m = layer.mlp
+        mlp.append(
+            sc.weighted(m.gate_proj.weight, "hidden_mlp").sum(1)
+            + sc.weighted(m.up_proj.weight, "hidden_mlp").sum(1)
+            + sc.weighted(m.down_proj.weight, "channels").sum(0)
+        )
+        kv.append(_group_scores(layer, sc))
+    return UnitScores(mlp=tuple(mlp), kv_groups=tuple(kv))
+
+
+def _group_scores(layer: Any, sc: _Scales) -> torch.Tensor:
+    """One score per key/value group: its q/k/v rows plus its query heads' o_proj columns."""
+    attn, groups = layer.self_attn, num_kv_heads(layer)
+    per_group_q = group_size(layer) * head_dim(layer)
+    q = sc.weighted(attn.q_proj.weight, "hidden_attn").reshape(groups, per_group_q, -1)
+    k = sc.weighted(attn.k_proj.weight, "hidden_attn").reshape(groups, head_dim(layer), -1)
+    v = sc.weighted(attn.v_proj.weight, "hidden_attn").reshape(groups, head_dim(layer), -1)
+    o = sc.weighted(attn.o_proj.weight, "attn_out")
+    o = o.reshape(o.shape[0], groups, per_group_q)
+    return q.sum((1, 2)) + k.sum((1, 2)) + v.sum((1, 2)) + o.sum((0, 2))
