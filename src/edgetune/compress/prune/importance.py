@@ -32,6 +32,7 @@ from edgetune.compress.prune.units import (
     group_size,
     head_dim,
     llama_layers,
+    loadable_kv_counts,
     num_kv_heads,
 )
 
@@ -47,6 +48,8 @@ class UnitScores:
 
     mlp: tuple[torch.Tensor, ...]
     kv_groups: tuple[torch.Tensor, ...]
+    loadable_kv_counts: tuple[int, ...]
+    """How many groups a layer may keep and still load in stock transformers."""
 
 
 @torch.no_grad()
@@ -157,7 +160,8 @@ def _scores(layers: list[Any], scales: list[_Scales]) -> UnitScores:
             + sc.weighted(m.down_proj.weight, "channels").sum(0)
         )
         kv.append(_group_scores(layer, sc))
-    return UnitScores(mlp=tuple(mlp), kv_groups=tuple(kv))
+    loadable = loadable_kv_counts(layers[0])
+    return UnitScores(mlp=tuple(mlp), kv_groups=tuple(kv), loadable_kv_counts=loadable)
 
 
 def _group_scores(layer: Any, sc: _Scales) -> torch.Tensor:

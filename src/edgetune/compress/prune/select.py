@@ -4,7 +4,10 @@ For a unit kind with `n` units per layer, `round(ratio * n)` units are removed f
 layer: the lowest-scoring ones of that layer (ranked per layer, since scores of different
 layers are not on one scale). Every layer thus keeps the same width, which is what stock
 transformers' Llama can load (one `intermediate_size`, one `num_attention_heads` for the whole
-model). Per-layer ratios (non-uniform widths) are not implemented yet. Ties go to the lower
+model). The kept key/value group count is further rounded to the nearest count whose query
+heads divide `hidden_size` (ties keep more), because stock transformers refuses to load any
+other (stories260K: 4 groups of 2 heads, hidden 64, so 3 groups become 2 or 4; SmolLM2-135M:
+3 groups of 3, hidden 576, all counts load). Per-layer ratios (non-uniform widths) are not implemented yet. Ties go to the lower
 index so the choice is deterministic.
 """
 
@@ -49,14 +52,22 @@ def select_kept(scores: UnitScores, ratio: float, units: Iterable[str] = UNITS) 
             "(whole-layer pruning is not implemented yet)."
         )
     mlp = _keep_per_layer(scores.mlp, ratio if "mlp" in units else 0.0, "MLP channels")
-    kv = _keep_per_layer(scores.kv_groups, ratio if "heads" in units else 0.0, "key/value heads")
+    kv = _keep_per_layer(
+        scores.kv_groups,
+        ratio if "heads" in units else 0.0,
+        "key/value heads",
+        allowed=scores.loadable_kv_counts,
+    )
     return KeptIndices(mlp=mlp, kv_groups=kv)
 
 
 def _keep_per_layer(
-    per_layer: tuple[torch.Tensor, ...], ratio: float, what: str
+    per_layer: tuple[torch.Tensor, ...],
+    ratio: float,
+    what: str,
+    allowed: tuple[int, ...] | None = None,
 ) -> tuple[tuple[int, ...], ...]:
-    """The `n - round(ratio * n)` best indices of each layer, sorted."""
+    """The `n - round(ratio * n)` best indices of each layer (nearest `allowed` count), sorted."""
     kept = []
     for i, scores in enumerate(per_layer):
         n = scores.numel()
@@ -66,6 +77,8 @@ def _keep_per_layer(
                 f"ratio {ratio} removes all {n} {what} of layer {i}; use a ratio below "
                 f"{(n - 0.5) / n:.3f} or leave this unit kind out."
             )
+        if allowed:
+            keep = min(allowed, key=lambda a: (abs(a - keep), -a))
         # stable sort on -score: equal scores keep the lower index first
         order = torch.sort(-scores.double(), stable=True).indices[:keep]
         kept.append(tuple(sorted(int(j) for j in order)))

@@ -12,7 +12,10 @@ rows (outputs) or columns (inputs), then rewrites the config to the new widths:
 
 The widths must be the same in every layer (what `select_kept` produces): then
 `save_pretrained` plus stock `AutoModelForCausalLM.from_pretrained` rebuild the same model.
-Per-layer widths are not supported yet. Pruning happens in place (no second copy of the
+The kept query-head count must also divide `hidden_size`, which
+transformers' `LlamaConfig` checks at load time even with an explicit `head_dim`; a `KeptIndices`
+that breaks it is refused rather than saved unloadable. Per-layer widths are not supported yet
+(transformers 5's `per_layer_config` is a candidate design). Pruning happens in place (no second copy of the
 weights, which matters on a small device); the model is returned for chaining.
 """
 
@@ -29,6 +32,7 @@ from edgetune.compress.prune.units import (
     group_size,
     head_dim,
     llama_layers,
+    loadable_kv_counts,
     num_kv_heads,
 )
 
@@ -90,6 +94,14 @@ def _check_fits(layers: list[Any], kept: KeptIndices) -> None:
                     f"layer {i} {name} index {idx[-1]} is out of range (the layer has {n}); "
                     "compute the indices on this model."
                 )
+    loadable = loadable_kv_counts(layers[0])
+    if len(kept.kv_groups[0]) not in loadable:
+        raise PruneError(
+            f"keeping {len(kept.kv_groups[0])} key/value groups gives "
+            f"{len(kept.kv_groups[0]) * group_size(layers[0])} query heads, which do not divide "
+            f"hidden_size {layers[0].self_attn.q_proj.in_features}, so transformers could not load "
+            f"the saved model; keep one of {list(loadable)} groups (select_kept() does)."
+        )
     widths = {(len(m), len(g)) for m, g in zip(kept.mlp, kept.kv_groups, strict=True)}
     if len(widths) > 1:
         raise PruneError(

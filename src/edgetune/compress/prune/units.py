@@ -121,3 +121,14 @@ def num_kv_heads(layer: Any) -> int:
 def group_size(layer: Any) -> int:
     """Query heads per key/value head in `layer`."""
     return int(layer.self_attn.num_key_value_groups)
+
+
+def loadable_kv_counts(layer: Any) -> tuple[int, ...]:
+    """Key/value group counts a stock transformers Llama config accepts for `layer`'s shapes.
+
+    transformers' `LlamaConfig` refuses, at load time, a `hidden_size` that is not a multiple
+    of `num_attention_heads` (even with an explicit `head_dim`), so keeping `g` groups is
+    loadable only when `hidden_size % (g * group_size) == 0`.
+    """
+    hidden, r = layer.self_attn.q_proj.in_features, group_size(layer)
+    return tuple(g for g in range(1, num_kv_heads(layer) + 1) if hidden % (g * r) == 0)

@@ -1,0 +1,101 @@
+"""Physical shrink: a pruned model computes what the unpruned one computes with those units zeroed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from edgetune.compress.prune import KeptIndices, PruneError, prune
+from edgetune.models import load
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _drop(n: int, removed: set[int], layers: int = 5) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(i for i in range(n) if i not in removed) for _ in range(layers))
+
+
+def test_pruned_mlp_channels_equal_zeroed_channels(stories, calib_ids):
+    removed = {0, 5, 17, 100, 171}
+    kept = KeptIndices(mlp=_drop(172, removed), kv_groups=_drop(4, set()))
+    zeroed = copy.deepcopy(stories)
+    for layer in zeroed.model.layers:
+        layer.mlp.down_proj.weight.data[:, sorted(removed)] = 0.0
+    pruned = prune(stories, kept)
+    assert pruned.model.layers[0].mlp.gate_proj.weight.shape == (167, 64)
+    assert pruned.model.layers[0].mlp.down_proj.weight.shape == (64, 167)
+    torch.testing.assert_close(_logits(pruned, calib_ids), _logits(zeroed, calib_ids))
+
+
+def test_pruned_kv_groups_equal_zeroed_heads(stories, calib_ids):
+    # removing KV groups 1 and 3 removes query heads 2, 3, 6, 7 (2 per KV head, head_dim 8)
+    kept = KeptIndices(mlp=_drop(172, set()), kv_groups=_drop(4, {1, 3}))
+    zeroed = copy.deepcopy(stories)
+    for layer in zeroed.model.layers:
+        layer.self_attn.o_proj.weight.data[:, 16:32] = 0.0
+        layer.self_attn.o_proj.weight.data[:, 48:64] = 0.0
+    reference = _logits(zeroed, calib_ids)
+    assert not torch.allclose(reference, _logits(stories, calib_ids))  # the heads mattered
+    pruned = prune(stories, kept)
+    attn = pruned.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (
+        32,
+        16,
+        32,
+    )
+    assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads) == (4, 2)
+    torch.testing.assert_close(_logits(pruned, calib_ids), reference)
+
+
+def test_save_and_stock_from_pretrained_round_trip(stories, calib_ids, tmp_path):
+    full_dir, pruned_dir = tmp_path / "full", tmp_path / "pruned"
+    stories.save_pretrained(full_dir)
+    full_params = _params(stories)
+    kept = KeptIndices(mlp=_drop(172, set(range(0, 172, 3))), kv_groups=_drop(4, {0, 2}))
+    pruned = prune(stories, kept)
+    pruned.save_pretrained(pruned_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(pruned_dir).eval()
+    torch.testing.assert_close(
+        _logits(reloaded, calib_ids), _logits(pruned, calib_ids), rtol=0, atol=0
+    )
+    assert _params(reloaded) == _params(pruned) < full_params
+    ours, _ = load(str(pruned_dir))
+    torch.testing.assert_close(_logits(ours, calib_ids), _logits(pruned, calib_ids), rtol=0, atol=0)
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(pruned_dir) < 0.8 * size(full_dir)
+
+
+def test_kept_indices_round_trip_as_a_value(stories):
+    kept = KeptIndices(mlp=_drop(172, {3}), kv_groups=_drop(4, {2}))
+    assert KeptIndices.from_dict(kept.to_dict()) == kept
+    assert kept.query_heads(0, 2) == (0, 1, 2, 3, 6, 7)
+    assert KeptIndices.everything(stories) == KeptIndices(
+        mlp=_drop(172, set()), kv_groups=_drop(4, set())
+    )
+
+
+def test_kept_indices_that_do_not_fit_are_refused(stories):
+    uneven = KeptIndices(
+        mlp=(tuple(range(100)),) + _drop(172, {0}, layers=4), kv_groups=_drop(4, set())
+    )
+    with pytest.raises(PruneError, match="per-layer widths are not supported yet"):
+        prune(stories, uneven)
+    with pytest.raises(PruneError, match="out of range"):
+        prune(stories, KeptIndices(mlp=_drop(173, {0}), kv_groups=_drop(4, set())))
+    with pytest.raises(PruneError, match="3 layers but the model has 5"):
+        prune(stories, KeptIndices(mlp=_drop(172, set(), 3), kv_groups=_drop(4, set(), 3)))
+    # 3 groups = 6 query heads, which do not divide hidden 64: transformers would not load it
+    with pytest.raises(PruneError, match="keep one of \\[1, 2, 4\\] groups"):
+        prune(stories, KeptIndices(mlp=_drop(172, set()), kv_groups=_drop(4, {0})))
+    with pytest.raises(PruneError, match="keeps no kv_groups units.*lower the pruning ratio"):
+        KeptIndices(mlp=_drop(172, set()), kv_groups=((),) * 5)
