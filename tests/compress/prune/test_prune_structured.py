@@ -57,7 +57,7 @@ def test_pruned_kv_groups_equal_zeroed_heads(stories, calib_ids):
     torch.testing.assert_close(_logits(pruned, calib_ids), reference)
 
 
-def test_save_and_stock_from_pretrained_round_trip(stories, calib_ids, tmp_path):
+def test_save_and_stock_from_pretrained_round_trip(stories, calib_ids, tmp_path, stories260k_path):
     full_dir, pruned_dir = tmp_path / "full", tmp_path / "pruned"
     stories.save_pretrained(full_dir)
     full_params = _params(stories)
@@ -69,6 +69,7 @@ def test_save_and_stock_from_pretrained_round_trip(stories, calib_ids, tmp_path)
         _logits(reloaded, calib_ids), _logits(pruned, calib_ids), rtol=0, atol=0
     )
     assert _params(reloaded) == _params(pruned) < full_params
+    load(str(stories260k_path))[1].save_pretrained(pruned_dir)  # a model folder holds both
     ours, _ = load(str(pruned_dir))
     torch.testing.assert_close(_logits(ours, calib_ids), _logits(pruned, calib_ids), rtol=0, atol=0)
     size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
