@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgetune.compress.prune import activation_scores, magnitude_scores
+from edgetune.compress.prune import activation_scores, magnitude_scores, taylor_scores
+
+SCORERS = {
+    "magnitude": lambda model, batches: magnitude_scores(model),
+    "activation": activation_scores,
+    "taylor": taylor_scores,
+}
 
 
 def _kill_channel(model, layer: int, channel: int) -> None:
@@ -24,15 +30,11 @@ def _kill_group(model, layer: int, group: int) -> None:
     attn.o_proj.weight.data[:, group * 16 : (group + 1) * 16] = 0.0
 
 
-@pytest.mark.parametrize("method", ["magnitude", "activation"])
+@pytest.mark.parametrize("method", sorted(SCORERS))
 def test_planted_dead_units_rank_last(stories, calib_ids, method):
     _kill_channel(stories, layer=2, channel=77)
     _kill_group(stories, layer=3, group=1)
-    scores = (
-        magnitude_scores(stories)
-        if method == "magnitude"
-        else activation_scores(stories, [calib_ids])
-    )
+    scores = SCORERS[method](stories, [calib_ids])
     assert [s.shape[0] for s in scores.mlp] == [172] * 5
     assert [s.shape[0] for s in scores.kv_groups] == [4] * 5
     assert scores.mlp[2].argmin() == 77 and scores.mlp[2][77] == 0.0
@@ -61,3 +63,13 @@ def test_padding_is_left_out_of_the_activation_norms(stories, calib_ids):
     masked = activation_scores(stories, [{"input_ids": padded, "attention_mask": mask}])
     for a, b in zip(plain.mlp + plain.kv_groups, masked.mlp + masked.kv_groups, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_taylor_scores_leave_no_gradients_and_frozen_weights_frozen(stories, calib_ids):
+    for p in stories.parameters():
+        p.requires_grad_(False)
+    scores = taylor_scores(stories, [calib_ids])
+    assert all(not p.requires_grad and p.grad is None for p in stories.parameters())
+    assert all(s.min() >= 0 and s.max() > 0 for s in scores.mlp + scores.kv_groups)
+    # a gradient-aware ranking, not the magnitude one
+    assert not torch.equal(scores.mlp[0].argsort(), magnitude_scores(stories).mlp[0].argsort())

@@ -1,13 +1,19 @@
 """Structured pruning of Llama-family causal LMs.
 
 The flow is three values and three steps:
-`scores = magnitude_scores(model)` or `activation_scores(model, batches)` (`importance.py`)
+`scores = magnitude_scores(model)`, `activation_scores(model, batches)` or
+`taylor_scores(model, batches)` (`importance.py`)
 -> `kept = select_kept(scores, ratio, units)` (`select.py`, a `KeptIndices` value from
 `units.py`) -> `prune(model, kept)` (`structured.py`, the physical shrink). The `KeptIndices`
 value is what an adapter mapping or FedSpine needs: which rows/columns of each tensor survive.
 """
 
-from edgetune.compress.prune.importance import UnitScores, activation_scores, magnitude_scores
+from edgetune.compress.prune.importance import (
+    UnitScores,
+    activation_scores,
+    magnitude_scores,
+    taylor_scores,
+)
 from edgetune.compress.prune.select import select_kept
 from edgetune.compress.prune.structured import prune
 from edgetune.compress.prune.units import KeptIndices, PruneError, llama_layers
@@ -21,4 +27,5 @@ __all__ = [
     "magnitude_scores",
     "prune",
     "select_kept",
+    "taylor_scores",
 ]

@@ -16,14 +16,19 @@ channel `c` itself). KV group `g`: `q[g*r*d:(g+1)*r*d, :]`, `k[g*d:(g+1)*d, :]`,
 `v[g*d:(g+1)*d, :]` (inputs: hidden) and `o[:, g*r*d:(g+1)*r*d]` (inputs: those heads'
 attention outputs). Padding tokens (attention_mask == 0) are left out of the norms.
 
-First-order Taylor (`|W * dL/dW|`) is not implemented yet.
+- first-order Taylor (LLM-Pruner, Ma et al. 2023): the per-weight saliency is
+  `|W_ij * dL/dW_ij|` instead of `|W_ij| * s_j`, with `dL/dW` the gradient of the causal-LM
+  loss summed over the calibration batches. It needs backprop; `torch.autograd.grad` on the
+  projection weights only, so no `.grad` is left behind and frozen weights stay frozen.
+
+All three share the unit bookkeeping (`_scores`): each supplies a per-weight saliency.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -102,6 +107,77 @@ def activation_scores(
     return _scores(layers, scales)
 
 
+@torch.enable_grad()
+def taylor_scores(model: Any, batches: Iterable[torch.Tensor | Mapping[str, Any]]) -> UnitScores:
+    """First-order Taylor importance `sum |W * dL/dW|` per unit, from the LM loss on `batches`.
+
+    Args:
+        model: a Llama-layout causal LM (left in its current train/eval mode).
+        batches: calibration batches as for `activation_scores`; the labels are the inputs
+            (next-token loss), padding positions (attention_mask == 0) excluded.
+
+    Returns:
+        The scores of every MLP channel and key/value group, per layer.
+    """
+    layers = llama_layers(model)
+    weights = [proj.weight for layer in layers for proj in _projections(layer)]
+    frozen = [not w.requires_grad for w in weights]
+    grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    seen = 0
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        for batch in batches:
+            inputs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
+            labels = inputs["input_ids"].clone()
+            if inputs.get("attention_mask") is not None:
+                labels[inputs["attention_mask"] == 0] = -100
+            loss = model(**inputs, labels=labels).loss
+            for total, g in zip(grads, torch.autograd.grad(loss, weights), strict=True):
+                total += g.float()
+            seen += 1
+    finally:
+        for w, was_frozen in zip(weights, frozen, strict=True):
+            w.requires_grad_(not was_frozen)
+    if seen == 0:
+        raise PruneError("Taylor importance got no calibration batches; pass at least one.")
+    taylor = _Taylor({id(w): g for w, g in zip(weights, grads, strict=True)})
+    with torch.no_grad():
+        return _scores(layers, [taylor] * len(layers))
+
+
+def _projections(layer: Any) -> tuple[Any, ...]:
+    """The seven prunable projections of a decoder layer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.o_proj,
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
+    )
+
+
+class _Saliency(Protocol):
+    """Per-weight, non-negative saliency of a projection weight (`key` names its input space)."""
+
+    def weighted(self, weight: torch.Tensor, key: str) -> torch.Tensor: ...
+
+
+class _Taylor:
+    """`|W * dL/dW|`, with the accumulated gradients looked up by weight identity."""
+
+    def __init__(self, grads: dict[int, torch.Tensor]) -> None:
+        self.grads = grads
+
+    def weighted(self, weight: torch.Tensor, key: str) -> torch.Tensor:
+        """The element-wise first-order saliency of `weight` (`key` is unused)."""
+        del key
+        return (weight.detach().float() * self.grads[id(weight)]).abs()
+
+
 class _Scales:
     """Per-input-feature scales `s_j` for the four input spaces of one layer (None = all ones)."""
 
@@ -149,8 +225,8 @@ def _accumulator(scales: _Scales, key: str, mask_now: list[torch.Tensor | None])
     return hook
 
 
-def _scores(layers: list[Any], scales: list[_Scales]) -> UnitScores:
-    """Sum the scaled weight magnitudes of every unit of every layer."""
+def _scores(layers: list[Any], scales: list[_Saliency]) -> UnitScores:
+    """Sum the per-weight saliencies of every unit of every layer."""
     mlp, kv = [], []
     for layer, sc in zip(layers, scales, strict=True):
         m = layer.mlp
@@ -164,7 +240,7 @@ def _scores(layers: list[Any], scales: list[_Scales]) -> UnitScores:
     return UnitScores(mlp=tuple(mlp), kv_groups=tuple(kv), loadable_kv_counts=loadable)
 
 
-def _group_scores(layer: Any, sc: _Scales) -> torch.Tensor:
+def _group_scores(layer: Any, sc: _Saliency) -> torch.Tensor:
     """One score per key/value group: its q/k/v rows plus its query heads' o_proj columns."""
     attn, groups = layer.self_attn, num_kv_heads(layer)
     per_group_q = group_size(layer) * head_dim(layer)
