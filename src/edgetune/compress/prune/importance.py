@@ -26,7 +26,7 @@ All three share the unit bookkeeping (`_scores`): each supplies a per-weight sal
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -225,7 +225,7 @@ def _accumulator(scales: _Scales, key: str, mask_now: list[torch.Tensor | None])
     return hook
 
 
-def _scores(layers: list[Any], scales: list[_Saliency]) -> UnitScores:
+def _scores(layers: list[Any], scales: Sequence[_Saliency]) -> UnitScores:
     """Sum the per-weight saliencies of every unit of every layer."""
     mlp, kv = [], []
     for layer, sc in zip(layers, scales, strict=True):

@@ -86,8 +86,10 @@ def _check_fits(layers: list[Any], kept: KeptIndices) -> None:
             "compute the indices on this model."
         )
     for i, layer in enumerate(layers):
-        limits = (("mlp", kept.mlp[i], layer.mlp.down_proj.in_features),)
-        limits += (("kv_groups", kept.kv_groups[i], num_kv_heads(layer)),)
+        limits = [
+            ("mlp", kept.mlp[i], int(layer.mlp.down_proj.in_features)),
+            ("kv_groups", kept.kv_groups[i], num_kv_heads(layer)),
+        ]
         for name, idx, n in limits:
             if idx[-1] >= n:
                 raise PruneError(
@@ -119,12 +121,12 @@ def _slice(
     linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
 ) -> nn.Linear:
     """A new `nn.Linear` holding `linear`'s selected output rows and/or input columns."""
-    weight = linear.weight
+    weight: torch.Tensor = linear.weight
     if rows is not None:
         weight = weight.index_select(0, rows.to(weight.device))
     if cols is not None:
         weight = weight.index_select(1, cols.to(weight.device))
-    bias = linear.bias
+    bias: torch.Tensor | None = linear.bias
     if bias is not None and rows is not None:
         bias = bias.index_select(0, rows.to(bias.device))
     out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")

@@ -94,8 +94,8 @@ class KeptIndices:
 def llama_layers(model: Any) -> list[Any]:
     """The decoder layers of a Llama-layout causal LM; raises `PruneError` for other layouts."""
     layers = getattr(getattr(model, "model", None), "layers", None)
-    needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    needed += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    needed = [f"self_attn.{p}_proj" for p in "qkvo"]
+    needed += [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
     if layers is None or len(layers) == 0:
         raise PruneError(f"{type(model).__name__} has no model.layers; supported: {SUPPORTED}.")
     names = {name for name, _ in layers[0].named_modules()}
