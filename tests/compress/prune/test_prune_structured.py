@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from edgetune.compress.prune import KeptIndices, PruneError, prune
-from edgetune.models import load
+from edgetune.compress.prune import KeptIndices, PruneError, magnitude_scores, prune
+from edgetune.models import load, tiny_llama
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -100,3 +100,33 @@ def test_kept_indices_that_do_not_fit_are_refused(stories):
         prune(stories, KeptIndices(mlp=_drop(172, set()), kv_groups=_drop(4, {0})))
     with pytest.raises(PruneError, match="keeps no kv_groups units.*lower the pruning ratio"):
         KeptIndices(mlp=_drop(172, set()), kv_groups=((),) * 5)
+
+
+def test_biases_follow_the_kept_rows(tmp_path):
+    model = tiny_llama(attention_bias=True, mlp_bias=True)  # 2 layers, 64 channels, 2 KV groups
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            p.data = torch.randn(p.shape, generator=gen)
+    ids = torch.randint(0, 128, (2, 12), generator=gen)
+    removed = {1, 2, 30, 63}
+    zeroed = copy.deepcopy(model)
+    for layer in zeroed.model.layers:
+        layer.mlp.down_proj.weight.data[:, sorted(removed)] = 0.0
+        layer.self_attn.o_proj.weight.data[:, 16:32] = 0.0  # KV group 1 = query heads 2, 3
+    kept = KeptIndices(mlp=_drop(64, removed, layers=2), kv_groups=_drop(2, {1}, layers=2))
+    pruned = prune(model, kept)
+    assert pruned.model.layers[1].self_attn.q_proj.bias.shape == (16,)
+    assert pruned.model.layers[1].mlp.up_proj.bias.shape == (60,)
+    torch.testing.assert_close(_logits(pruned, ids), _logits(zeroed, ids))
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(pruned, ids), rtol=0, atol=0)
+
+
+def test_an_unsupported_architecture_is_named_with_what_is_supported():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(PruneError, match="GPT2LMHeadModel has no model.layers; supported: Llama"):
+        magnitude_scores(gpt2)
+    with pytest.raises(PruneError, match="supported: Llama"):
+        prune(gpt2, KeptIndices(mlp=((0,),), kv_groups=((0,),)))
