@@ -1,0 +1,1 @@
+"""Shrink a model for deployment: structured pruning, int8 quantization, distillation."""
