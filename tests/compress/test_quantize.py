@@ -3,32 +3,38 @@ ZO / first-order steps on a frozen int8 base that move only the LoRA tensors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from edgetune.compress.quantize import Int8Linear, linear_weight_bytes, quantize_int8
+from edgetune.data import DataConfig, DataSplits, build_task
 from edgetune.errors import ConfigError
 from edgetune.models import load
 from edgetune.peft import PeftConfig, attach
+from edgetune.train import FirstOrderStepper, PRGEStepper, ZOStepper
+from edgetune.train.config import OptimConfig
 from edgetune.zo import ZOSGD, MeZOEstimator
+from edgetune.zo.prge import PRGEEstimator
 
+DOCS = [
+    {"text": "Once upon a time, there was a little girl named Lily. She loved to play outside."},
+    {"text": "Tom had a red ball. He threw it to his dog, and the dog ran after it."},
+    {"text": "The sun was warm. The birds sang in the tall green tree all day long."},
+]
 PROMPT_IDS = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def _causal_loss(model, ids):
-    logits = model(input_ids=ids).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-
-
 def _int8_lora(path):
-    model, _ = load(str(path))
+    model, tokenizer = load(str(path))
     adapter = attach(model, PeftConfig(rank=4), seed=0)
     quantize_int8(adapter.model)
     with torch.no_grad():  # B = 0 at init would give A zero gradient; make both matter
         for name, p in adapter.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(7))
-    return adapter
+    return adapter, tokenizer
 
 
 def _int8_state(model) -> dict[str, torch.Tensor]:
@@ -87,41 +93,59 @@ def test_int8_shrinks_linear_weights_3_5x(stories260k_path):
     assert before / after >= 3.5
 
 
-def test_zo_step_on_int8_base_moves_only_lora(stories260k_path):
-    # Prepare
-    adapter = _int8_lora(stories260k_path)
+def _stepper(kind, adapter, task):
+    if kind == "fo":
+        optim = OptimConfig(name="sgd", lr=0.5, grad_clip=0.0)
+        return FirstOrderStepper(adapter, task, optim, grad_accum=1, seed=0)
+    if kind == "zo":
+        return ZOStepper(adapter, task, MeZOEstimator(1e-3, 2), ZOSGD(), grad_accum=1, seed=0)
+    return PRGEStepper(adapter, task, PRGEEstimator(1e-3, 2), ZOSGD(), grad_accum=1, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["fo", "zo", "prge"])
+def test_training_step_on_int8_base_moves_only_lora(stories260k_path, kind):
+    # Prepare: the trainers' own steppers on a real LM task
+    adapter, tokenizer = _int8_lora(stories260k_path)
+    splits = DataSplits(train=[], eval=[], task="lm", text_fields=["text"])
+    task = build_task(splits, DataConfig(max_length=16), tokenizer)
+    rows = task.prepare_rows(DOCS)
     base_before, lora_before = _int8_state(adapter.model), _snapshot(adapter)
-    params = adapter.trainable()
-
-    def loss() -> float:
-        with torch.no_grad():
-            return float(_causal_loss(adapter.model, PROMPT_IDS))
-
+    stepper = _stepper(kind, adapter, task)
     # Execute
-    start = loss()
-    est = MeZOEstimator(eps=1e-3, queries=2).estimate(loss, params, 3)
-    ZOSGD().step(params, est, lr=1e-2)
-    # Assert
-    assert est.forward_passes == 4 and all(s != 0.0 for s in est.scalars)
+    first = stepper.step(rows, step=0, lr=0.05 if kind == "fo" else 1e-2)
+    # Assert: a finite loss, every LoRA tensor moved, the int8 base is byte-identical
+    assert math.isfinite(first.loss) and first.loss > 0
+    if kind != "fo":
+        assert all(c != 0.0 for c in first.estimate.scalars)
     _assert_only_lora_moved(adapter, base_before, lora_before)
-    assert loss() != start
+    if kind == "fo":  # and the step went downhill
+        assert stepper.step(rows, step=1, lr=0.05).loss < first.loss
 
 
-def test_first_order_step_on_int8_base_moves_only_lora(stories260k_path):
-    # Prepare
-    adapter = _int8_lora(stories260k_path)
-    base_before, lora_before = _int8_state(adapter.model), _snapshot(adapter)
-    opt = torch.optim.SGD(adapter.trainable(), lr=0.5)
-    # Execute
-    loss = _causal_loss(adapter.model, PROMPT_IDS)
-    loss.backward()
-    grads = {n: p.grad for n, p in zip(adapter.names, adapter.trainable(), strict=True)}
-    opt.step()
-    # Assert: lora_A of the first layer gets its gradient through the int8 layers above it
-    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
-    _assert_only_lora_moved(adapter, base_before, lora_before)
+def test_lora_gradients_on_int8_base_equal_those_on_its_dequantized_fp32_twin(
+    stories260k_path,
+):
+    # Prepare: the same LoRA on the int8 base and on fp32 linears holding the int8 values
+    adapter, _ = _int8_lora(stories260k_path)
+    twin, _ = _int8_lora(stories260k_path)  # same seeds: same LoRA tensors
     with torch.no_grad():
-        assert _causal_loss(adapter.model, PROMPT_IDS) < loss
+        for name, module in list(twin.model.named_modules()):
+            if isinstance(module, Int8Linear):
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+                linear.weight.copy_(module.dequantized())
+                linear.requires_grad_(False)
+                parent, _, child = name.rpartition(".")
+                setattr(twin.model.get_submodule(parent), child, linear)
+    # Execute
+    for a in (adapter, twin):
+        logits = a.model(input_ids=PROMPT_IDS).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), PROMPT_IDS[:, 1:].flatten())
+        loss.backward()
+    # Assert: backprop through the int8 kernel gives the fp32 LoRA gradients
+    assert adapter.names == twin.names
+    for p, q in zip(adapter.trainable(), twin.trainable(), strict=True):
+        assert p.grad.abs().max() > 0
+        assert (p.grad - q.grad).norm() < 1e-4 * q.grad.norm()  # fp32 summation order
 
 
 def test_int8_input_gradient_matches_dequantized_linear():
