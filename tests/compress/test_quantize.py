@@ -148,7 +148,8 @@ def test_lora_gradients_on_int8_base_equal_those_on_its_dequantized_fp32_twin(
         assert (p.grad - q.grad).norm() < 1e-4 * q.grad.norm()  # fp32 summation order
 
 
-def test_int8_input_gradient_matches_dequantized_linear():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_input_gradient_matches_dequantized_linear(dtype):
     # Prepare
     gen = torch.Generator().manual_seed(0)
     fp32 = torch.nn.Linear(16, 8)
@@ -156,16 +157,19 @@ def test_int8_input_gradient_matches_dequantized_linear():
         fp32.weight.copy_(torch.randn(8, 16, generator=gen))
         fp32.bias.copy_(torch.randn(8, generator=gen))
     layer = Int8Linear(fp32)
-    x = torch.randn(2, 3, 16, generator=gen).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
+    x = torch.randn(2, 3, 16, generator=gen).to(dtype).requires_grad_()
+    x_ref = x.detach().float().requires_grad_()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2  # bf16 keeps 8 mantissa bits
     # Execute
     y = layer(x)
     y_ref = torch.nn.functional.linear(x_ref, layer.dequantized(), fp32.bias)
-    (y**2).sum().backward()
+    (y.float() ** 2).sum().backward()
     (y_ref**2).sum().backward()
-    # Assert: the int8 kernel computes with the dequantized weight, forward and backward
-    assert torch.allclose(y, y_ref, atol=1e-4)
-    assert torch.allclose(x.grad, x_ref.grad, atol=1e-4)
+    # Assert: the int8 kernel computes with the dequantized weight, forward and backward,
+    # and answers in the input's dtype
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    assert torch.allclose(y.float(), y_ref, rtol=tol, atol=tol)
+    assert torch.allclose(x.grad.float(), x_ref.grad, rtol=tol, atol=tol * 10)
     assert (layer.dequantized() - fp32.weight).abs().max() <= fp32.weight.abs().max() / 254 + 1e-6
 
 

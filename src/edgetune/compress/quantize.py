@@ -13,7 +13,7 @@ Design choices:
   buffers, not parameters, so they are frozen by construction: no optimizer, PEFT or ZO
   direction ever sees them, and an `Adapter`'s trainable tensors stay the LoRA matrices.
 - The forward uses torch's CPU int8 weight-only kernel `torch._weight_int8pack_mm`
-  (fp32 activations x int8 weights). It has no autograd formula, so `Int8Linear` supplies
+  (fp32 activations x int8 weights; bf16 activations are computed in fp32 and cast back). It has no autograd formula, so `Int8Linear` supplies
   the one gradient LoRA needs, the gradient to the input:
   `dL/dx = (dL/dy * scale) @ W_int8` (the weight itself gets none).
 - Not `torch.ao.quantization.quantize_dynamic`: in torch 2.13 it still runs but warns that
@@ -57,7 +57,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _Int8MatMul.apply(x, self.weight_int8, self.scale)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight this layer computes with, (out_features, in_features)."""
@@ -74,12 +74,13 @@ class _Int8MatMul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(w, scale)
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-        return torch._weight_int8pack_mm(flat, w, scale).reshape(*x.shape[:-1], w.shape[0])
+        y = torch._weight_int8pack_mm(flat, w, scale)
+        return y.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         w, scale = ctx.saved_tensors
-        return (grad * scale) @ w.to(grad.dtype), None, None
+        return ((grad.float() * scale) @ w.float()).to(grad.dtype), None, None
 
 
 def quantize_int8(model: nn.Module, keep: Iterable[str] = KEEP_FP32) -> nn.Module:
