@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from peft import PeftModel
 
 from edgetune.compress.quantize import Int8Linear, linear_weight_bytes, quantize_int8
 from edgetune.data import DataConfig, DataSplits, build_task
@@ -176,3 +177,16 @@ def test_int8_input_gradient_matches_dequantized_linear(dtype):
 def test_model_without_linear_layers_is_refused():
     with pytest.raises(ConfigError, match="no linear layers"):
         quantize_int8(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_adapter_trained_on_int8_base_saves_and_loads_on_the_fp32_base(stories260k_path, tmp_path):
+    # Prepare
+    adapter, _ = _int8_lora(stories260k_path)
+    # Execute: the standard PEFT folder, loaded by stock PEFT onto the fp32 model
+    folder = adapter.save(tmp_path)
+    fp32, _ = load(str(stories260k_path))
+    loaded = dict(PeftModel.from_pretrained(fp32, folder).named_parameters())
+    # Assert: LoRA tensors only (no int8 base in the file), bit for bit
+    state = adapter.state_dict()
+    assert len(state) == 2 * 35
+    assert all(torch.equal(loaded[name], value) for name, value in state.items())
