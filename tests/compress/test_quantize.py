@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from peft import PeftModel
 
 from edgetune.compress.quantize import Int8Linear, linear_weight_bytes, quantize_int8
 from edgetune.data import DataConfig, DataSplits, build_task
@@ -18,6 +17,7 @@ from edgetune.train import FirstOrderStepper, PRGEStepper, ZOStepper
 from edgetune.train.config import OptimConfig
 from edgetune.zo import ZOSGD, MeZOEstimator
 from edgetune.zo.prge import PRGEEstimator
+from peft import PeftModel
 
 DOCS = [
     {"text": "Once upon a time, there was a little girl named Lily. She loved to play outside."},
