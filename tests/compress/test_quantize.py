@@ -174,9 +174,18 @@ def test_int8_input_gradient_matches_dequantized_linear(dtype):
     assert (layer.dequantized() - fp32.weight).abs().max() <= fp32.weight.abs().max() / 254 + 1e-6
 
 
-def test_model_without_linear_layers_is_refused():
-    with pytest.raises(ConfigError, match="no linear layers"):
-        quantize_int8(torch.nn.Sequential(torch.nn.ReLU()))
+@pytest.mark.parametrize(
+    ("make", "keep", "message"),
+    [
+        (lambda: torch.nn.Sequential(torch.nn.ReLU()), (), "no linear layers"),
+        (lambda: quantize_int8(torch.nn.Sequential(torch.nn.Linear(4, 4)), ()), (), "already"),
+        (lambda: torch.nn.Sequential(torch.nn.Linear(4, 4)), ("lm_haed",), "lm_haed"),
+    ],
+    ids=["no-linear", "twice", "unknown-keep"],
+)
+def test_bad_quantize_requests_are_refused(make, keep, message):
+    with pytest.raises(ConfigError, match=message):
+        quantize_int8(make(), keep=keep)
 
 
 def test_adapter_trained_on_int8_base_saves_and_loads_on_the_fp32_base(stories260k_path, tmp_path):

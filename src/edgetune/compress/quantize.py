@@ -97,21 +97,37 @@ def quantize_int8(model: nn.Module, keep: Iterable[str] = KEEP_FP32) -> nn.Modul
     Returns:
         The same model object.
     """
-    keep = set(keep)
+    for name, linear in _targets(model, set(keep)):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, Int8Linear(linear))
+    return model
+
+
+def _targets(model: nn.Module, keep: set[str]) -> list[tuple[str, nn.Linear]]:
+    """The linear layers `quantize_int8` replaces; refuses a `keep` name the model lacks
+    and a model with nothing left to quantize."""
+    names = [name for name, _ in model.named_modules()]
+    unknown = sorted(k for k in keep if not any(n.rsplit(".", 1)[-1] == k for n in names))
+    if unknown:
+        raise ConfigError(
+            f"quantize int8: keep={unknown} names no module of this model; give the last "
+            "part of a module name, e.g. lm_head"
+        )
     targets = [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not _kept(name, keep)
     ]
+    if not targets and any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise ConfigError(
+            "quantize int8: this model is already quantized; quantize the fp32 model once"
+        )
     if not targets:
         raise ConfigError(
             "quantize int8: this model has no linear layers to quantize (outside "
             f"{sorted(keep)}); quantize a transformer LM with nn.Linear projections"
         )
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Int8Linear(linear))
-    return model
+    return targets
 
 
 def _kept(name: str, keep: set[str]) -> bool:
