@@ -13,9 +13,10 @@ Design choices:
   buffers, not parameters, so they are frozen by construction: no optimizer, PEFT or ZO
   direction ever sees them, and an `Adapter`'s trainable tensors stay the LoRA matrices.
 - The forward uses torch's CPU int8 weight-only kernel `torch._weight_int8pack_mm`
-  (fp32 activations x int8 weights; bf16 activations are computed in fp32 and cast back). It has no autograd formula, so `Int8Linear` supplies
-  the one gradient LoRA needs, the gradient to the input:
-  `dL/dx = (dL/dy * scale) @ W_int8` (the weight itself gets none).
+  (fp32 activations x int8 weights; bf16 activations are computed in fp32 and cast
+  back). It has no autograd formula, so `Int8Linear` supplies the one gradient LoRA
+  needs, the gradient to the input, `dL/dx = (dL/dy * scale) @ W_int8` (the weight itself
+  gets none).
 - Not `torch.ao.quantization.quantize_dynamic`: in torch 2.13 it still runs but warns that
   `torch.ao.quantization` is deprecated (and so are the `qint8` tensors it builds); its
   modules have no backward, so LoRA layers below them would get no gradient; and it also
@@ -29,6 +30,14 @@ Design choices:
   (`lora_A`, `lora_B`) are skipped and stay fp32 and trainable.
 - `lm_head` is kept in fp32 by default: in Llama-family small models it is tied to the
   token embedding, and quantizing it would untie (and duplicate) that matrix.
+
+Usage: `quantize_int8(model)` for inference; `adapter = attach(model, cfg, seed)` then
+`quantize_int8(adapter.model)` for a LoRA on an int8 base, trained by the usual
+first-order, ZO or P-RGE steppers over `adapter.trainable()`.
+
+Memory note: a model loaded from safetensors keeps its fp32 file memory-mapped while any
+tensor from it lives (the fp32 embedding does), so the process's resident size after
+quantization still counts those file pages until the remaining tensors are copied out.
 """
 
 from __future__ import annotations
