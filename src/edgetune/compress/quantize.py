@@ -55,6 +55,10 @@ KEEP_FP32 = ("lm_head",)
 class Int8Linear(nn.Module):
     """A frozen linear layer with int8 weights and one fp32 scale per output row."""
 
+    weight_int8: torch.Tensor  # (out_features, in_features), int8
+    scale: torch.Tensor  # (out_features,), fp32
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
