@@ -147,3 +147,10 @@ def test_adapter_of_another_base_model_is_refused_naming_the_fix(stories, tmp_pa
 def test_folder_without_adapter_weights_is_refused(stories, tmp_path):
     with pytest.raises(AdapterMismatchError, match="save_pretrained"):
         map_adapter_folder(tmp_path, tmp_path / "out", _kept(), stories.config)
+
+
+def test_pruned_config_instead_of_unpruned_is_refused_naming_the_fix(stories):
+    pruned_config = prune(copy.deepcopy(stories), _kept()).config  # rewritten in place
+    tensors = get_peft_model_state_dict(_with_lora(stories))
+    with pytest.raises(AdapterMismatchError, match="unpruned model's config taken before prune"):
+        map_lora(tensors, _kept(), pruned_config)

@@ -59,6 +59,7 @@ def lora_index_map(
         hidden-size side, which pruning never touches). LoRA A columns follow `in_idx`,
         B rows follow `out_idx`.
     """
+    _check_kept_fits(kept, config)
     d, r = _head_dim(config), _group_size(config)
     index_map: dict[str, tuple[Indices | None, Indices | None]] = {}
     for i in range(kept.num_layers):
@@ -119,7 +120,8 @@ def map_lora(
         else:
             raise AdapterMismatchError(
                 f"adapter tensor {key} ({part}.{kind}) is not a plain LoRA A/B matrix and cannot "
-                "be carried through pruning; use a plain LoRA adapter (no DoRA magnitude)."
+                "be carried through pruning; use a plain LoRA adapter (no DoRA magnitude, no "
+                "modules_to_save copy of a pruned projection)."
             )
     return mapped
 
@@ -158,6 +160,24 @@ def map_adapter_folder(
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     save_file(contiguous, str(target / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return target
+
+
+def _check_kept_fits(kept: KeptIndices, config: Any) -> None:
+    """Raise `AdapterMismatchError` if `kept` names units beyond `config`'s (a pruned config?)."""
+    d = _head_dim(config)
+    kv_heads = _widths(config)["k_proj"][1] // d
+    limits = (
+        ("mlp", kept.mlp, int(config.intermediate_size)),
+        ("kv_groups", kept.kv_groups, kv_heads),
+    )
+    for name, per_layer, n in limits:
+        top = max(idx[-1] for idx in per_layer)
+        if top >= n:
+            raise AdapterMismatchError(
+                f"kept {name} index {top} is beyond the config's {n} units: the config is "
+                "probably the pruned one (prune() rewrites it in place); pass a copy of the "
+                "unpruned model's config taken before prune()."
+            )
 
 
 def _head_dim(config: Any) -> int:
