@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from edgetune.compress.prune.units import KeptIndices, PruneError
 
@@ -142,8 +143,6 @@ def map_adapter_folder(
         AdapterMismatchError: `source` is not a PEFT adapter folder with safetensors weights,
             or the adapter does not fit the unpruned model (see `map_lora`).
     """
-    from safetensors.torch import load_file, save_file
-
     source, target = Path(source), Path(target)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (source / name).is_file():
