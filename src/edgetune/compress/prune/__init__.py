@@ -8,6 +8,12 @@ The flow is three values and three steps:
 value is what an adapter mapping or FedSpine needs: which rows/columns of each tensor survive.
 """
 
+from edgetune.compress.prune.adapter import (
+    AdapterMismatchError,
+    lora_index_map,
+    map_adapter_folder,
+    map_lora,
+)
 from edgetune.compress.prune.importance import (
     UnitScores,
     activation_scores,
@@ -19,12 +25,16 @@ from edgetune.compress.prune.structured import prune
 from edgetune.compress.prune.units import KeptIndices, PruneError, llama_layers
 
 __all__ = [
+    "AdapterMismatchError",
     "KeptIndices",
     "PruneError",
     "UnitScores",
     "activation_scores",
     "llama_layers",
+    "lora_index_map",
     "magnitude_scores",
+    "map_adapter_folder",
+    "map_lora",
     "prune",
     "select_kept",
     "taylor_scores",
