@@ -205,6 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="write a run directory with the metrics")
     ev.add_argument("--batch-size", type=at_least(1), default=16)
 
+    from edgetune.recipes.compress import CompressConfig
+
+    cp = sub.add_parser(
+        "compress",
+        help="structurally prune a model (and its adapter); measure before and after",
+        epilog=_config_epilog(CompressConfig),
+        formatter_class=fmt,
+    )
+    _add_data_flags(cp)
+    _add_threads_flag(cp)
+    g = cp.add_argument_group("compression")
+    g.add_argument("--adapter", help="PEFT adapter folder of --model, mapped onto the pruned model")
+    g.add_argument("--prune", type=float, help="fraction of units to remove per layer, in [0, 1)")
+    g.add_argument("--prune-units", help="unit kinds, comma-separated: mlp, heads")
+    g.add_argument("--importance", help="activation | taylor | magnitude")
+    g.add_argument("--calib", type=int, help="calibration examples from the training split")
+    g.add_argument("--batch-size", type=int, help="evaluation and calibration batch size")
+    g.add_argument("--out", help="run directory")
+
     gen = sub.add_parser("generate", help="greedy generation from a prompt")
     gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--adapter", help="PEFT adapter folder")
@@ -459,6 +478,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+COMPRESS_FLAGS = {
+    "adapter": "adapter",
+    "prune": "prune.ratio",
+    "prune_units": "prune.units",
+    "importance": "prune.importance",
+    "calib": "prune.calib",
+    "batch_size": "batch_size",
+}
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from edgetune.config import resolve_config
+    from edgetune.recipes import compress
+
+    flags = {k: v for k, v in _flags(args).items() if k != "train.batch_size"}
+    flags.update(
+        {
+            key: getattr(args, name)
+            for name, key in COMPRESS_FLAGS.items()
+            if getattr(args, name, None) is not None
+        }
+    )
+    cfg = resolve_config(compress.CompressConfig, args.config, args.overrides, flags)
+    _start_threads(args, cfg)
+    summary = compress.run(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from edgetune.recipes import generate
 
@@ -560,6 +608,7 @@ COMMANDS = {
     "finetune": cmd_finetune,
     "federate": cmd_federate,
     "eval": cmd_eval,
+    "compress": cmd_compress,
     "generate": cmd_generate,
     "models": cmd_models,
     "report": cmd_report,

@@ -1,0 +1,229 @@
+"""`edgetune compress`: structurally prune a model (and map its adapter) and measure the cost.
+
+load model + data -> evaluate before -> importance scores on calibration batches from the
+training split -> select kept units -> prune -> save DIR/model (and DIR/adapter) ->
+evaluate after. Every input is checked before DIR is created, so a refused request
+writes nothing. metrics.jsonl holds one line per stage ("before", "after-prune");
+summary.json the parameter counts, size on disk, speed and memory of both.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgetune import console, threads
+from edgetune.compress.prune import (
+    activation_scores,
+    llama_layers,
+    magnitude_scores,
+    map_adapter_folder,
+    prune,
+    select_kept,
+    taylor_scores,
+)
+from edgetune.compress.prune.select import UNITS
+from edgetune.config import check_choice, option, to_dict
+from edgetune.data import DataConfig
+from edgetune.errors import ConfigError
+from edgetune.runs import RunDir, peak_rss_mb
+
+IMPORTANCE = ("activation", "taylor", "magnitude")
+PREFILL_TOKENS = 128
+DECODE_TOKENS = 32
+SPEED_REPEATS = 3
+
+
+@dataclass
+class PruneConfig:
+    """How much to prune, which units, and how importance is scored."""
+
+    ratio: float = option(0.3, "fraction of units to remove per layer, in [0, 1)")
+    units: str = option("mlp,heads", "unit kinds to prune, comma-separated: mlp, heads")
+    importance: str = option("activation", "activation | taylor | magnitude")
+    calib: int = option(32, "calibration examples from the training split")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(
+                f"prune.ratio: {self.ratio} is outside [0, 1); give the fraction of units "
+                "to remove, e.g. --prune 0.3"
+            )
+        unknown = [u for u in self.unit_list if u not in UNITS]
+        if unknown or not self.unit_list:
+            raise ConfigError(
+                f"prune.units: {', '.join(unknown) or 'none given'} is not a unit kind; "
+                f"choose from {', '.join(UNITS)}, e.g. --prune-units mlp,heads"
+            )
+        check_choice("prune", "importance", self.importance, IMPORTANCE)
+        if self.calib < 1:
+            raise ConfigError(f"prune.calib: expected an integer >= 1, got {self.calib}")
+
+    @property
+    def unit_list(self) -> list[str]:
+        """The unit kinds as a list."""
+        return [u.strip() for u in self.units.split(",") if u.strip()]
+
+
+@dataclass
+class CompressConfig:
+    """Everything `edgetune compress` needs (YAML sections = the nested fields)."""
+
+    model: str = option("smollm2-135m", "built-in name, HF folder, .gguf file or hub id")
+    adapter: str = option("", "PEFT adapter folder of the model, mapped onto the pruned one")
+    seed: int = option(0, "run seed: data split and calibration rows")
+    out: str = option("runs/compress", "run directory")
+    batch_size: int = option(16, "evaluation and calibration batch size")
+    progress: bool = option(True, "progress lines on stderr")
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    threads: int = option(
+        0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
+    )
+
+    def __post_init__(self) -> None:
+        threads.check(self.threads, "threads")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: expected an integer >= 1, got {self.batch_size}")
+
+
+def run(cfg: CompressConfig) -> dict[str, Any]:
+    """Prune `cfg.model`, write the run directory `cfg.out`; returns the summary."""
+    from edgetune import models
+    from edgetune.data import build_task, load_splits
+    from edgetune.recipes.evaluate import load_adapter
+
+    start = time.perf_counter()
+    say = lambda message: console.status(message, cfg.progress)  # noqa: E731
+    say(f"loading model {cfg.model} and data {cfg.data.dataset}")
+    model, tokenizer = models.load(cfg.model)
+    llama_layers(model)  # an unsupported architecture stops here, before DIR exists
+    splits = load_splits(cfg.data, cfg.seed)
+    task = build_task(splits, cfg.data, tokenizer)
+    eval_rows = task.prepare_rows(splits.eval)
+    calib_rows = task.prepare_rows(splits.train)[: cfg.prune.calib]
+    scored = load_adapter(models.load(cfg.model)[0], cfg.adapter) if cfg.adapter else model
+    rundir = RunDir(cfg.out)
+    rundir.write_config(to_dict(cfg))
+
+    say("evaluating before pruning")
+    before = _measure(scored, model, task, eval_rows, cfg)
+    rundir.log({"stage": "before", **before["metrics"]})
+    del scored
+
+    say(f"scoring {cfg.prune.importance} importance on {len(calib_rows)} calibration rows")
+    scores = _scores(model, task, calib_rows, cfg)
+    kept = select_kept(scores, cfg.prune.ratio, cfg.prune.unit_list)
+    rounded = _head_rounding(scores, kept, cfg.prune)
+    if rounded:
+        console.status(f"warning: {rounded['message']}")
+    unpruned_config = copy.deepcopy(model.config)
+    params_before = _params(model)
+    prune(model, kept)
+    folder = rundir.path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    scored = model
+    if cfg.adapter:
+        adapter = map_adapter_folder(
+            cfg.adapter, rundir.path / "adapter", kept, unpruned_config, base_model=folder
+        )
+        scored = load_adapter(model, str(adapter))
+
+    say("evaluating after pruning")
+    after = _measure(scored, model, task, eval_rows, cfg)
+    rundir.log({"stage": "after-prune", **after["metrics"]})
+    summary = {
+        "command": "compress",
+        "model": cfg.model,
+        "adapter": cfg.adapter or None,
+        "prune": {**to_dict(cfg.prune), "kept_kv_groups": len(kept.kv_groups[0])},
+        "heads_rounded": rounded,
+        "params_before": params_before,
+        "params_after": _params(model),
+        "model_bytes_after": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+        "eval_examples": len(eval_rows),
+        "before": before,
+        "after": after,
+        "peak_rss_mb": peak_rss_mb(),
+        "wall_s": time.perf_counter() - start,
+    }
+    rundir.write_summary(summary)
+    return summary
+
+
+def _scores(model: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> Any:
+    """Unit importance of `cfg.prune.importance` from calibration batches of `rows`."""
+    if cfg.prune.importance == "magnitude":
+        return magnitude_scores(model)
+    batches = [
+        {k: v for k, v in task.collate(rows[i : i + cfg.batch_size]).items() if k != "labels"}
+        for i in range(0, len(rows), cfg.batch_size)
+    ]
+    if cfg.prune.importance == "taylor":
+        return taylor_scores(model, batches)
+    return activation_scores(model, batches)
+
+
+def _head_rounding(scores: Any, kept: Any, prune_cfg: PruneConfig) -> dict[str, Any] | None:
+    """What select_kept did to the requested key/value group count (None = kept as asked)."""
+    if "heads" not in prune_cfg.unit_list:
+        return None
+    n = scores.kv_groups[0].numel()
+    requested = n - round(prune_cfg.ratio * n)
+    got = len(kept.kv_groups[0])
+    if got == requested:
+        return None
+    return {
+        "requested_kv_groups": requested,
+        "kept_kv_groups": got,
+        "message": f"prune.ratio={prune_cfg.ratio} asks to keep {requested} of {n} key/value "
+        f"head groups per layer; kept {got}, the nearest count the model can load with",
+    }
+
+
+def _measure(scored: Any, model: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> dict:
+    """Task metrics of `scored` and the speed of the bare `model`."""
+    from edgetune.train.loop import evaluate_model
+
+    metrics = evaluate_model(scored, task, rows, cfg.batch_size, cfg.progress)
+    return {"metrics": metrics, **_speed(model, cfg.seed)}
+
+
+@torch.no_grad()
+def _speed(model: Any, seed: int) -> dict[str, float]:
+    """Median prefill latency (batch 1 x PREFILL_TOKENS) and greedy decode tokens/s."""
+    model.eval()
+    vocab = model.config.vocab_size
+    ids = torch.randint(
+        0, vocab, (1, PREFILL_TOKENS), generator=torch.Generator().manual_seed(seed)
+    )
+    prefill, decode = [], []
+    for _ in range(SPEED_REPEATS):
+        t = time.perf_counter()
+        model(input_ids=ids)
+        prefill.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out = model.generate(
+            ids[:, :8],
+            attention_mask=torch.ones_like(ids[:, :8]),
+            max_new_tokens=DECODE_TOKENS,
+            min_new_tokens=DECODE_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        decode.append((out.shape[1] - 8) / (time.perf_counter() - t))
+    return {
+        "prefill_ms": 1000 * statistics.median(prefill),
+        "decode_tokens_per_s": statistics.median(decode),
+    }
+
+
+def _params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
