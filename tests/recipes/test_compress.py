@@ -1,0 +1,116 @@
+"""End to end `edgetune compress` on stories260K + SST-2: the run-directory contract and
+refused inputs (exit 2, one message, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from edgetune import models
+
+TINY_DATA = ["data.train_size=64", "data.eval_size=16", "data.max_length=32"]
+
+
+def compress_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "compress",
+        "--model",
+        str(model),
+        "--dataset",
+        "sst2",
+        "--out",
+        str(out),
+        "--calib",
+        "8",
+        *TINY_DATA,
+        "progress=false",
+        *extra,
+    ]
+
+
+def test_compress_writes_the_run_directory(cli, stories260k_path, shared_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(compress_args(stories260k_path, out, "--prune", "0.3")) == 0
+    err = capsys.readouterr().err
+    # stories260K has 4 key/value groups of 2 heads, hidden 64: keeping 3 cannot load, so 4
+    assert "warning: prune.ratio=0.3 asks to keep 3 of 4 key/value head groups" in err
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["prune"] == {
+        "ratio": 0.3,
+        "units": "mlp,heads",
+        "importance": "activation",
+        "calib": 8,
+    }
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["stage"] for line in lines] == ["before", "after-prune"]
+    assert all(0.0 <= line["eval/accuracy"] <= 1.0 for line in lines)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params_before"] == 260032
+    # 30% of each layer's 172 MLP channels go (round(51.6) = 52): 5 layers x 3 x 64 x 52
+    assert summary["params_after"] == 260032 - 5 * 3 * 64 * 52
+    assert summary["heads_rounded"]["requested_kv_groups"] == 3
+    assert summary["heads_rounded"]["kept_kv_groups"] == 4
+    assert summary["model_bytes_after"] > 4 * summary["params_after"]
+    assert summary["eval_examples"] == 16
+    for stage in ("before", "after"):
+        assert summary[stage]["prefill_ms"] > 0
+        assert summary[stage]["decode_tokens_per_s"] > 0
+        assert set(summary[stage]["metrics"]) == {"eval/accuracy", "eval/loss"}
+    assert summary["peak_rss_mb"] > 0 and summary["wall_s"] > 0
+
+    model, tokenizer = models.load(str(out / "model"))
+    assert sum(p.numel() for p in model.parameters()) == summary["params_after"]
+    assert model.config.intermediate_size == 172 - 52
+    assert tokenizer("hello")["input_ids"]
+
+
+def test_compress_mlp_only_keeps_heads_and_warns_nothing(
+    cli, stories260k_path, shared_data, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.5", "--prune-units", "mlp")
+    assert cli([*args, "--importance", "magnitude"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heads_rounded"] is None
+    assert summary["params_after"] == 260032 - 5 * 3 * 64 * 86
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--prune", "1.0"), "prune.ratio: 1.0 is outside [0, 1)"),
+        (("--prune-units", "mlp,layers"), "prune.units: layers is not a unit kind"),
+    ],
+)
+def test_compress_refuses_bad_settings(
+    cli, stories260k_path, shared_data, tmp_path, capsys, extra, message
+):
+    out = tmp_path / "run"
+    assert cli(compress_args(stories260k_path, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_compress_refuses_an_unsupported_architecture(
+    cli, stories260k_path, shared_data, tmp_path, capsys
+):
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=512)).save_pretrained(
+        gpt2
+    )
+    AutoTokenizer.from_pretrained(stories260k_path).save_pretrained(gpt2)
+    out = tmp_path / "run"
+    assert cli(compress_args(gpt2, out)) == 2
+    err = capsys.readouterr().err
+    assert "GPT2LMHeadModel has no model.layers; supported: Llama" in err
+    assert "Traceback" not in err
+    assert not out.exists()
