@@ -4,7 +4,6 @@ refused inputs (exit 2, one message, nothing written)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -81,6 +80,24 @@ def test_compress_mlp_only_keeps_heads_and_warns_nothing(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heads_rounded"] is None
     assert summary["params_after"] == 260032 - 5 * 3 * 64 * 86
+
+
+def test_compress_maps_the_adapter(cli, tiny_args, stories260k_path, shared_data, tmp_path):
+    finetuned = tmp_path / "ft"
+    assert cli(tiny_args(finetuned, method="fo", steps=2)) == 0
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.5")
+    assert cli([*args, "--adapter", str(finetuned / "adapter")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["adapter"] == str(finetuned / "adapter")
+    mapped = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert mapped["base_model_name_or_path"] == str(out / "model")
+    # before = the fine-tuned run's own held-out score (same model, adapter, rows), not the
+    # base model's (initial_eval)
+    run_eval = json.loads((finetuned / "summary.json").read_text())
+    before = summary["before"]["metrics"]
+    assert before["eval/loss"] == pytest.approx(run_eval["eval/loss"], rel=1e-5)
+    assert before["eval/loss"] != pytest.approx(run_eval["initial_eval"]["eval/loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize(

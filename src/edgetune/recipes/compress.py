@@ -113,7 +113,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     rundir.write_config(to_dict(cfg))
 
     say("evaluating before pruning")
-    before = _measure(scored, model, task, eval_rows, cfg)
+    before = {**_evaluate(scored, task, eval_rows, cfg), **_speed(model, cfg.seed)}
     rundir.log({"stage": "before", **before["metrics"]})
     del scored
 
@@ -129,6 +129,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     folder = rundir.path / "model"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    speed_after = _speed(model, cfg.seed)  # of the bare model, as before pruning
     scored = model
     if cfg.adapter:
         adapter = map_adapter_folder(
@@ -137,7 +138,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         scored = load_adapter(model, str(adapter))
 
     say("evaluating after pruning")
-    after = _measure(scored, model, task, eval_rows, cfg)
+    after = {**_evaluate(scored, task, eval_rows, cfg), **speed_after}
     rundir.log({"stage": "after-prune", **after["metrics"]})
     summary = {
         "command": "compress",
@@ -188,12 +189,11 @@ def _head_rounding(scores: Any, kept: Any, prune_cfg: PruneConfig) -> dict[str, 
     }
 
 
-def _measure(scored: Any, model: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> dict:
-    """Task metrics of `scored` and the speed of the bare `model`."""
+def _evaluate(scored: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> dict:
+    """Task metrics of `scored` (the model, or the model with its adapter)."""
     from edgetune.train.loop import evaluate_model
 
-    metrics = evaluate_model(scored, task, rows, cfg.batch_size, cfg.progress)
-    return {"metrics": metrics, **_speed(model, cfg.seed)}
+    return {"metrics": evaluate_model(scored, task, rows, cfg.batch_size, cfg.progress)}
 
 
 @torch.no_grad()
