@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from edgetune import models
 
@@ -64,6 +64,8 @@ def test_compress_writes_the_run_directory(cli, stories260k_path, shared_data, t
         assert set(summary[stage]["metrics"]) == {"eval/accuracy", "eval/loss"}
     assert summary["peak_rss_mb"] > 0 and summary["wall_s"] > 0
 
+    stock = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert stock.config.num_key_value_heads == 4
     model, tokenizer = models.load(str(out / "model"))
     assert sum(p.numel() for p in model.parameters()) == summary["params_after"]
     assert model.config.intermediate_size == 172 - 52
@@ -131,3 +133,22 @@ def test_compress_refuses_an_unsupported_architecture(
     assert "GPT2LMHeadModel has no model.layers; supported: Llama" in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_compress_refuses_an_out_holding_a_run(
+    cli, stories260k_path, shared_data, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"stage": "before"}\n')
+    assert cli(compress_args(stories260k_path, out)) == 2
+    assert "already holds a run; pass another --out" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+
+
+def test_compress_help_lists_the_prune_keys(cli, capsys):
+    with pytest.raises(SystemExit):
+        cli(["compress", "--help"])
+    text = capsys.readouterr().out
+    for key in ("prune.ratio", "prune.units", "prune.importance", "prune.calib", "adapter"):
+        assert key in text

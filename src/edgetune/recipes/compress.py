@@ -14,6 +14,7 @@ import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,6 +101,10 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     from edgetune.recipes.evaluate import load_adapter
 
     start = time.perf_counter()
+    if (Path(cfg.out) / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"{cfg.out} already holds a run; pass another --out (compress never replaces a run)"
+        )
     say = lambda message: console.status(message, cfg.progress)  # noqa: E731
     say(f"loading model {cfg.model} and data {cfg.data.dataset}")
     model, tokenizer = models.load(cfg.model)
