@@ -77,6 +77,8 @@ def test_compress_mlp_only_keeps_heads_and_warns_nothing(
 ):
     out = tmp_path / "run"
     args = compress_args(stories260k_path, out, "--prune", "0.5", "--prune-units", "mlp")
+    args.remove("--calib")
+    args.remove("8")
     assert cli([*args, "--importance", "magnitude"]) == 0
     assert "warning" not in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
@@ -107,6 +109,8 @@ def test_compress_maps_the_adapter(cli, tiny_args, stories260k_path, shared_data
     [
         (("--prune", "1.0"), "prune.ratio: 1.0 is outside [0, 1)"),
         (("--prune-units", "mlp,layers"), "prune.units: layers is not a unit kind"),
+        (("--importance", "magnitude"), "prune.calib=8 is not used by prune.importance=magnitude"),
+        (("--calib", "100"), "prune.calib=100 but the training split has 64 rows"),
     ],
 )
 def test_compress_refuses_bad_settings(

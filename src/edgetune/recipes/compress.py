@@ -65,6 +65,11 @@ class PruneConfig:
         check_choice("prune", "importance", self.importance, IMPORTANCE)
         if self.calib < 1:
             raise ConfigError(f"prune.calib: expected an integer >= 1, got {self.calib}")
+        if self.importance == "magnitude" and self.calib != PruneConfig.calib:
+            raise ConfigError(
+                f"prune.calib={self.calib} is not used by prune.importance=magnitude (it "
+                "reads weights only); drop --calib, or use --importance activation|taylor"
+            )
 
     @property
     def unit_list(self) -> list[str]:
@@ -113,6 +118,11 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     task = build_task(splits, cfg.data, tokenizer)
     eval_rows = task.prepare_rows(splits.eval)
     calib_rows = task.prepare_rows(splits.train)[: cfg.prune.calib]
+    if cfg.prune.importance != "magnitude" and len(calib_rows) < cfg.prune.calib:
+        raise ConfigError(
+            f"prune.calib={cfg.prune.calib} but the training split has {len(calib_rows)} "
+            f"rows; lower --calib to {len(calib_rows)} or raise data.train_size"
+        )
     scored = load_adapter(models.load(cfg.model)[0], cfg.adapter) if cfg.adapter else model
     rundir = RunDir(cfg.out)
     rundir.write_config(to_dict(cfg))
