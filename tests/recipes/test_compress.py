@@ -109,6 +109,7 @@ def test_compress_maps_the_adapter(cli, tiny_args, stories260k_path, shared_data
     [
         (("--prune", "1.0"), "prune.ratio: 1.0 is outside [0, 1)"),
         (("--prune-units", "mlp,layers"), "prune.units: layers is not a unit kind"),
+        (("--prune", "0.9"), "ratio 0.9 removes all 4 key/value heads of layer 0"),
         (("--importance", "magnitude"), "prune.calib=8 is not used by prune.importance=magnitude"),
         (("--calib", "100"), "prune.calib=100 but the training split has 64 rows"),
     ],

@@ -124,6 +124,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
             f"rows; lower --calib to {len(calib_rows)} or raise data.train_size"
         )
     scored = load_adapter(models.load(cfg.model)[0], cfg.adapter) if cfg.adapter else model
+    kept, rounded = _select(model, task, calib_rows, cfg)  # a ratio too high stops here
     rundir = RunDir(cfg.out)
     rundir.write_config(to_dict(cfg))
 
@@ -132,12 +133,6 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     rundir.log({"stage": "before", **before["metrics"]})
     del scored
 
-    say(f"scoring {cfg.prune.importance} importance on {len(calib_rows)} calibration rows")
-    scores = _scores(model, task, calib_rows, cfg)
-    kept = select_kept(scores, cfg.prune.ratio, cfg.prune.unit_list)
-    rounded = _head_rounding(scores, kept, cfg.prune)
-    if rounded:
-        console.status(f"warning: {rounded['message']}")
     unpruned_config = copy.deepcopy(model.config)
     params_before = _params(model)
     prune(model, kept)
@@ -172,6 +167,18 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     }
     rundir.write_summary(summary)
     return summary
+
+
+def _select(model: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> tuple[Any, Any]:
+    """(the kept units, the head rounding select_kept applied or None); warns of rounding."""
+    say = f"scoring {cfg.prune.importance} importance on {len(rows)} calibration rows"
+    console.status(say, cfg.progress)
+    scores = _scores(model, task, rows, cfg)
+    kept = select_kept(scores, cfg.prune.ratio, cfg.prune.unit_list)
+    rounded = _head_rounding(scores, kept, cfg.prune)
+    if rounded:
+        console.status(f"warning: {rounded['message']}")
+    return kept, rounded
 
 
 def _scores(model: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> Any:
