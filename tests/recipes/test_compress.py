@@ -104,6 +104,17 @@ def test_compress_maps_the_adapter(cli, tiny_args, stories260k_path, shared_data
     assert before["eval/loss"] != pytest.approx(run_eval["initial_eval"]["eval/loss"], rel=1e-5)
 
 
+def test_compress_with_taylor_importance(cli, stories260k_path, shared_data, tmp_path):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.5", "--importance", "taylor")
+    assert cli(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prune"]["importance"] == "taylor"
+    assert summary["prune"]["kept_kv_groups"] == 2  # 4 - round(2.0): loadable, no rounding
+    assert summary["heads_rounded"] is None
+    assert summary["params_after"] < summary["params_before"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

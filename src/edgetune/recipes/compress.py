@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from edgetune import console, threads
+from edgetune import console, models, threads
 from edgetune.compress.prune import (
     activation_scores,
     llama_layers,
@@ -31,9 +31,11 @@ from edgetune.compress.prune import (
 )
 from edgetune.compress.prune.select import UNITS
 from edgetune.config import check_choice, option, to_dict
-from edgetune.data import DataConfig
+from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.errors import ConfigError
+from edgetune.recipes.evaluate import load_adapter
 from edgetune.runs import RunDir, peak_rss_mb
+from edgetune.train.loop import evaluate_model
 
 IMPORTANCE = ("activation", "taylor", "magnitude")
 PREFILL_TOKENS = 128
@@ -100,18 +102,19 @@ class CompressConfig:
 
 
 def run(cfg: CompressConfig) -> dict[str, Any]:
-    """Prune `cfg.model`, write the run directory `cfg.out`; returns the summary."""
-    from edgetune import models
-    from edgetune.data import build_task, load_splits
-    from edgetune.recipes.evaluate import load_adapter
+    """Prune `cfg.model`, write the run directory `cfg.out`; returns the summary.
 
+    Raises:
+        EdgetuneError: --out holds a run, too few calibration rows, an unsupported
+            architecture, a ratio that empties a layer, or an adapter of another model;
+            all before the run folder is created.
+    """
     start = time.perf_counter()
     if (Path(cfg.out) / "metrics.jsonl").exists():
         raise ConfigError(
             f"{cfg.out} already holds a run; pass another --out (compress never replaces a run)"
         )
-    say = lambda message: console.status(message, cfg.progress)  # noqa: E731
-    say(f"loading model {cfg.model} and data {cfg.data.dataset}")
+    console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.progress)
     model, tokenizer = models.load(cfg.model)
     llama_layers(model)  # an unsupported architecture stops here, before DIR exists
     splits = load_splits(cfg.data, cfg.seed)
@@ -128,7 +131,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     rundir = RunDir(cfg.out)
     rundir.write_config(to_dict(cfg))
 
-    say("evaluating before pruning")
+    console.status("evaluating before pruning", cfg.progress)
     before = {**_evaluate(scored, task, eval_rows, cfg), **_speed(model, cfg.seed)}
     rundir.log({"stage": "before", **before["metrics"]})
     del scored
@@ -147,7 +150,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         )
         scored = load_adapter(model, str(adapter))
 
-    say("evaluating after pruning")
+    console.status("evaluating after pruning", cfg.progress)
     after = {**_evaluate(scored, task, eval_rows, cfg), **speed_after}
     rundir.log({"stage": "after-prune", **after["metrics"]})
     summary = {
@@ -213,8 +216,6 @@ def _head_rounding(scores: Any, kept: Any, prune_cfg: PruneConfig) -> dict[str, 
 
 def _evaluate(scored: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> dict:
     """Task metrics of `scored` (the model, or the model with its adapter)."""
-    from edgetune.train.loop import evaluate_model
-
     return {"metrics": evaluate_model(scored, task, rows, cfg.batch_size, cfg.progress)}
 
 
