@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib", type=int, help="calibration examples from the training split")
     g.add_argument("--batch-size", type=int, help="evaluation and calibration batch size")
     g.add_argument("--out", help="run directory")
+    r = cp.add_argument_group("recovery (LoRA training of the pruned model)")
+    r.add_argument("--recover", help="none | fo | zo | prge")
+    r.add_argument("--recover-steps", type=int, help="recovery steps (recover.steps)")
+    r.add_argument(
+        "--distill", action="store_true", default=None, help="distill from the unpruned model"
+    )
+    r.add_argument("--teacher", help="distillation teacher model (default: the unpruned model)")
 
     gen = sub.add_parser("generate", help="greedy generation from a prompt")
     gen.add_argument("--model", default="smollm2-135m")
@@ -485,6 +492,10 @@ COMPRESS_FLAGS = {
     "importance": "prune.importance",
     "calib": "prune.calib",
     "batch_size": "batch_size",
+    "recover": "recover.method",
+    "recover_steps": "recover.steps",
+    "distill": "recover.distill",
+    "teacher": "recover.teacher",
 }
 
 

@@ -34,6 +34,7 @@ from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.errors import ConfigError
 from edgetune.recipes.evaluate import load_adapter
+from edgetune.recipes.recover import RecoverConfig, load_teacher, recover, teacher_logits
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train.loop import evaluate_model
 
@@ -91,6 +92,7 @@ class CompressConfig:
     progress: bool = option(True, "progress lines on stderr")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    recover: RecoverConfig = dataclasses.field(default_factory=RecoverConfig)
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
     )
@@ -99,6 +101,22 @@ class CompressConfig:
         threads.check(self.threads, "threads")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: expected an integer >= 1, got {self.batch_size}")
+        self._check_recover()
+
+    def _check_recover(self) -> None:
+        """Recovery needs something to recover from, and a mapped adapter keeps its rank."""
+        if self.recover.method == "none":
+            return
+        if self.prune.ratio == 0.0:
+            raise ConfigError(
+                f"recover.method={self.recover.method} with prune.ratio=0 would fine-tune an "
+                "unpruned model; use edgetune finetune for that, or add --prune R"
+            )
+        if self.adapter and self.recover.rank != RecoverConfig.rank:
+            raise ConfigError(
+                f"recover.rank={self.recover.rank} is not used: recovery continues from the "
+                "mapped --adapter, which keeps its own rank; drop recover.rank"
+            )
 
 
 def run(cfg: CompressConfig) -> dict[str, Any]:
@@ -120,13 +138,15 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     splits = load_splits(cfg.data, cfg.seed)
     task = build_task(splits, cfg.data, tokenizer)
     eval_rows = task.prepare_rows(splits.eval)
-    calib_rows = task.prepare_rows(splits.train)[: cfg.prune.calib]
+    train_rows = task.prepare_rows(splits.train)
+    calib_rows = train_rows[: cfg.prune.calib]
     if cfg.prune.importance != "magnitude" and len(calib_rows) < cfg.prune.calib:
         raise ConfigError(
             f"prune.calib={cfg.prune.calib} but the training split has {len(calib_rows)} "
             f"rows; lower --calib to {len(calib_rows)} or raise data.train_size"
         )
     scored = load_adapter(models.load(cfg.model)[0], cfg.adapter) if cfg.adapter else model
+    teacher = _teacher(cfg, scored, tokenizer, model.config.vocab_size)
     kept, rounded = _select(model, task, calib_rows, cfg)  # a ratio too high stops here
     rundir = RunDir(cfg.out)
     rundir.write_config(to_dict(cfg))
@@ -143,16 +163,27 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     speed_after = _speed(model, cfg.seed)  # of the bare model, as before pruning
-    scored = model
+    scored, adapter_dir = model, None
     if cfg.adapter:
-        adapter = map_adapter_folder(
+        adapter_dir = map_adapter_folder(
             cfg.adapter, rundir.path / "adapter", kept, unpruned_config, base_model=folder
         )
-        scored = load_adapter(model, str(adapter))
+        scored = load_adapter(model, str(adapter_dir))
 
     console.status("evaluating after pruning", cfg.progress)
     after = {**_evaluate(scored, task, eval_rows, cfg), **speed_after}
     rundir.log({"stage": "after-prune", **after["metrics"]})
+    recovered = None
+    if cfg.recover.method != "none":
+        store = teacher_logits(cfg.recover, teacher, task, train_rows) if teacher else None
+        del teacher  # with recover.teacher_cache the store holds the only logits needed
+        base = scored.unload() if cfg.adapter else model
+        adapter, recovered = recover(
+            base, adapter_dir, store, task, train_rows, rundir, cfg.recover, cfg.seed, cfg.progress
+        )
+        console.status("evaluating after recovery", cfg.progress)
+        recovered["metrics"] = _evaluate(adapter.model, task, eval_rows, cfg)["metrics"]
+        rundir.log({"stage": "after-recover", **recovered["metrics"]})
     summary = {
         "command": "compress",
         "model": cfg.model,
@@ -165,11 +196,24 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         "eval_examples": len(eval_rows),
         "before": before,
         "after": after,
+        "recover": recovered,
         "peak_rss_mb": peak_rss_mb(),
         "wall_s": time.perf_counter() - start,
     }
     rundir.write_summary(summary)
     return summary
+
+
+def _teacher(cfg: CompressConfig, unpruned: Any, tokenizer: Any, vocab_size: int) -> Any:
+    """The distillation teacher (None without --distill): recover.teacher, else a frozen
+    unpruned copy of the model with its adapter (`unpruned` when an adapter was given:
+    the model itself is about to be pruned in place)."""
+    if not cfg.recover.distill:
+        return None
+    if cfg.recover.teacher:
+        return load_teacher(cfg.recover, tokenizer, vocab_size)
+    teacher = unpruned if cfg.adapter else models.load(cfg.model)[0]
+    return teacher.requires_grad_(False)
 
 
 def _select(model: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> tuple[Any, Any]:

@@ -91,9 +91,12 @@ def run_of(target: str | None, adapter: str | None) -> Path | None:
                 f"was given too; pass one of them"
             )
         return run
-    if adapter and (Path(adapter).parent / "config.yaml").is_file():
-        return Path(adapter).parent
-    return None
+    parent = Path(adapter).parent if adapter else None
+    if parent is None or not (parent / "config.yaml").is_file():
+        return None
+    # a compress run's adapter has no training settings to replay: it is evaluated from
+    # the flags, like any adapter folder
+    return None if "prune" in RunDir(parent, resume=True).read_config() else parent
 
 
 def _weights_of(run: Path) -> tuple[str | None, str | None]:

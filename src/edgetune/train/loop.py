@@ -66,8 +66,10 @@ def fit(
     run: RunDir,
     seed: int,
     state: LoopState | None = None,
+    checkpoints: bool = True,
 ) -> LoopState:
-    """Train to `cfg.steps`, starting from `state` (a resumed run) or from scratch.
+    """Train to `cfg.steps`, starting from `state` (a resumed run) or from scratch;
+    `checkpoints=False` writes none (a caller that never resumes, e.g. compress recovery).
 
     Raises:
         TrainingDivergedError: the loss became non-finite or exploded; checkpoints written
@@ -109,7 +111,7 @@ def fit(
         if _due(state.step, cfg.eval_every, cfg.steps) and eval_rows:
             state.last_eval = evaluate(adapter, task, eval_rows, cfg.eval_batch_size, cfg.progress)
             run.log({"step": state.step, **state.last_eval})
-        if _due(state.step, cfg.checkpoint_every, cfg.steps):
+        if checkpoints and _due(state.step, cfg.checkpoint_every, cfg.steps):
             save_checkpoint(
                 run.path,
                 state.step,

@@ -13,9 +13,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+
+@dataclass
+class LossLogits:
+    """One forward pass's per-example losses and the logits those losses read.
+
+    Distillation (`edgetune.compress.distill`) compares the student's and the teacher's
+    full-vocabulary distributions at exactly these positions, from the same pass.
+
+    Attributes:
+        losses: per-example task loss, [B] fp32, differentiable.
+        logits: next-token logits at the positions the loss reads, [B, P, V] fp32
+            (classification: P = 1, the last prompt position; lm / instruction: P = T - 1).
+        read: which of the P positions count for each example, [B, P] bool (padding and
+            prompt tokens of an instruction are False).
+    """
+
+    losses: torch.Tensor
+    logits: torch.Tensor
+    read: torch.Tensor
 
 
 class Task(Protocol):
@@ -35,6 +56,10 @@ class Task(Protocol):
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """Per-example mean loss, shape [B], fp32, differentiable."""
+        ...
+
+    def loss_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossLogits:
+        """`example_losses` and the logits it read, from one forward pass."""
         ...
 
     def evaluate(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from edgetune.data.config import DataConfig
 from edgetune.data.resolve import default_template
 from edgetune.data.splits import DataSplits
-from edgetune.data.tasks.base import batches, evaluating
+from edgetune.data.tasks.base import LossLogits, batches, evaluating
 from edgetune.data.tasks.prompt import cue_of, fit_prompt, fixed_length
 from edgetune.data.tasks.tokens import (
     continuation_ids,
@@ -130,7 +130,14 @@ class ClassificationTask:
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """Cross-entropy of the class logits with the class index, [B]."""
-        return F.cross_entropy(self.class_logits(model, batch), batch["labels"], reduction="none")
+        return self.loss_logits(model, batch).losses
+
+    def loss_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossLogits:
+        """The class-logit cross-entropy and the full next-token logits it reads, [B, 1, V]."""
+        logits = last_logits(model, batch)
+        losses = F.cross_entropy(logits[:, self.verbalizer_ids], batch["labels"], reduction="none")
+        read = torch.ones(logits.shape[0], 1, dtype=torch.bool)
+        return LossLogits(losses, logits.unsqueeze(1), read)
 
     def evaluate(
         self,

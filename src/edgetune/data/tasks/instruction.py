@@ -22,8 +22,8 @@ import torch
 
 from edgetune.data.config import DataConfig
 from edgetune.data.splits import DataSplits
-from edgetune.data.tasks.base import batches, evaluating
-from edgetune.data.tasks.lm import next_token_losses
+from edgetune.data.tasks.base import LossLogits, batches, evaluating
+from edgetune.data.tasks.lm import next_token_loss_logits, next_token_losses
 from edgetune.data.tasks.prompt import cue_of, fill, fit_prompt, fixed_length
 from edgetune.data.tasks.tokens import (
     continuation_ids,
@@ -97,8 +97,11 @@ class InstructionTask:
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over each example's response tokens, [B]."""
-        total, count = next_token_losses(model, batch)
-        return total / count.clamp_min(1.0)
+        return self.loss_logits(model, batch).losses
+
+    def loss_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossLogits:
+        """The mean response-token loss and the logits it reads, [B, T-1, V]."""
+        return next_token_loss_logits(model, batch)
 
     def generate(self, model: torch.nn.Module, rows: Sequence[dict]) -> list[str]:
         """Greedy answers (text after the cue, cut at a new "### Human:" turn)."""

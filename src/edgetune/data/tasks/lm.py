@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from edgetune.data.config import DataConfig
 from edgetune.data.splits import DataSplits
-from edgetune.data.tasks.base import batches, evaluating
+from edgetune.data.tasks.base import LossLogits, batches, evaluating
 from edgetune.data.tasks.tokens import eos_token_id, pad_right, pad_token_id
 from edgetune.errors import DataError
 
@@ -32,12 +32,26 @@ def next_token_losses(
 
     Positions whose target label is -100 (prompt, padding) are ignored.
     """
+    found = next_token_loss_logits(model, batch, reduce=False)
+    return found.losses, found.read.sum(dim=1).float()
+
+
+def next_token_loss_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], reduce: bool = True
+) -> LossLogits:
+    """Next-token cross-entropy per example and the logits it reads, [B, T-1, V].
+
+    With `reduce` the loss is the mean over each example's counted tokens; without, the
+    sum (callers that average over a whole split divide by the total count).
+    """
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1, :].float()
     targets = batch["labels"][:, 1:]
     losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    counts = (targets != -100).sum(dim=1).float()
-    return losses.sum(dim=1), counts
+    read = targets != -100
+    total = losses.sum(dim=1)
+    losses = total / read.sum(dim=1).float().clamp_min(1.0) if reduce else total
+    return LossLogits(losses, logits, read)
 
 
 class LMTask:
@@ -85,8 +99,11 @@ class LMTask:
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """Mean next-token cross-entropy per block, [B]."""
-        total, count = next_token_losses(model, batch)
-        return total / count.clamp_min(1.0)
+        return self.loss_logits(model, batch).losses
+
+    def loss_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossLogits:
+        """The mean next-token loss per block and the logits it reads, [B, T-1, V]."""
+        return next_token_loss_logits(model, batch)
 
     def evaluate(
         self,
