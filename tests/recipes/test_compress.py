@@ -168,3 +168,160 @@ def test_compress_help_lists_the_prune_keys(cli, capsys):
     text = capsys.readouterr().out
     for key in ("prune.ratio", "prune.units", "prune.importance", "prune.calib", "adapter"):
         assert key in text
+
+
+def read_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["fo", "zo", "prge"])
+def test_compress_recovers_with_distillation(
+    cli, stories260k_path, shared_data, tmp_path, capsys, method
+):
+    out = tmp_path / "run"
+    recover = ["--recover", method, "--recover-steps", "3", "--distill", "recover.batch_size=4"]
+    assert cli(compress_args(stories260k_path, out, "--prune", "0.3", *recover)) == 0
+    capsys.readouterr()
+
+    lines = read_lines(out)
+    assert [line.get("stage") for line in lines if "stage" in line] == [
+        "before",
+        "after-prune",
+        "after-recover",
+    ]
+    assert [line["step"] for line in lines if "step" in line] == [1, 2, 3]
+    assert not (out / "checkpoints").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    recovered = summary["recover"]
+    assert recovered["method"] == method and recovered["distill"] is True
+    assert recovered["steps_done"] == 3 and recovered["lr"] == 1e-3
+    assert recovered["teacher_forward_passes"] == 3  # once per step, whatever the queries
+    assert recovered["trainable_params"] > 0 and recovered["peak_rss_mb"] > 0
+    assert recovered["metrics"] == {k: v for k, v in lines[-1].items() if k != "stage"}
+    # the saved adapter on the saved pruned model scores what the stage logged
+    assert (
+        cli(
+            [
+                "eval",
+                "--model",
+                str(out / "model"),
+                "--adapter",
+                str(out / "adapter"),
+                "--dataset",
+                "sst2",
+                *TINY_DATA,
+            ]
+        )
+        == 0
+    )
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["eval/loss"] == pytest.approx(recovered["metrics"]["eval/loss"], rel=1e-5)
+
+
+def test_compress_recovery_continues_the_mapped_adapter(
+    cli, tiny_args, stories260k_path, shared_data, tmp_path
+):
+    finetuned = tmp_path / "ft"
+    assert cli(tiny_args(finetuned, method="fo", steps=2)) == 0
+    out = tmp_path / "run"
+    args = compress_args(
+        stories260k_path, out, "--prune", "0.5", "--adapter", str(finetuned / "adapter")
+    )
+    assert cli([*args, "--recover", "fo", "--recover-steps", "2", "--distill"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recover"]["continued_from"] == str(out / "adapter")
+    assert summary["recover"]["metrics"] != summary["after"]["metrics"]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    fresh = json.loads((finetuned / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == fresh["r"] and config["base_model_name_or_path"] == str(out / "model")
+
+
+def test_compress_recovery_without_distillation_reads_no_teacher(
+    cli, stories260k_path, shared_data, tmp_path
+):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.3", "--recover", "fo")
+    assert cli([*args, "--recover-steps", "2", "recover.lr=0.01", "recover.rank=2"]) == 0
+    recovered = json.loads((out / "summary.json").read_text())["recover"]
+    assert recovered["teacher_forward_passes"] == 0 and recovered["lr"] == 0.01
+    # rank 2 LoRA, r x (in + out) per projection, on the 5 pruned layers: q, o 64 -> 64;
+    # k, v 64 -> 32 (4 key/value groups of 8); gate, up, down 64 <-> 120 (172 - 52 channels)
+    per_layer = 2 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 120) * 3)
+    assert recovered["trainable_params"] == 5 * per_layer
+
+
+def test_compress_teacher_cache_gives_the_same_run(cli, stories260k_path, shared_data, tmp_path):
+    runs = {}
+    for cache in ("false", "true"):
+        out = tmp_path / cache
+        args = compress_args(stories260k_path, out, "--prune", "0.3", "--recover", "fo")
+        args += ["--recover-steps", "2", "--distill", f"recover.teacher_cache={cache}"]
+        assert cli(args) == 0
+        runs[cache] = json.loads((out / "summary.json").read_text())["recover"]
+    assert runs["false"]["teacher_forward_passes"] == 2  # one per step
+    assert runs["true"]["teacher_forward_passes"] == 8  # 64 training rows in batches of 8
+    assert runs["true"]["metrics"]["eval/loss"] == pytest.approx(
+        runs["false"]["metrics"]["eval/loss"], rel=1e-4
+    )
+
+
+def test_compress_distills_from_a_named_teacher(cli, stories260k_path, shared_data, tmp_path):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.3", "--recover", "zo")
+    assert (
+        cli([*args, "--recover-steps", "2", "--distill", "--teacher", str(stories260k_path)]) == 0
+    )
+    assert json.loads((out / "summary.json").read_text())["recover"]["teacher"] == str(
+        stories260k_path
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--recover", "fo", "--recover-steps", "0"), "recover.steps: expected a number > 0"),
+        (("--recover", "ft"), "recover.method: 'ft' is not one of none, fo, zo, prge"),
+        (("--distill",), "recover.distill=True is not used without recovery"),
+        (("recover.lr=0.1",), "recover.lr=0.1 is not used without recovery"),
+        (("--recover", "fo", "--teacher", "x"), "recover.teacher is not used with no --distill"),
+        (
+            ("--recover", "fo", "recover.queries=4"),
+            "recover.queries is not used with recover.method=fo",
+        ),
+        (
+            ("--recover", "zo", "--distill", "recover.alpha=1.5"),
+            "recover.alpha: expected a value in [0, 1]",
+        ),
+        (
+            ("--recover", "zo", "--distill", "recover.temperature=0"),
+            "recover.temperature: expected a number > 0",
+        ),
+        (("--prune", "0", "--recover", "fo"), "use edgetune finetune for that"),
+    ],
+)
+def test_compress_refuses_bad_recovery_settings(
+    cli, stories260k_path, shared_data, tmp_path, capsys, extra, message
+):
+    out = tmp_path / "run"
+    assert cli(compress_args(stories260k_path, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_compress_refuses_a_teacher_of_another_vocabulary(
+    cli, stories260k_path, shared_data, tmp_path, capsys
+):
+    teacher = tmp_path / "teacher"
+    model, tokenizer = models.load(str(stories260k_path))
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    model.save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    out = tmp_path / "run"
+    args = compress_args(
+        stories260k_path, out, "--recover", "fo", "--distill", "--teacher", str(teacher)
+    )
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert f"recover.teacher={teacher} has another vocabulary" in err
+    assert "Traceback" not in err and not out.exists()
