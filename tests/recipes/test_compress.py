@@ -260,6 +260,9 @@ def test_compress_teacher_cache_gives_the_same_run(cli, stories260k_path, shared
         runs[cache] = json.loads((out / "summary.json").read_text())["recover"]
     assert runs["false"]["teacher_forward_passes"] == 2  # one per step
     assert runs["true"]["teacher_forward_passes"] == 8  # 64 training rows in batches of 8
+    # full-vocabulary logits at one position per row: 512 fp32 each for stories260K
+    assert runs["true"]["teacher_logits_mb"] == pytest.approx(64 * 512 * 4 / 2**20)
+    assert runs["false"]["teacher_logits_mb"] == pytest.approx(8 * 512 * 4 / 2**20)
     assert runs["true"]["metrics"]["eval/loss"] == pytest.approx(
         runs["false"]["metrics"]["eval/loss"], rel=1e-4
     )

@@ -44,6 +44,11 @@ class TeacherLogits:
         self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.teacher_calls = 0  # forward passes of the teacher (tests count them)
 
+    @property
+    def megabytes(self) -> float:
+        """Memory the stored logits take (rows x read positions x vocabulary x 4 bytes)."""
+        return sum(t.numel() * t.element_size() for t in self.store.values()) / 2**20
+
     def fill(self, rows: Sequence[dict], batch_size: int) -> None:
         """Store the logits of every row of `rows` (the up-front cache)."""
         for chunk in batches(rows, batch_size):

@@ -178,6 +178,7 @@ def recover(
         "wall_s": time.perf_counter() - start,
         "peak_rss_mb": status_mb("VmHWM"),
         "teacher_forward_passes": store.teacher_calls if store is not None else 0,
+        "teacher_logits_mb": store.megabytes if store is not None else 0.0,
     }
 
 
