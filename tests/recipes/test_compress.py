@@ -168,6 +168,8 @@ def test_compress_help_lists_the_prune_keys(cli, capsys):
     text = capsys.readouterr().out
     for key in ("prune.ratio", "prune.units", "prune.importance", "prune.calib", "adapter"):
         assert key in text
+    for key in ("--recover", "--recover-steps", "--distill", "--teacher", "recover.alpha"):
+        assert key in text
 
 
 def read_lines(out: Path) -> list[dict]:
@@ -328,3 +330,16 @@ def test_compress_refuses_a_teacher_of_another_vocabulary(
     err = capsys.readouterr().err
     assert f"recover.teacher={teacher} has another vocabulary" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_compress_recovery_divergence_names_the_compress_fix(
+    cli, stories260k_path, shared_data, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.3", "--recover", "fo")
+    assert cli([*args, "--recover-steps", "6", "recover.lr=1000"]) == 2
+    err = capsys.readouterr().err
+    assert "recovery diverged: loss nan at step 4" in err
+    assert "lower recover.lr (now 1000.0) and run compress again" in err
+    assert "--resume" not in err and "Traceback" not in err
+    assert read_lines(out)[-1] == {"step": 4, "loss": "nan", "diverged": True}

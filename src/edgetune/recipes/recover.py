@@ -23,7 +23,7 @@ import torch
 from edgetune import console, models
 from edgetune.compress.distill import DistillTask, TeacherLogits
 from edgetune.config import check_choice, check_positive, option, to_dict
-from edgetune.errors import ConfigError
+from edgetune.errors import ConfigError, TrainingDivergedError
 from edgetune.peft import Adapter, PeftConfig, attach
 from edgetune.recipes.finetune import FinetuneConfig, make_stepper
 from edgetune.runs import RunDir, reset_peak_rss, status_mb
@@ -155,18 +155,24 @@ def recover(
         progress=progress,
     )
     console.status(f"recovering: {cfg.steps} {cfg.method} steps", progress)
-    state = fit(
-        adapter,
-        train_task,
-        train_rows,
-        [],
-        stepper,
-        loop,
-        finetune.optim,
-        run,
-        seed,
-        checkpoints=False,
-    )
+    try:
+        state = fit(
+            adapter,
+            train_task,
+            train_rows,
+            [],
+            stepper,
+            loop,
+            finetune.optim,
+            run,
+            seed,
+            checkpoints=False,
+        )
+    except TrainingDivergedError as exc:  # fit's advice (--resume) is finetune's
+        raise TrainingDivergedError(
+            f"recovery diverged: {str(exc).split('; ')[0]}; lower recover.lr (now {cfg.lr})"
+            f"{' or recover.eps' if cfg.method != 'fo' else ''} and run compress again"
+        ) from None
     adapter.save(run.path, base_model=str(run.path / "model"))
     return adapter, {
         **to_dict(cfg),
