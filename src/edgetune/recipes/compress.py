@@ -2,9 +2,11 @@
 
 load model + data -> evaluate before -> importance scores on calibration batches from the
 training split -> select kept units -> prune -> save DIR/model (and DIR/adapter) ->
-evaluate after. Every input is checked before DIR is created, so a refused request
-writes nothing. metrics.jsonl holds one line per stage ("before", "after-prune");
-summary.json the parameter counts, size on disk, speed and memory of both.
+evaluate after -> with --recover, LoRA recovery (optionally distilled from the unpruned
+model; `recipes/recover.py`) saved to DIR/adapter -> evaluate after recovery. Every input
+is checked before DIR is created, so a refused request writes nothing. metrics.jsonl
+holds one line per stage ("before", "after-prune", "after-recover"; recovery's step lines
+carry "step" instead); summary.json the parameter counts, size on disk, speed and memory.
 """
 
 from __future__ import annotations
