@@ -154,3 +154,38 @@ def test_pruned_config_instead_of_unpruned_is_refused_naming_the_fix(stories):
     tensors = get_peft_model_state_dict(_with_lora(stories))
     with pytest.raises(AdapterMismatchError, match="unpruned model's config taken before prune"):
         map_lora(tensors, _kept(), pruned_config)
+
+
+class _Skip(torch.nn.Module):
+    """A removed decoder layer: the identity on the residual stream."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def test_removed_layers_take_their_lora_with_them_and_the_rest_is_renumbered(
+    stories260k_path, calib_ids, tmp_path
+):
+    adapted = _with_lora(load(str(stories260k_path))[0].eval())
+    adapted.save_pretrained(tmp_path / "adapter")
+    full_config = copy.deepcopy(adapted.base_model.model.config)
+    reference_model = copy.deepcopy(adapted)
+    _zero_pruned_units(reference_model)
+    for i in (1, 3):
+        reference_model.base_model.model.model.layers[i] = _Skip()
+    reference = _logits(reference_model, calib_ids)
+
+    base = _kept()
+    kept = KeptIndices(mlp=base.mlp, kv_groups=base.kv_groups, layers=(0, 2, 4))
+    assert sorted({k.split(".")[2] for k in lora_index_map(kept, full_config)}) == ["0", "2", "4"]
+    pruned = prune(load(str(stories260k_path))[0].eval(), kept)
+    pruned.save_pretrained(tmp_path / "pruned")
+    folder = map_adapter_folder(tmp_path / "adapter", tmp_path / "mapped", kept, full_config)
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    assert {k.split(".")[4] for k in tensors} == {"0", "1", "2"}
+    assert len(tensors) == 3 * 7 * 2
+    original = load_file(str(tmp_path / "adapter" / ADAPTER_WEIGHTS))
+    key = "base_model.model.model.layers.{}.mlp.up_proj.lora_A.weight"
+    torch.testing.assert_close(tensors[key.format(2)], original[key.format(4)], rtol=0, atol=0)
+    carried = PeftModel.from_pretrained(pruned, str(folder)).eval()
+    torch.testing.assert_close(_logits(carried, calib_ids), reference, rtol=1e-5, atol=1e-5)
