@@ -46,6 +46,7 @@ def test_compress_writes_the_run_directory(cli, stories260k_path, shared_data, t
         "importance": "activation",
         "calib": 8,
         "layer_ratios": None,
+        "ranking": "layer",
         "bias_compensation": False,
     }
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -133,6 +134,11 @@ def test_compress_with_taylor_importance(cli, stories260k_path, shared_data, tmp
         ),
         (("--prune", "0.95", "--prune-units", "layers"), "removes all 5 decoder layers"),
         (("prune.bias_compensation=true",), "prune.bias_compensation has nothing to compensate"),
+        (
+            ("prune.ranking=global", "prune.layer_ratios=0,0,0.5,0,0"),
+            "prune.layer_ratios gives each layer its ratio and prune.ranking=global",
+        ),
+        (("prune.ranking=globel",), "prune.ranking: 'globel' is not one of layer, global"),
         (("--prune", "0.9"), "ratio 0.9 removes all 4 key/value heads of layer 0"),
         (("--importance", "magnitude"), "prune.calib=8 is not used by prune.importance=magnitude"),
         (("--calib", "100"), "prune.calib=100 but the training split has 64 rows"),
@@ -180,7 +186,7 @@ def test_compress_help_lists_the_prune_keys(cli, capsys):
         cli(["compress", "--help"])
     text = capsys.readouterr().out
     keys = ("prune.ratio", "prune.units", "prune.importance", "prune.calib", "adapter")
-    for key in (*keys, "prune.layer_ratios", "prune.bias_compensation"):
+    for key in (*keys, "prune.layer_ratios", "prune.ranking", "prune.bias_compensation"):
         assert key in text
 
 
@@ -210,6 +216,17 @@ def test_compress_with_layer_ratios_and_bias_compensation(
     assert sum(p.numel() for p in loaded.parameters()) == summary["params_after"]
     after = summary["after"]["metrics"]["eval/loss"]
     assert _eval_loss(cli, out / "model", tmp_path / "eval") == pytest.approx(after, rel=1e-5)
+
+
+def test_compress_with_global_ranking(cli, stories260k_path, shared_data, tmp_path):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.3", "prune.ranking=global")
+    assert cli([*args, "--prune-units", "mlp"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    widths = [w["intermediate_size"] for w in summary["prune"]["layer_widths"]]
+    assert sum(widths) == 5 * 172 - round(0.3 * 5 * 172) and len(set(widths)) > 1
+    loaded, _ = models.load(str(out / "model"))
+    assert sum(p.numel() for p in loaded.parameters()) == summary["params_after"]
 
 
 def test_compress_removes_whole_layers(cli, stories260k_path, shared_data, tmp_path):

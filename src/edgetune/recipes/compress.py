@@ -31,7 +31,7 @@ from edgetune.compress.prune import (
     select_kept,
     taylor_scores,
 )
-from edgetune.compress.prune.select import UNITS
+from edgetune.compress.prune.select import RANKINGS, UNITS
 from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.errors import ConfigError
@@ -62,6 +62,11 @@ class PruneConfig:
         "one mlp/heads ratio per decoder layer, comma-separated (e.g. 0,0.2,0.4,0.4,0.6); "
         "widths then differ per layer and DIR/model loads with edgetune only",
     )
+    ranking: str = option(
+        "layer",
+        "layer: every layer loses prune.ratio of its units (uniform widths) | global: "
+        "layer-normalized scores compete across layers (per-layer widths)",
+    )
     bias_compensation: bool = option(
         False,
         "FLAP: add the removed units' mean output on the calibration rows as a bias of "
@@ -81,6 +86,7 @@ class PruneConfig:
                 f"choose from {', '.join(UNITS)}, e.g. --prune-units mlp,heads"
             )
         check_choice("prune", "importance", self.importance, IMPORTANCE)
+        check_choice("prune", "ranking", self.ranking, RANKINGS)
         if self.calib < 1:
             raise ConfigError(f"prune.calib: expected an integer >= 1, got {self.calib}")
         if self.importance == "magnitude" and self.calib != PruneConfig.calib:
@@ -95,6 +101,11 @@ class PruneConfig:
         """Values in [0, 1), and a unit kind they act on; the global ratio then only removes layers."""
         if self.layer_ratios is None:
             return
+        if self.ranking == "global":
+            raise ConfigError(
+                "prune.layer_ratios gives each layer its ratio and prune.ranking=global "
+                "chooses the widths itself; drop one of them"
+            )
         bad = [r for r in self.layer_ratios if not 0.0 <= r < 1.0]
         if bad or not self.layer_ratios:
             raise ConfigError(
@@ -247,7 +258,8 @@ def _select(model: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> tup
     say = f"scoring {cfg.prune.importance} importance on {len(rows)} calibration rows"
     console.status(say, cfg.progress)
     scores = _scores(model, task, rows, cfg)
-    kept = select_kept(scores, cfg.prune.ratio, cfg.prune.unit_list, cfg.prune.layer_ratios)
+    p = cfg.prune
+    kept = select_kept(scores, p.ratio, p.unit_list, p.layer_ratios, p.ranking)
     rounded = _head_rounding(scores, kept, cfg.prune)
     if rounded:
         console.status(f"warning: {rounded['message']}")
@@ -291,7 +303,8 @@ def _layer_widths(model: Any) -> list[dict[str, int]]:
 
 def _head_rounding(scores: Any, kept: Any, prune_cfg: PruneConfig) -> dict[str, Any] | None:
     """What select_kept did to the requested key/value group count (None = kept as asked)."""
-    if "heads" not in prune_cfg.unit_list or prune_cfg.layer_ratios is not None:
+    per_layer = prune_cfg.layer_ratios is not None or prune_cfg.ranking == "global"
+    if "heads" not in prune_cfg.unit_list or per_layer:
         return None
     n = scores.kv_groups[0].numel()
     requested = n - round(prune_cfg.ratio * n)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgetune.compress.prune import PruneError, magnitude_scores, prune, select_kept
+from edgetune.compress.prune import (
+    PruneError,
+    UnitScores,
+    activation_scores,
+    magnitude_scores,
+    prune,
+    select_kept,
+)
 from edgetune.errors import EdgetuneError
 from edgetune.models import tiny_llama
 
@@ -109,3 +116,37 @@ def test_ties_go_to_the_lower_index(stories):
         loadable_kv_counts=scores.loadable_kv_counts,
     )
     assert select_kept(flat, 0.5, ["mlp"]).mlp[0] == tuple(range(86))
+
+
+def _two_layer_scores(layer1: list[float]) -> UnitScores:
+    return UnitScores(
+        mlp=(torch.ones(4), torch.tensor(layer1)),
+        kv_groups=(torch.ones(2), torch.ones(2)),
+        loadable_kv_counts=(1, 2),
+    )
+
+
+def test_global_ranking_lets_normalized_scores_compete_across_layers():
+    # layer 0 is flat; layer 1 has one dominant channel, so its other three are the weakest
+    # relative to their layer, whatever the layers' scales
+    for scale in (1.0, 1000.0):
+        scores = _two_layer_scores([10 * scale, 0.1 * scale, 0.2 * scale, 0.1 * scale])
+        kept = select_kept(scores, 0.375, ["mlp"], ranking="global")  # 3 of 8 go
+        assert kept.mlp == ((0, 1, 2, 3), (0,))
+        assert kept.kv_groups == ((0, 1), (0, 1))
+
+
+def test_global_ranking_keeps_every_layer_s_best_unit_or_refuses():
+    scores = _two_layer_scores([1.0, 1.0, 1.0, 1.0])
+    kept = select_kept(scores, 0.5, ["heads"], ranking="global")  # 2 of 4 groups go
+    assert [len(k) for k in kept.kv_groups] == [1, 1]
+    with pytest.raises(PruneError, match="every layer must keep one; use a ratio below 0.500"):
+        select_kept(scores, 0.7, ["heads"], ranking="global")
+    with pytest.raises(PruneError, match="give layer_ratios only with ranking 'layer'"):
+        select_kept(scores, 0.0, ["mlp"], layer_ratios=[0.1, 0.1], ranking="global")
+
+
+def test_global_ranking_on_stories_prunes_the_requested_total(stories, calib_ids, tmp_path):
+    kept = select_kept(activation_scores(stories, [calib_ids]), 0.3, ["mlp"], ranking="global")
+    assert sum(len(k) for k in kept.mlp) == 5 * 172 - round(0.3 * 5 * 172)
+    assert len({len(k) for k in kept.mlp}) > 1  # widths differ per layer

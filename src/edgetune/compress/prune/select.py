@@ -11,7 +11,12 @@ layers are not on one scale). Two ways to give the ratio:
   hidden 64, so 3 groups become 2 or 4; SmolLM2-135M: 3 groups of 3, all counts load);
 - `layer_ratios`, one ratio per decoder layer (e.g. prune late layers harder): widths
   differ per layer, the model is saved with per-layer widths (see `structured.py`) and the
-  head count is taken as asked, no rounding.
+  head count is taken as asked, no rounding;
+- `ranking="global"`: one ratio for the whole model, but the units of all layers compete:
+  each layer's scores are divided by that layer's mean score (so the layers' different
+  scales cancel and what counts is how a unit compares with its layer's typical unit), and
+  the `round(ratio * total)` lowest normalized units are removed wherever they are. Every
+  layer keeps at least its best unit. Widths come out per layer, as with `layer_ratios`.
 
 Whole layers (unit kind "layers"): `round(ratio * num_layers)` layers with the lowest layer
 scores are removed; `ratio` is always the global one. Combined with "mlp"/"heads", the
@@ -29,6 +34,9 @@ import torch
 from edgetune.compress.prune.importance import UnitScores
 from edgetune.compress.prune.units import KeptIndices, PruneError
 
+RANKINGS = ("layer", "global")
+"""Where units compete: within their layer (uniform widths) or across all layers."""
+
 UNITS = ("mlp", "heads", "layers")
 """Unit kinds `select_kept` can prune: MLP channels, key/value head groups, decoder layers."""
 
@@ -38,6 +46,7 @@ def select_kept(
     ratio: float,
     units: Iterable[str] = ("mlp", "heads"),
     layer_ratios: Sequence[float] | None = None,
+    ranking: str = "layer",
 ) -> KeptIndices:
     """Keep the top `1 - ratio` of each unit kind in `units`; keep all of the others.
 
@@ -48,6 +57,8 @@ def select_kept(
         units: which kinds to prune, a subset of `UNITS`.
         layer_ratios: one width ratio per decoder layer for "mlp" / "heads" (None = `ratio`
             in every layer).
+        ranking: "layer" (each layer loses `ratio` of its units) or "global" (normalized
+            scores compete across layers; not with `layer_ratios`).
 
     Returns:
         The kept indices, sorted (one entry per original layer) and the kept layers.
@@ -65,14 +76,23 @@ def select_kept(
         raise PruneError(
             f"unknown prune unit(s) {', '.join(unknown)}; choose from {', '.join(UNITS)}."
         )
+    if ranking not in RANKINGS or (ranking == "global" and layer_ratios is not None):
+        raise PruneError(
+            f"ranking {ranking!r} with layer_ratios={layer_ratios}: choose ranking from "
+            f"{', '.join(RANKINGS)}, and give layer_ratios only with ranking 'layer'."
+        )
     zero = [0.0] * num_layers
-    mlp = _keep_per_layer(scores.mlp, widths if "mlp" in units else zero, "MLP channels")
-    kv = _keep_per_layer(
-        scores.kv_groups,
-        widths if "heads" in units else zero,
-        "key/value heads",
-        allowed=scores.loadable_kv_counts if layer_ratios is None else None,
-    )
+    if ranking == "global":
+        mlp = _keep_global(scores.mlp, ratio if "mlp" in units else 0.0, "MLP channels")
+        kv = _keep_global(scores.kv_groups, ratio if "heads" in units else 0.0, "key/value heads")
+    else:
+        mlp = _keep_per_layer(scores.mlp, widths if "mlp" in units else zero, "MLP channels")
+        kv = _keep_per_layer(
+            scores.kv_groups,
+            widths if "heads" in units else zero,
+            "key/value heads",
+            allowed=scores.loadable_kv_counts if layer_ratios is None else None,
+        )
     layers = _keep_layers(scores.layer_scores(), ratio) if "layers" in units else None
     return KeptIndices(mlp=mlp, kv_groups=kv, layers=layers)
 
@@ -135,4 +155,27 @@ def _keep_per_layer(
         # stable sort on -score: equal scores keep the lower index first
         order = torch.sort(-scores.double(), stable=True).indices[:keep]
         kept.append(tuple(sorted(int(j) for j in order)))
+    return tuple(kept)
+
+
+def _keep_global(
+    per_layer: tuple[torch.Tensor, ...], ratio: float, what: str
+) -> tuple[tuple[int, ...], ...]:
+    """Remove the `round(ratio * total)` lowest mean-normalized scores of all layers together."""
+    normalized = [s.double() / s.double().abs().mean().clamp_min(1e-30) for s in per_layer]
+    sizes = [s.numel() for s in normalized]
+    remove = round(ratio * sum(sizes))
+    if remove > sum(sizes) - len(sizes):
+        raise PruneError(
+            f"ratio {ratio} removes {remove} of the {sum(sizes)} {what} of the model, but every "
+            f"layer must keep one; use a ratio below {1 - len(sizes) / sum(sizes):.3f}."
+        )
+    for s in normalized:
+        s[torch.argmax(s)] = float("inf")  # each layer's best unit always stays
+    flat = torch.cat(normalized)
+    removed = set(torch.sort(flat, stable=True).indices[:remove].tolist())
+    kept, offset = [], 0
+    for n in sizes:
+        kept.append(tuple(j for j in range(n) if offset + j not in removed))
+        offset += n
     return tuple(kept)
