@@ -1,8 +1,11 @@
 """`edgetune compress`: structurally prune a model (and map its adapter) and measure the cost.
 
 load model + data -> evaluate before -> importance scores on calibration batches from the
-training split -> select kept units -> prune -> save DIR/model (and DIR/adapter) ->
-evaluate after. Every input is checked before DIR is created, so a refused request
+training split -> select kept units (global ratio, `prune.layer_ratios` or
+`prune.ranking=global`; whole layers with `--prune-units ...,layers`) -> optional FLAP bias
+compensation -> prune -> save DIR/model (and DIR/adapter) -> evaluate after. DIR/model
+loads with stock transformers when every layer keeps the same widths, else with
+`edgetune.models.load` (per-layer widths; see `compress/prune/structured.py`). Every input is checked before DIR is created, so a refused request
 writes nothing. metrics.jsonl holds one line per stage ("before", "after-prune");
 summary.json the parameter counts, size on disk, speed and memory of both.
 """

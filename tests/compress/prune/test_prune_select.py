@@ -150,3 +150,12 @@ def test_global_ranking_on_stories_prunes_the_requested_total(stories, calib_ids
     kept = select_kept(activation_scores(stories, [calib_ids]), 0.3, ["mlp"], ranking="global")
     assert sum(len(k) for k in kept.mlp) == 5 * 172 - round(0.3 * 5 * 172)
     assert len({len(k) for k in kept.mlp}) > 1  # widths differ per layer
+
+
+def test_global_ranking_with_layers_counts_only_the_surviving_layers_units(stories, calib_ids):
+    scores = activation_scores(stories, [calib_ids])
+    kept = select_kept(scores, 0.4, ["mlp", "layers"], ranking="global")
+    assert len(kept.layers) == 3
+    assert sum(len(kept.mlp[i]) for i in kept.layers) == 3 * 172 - round(0.4 * 3 * 172)
+    removed = [i for i in range(5) if i not in kept.layers]
+    assert all(kept.mlp[i] == tuple(range(172)) for i in removed)

@@ -16,7 +16,8 @@ layers are not on one scale). Two ways to give the ratio:
   each layer's scores are divided by that layer's mean score (so the layers' different
   scales cancel and what counts is how a unit compares with its layer's typical unit), and
   the `round(ratio * total)` lowest normalized units are removed wherever they are. Every
-  layer keeps at least its best unit. Widths come out per layer, as with `layer_ratios`.
+  layer keeps at least its best unit (with "layers" pruning, only the surviving layers'
+  units compete). Widths come out per layer, as with `layer_ratios`.
 
 Whole layers (unit kind "layers"): `round(ratio * num_layers)` layers with the lowest layer
 scores are removed; `ratio` is always the global one. Combined with "mlp"/"heads", the
@@ -82,9 +83,14 @@ def select_kept(
             f"{', '.join(RANKINGS)}, and give layer_ratios only with ranking 'layer'."
         )
     zero = [0.0] * num_layers
+    layers = _keep_layers(scores.layer_scores(), ratio) if "layers" in units else None
     if ranking == "global":
-        mlp = _keep_global(scores.mlp, ratio if "mlp" in units else 0.0, "MLP channels")
-        kv = _keep_global(scores.kv_groups, ratio if "heads" in units else 0.0, "key/value heads")
+        # only the surviving layers' units compete, so `ratio` is of the units left
+        alive = range(num_layers) if layers is None else layers
+        mlp = _keep_global(scores.mlp, alive, ratio if "mlp" in units else 0.0, "MLP channels")
+        kv = _keep_global(
+            scores.kv_groups, alive, ratio if "heads" in units else 0.0, "key/value heads"
+        )
     else:
         mlp = _keep_per_layer(scores.mlp, widths if "mlp" in units else zero, "MLP channels")
         kv = _keep_per_layer(
@@ -93,7 +99,6 @@ def select_kept(
             "key/value heads",
             allowed=scores.loadable_kv_counts if layer_ratios is None else None,
         )
-    layers = _keep_layers(scores.layer_scores(), ratio) if "layers" in units else None
     return KeptIndices(mlp=mlp, kv_groups=kv, layers=layers)
 
 
@@ -159,10 +164,14 @@ def _keep_per_layer(
 
 
 def _keep_global(
-    per_layer: tuple[torch.Tensor, ...], ratio: float, what: str
+    per_layer: tuple[torch.Tensor, ...], alive: Iterable[int], ratio: float, what: str
 ) -> tuple[tuple[int, ...], ...]:
-    """Remove the `round(ratio * total)` lowest mean-normalized scores of all layers together."""
-    normalized = [s.double() / s.double().abs().mean().clamp_min(1e-30) for s in per_layer]
+    """Remove the `round(ratio * total)` lowest mean-normalized scores of the `alive` layers
+    together; the other (removed) layers keep everything, as their entries are ignored."""
+    alive = list(alive)
+    normalized = [
+        per_layer[i].double() / per_layer[i].double().abs().mean().clamp_min(1e-30) for i in alive
+    ]
     sizes = [s.numel() for s in normalized]
     remove = round(ratio * sum(sizes))
     if remove > sum(sizes) - len(sizes):
@@ -172,10 +181,10 @@ def _keep_global(
         )
     for s in normalized:
         s[torch.argmax(s)] = float("inf")  # each layer's best unit always stays
-    flat = torch.cat(normalized)
-    removed = set(torch.sort(flat, stable=True).indices[:remove].tolist())
-    kept, offset = [], 0
-    for n in sizes:
-        kept.append(tuple(j for j in range(n) if offset + j not in removed))
+    removed = set(torch.sort(torch.cat(normalized), stable=True).indices[:remove].tolist())
+    kept = [tuple(range(t.numel())) for t in per_layer]
+    offset = 0
+    for i, n in zip(alive, sizes, strict=True):
+        kept[i] = tuple(j for j in range(n) if offset + j not in removed)
         offset += n
     return tuple(kept)
