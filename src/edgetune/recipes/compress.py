@@ -27,6 +27,7 @@ from edgetune.compress.prune import (
     activation_scores,
     compensate,
     input_means,
+    layer_widths,
     llama_layers,
     magnitude_scores,
     map_adapter_folder,
@@ -150,11 +151,6 @@ class PruneConfig:
         """The unit kinds as a list."""
         return [u.strip() for u in self.units.split(",") if u.strip()]
 
-    @property
-    def requested(self) -> bool:
-        """Whether any unit would be removed (ratio 0 and no layer_ratios = no pruning)."""
-        return self.ratio > 0 or bool(self.layer_ratios)
-
 
 @dataclass
 class CompressConfig:
@@ -240,7 +236,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
             **to_dict(cfg.prune),
             "kept_kv_groups": len(kept.kv_groups[kept.kept_layers[0]]),
             "kept_layers": list(kept.kept_layers),
-            "layer_widths": _layer_widths(model),
+            "layer_widths": layer_widths(model),
         },
         "heads_rounded": rounded,
         "params_before": params_before,
@@ -291,17 +287,6 @@ def _compensate(model: Any, kept: Any, task: Any, rows: list[dict], cfg: Compres
     """FLAP bias compensation of the unpruned `model` for the units `kept` removes."""
     console.status(f"bias compensation on {len(rows)} calibration rows", cfg.progress)
     compensate(model, kept, input_means(model, _calib_batches(task, rows, cfg.batch_size)))
-
-
-def _layer_widths(model: Any) -> list[dict[str, int]]:
-    """Per kept layer: MLP channels and key/value groups (what the pruned model has)."""
-    return [
-        {
-            "intermediate_size": layer.mlp.down_proj.in_features,
-            "num_key_value_heads": layer.self_attn.k_proj.out_features // layer.self_attn.head_dim,
-        }
-        for layer in llama_layers(model)
-    ]
 
 
 def _head_rounding(scores: Any, kept: Any, prune_cfg: PruneConfig) -> dict[str, Any] | None:

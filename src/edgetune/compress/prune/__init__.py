@@ -24,7 +24,12 @@ from edgetune.compress.prune.importance import (
     taylor_scores,
 )
 from edgetune.compress.prune.select import select_kept
-from edgetune.compress.prune.structured import load_layer_widths, per_layer_widths, prune
+from edgetune.compress.prune.structured import (
+    layer_widths,
+    load_layer_widths,
+    per_layer_widths,
+    prune,
+)
 from edgetune.compress.prune.units import KeptIndices, PruneError, llama_layers
 
 __all__ = [
@@ -35,6 +40,7 @@ __all__ = [
     "activation_scores",
     "compensate",
     "input_means",
+    "layer_widths",
     "load_layer_widths",
     "per_layer_widths",
     "llama_layers",

@@ -112,13 +112,7 @@ def _drop_layers(model: Any, keep: tuple[int, ...]) -> None:
 
 def _write_widths(config: Any, layers: list[Any], r: int, d: int) -> None:
     """Record the layers' widths: stock fields when uniform and loadable, else per layer."""
-    widths = [
-        {
-            "intermediate_size": layer.mlp.down_proj.in_features,
-            "num_key_value_heads": num_kv_heads(layer),
-        }
-        for layer in layers
-    ]
+    widths = _widths_of(layers)
     config.head_dim = d
     uniform = all(w == widths[0] for w in widths)
     if uniform and config.hidden_size % (widths[0]["num_key_value_heads"] * r) == 0:
@@ -129,6 +123,21 @@ def _write_widths(config: Any, layers: list[Any], r: int, d: int) -> None:
             delattr(config, LAYER_WIDTHS)
         return
     setattr(config, LAYER_WIDTHS, widths)
+
+
+def layer_widths(model: Any) -> list[dict[str, int]]:
+    """Per decoder layer of `model`: its `intermediate_size` and `num_key_value_heads`."""
+    return _widths_of(llama_layers(model))
+
+
+def _widths_of(layers: list[Any]) -> list[dict[str, int]]:
+    return [
+        {
+            "intermediate_size": layer.mlp.down_proj.in_features,
+            "num_key_value_heads": num_kv_heads(layer),
+        }
+        for layer in layers
+    ]
 
 
 def per_layer_widths(config: Any) -> list[dict[str, int]] | None:
