@@ -138,12 +138,14 @@ class _BlockInfluence:
         self.inputs: list[torch.Tensor | None] = [None] * len(layers)
         self.handles = []
         for i, layer in enumerate(layers):
-            self.handles.append(layer.register_forward_pre_hook(self._save_input(i)))
+            hook = self._save_input(i)
+            self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
             self.handles.append(layer.register_forward_hook(self._add(i)))
 
     def _save_input(self, i: int) -> Any:
-        def hook(_module: Any, args: tuple[Any, ...]) -> None:
-            self.inputs[i] = args[0].detach()
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.inputs[i] = hidden.detach()
 
         return hook
 
