@@ -109,10 +109,10 @@ def compensate(model: Any, kept: KeptIndices, means: list[dict[str, torch.Tensor
     r, d = group_size(layers[0]), head_dim(layers[0])
     shifts: dict[str, list[torch.Tensor | None]] = {"mlp": [], "attn": []}
     for i, layer in enumerate(layers):
-        out = i in kept.kept_layers
-        channels = _removed(layer.mlp.down_proj.in_features, kept.mlp[i]) if out else []
-        q_dims = [h * d + j for h in kept.query_heads(i, r) for j in range(d)] if out else []
-        heads = _removed(layer.self_attn.o_proj.in_features, q_dims) if out else []
+        alive = i in kept.kept_layers
+        channels = _removed(layer.mlp.down_proj.in_features, kept.mlp[i]) if alive else []
+        q_dims = [h * d + j for h in kept.query_heads(i, r) for j in range(d)] if alive else []
+        heads = _removed(layer.self_attn.o_proj.in_features, q_dims) if alive else []
         shifts["mlp"].append(_shift(layer.mlp.down_proj, channels, means[i]["mlp"]))
         shifts["attn"].append(_shift(layer.self_attn.o_proj, heads, means[i]["attn"]))
     blocks = {
