@@ -218,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = cp.add_argument_group("compression")
     g.add_argument("--adapter", help="PEFT adapter folder of --model, mapped onto the pruned model")
     g.add_argument("--prune", type=float, help="fraction of units to remove per layer, in [0, 1)")
-    g.add_argument("--prune-units", help="unit kinds, comma-separated: mlp, heads")
+    g.add_argument(
+        "--prune-units",
+        help="unit kinds, comma-separated: mlp, heads, layers (whole decoder layers)",
+    )
     g.add_argument("--importance", help="activation | taylor | magnitude")
     g.add_argument("--calib", type=int, help="calibration examples from the training split")
     g.add_argument("--batch-size", type=int, help="evaluation and calibration batch size")

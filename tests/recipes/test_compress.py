@@ -45,6 +45,9 @@ def test_compress_writes_the_run_directory(cli, stories260k_path, shared_data, t
         "units": "mlp,heads",
         "importance": "activation",
         "calib": 8,
+        "layer_ratios": None,
+        "ranking": "layer",
+        "bias_compensation": False,
     }
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["stage"] for line in lines] == ["before", "after-prune"]
@@ -119,7 +122,23 @@ def test_compress_with_taylor_importance(cli, stories260k_path, shared_data, tmp
     ("extra", "message"),
     [
         (("--prune", "1.0"), "prune.ratio: 1.0 is outside [0, 1)"),
-        (("--prune-units", "mlp,layers"), "prune.units: layers is not a unit kind"),
+        (("--prune-units", "mlp,rows"), "prune.units: rows is not a unit kind"),
+        (
+            ("prune.layer_ratios=0.1,0.2",),
+            "layer_ratios has 2 values but the model has 5 decoder layers",
+        ),
+        (("prune.layer_ratios=0,0,1.5,0,0",), "prune.layer_ratios: [1.5] is not a list of ratios"),
+        (
+            ("--prune", "0.3", "prune.layer_ratios=0,0,0.5,0,0"),
+            "prune.ratio=0.3 would be ignored: with prune.layer_ratios",
+        ),
+        (("--prune", "0.95", "--prune-units", "layers"), "removes all 5 decoder layers"),
+        (("prune.bias_compensation=true",), "prune.bias_compensation has nothing to compensate"),
+        (
+            ("prune.ranking=global", "prune.layer_ratios=0,0,0.5,0,0"),
+            "prune.layer_ratios gives each layer its ratio and prune.ranking=global",
+        ),
+        (("prune.ranking=globel",), "prune.ranking: 'globel' is not one of layer, global"),
         (("--prune", "0.9"), "ratio 0.9 removes all 4 key/value heads of layer 0"),
         (("--importance", "magnitude"), "prune.calib=8 is not used by prune.importance=magnitude"),
         (("--calib", "100"), "prune.calib=100 but the training split has 64 rows"),
@@ -166,7 +185,8 @@ def test_compress_help_lists_the_prune_keys(cli, capsys):
     with pytest.raises(SystemExit):
         cli(["compress", "--help"])
     text = capsys.readouterr().out
-    for key in ("prune.ratio", "prune.units", "prune.importance", "prune.calib", "adapter"):
+    keys = ("prune.ratio", "prune.units", "prune.importance", "prune.calib", "adapter")
+    for key in (*keys, "prune.layer_ratios", "prune.ranking", "prune.bias_compensation"):
         assert key in text
     for key in ("--recover", "--recover-steps", "--distill", "--teacher", "recover.alpha"):
         assert key in text
@@ -324,7 +344,15 @@ def test_compress_refuses_a_teacher_of_another_vocabulary(
     tokenizer.save_pretrained(teacher)
     out = tmp_path / "run"
     args = compress_args(
-        stories260k_path, out, "--recover", "fo", "--distill", "--teacher", str(teacher)
+        stories260k_path,
+        out,
+        "--prune",
+        "0.3",
+        "--recover",
+        "fo",
+        "--distill",
+        "--teacher",
+        str(teacher),
     )
     assert cli(args) == 2
     err = capsys.readouterr().err
@@ -343,3 +371,84 @@ def test_compress_recovery_divergence_names_the_compress_fix(
     assert "lower recover.lr (now 1000.0) and run compress again" in err
     assert "--resume" not in err and "Traceback" not in err
     assert read_lines(out)[-1] == {"step": 4, "loss": "nan", "diverged": True}
+
+
+def _eval_loss(cli, model: Path, out: Path) -> float:
+    """`edgetune eval --model MODEL` on the rows compress evaluated; its eval/loss."""
+    args = ["eval", "--model", str(model), "--dataset", "sst2", "--out", str(out), *TINY_DATA]
+    assert cli([*args, "train.progress=false"]) == 0
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["eval/loss"]
+
+
+def test_compress_with_layer_ratios_and_bias_compensation(
+    cli, stories260k_path, shared_data, tmp_path
+):
+    out = tmp_path / "run"
+    ratios = "prune.layer_ratios=0,0.2,0.4,0.4,0.6"
+    assert cli(compress_args(stories260k_path, out, ratios, "prune.bias_compensation=true")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    widths = summary["prune"]["layer_widths"]
+    assert [w["intermediate_size"] for w in widths] == [172, 138, 103, 103, 69]
+    assert [w["num_key_value_heads"] for w in widths] == [4, 3, 2, 2, 2]
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["edgetune_layer_widths"] == widths
+    assert config["mlp_bias"] and config["attention_bias"]  # the compensation biases
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(out / "model")
+    loaded, _ = models.load(str(out / "model"))
+    assert sum(p.numel() for p in loaded.parameters()) == summary["params_after"]
+    after = summary["after"]["metrics"]["eval/loss"]
+    assert _eval_loss(cli, out / "model", tmp_path / "eval") == pytest.approx(after, rel=1e-5)
+
+
+def test_compress_with_global_ranking(cli, stories260k_path, shared_data, tmp_path):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.3", "prune.ranking=global")
+    assert cli([*args, "--prune-units", "mlp"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    widths = [w["intermediate_size"] for w in summary["prune"]["layer_widths"]]
+    assert sum(widths) == 5 * 172 - round(0.3 * 5 * 172) and len(set(widths)) > 1
+    loaded, _ = models.load(str(out / "model"))
+    assert sum(p.numel() for p in loaded.parameters()) == summary["params_after"]
+
+
+def test_compress_removes_whole_layers(cli, stories260k_path, shared_data, tmp_path):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.4", "--prune-units", "mlp,layers")
+    assert cli(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["prune"]["kept_layers"]) == 3  # round(0.4 * 5) = 2 layers go
+    # 3 layers left, each without 40% of its 172 channels (round(68.8) = 69 go)
+    per_layer = 260032 - 64 * 512 - 64
+    per_layer //= 5
+    assert summary["params_after"] == 260032 - 2 * per_layer - 3 * 3 * 64 * 69
+    stock = AutoModelForCausalLM.from_pretrained(out / "model")  # uniform widths: stock
+    assert (stock.config.num_hidden_layers, stock.config.intermediate_size) == (3, 103)
+    after = summary["after"]["metrics"]["eval/loss"]
+    assert _eval_loss(cli, out / "model", tmp_path / "eval") == pytest.approx(after, rel=1e-5)
+
+
+def test_compress_refuses_layer_pruning_of_a_one_layer_model(
+    cli, stories260k_path, shared_data, tmp_path, capsys
+):
+    one = tmp_path / "one"
+    models.tiny_llama(vocab_size=512, num_hidden_layers=1).save_pretrained(one)
+    AutoTokenizer.from_pretrained(stories260k_path).save_pretrained(one)
+    out = tmp_path / "run"
+    assert cli(compress_args(one, out, "--prune", "0.3", "--prune-units", "layers")) == 2
+    err = capsys.readouterr().err
+    assert "layer pruning needs at least 2 decoder layers and this model has 1" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_compress_refuses_bias_compensation_with_magnitude_importance(
+    cli, stories260k_path, shared_data, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.3", "prune.bias_compensation=true")
+    args.remove("--calib")
+    args.remove("8")
+    assert cli([*args, "--importance", "magnitude"]) == 2
+    err = capsys.readouterr().err
+    assert "prune.bias_compensation needs the calibration activations" in err
+    assert "use --importance activation or taylor" in err and not out.exists()

@@ -116,7 +116,9 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
                 source, num_labels=num_labels or 2, dtype=torch.float32
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+            model = _load_per_layer_widths(source)
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except OSError as exc:
         if isinstance(source, str):
             raise ModelNotFoundError(
@@ -132,6 +134,29 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
     if isinstance(context, int) and context < tokenizer.model_max_length:
         tokenizer.model_max_length = context
     return model.eval(), tokenizer
+
+
+def _load_per_layer_widths(source: Path | str) -> Any | None:
+    """A folder saved by pruning with per-layer widths (config.json has
+    `edgetune_layer_widths`, which stock transformers refuses with a size mismatch) loaded
+    by the pruning package; None for any other model."""
+    if not isinstance(source, Path):
+        return None
+    config = _recorded_json(source / "config.json")
+    if config is None or "edgetune_layer_widths" not in config:
+        return None
+    from edgetune.compress.prune.structured import load_layer_widths  # imports torch
+
+    return load_layer_widths(source)
+
+
+def _recorded_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file as a dict, or None when it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def check_adapter_fits(model: Any, adapter: Path) -> None:

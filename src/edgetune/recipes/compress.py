@@ -1,12 +1,16 @@
 """`edgetune compress`: structurally prune a model (and map its adapter) and measure the cost.
 
 load model + data -> evaluate before -> importance scores on calibration batches from the
-training split -> select kept units -> prune -> save DIR/model (and DIR/adapter) ->
-evaluate after -> with --recover, LoRA recovery (optionally distilled from the unpruned
-model; `recipes/recover.py`) saved to DIR/adapter -> evaluate after recovery. Every input
-is checked before DIR is created, so a refused request writes nothing. metrics.jsonl
-holds one line per stage ("before", "after-prune", "after-recover"; recovery's step lines
-carry "step" instead); summary.json the parameter counts, size on disk, speed and memory.
+training split -> select kept units (global ratio, `prune.layer_ratios` or
+`prune.ranking=global`; whole layers with `--prune-units ...,layers`) -> optional FLAP bias
+compensation -> prune -> save DIR/model (and DIR/adapter) -> evaluate after -> with
+--recover, LoRA recovery (optionally distilled from the unpruned model;
+`recipes/recover.py`) saved to DIR/adapter -> evaluate after recovery. DIR/model loads with
+stock transformers when every layer keeps the same widths, else with `edgetune.models.load`
+(per-layer widths; see `compress/prune/structured.py`). Every input is checked before DIR is
+created, so a refused request writes nothing. metrics.jsonl holds one line per stage
+("before", "after-prune", "after-recover"; recovery's step lines carry "step" instead);
+summary.json the parameter counts, size on disk, speed and memory.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import torch
 from edgetune import console, models, threads
 from edgetune.compress.prune import (
     activation_scores,
+    compensate,
+    input_means,
+    layer_widths,
     llama_layers,
     magnitude_scores,
     map_adapter_folder,
@@ -31,7 +38,7 @@ from edgetune.compress.prune import (
     select_kept,
     taylor_scores,
 )
-from edgetune.compress.prune.select import UNITS
+from edgetune.compress.prune.select import RANKINGS, UNITS
 from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.errors import ConfigError
@@ -50,10 +57,29 @@ SPEED_REPEATS = 3
 class PruneConfig:
     """How much to prune, which units, and how importance is scored."""
 
-    ratio: float = option(0.3, "fraction of units to remove per layer, in [0, 1)")
-    units: str = option("mlp,heads", "unit kinds to prune, comma-separated: mlp, heads")
+    ratio: float = option(
+        0.0,
+        "fraction of units to remove per layer, in [0, 1) (0 = no pruning); with "
+        "prune.layer_ratios it sets only the fraction of whole layers removed",
+    )
+    units: str = option("mlp,heads", "unit kinds to prune, comma-separated: mlp, heads, layers")
     importance: str = option("activation", "activation | taylor | magnitude")
     calib: int = option(32, "calibration examples from the training split")
+    layer_ratios: list[float] | None = option(
+        None,
+        "one mlp/heads ratio per decoder layer, comma-separated (e.g. 0,0.2,0.4,0.4,0.6); "
+        "widths then differ per layer and DIR/model loads with edgetune only",
+    )
+    ranking: str = option(
+        "layer",
+        "layer: every layer loses prune.ratio of its units (uniform widths) | global: "
+        "layer-normalized scores compete across layers (per-layer widths)",
+    )
+    bias_compensation: bool = option(
+        False,
+        "FLAP: add the removed units' mean output on the calibration rows as a bias of "
+        "down_proj / o_proj (needs activation or taylor importance)",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -68,12 +94,60 @@ class PruneConfig:
                 f"choose from {', '.join(UNITS)}, e.g. --prune-units mlp,heads"
             )
         check_choice("prune", "importance", self.importance, IMPORTANCE)
+        check_choice("prune", "ranking", self.ranking, RANKINGS)
         if self.calib < 1:
             raise ConfigError(f"prune.calib: expected an integer >= 1, got {self.calib}")
         if self.importance == "magnitude" and self.calib != PruneConfig.calib:
             raise ConfigError(
                 f"prune.calib={self.calib} is not used by prune.importance=magnitude (it "
                 "reads weights only); drop --calib, or use --importance activation|taylor"
+            )
+        self._check_layer_ratios()
+        self._check_bias_compensation()
+
+    def _check_layer_ratios(self) -> None:
+        """Values in [0, 1), and a unit kind they act on; the global ratio then only removes layers."""
+        if self.layer_ratios is None:
+            return
+        if self.ranking == "global":
+            raise ConfigError(
+                "prune.layer_ratios gives each layer its ratio and prune.ranking=global "
+                "chooses the widths itself; drop one of them"
+            )
+        bad = [r for r in self.layer_ratios if not 0.0 <= r < 1.0]
+        if bad or not self.layer_ratios:
+            raise ConfigError(
+                f"prune.layer_ratios: {bad or 'an empty list'} is not a list of ratios in "
+                "[0, 1); give one per decoder layer, e.g. prune.layer_ratios=0,0.2,0.4,0.4,0.6"
+            )
+        widths = {"mlp", "heads"} & set(self.unit_list)
+        if not widths:
+            raise ConfigError(
+                f"prune.layer_ratios sets MLP / head widths but prune.units={self.units} "
+                "prunes neither; add mlp and/or heads to --prune-units"
+            )
+        if self.ratio > 0 and "layers" not in self.unit_list:
+            raise ConfigError(
+                f"prune.ratio={self.ratio} would be ignored: with prune.layer_ratios the "
+                "widths come from the per-layer list and prune.ratio only removes whole "
+                "layers; drop --prune, or add layers to --prune-units"
+            )
+
+    def _check_bias_compensation(self) -> None:
+        """Compensation needs activations and something removed from an MLP or attention block."""
+        if not self.bias_compensation:
+            return
+        if self.importance == "magnitude":
+            raise ConfigError(
+                "prune.bias_compensation needs the calibration activations and "
+                "prune.importance=magnitude runs none; use --importance activation or taylor"
+            )
+        widths = {"mlp", "heads"} & set(self.unit_list)
+        if not widths or not (self.ratio > 0 or self.layer_ratios):
+            raise ConfigError(
+                "prune.bias_compensation has nothing to compensate: no MLP channel or head "
+                "is removed; prune mlp and/or heads (e.g. --prune 0.3 --prune-units mlp,heads) "
+                "or drop prune.bias_compensation"
             )
 
     @property
@@ -160,6 +234,8 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
 
     unpruned_config = copy.deepcopy(model.config)
     params_before = _params(model)
+    if cfg.prune.bias_compensation:
+        _compensate(model, kept, task, calib_rows, cfg)
     prune(model, kept)
     folder = rundir.path / "model"
     model.save_pretrained(folder)
@@ -190,7 +266,12 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         "command": "compress",
         "model": cfg.model,
         "adapter": cfg.adapter or None,
-        "prune": {**to_dict(cfg.prune), "kept_kv_groups": len(kept.kv_groups[0])},
+        "prune": {
+            **to_dict(cfg.prune),
+            "kept_kv_groups": len(kept.kv_groups[kept.kept_layers[0]]),
+            "kept_layers": list(kept.kept_layers),
+            "layer_widths": layer_widths(model),
+        },
         "heads_rounded": rounded,
         "params_before": params_before,
         "params_after": _params(model),
@@ -223,7 +304,8 @@ def _select(model: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> tup
     say = f"scoring {cfg.prune.importance} importance on {len(rows)} calibration rows"
     console.status(say, cfg.progress)
     scores = _scores(model, task, rows, cfg)
-    kept = select_kept(scores, cfg.prune.ratio, cfg.prune.unit_list)
+    p = cfg.prune
+    kept = select_kept(scores, p.ratio, p.unit_list, p.layer_ratios, p.ranking)
     rounded = _head_rounding(scores, kept, cfg.prune)
     if rounded:
         console.status(f"warning: {rounded['message']}")
@@ -234,18 +316,30 @@ def _scores(model: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> Any
     """Unit importance of `cfg.prune.importance` from calibration batches of `rows`."""
     if cfg.prune.importance == "magnitude":
         return magnitude_scores(model)
-    batches = [
-        {k: v for k, v in task.collate(rows[i : i + cfg.batch_size]).items() if k != "labels"}
-        for i in range(0, len(rows), cfg.batch_size)
-    ]
+    batches = _calib_batches(task, rows, cfg.batch_size)
     if cfg.prune.importance == "taylor":
         return taylor_scores(model, batches)
     return activation_scores(model, batches)
 
 
+def _calib_batches(task: Any, rows: list[dict], batch_size: int) -> list[dict[str, Any]]:
+    """Model inputs (no labels) of the calibration rows, `batch_size` at a time."""
+    return [
+        {k: v for k, v in task.collate(rows[i : i + batch_size]).items() if k != "labels"}
+        for i in range(0, len(rows), batch_size)
+    ]
+
+
+def _compensate(model: Any, kept: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> None:
+    """FLAP bias compensation of the unpruned `model` for the units `kept` removes."""
+    console.status(f"bias compensation on {len(rows)} calibration rows", cfg.progress)
+    compensate(model, kept, input_means(model, _calib_batches(task, rows, cfg.batch_size)))
+
+
 def _head_rounding(scores: Any, kept: Any, prune_cfg: PruneConfig) -> dict[str, Any] | None:
     """What select_kept did to the requested key/value group count (None = kept as asked)."""
-    if "heads" not in prune_cfg.unit_list:
+    per_layer = prune_cfg.layer_ratios is not None or prune_cfg.ranking == "global"
+    if "heads" not in prune_cfg.unit_list or per_layer:
         return None
     n = scores.kv_groups[0].numel()
     requested = n - round(prune_cfg.ratio * n)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from edgetune.compress.prune import (
     AdapterMismatchError,
     KeptIndices,
+    load_layer_widths,
     lora_index_map,
     map_adapter_folder,
     map_lora,
@@ -56,29 +57,6 @@ def _with_lora(model):
     return peft_model.eval()
 
 
-def _zero_pruned_units(adapted) -> None:
-    """Zero the pruned units in base AND adapter, leaving the LoRA unmerged.
-
-    A unit's output rows (gate/up/q/k/v) vanish from `W + scale * B @ A` when they vanish
-    from `W` and from `B`; its input columns (down/o) when they vanish from `W` and from `A`.
-    Not merging keeps the reference's arithmetic the same as the carried adapter's.
-    """
-    q_dims, kv_dims = _dims([2, 3, 6, 7]), _dims(REMOVED_GROUPS)
-    rows = {"gate_proj": REMOVED_CHANNELS, "up_proj": REMOVED_CHANNELS, "q_proj": q_dims}
-    rows |= {"k_proj": kv_dims, "v_proj": kv_dims}
-    cols = {"down_proj": REMOVED_CHANNELS, "o_proj": q_dims}
-    with torch.no_grad():
-        for layer in adapted.base_model.model.model.layers:
-            for name in TARGETS:
-                proj = getattr(layer.mlp if name in MLP else layer.self_attn, name)
-                if name in rows:
-                    proj.base_layer.weight[rows[name], :] = 0.0
-                    proj.lora_B["default"].weight[rows[name], :] = 0.0
-                else:
-                    proj.base_layer.weight[:, cols[name]] = 0.0
-                    proj.lora_A["default"].weight[:, cols[name]] = 0.0
-
-
 def test_index_map_names_kept_rows_and_columns_per_projection(stories):
     index_map = lora_index_map(_kept(), stories.config)
     assert len(index_map) == 5 * 7
@@ -99,7 +77,7 @@ def test_pruned_base_plus_mapped_adapter_equals_zeroed_units(stories260k_path, c
     adapted.save_pretrained(tmp_path / "adapter")
     full_config = copy.deepcopy(adapted.base_model.model.config)
     reference_model = copy.deepcopy(adapted)
-    _zero_pruned_units(reference_model)
+    _zero_removed(reference_model, _kept())
     reference = _logits(reference_model, calib_ids)
 
     pruned = prune(load(str(stories260k_path))[0].eval(), _kept())
@@ -154,3 +132,82 @@ def test_pruned_config_instead_of_unpruned_is_refused_naming_the_fix(stories):
     tensors = get_peft_model_state_dict(_with_lora(stories))
     with pytest.raises(AdapterMismatchError, match="unpruned model's config taken before prune"):
         map_lora(tensors, _kept(), pruned_config)
+
+
+class _Skip(torch.nn.Module):
+    """A removed decoder layer: the identity on the residual stream."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def test_removed_layers_take_their_lora_with_them_and_the_rest_is_renumbered(
+    stories260k_path, calib_ids, tmp_path
+):
+    adapted = _with_lora(load(str(stories260k_path))[0].eval())
+    adapted.save_pretrained(tmp_path / "adapter")
+    full_config = copy.deepcopy(adapted.base_model.model.config)
+    reference_model = copy.deepcopy(adapted)
+    _zero_removed(reference_model, _kept())
+    for i in (1, 3):
+        reference_model.base_model.model.model.layers[i] = _Skip()
+    reference = _logits(reference_model, calib_ids)
+
+    base = _kept()
+    kept = KeptIndices(mlp=base.mlp, kv_groups=base.kv_groups, layers=(0, 2, 4))
+    assert sorted({k.split(".")[2] for k in lora_index_map(kept, full_config)}) == ["0", "2", "4"]
+    pruned = prune(load(str(stories260k_path))[0].eval(), kept)
+    pruned.save_pretrained(tmp_path / "pruned")
+    folder = map_adapter_folder(tmp_path / "adapter", tmp_path / "mapped", kept, full_config)
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    assert {k.split(".")[4] for k in tensors} == {"0", "1", "2"}
+    assert len(tensors) == 3 * 7 * 2
+    original = load_file(str(tmp_path / "adapter" / ADAPTER_WEIGHTS))
+    key = "base_model.model.model.layers.{}.mlp.up_proj.lora_A.weight"
+    torch.testing.assert_close(tensors[key.format(2)], original[key.format(4)], rtol=0, atol=0)
+    carried = PeftModel.from_pretrained(pruned, str(folder)).eval()
+    torch.testing.assert_close(_logits(carried, calib_ids), reference, rtol=1e-5, atol=1e-5)
+
+
+def _zero_removed(adapted, kept: KeptIndices) -> None:
+    """Zero, layer by layer, what `kept` removes, in base AND adapter, LoRA unmerged.
+
+    A unit's output rows (gate/up/q/k/v) vanish from `W + scale * B @ A` when they vanish
+    from `W` and from `B`; its input columns (down/o) when they vanish from `W` and from `A`.
+    Not merging keeps the reference's arithmetic the same as the carried adapter's.
+    """
+    with torch.no_grad():
+        for i, layer in enumerate(adapted.base_model.model.model.layers):
+            channels = [c for c in range(172) if c not in kept.mlp[i]]
+            kv = _dims([g for g in range(4) if g not in kept.kv_groups[i]])
+            q = _dims([h for h in range(8) if h not in kept.query_heads(i, 2)])
+            rows = {"gate_proj": channels, "up_proj": channels, "q_proj": q}
+            rows |= {"k_proj": kv, "v_proj": kv}
+            cols = {"down_proj": channels, "o_proj": q}
+            for name in TARGETS:
+                proj = getattr(layer.mlp if name in MLP else layer.self_attn, name)
+                if name in rows:
+                    proj.base_layer.weight[rows[name], :] = 0.0
+                    proj.lora_B["default"].weight[rows[name], :] = 0.0
+                else:
+                    proj.base_layer.weight[:, cols[name]] = 0.0
+                    proj.lora_A["default"].weight[:, cols[name]] = 0.0
+
+
+def test_adapter_on_per_layer_widths_equals_zeroed_units(stories260k_path, calib_ids, tmp_path):
+    kept = KeptIndices(
+        mlp=tuple(tuple(range(7 * i, 172 - 13 * i)) for i in range(5)),
+        kv_groups=((0, 1, 3), (1, 2), (2,), (0, 1, 2, 3), (0, 3)),
+    )
+    adapted = _with_lora(load(str(stories260k_path))[0].eval())
+    adapted.save_pretrained(tmp_path / "adapter")
+    full_config = copy.deepcopy(adapted.base_model.model.config)
+    reference_model = copy.deepcopy(adapted)
+    _zero_removed(reference_model, kept)
+    reference = _logits(reference_model, calib_ids)
+    pruned = prune(load(str(stories260k_path))[0].eval(), kept)
+    pruned.save_pretrained(tmp_path / "pruned")
+    folder = map_adapter_folder(tmp_path / "adapter", tmp_path / "mapped", kept, full_config)
+    reloaded = load_layer_widths(tmp_path / "pruned")  # the per-layer loader, then the adapter
+    carried = PeftModel.from_pretrained(reloaded, str(folder)).eval()
+    torch.testing.assert_close(_logits(carried, calib_ids), reference, rtol=1e-5, atol=1e-5)

@@ -73,3 +73,14 @@ def test_taylor_scores_leave_no_gradients_and_frozen_weights_frozen(stories, cal
     assert all(s.min() >= 0 and s.max() > 0 for s in scores.mlp + scores.kv_groups)
     # a gradient-aware ranking, not the magnitude one
     assert not torch.equal(scores.mlp[0].argsort(), magnitude_scores(stories).mlp[0].argsort())
+
+
+def test_activation_layer_scores_are_block_influence(stories, calib_ids):
+    scores = activation_scores(stories, [calib_ids])
+    with torch.no_grad():
+        hidden = stories(input_ids=calib_ids, output_hidden_states=True).hidden_states
+    # hidden[i] is layer i's input; the last entry is after the final norm, so stop before it
+    for i in range(4):
+        cos = torch.nn.functional.cosine_similarity(hidden[i], hidden[i + 1], dim=-1)
+        torch.testing.assert_close(scores.layers[i], (1 - cos).mean(), rtol=1e-5, atol=1e-6)
+    assert scores.layer_scores() is scores.layers

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from edgetune.compress.prune import KeptIndices, PruneError, magnitude_scores, prune
+from edgetune.compress.prune import (
+    KeptIndices,
+    PruneError,
+    load_layer_widths,
+    magnitude_scores,
+    per_layer_widths,
+    prune,
+)
 from edgetune.models import load, tiny_llama
 
 
@@ -79,6 +87,15 @@ def test_save_and_stock_from_pretrained_round_trip(stories, calib_ids, tmp_path,
 def test_kept_indices_round_trip_as_a_value(stories):
     kept = KeptIndices(mlp=_drop(172, {3}), kv_groups=_drop(4, {2}))
     assert KeptIndices.from_dict(kept.to_dict()) == kept
+    assert kept.to_dict()["layers"] is None and kept.kept_layers == (0, 1, 2, 3, 4)
+    fewer = KeptIndices(mlp=kept.mlp, kv_groups=kept.kv_groups, layers=(0, 3))
+    assert KeptIndices.from_dict(json.loads(json.dumps(fewer.to_dict()))) == fewer
+    old_form = {"mlp": fewer.to_dict()["mlp"], "kv_groups": fewer.to_dict()["kv_groups"]}
+    assert KeptIndices.from_dict(old_form).layers is None
+    with pytest.raises(PruneError, match="keeps no decoder layer"):
+        KeptIndices(mlp=kept.mlp, kv_groups=kept.kv_groups, layers=())
+    with pytest.raises(PruneError, match="must be distinct, sorted and below 5"):
+        KeptIndices(mlp=kept.mlp, kv_groups=kept.kv_groups, layers=(1, 5))
     assert kept.query_heads(0, 2) == (0, 1, 2, 3, 6, 7)
     assert KeptIndices.everything(stories) == KeptIndices(
         mlp=_drop(172, set()), kv_groups=_drop(4, set())
@@ -86,18 +103,10 @@ def test_kept_indices_round_trip_as_a_value(stories):
 
 
 def test_kept_indices_that_do_not_fit_are_refused(stories):
-    uneven = KeptIndices(
-        mlp=(tuple(range(100)),) + _drop(172, {0}, layers=4), kv_groups=_drop(4, set())
-    )
-    with pytest.raises(PruneError, match="per-layer widths are not supported yet"):
-        prune(stories, uneven)
     with pytest.raises(PruneError, match="out of range"):
         prune(stories, KeptIndices(mlp=_drop(173, {0}), kv_groups=_drop(4, set())))
     with pytest.raises(PruneError, match="3 layers but the model has 5"):
         prune(stories, KeptIndices(mlp=_drop(172, set(), 3), kv_groups=_drop(4, set(), 3)))
-    # 3 groups = 6 query heads, which do not divide hidden 64: transformers would not load it
-    with pytest.raises(PruneError, match="keep one of \\[1, 2, 4\\] groups"):
-        prune(stories, KeptIndices(mlp=_drop(172, set()), kv_groups=_drop(4, {0})))
     with pytest.raises(PruneError, match="keeps no kv_groups units.*lower the pruning ratio"):
         KeptIndices(mlp=_drop(172, set()), kv_groups=((),) * 5)
 
@@ -130,3 +139,93 @@ def test_an_unsupported_architecture_is_named_with_what_is_supported():
         magnitude_scores(gpt2)
     with pytest.raises(PruneError, match="supported: Llama"):
         prune(gpt2, KeptIndices(mlp=((0,),), kv_groups=((0,),)))
+
+
+def _per_layer_kept() -> KeptIndices:
+    """Different widths per layer; layer 0 keeps 3 groups (6 query heads, not a divisor of 64)."""
+    mlp = tuple(tuple(range(0, 172 - 20 * i)) for i in range(5))
+    kv = ((0, 1, 3), (0, 1, 2, 3), (2,), (0, 2), (1, 2, 3))
+    return KeptIndices(mlp=mlp, kv_groups=kv)
+
+
+def test_per_layer_widths_save_and_load_with_the_edgetune_loader(
+    stories, calib_ids, tmp_path, stories260k_path
+):
+    pruned = prune(stories, _per_layer_kept())
+    assert [layer.mlp.down_proj.in_features for layer in pruned.model.layers] == [
+        172,
+        152,
+        132,
+        112,
+        92,
+    ]
+    assert [layer.self_attn.q_proj.out_features for layer in pruned.model.layers] == [
+        48,
+        64,
+        16,
+        32,
+        48,
+    ]
+    pruned.save_pretrained(tmp_path)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert per_layer_widths(recorded)[2] == {"intermediate_size": 132, "num_key_value_heads": 1}
+    assert (recorded["intermediate_size"], recorded["num_key_value_heads"]) == (172, 4)
+    reloaded = load_layer_widths(tmp_path)
+    torch.testing.assert_close(
+        _logits(reloaded, calib_ids), _logits(pruned, calib_ids), rtol=0, atol=0
+    )
+    assert _params(reloaded) == _params(pruned)
+    load(str(stories260k_path))[1].save_pretrained(tmp_path)
+    ours, _ = load(str(tmp_path))  # edgetune.models.load takes the same path
+    torch.testing.assert_close(_logits(ours, calib_ids), _logits(pruned, calib_ids), rtol=0, atol=0)
+
+
+def test_stock_loading_of_per_layer_widths_fails_loudly(stories, tmp_path):
+    prune(stories, _per_layer_kept()).save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_uniform_head_count_transformers_refuses_is_saved_per_layer(stories, calib_ids, tmp_path):
+    # 3 groups = 6 query heads, which do not divide hidden 64: stock config would refuse it
+    pruned = prune(stories, KeptIndices(mlp=_drop(172, set()), kv_groups=_drop(4, {0})))
+    assert (
+        per_layer_widths(pruned.config)
+        == [{"intermediate_size": 172, "num_key_value_heads": 3}] * 5
+    )
+    pruned.save_pretrained(tmp_path)
+    torch.testing.assert_close(
+        _logits(load_layer_widths(tmp_path), calib_ids), _logits(pruned, calib_ids), rtol=0, atol=0
+    )
+
+
+class _Skip(torch.nn.Module):
+    """A decoder layer replaced by the identity on the residual stream."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def test_removed_layers_equal_skipping_them(stories, calib_ids, tmp_path):
+    skipped = copy.deepcopy(stories)
+    skipped.model.layers[1] = _Skip()
+    skipped.model.layers[3] = _Skip()
+    reference = _logits(skipped, calib_ids)
+    full = _drop(172, set())
+    pruned = prune(stories, KeptIndices(mlp=full, kv_groups=_drop(4, set()), layers=(0, 2, 4)))
+    assert pruned.config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == [0, 1, 2]
+    torch.testing.assert_close(_logits(pruned, calib_ids), reference)
+    # cached decoding indexes the cache by the renumbered layer_idx
+    out = pruned.generate(calib_ids[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 10)
+    pruned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # uniform widths: stock
+    torch.testing.assert_close(_logits(reloaded, calib_ids), reference)
+
+
+def test_layer_types_follow_the_kept_layers():
+    model = tiny_llama(num_hidden_layers=3)
+    model.config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    kept = KeptIndices(mlp=_drop(64, set(), 3), kv_groups=_drop(2, set(), 3), layers=(1, 2))
+    assert prune(model, kept).config.layer_types == ["sliding_attention", "full_attention"]

@@ -10,6 +10,10 @@ heads' dims and `K` the kept key/value heads' dims):
 - `gate_proj`, `up_proj`: B rows `C`;   `down_proj`: A columns `C`;
 - `q_proj`: B rows `Q`;   `k_proj`, `v_proj`: B rows `K`;   `o_proj`: A columns `Q`.
 
+A removed decoder layer takes its LoRA tensors with it; the tensors of the later layers are
+renamed to the new layer numbers (`model.layers.4.` -> `model.layers.3.` when one earlier
+layer is gone), as `prune` renumbers the layers.
+
 `lora_index_map` gives those indices as a value (FedSpine maps client updates with them);
 `map_lora` applies them to an adapter state dict; `map_adapter_folder` does it to a saved
 PEFT adapter folder so `PeftModel.from_pretrained(pruned_base, folder)` loads it.
@@ -56,14 +60,15 @@ def lora_index_map(
 
     Returns:
         `{"model.layers.{i}.self_attn.q_proj": (in_idx, out_idx), ...}` for the seven
-        projections of every layer, in the original numbering. `None` means "all kept" (the
+        projections of every KEPT layer, in the original numbering (removed layers are
+        absent). `None` means "all kept" (the
         hidden-size side, which pruning never touches). LoRA A columns follow `in_idx`,
         B rows follow `out_idx`.
     """
     _check_kept_fits(kept, config)
     d, r = _head_dim(config), _group_size(config)
     index_map: dict[str, tuple[Indices | None, Indices | None]] = {}
-    for i in range(kept.num_layers):
+    for i in kept.kept_layers:
         channels = tuple(kept.mlp[i])
         kv_dims = _head_dims(kept.kv_groups[i], d)
         q_dims = _head_dims(kept.query_heads(i, r), d)
@@ -89,7 +94,8 @@ def map_lora(
         config: the UNPRUNED model's config (see `lora_index_map`).
 
     Returns:
-        A new dict with the same keys; tensors of modules outside the decoder projections
+        A new dict with the same keys, less those of removed layers and with later layers
+        renumbered; tensors of modules outside the decoder projections
         (e.g. an `lm_head` LoRA, whose widths pruning does not change) are passed through.
 
     Raises:
@@ -98,18 +104,27 @@ def map_lora(
     """
     index_map = lora_index_map(kept, config)
     widths = _widths(config)
+    renumber = {old: new for new, old in enumerate(kept.kept_layers)}
     mapped: dict[str, torch.Tensor] = {}
     for key, tensor in lora_tensors.items():
         match = _LORA_KEY.search(key)
         if match is None or match["proj"] not in _PROJECTIONS:
             mapped[key] = tensor
             continue
-        module, part, kind = match["module"], match["part"], match["kind"]
-        if module not in index_map:
+        module, part, kind, layer = (
+            match["module"],
+            match["part"],
+            match["kind"],
+            int(match["layer"]),
+        )
+        if layer >= kept.num_layers:
             raise AdapterMismatchError(
-                f"adapter tensor {key} is for layer {match['layer']} but the pruned model has "
+                f"adapter tensor {key} is for layer {layer} but the model has "
                 f"{kept.num_layers} layers; use the adapter trained on this base model."
             )
+        if module not in index_map:
+            continue  # its layer was pruned away
+        key = _renamed(key, match, renumber[layer])
         in_idx, out_idx = index_map[module]
         in_width, out_width = widths[match["proj"]]
         if part == "lora_A" and kind == "weight":
@@ -159,6 +174,12 @@ def map_adapter_folder(
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     save_file(contiguous, str(target / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return target
+
+
+def _renamed(key: str, match: re.Match[str], new_layer: int) -> str:
+    """`key` with its `model.layers.{i}.` renumbered to `new_layer`."""
+    start, end = match.span("layer")
+    return key[:start] + str(new_layer) + key[end:]
 
 
 def _check_kept_fits(kept: KeptIndices, config: Any) -> None:

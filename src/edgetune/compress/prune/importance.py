@@ -22,10 +22,19 @@ attention outputs). Padding tokens (attention_mask == 0) are left out of the nor
   projection weights only, so no `.grad` is left behind and frozen weights stay frozen.
 
 All three share the unit bookkeeping (`_scores`): each supplies a per-weight saliency.
+
+Whole decoder layers get one score each (`UnitScores.layers`):
+- activation: block influence (ShortGPT, Men et al. 2024), `1 - cos(x_in, x_out)` of the
+  layer's input and output hidden states, averaged over real calibration tokens, from the
+  same forward passes (a layer that barely turns the residual stream matters little);
+- taylor and magnitude: the sum of the layer's unit scores (all its MLP channels and
+  key/value groups), i.e. the layer's total first-order saliency, or for magnitude the L1
+  norm of its seven projections (a weak, data-free baseline: it ignores the residual stream).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -55,6 +64,16 @@ class UnitScores:
     kv_groups: tuple[torch.Tensor, ...]
     loadable_kv_counts: tuple[int, ...]
     """How many groups a layer may keep and still load in stock transformers."""
+    layers: torch.Tensor | None = None
+    """One score per decoder layer [num_layers]; None = the sum of the layer's unit scores."""
+
+    def layer_scores(self) -> torch.Tensor:
+        """Per-layer importance: `layers`, or each layer's summed unit scores."""
+        if self.layers is not None:
+            return self.layers
+        return torch.stack(
+            [m.sum() + g.sum() for m, g in zip(self.mlp, self.kv_groups, strict=True)]
+        )
 
 
 @torch.no_grad()
@@ -90,6 +109,8 @@ def activation_scores(
             (layer.mlp.down_proj, "channels"),
         ):
             handles.append(module.register_forward_pre_hook(_accumulator(sc, key, mask_now)))
+    influence = _BlockInfluence(layers, mask_now)
+    handles += influence.handles
     seen = 0
     try:
         for batch in batches:
@@ -104,7 +125,48 @@ def activation_scores(
         raise PruneError("activation importance got no calibration batches; pass at least one.")
     for sc in scales:
         sc.finish()
-    return _scores(layers, scales)
+    return dataclasses.replace(_scores(layers, scales), layers=influence.scores())
+
+
+class _BlockInfluence:
+    """Hooks accumulating `1 - cos(input, output)` of every decoder layer over real tokens."""
+
+    def __init__(self, layers: list[Any], mask_now: list[torch.Tensor | None]) -> None:
+        self.mask_now = mask_now
+        self.total = torch.zeros(len(layers), dtype=torch.float64)
+        self.tokens = torch.zeros(len(layers), dtype=torch.float64)
+        self.inputs: list[torch.Tensor | None] = [None] * len(layers)
+        self.handles = []
+        for i, layer in enumerate(layers):
+            hook = self._save_input(i)
+            self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(self._add(i)))
+
+    def _save_input(self, i: int) -> Any:
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.inputs[i] = hidden.detach()
+
+        return hook
+
+    def _add(self, i: int) -> Any:
+        def hook(_module: Any, _args: tuple[Any, ...], output: Any) -> None:
+            out = (output[0] if isinstance(output, tuple) else output).detach()
+            x_in = self.inputs[i]
+            assert x_in is not None
+            cos = torch.nn.functional.cosine_similarity(x_in.float(), out.float(), dim=-1)
+            mask = self.mask_now[0]
+            if mask is not None and mask.shape == cos.shape:
+                cos = cos[mask.to(torch.bool)]
+            self.total[i] += (1.0 - cos).double().sum().cpu()
+            self.tokens[i] += cos.numel()
+            self.inputs[i] = None
+
+        return hook
+
+    def scores(self) -> torch.Tensor:
+        """Mean block influence per layer."""
+        return (self.total / self.tokens.clamp(min=1)).float()
 
 
 @torch.enable_grad()

@@ -1,26 +1,40 @@
 """Physical structured pruning: slice the kept rows/columns out of every projection.
 
 `prune(model, kept)` replaces each pruned `nn.Linear` by a smaller one holding only the kept
-rows (outputs) or columns (inputs), then rewrites the config to the new widths:
+rows (outputs) or columns (inputs), drops removed decoder layers, then rewrites the config:
 
 - MLP channels `C` of a layer: `gate_proj.weight[C, :]`, `up_proj.weight[C, :]`,
-  `down_proj.weight[:, C]` -> `config.intermediate_size = |C|`;
+  `down_proj.weight[:, C]`;
 - key/value groups `G`: `k_proj` / `v_proj` rows of heads `G`, `q_proj` rows of their query
-  heads `Q = {g*r + h}`, `o_proj` columns of `Q` -> `config.num_key_value_heads = |G|`,
-  `config.num_attention_heads = |Q|`; `head_dim` is written explicitly because
-  `hidden_size / num_attention_heads` no longer gives it.
+  heads `Q = {g*r + h}`, `o_proj` columns of `Q`; `head_dim` is written explicitly because
+  `hidden_size / num_attention_heads` no longer gives it;
+- layers: the kept blocks stay in order and are renumbered (`self_attn.layer_idx`, the KV
+  cache index), `num_hidden_layers` and `layer_types` follow. A removed layer is an identity
+  on the residual stream.
 
-The widths must be the same in every layer (what `select_kept` produces): then
-`save_pretrained` plus stock `AutoModelForCausalLM.from_pretrained` rebuild the same model.
-The kept query-head count must also divide `hidden_size`, which
-transformers' `LlamaConfig` checks at load time even with an explicit `head_dim`; a `KeptIndices`
-that breaks it is refused rather than saved unloadable. Per-layer widths are not supported yet
-(transformers 5's `per_layer_config` is a candidate design). Pruning happens in place (no second copy of the
-weights, which matters on a small device); the model is returned for chaining.
+Saved-model design. transformers' Llama has one width for every layer, so two formats:
+
+- uniform widths whose query-head count divides `hidden_size` (what `select_kept` with one
+  global ratio gives): the stock fields `intermediate_size`, `num_key_value_heads`,
+  `num_attention_heads` hold them and stock `AutoModelForCausalLM.from_pretrained` loads the
+  folder;
+- any other widths (per-layer ratios, or a uniform head count transformers refuses): the
+  stock fields keep the widths the layers were pruned FROM (>= every layer's width) and
+  config.json gets `edgetune_layer_widths`, one `{"intermediate_size", "num_key_value_heads"}`
+  per layer. Stock loading then fails loudly with a size-mismatch error (never a silent
+  re-init, since at least one layer is narrower than the stock fields say), and
+  `load_layer_widths(folder)` (called by `edgetune.models.load`) builds the stock model,
+  prunes each layer to its recorded widths with the first-n indices and loads the weights
+  strictly. The hidden-size rule does not apply per layer there: attention reshapes with
+  `head_dim` and `num_key_value_groups` (unchanged), never with the layer's head count.
+
+Pruning happens in place (no second copy of the weights, which matters on a small device);
+the model is returned for chaining.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,54 +46,144 @@ from edgetune.compress.prune.units import (
     group_size,
     head_dim,
     llama_layers,
-    loadable_kv_counts,
     num_kv_heads,
 )
+
+LAYER_WIDTHS = "edgetune_layer_widths"
+"""The config.json key holding per-layer widths (see the module docstring)."""
 
 
 @torch.no_grad()
 def prune(model: Any, kept: KeptIndices) -> Any:
-    """Shrink `model` in place to the units in `kept` and update its config.
+    """Shrink `model` in place to the units and layers in `kept` and update its config.
 
     Args:
         model: a Llama-layout causal LM.
-        kept: the surviving MLP channels and key/value groups of every layer.
+        kept: the surviving MLP channels and key/value groups of every layer, and the
+            surviving layers.
 
     Returns:
         The same model object, now with fewer parameters.
 
     Raises:
-        PruneError: `kept` does not fit the model (layer count, index out of range) or its
-            widths differ between layers.
+        PruneError: `kept` does not fit the model (layer count, index out of range).
     """
     layers = llama_layers(model)
     _check_fits(layers, kept)
     r, d = group_size(layers[0]), head_dim(layers[0])
-    for i, layer in enumerate(layers):
-        channels = torch.tensor(kept.mlp[i])
-        mlp = layer.mlp
-        mlp.gate_proj = _slice(mlp.gate_proj, rows=channels)
-        mlp.up_proj = _slice(mlp.up_proj, rows=channels)
-        mlp.down_proj = _slice(mlp.down_proj, cols=channels)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(channels)
-        kv_rows = _head_rows(kept.kv_groups[i], d)
-        q_rows = _head_rows(kept.query_heads(i, r), d)
-        attn = layer.self_attn
-        attn.q_proj = _slice(attn.q_proj, rows=q_rows)
-        attn.k_proj = _slice(attn.k_proj, rows=kv_rows)
-        attn.v_proj = _slice(attn.v_proj, rows=kv_rows)
-        attn.o_proj = _slice(attn.o_proj, cols=q_rows)
-    config = model.config
-    config.intermediate_size = len(kept.mlp[0])
-    config.num_key_value_heads = len(kept.kv_groups[0])
-    config.num_attention_heads = len(kept.kv_groups[0]) * r
-    config.head_dim = d
+    for i in kept.kept_layers:
+        _shrink_layer(layers[i], kept.mlp[i], kept.query_heads(i, r), kept.kv_groups[i], d)
+    if kept.layers is not None:
+        _drop_layers(model, kept.layers)
+    _write_widths(model.config, llama_layers(model), r, d)
     return model
 
 
+def _shrink_layer(
+    layer: Any, channels: tuple[int, ...], q_heads: tuple[int, ...], kv: tuple[int, ...], d: int
+) -> None:
+    """Slice one decoder layer to the kept MLP channels and query / key-value heads."""
+    idx = torch.tensor(channels)
+    mlp = layer.mlp
+    mlp.gate_proj = _slice(mlp.gate_proj, rows=idx)
+    mlp.up_proj = _slice(mlp.up_proj, rows=idx)
+    mlp.down_proj = _slice(mlp.down_proj, cols=idx)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(channels)
+    kv_rows, q_rows = _head_rows(kv, d), _head_rows(q_heads, d)
+    attn = layer.self_attn
+    attn.q_proj = _slice(attn.q_proj, rows=q_rows)
+    attn.k_proj = _slice(attn.k_proj, rows=kv_rows)
+    attn.v_proj = _slice(attn.v_proj, rows=kv_rows)
+    attn.o_proj = _slice(attn.o_proj, cols=q_rows)
+
+
+def _drop_layers(model: Any, keep: tuple[int, ...]) -> None:
+    """Keep only decoder layers `keep`, renumbered 0..n-1 (the KV cache indexes by layer_idx)."""
+    old = model.model.layers
+    model.model.layers = nn.ModuleList([old[i] for i in keep])
+    for new_idx, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    config = model.config
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in keep]
+
+
+def _write_widths(config: Any, layers: list[Any], r: int, d: int) -> None:
+    """Record the layers' widths: stock fields when uniform and loadable, else per layer."""
+    widths = _widths_of(layers)
+    config.head_dim = d
+    uniform = all(w == widths[0] for w in widths)
+    if uniform and config.hidden_size % (widths[0]["num_key_value_heads"] * r) == 0:
+        config.intermediate_size = widths[0]["intermediate_size"]
+        config.num_key_value_heads = widths[0]["num_key_value_heads"]
+        config.num_attention_heads = widths[0]["num_key_value_heads"] * r
+        if hasattr(config, LAYER_WIDTHS):
+            delattr(config, LAYER_WIDTHS)
+        return
+    setattr(config, LAYER_WIDTHS, widths)
+
+
+def layer_widths(model: Any) -> list[dict[str, int]]:
+    """Per decoder layer of `model`: its `intermediate_size` and `num_key_value_heads`."""
+    return _widths_of(llama_layers(model))
+
+
+def _widths_of(layers: list[Any]) -> list[dict[str, int]]:
+    return [
+        {
+            "intermediate_size": layer.mlp.down_proj.in_features,
+            "num_key_value_heads": num_kv_heads(layer),
+        }
+        for layer in layers
+    ]
+
+
+def per_layer_widths(config: Any) -> list[dict[str, int]] | None:
+    """The `edgetune_layer_widths` of `config` (a config object or a config.json dict), if any."""
+    if isinstance(config, dict):
+        return config.get(LAYER_WIDTHS)
+    return getattr(config, LAYER_WIDTHS, None)
+
+
+@torch.no_grad()
+def load_layer_widths(folder: str | Path) -> Any:
+    """Load a model saved with per-layer widths (config.json has `edgetune_layer_widths`).
+
+    Builds the stock model from config.json (stock widths >= every layer's), prunes each
+    layer to its recorded widths with the first-n indices, then loads the weights strictly.
+
+    Raises:
+        PruneError: the weights do not match the recorded widths (a missing or extra tensor).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    widths = per_layer_widths(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    first_n = tuple(tuple(range(w["intermediate_size"])) for w in widths)
+    kv = tuple(tuple(range(w["num_key_value_heads"])) for w in widths)
+    prune(model, KeptIndices(mlp=first_n, kv_groups=kv))
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise PruneError(
+            f"{folder} does not match its edgetune_layer_widths (missing "
+            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}); "
+            "save the pruned model again with save_pretrained()."
+        )
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
 def _check_fits(layers: list[Any], kept: KeptIndices) -> None:
-    """Raise `PruneError` unless `kept` names existing units with one width for all layers."""
+    """Raise `PruneError` unless `kept` names existing units of every layer."""
     if kept.num_layers != len(layers):
         raise PruneError(
             f"KeptIndices describes {kept.num_layers} layers but the model has {len(layers)}; "
@@ -96,20 +200,6 @@ def _check_fits(layers: list[Any], kept: KeptIndices) -> None:
                     f"layer {i} {name} index {idx[-1]} is out of range (the layer has {n}); "
                     "compute the indices on this model."
                 )
-    loadable = loadable_kv_counts(layers[0])
-    if len(kept.kv_groups[0]) not in loadable:
-        raise PruneError(
-            f"keeping {len(kept.kv_groups[0])} key/value groups gives "
-            f"{len(kept.kv_groups[0]) * group_size(layers[0])} query heads, which do not divide "
-            f"hidden_size {layers[0].self_attn.q_proj.in_features}, so transformers could not load "
-            f"the saved model; keep one of {list(loadable)} groups (select_kept() does)."
-        )
-    widths = {(len(m), len(g)) for m, g in zip(kept.mlp, kept.kv_groups, strict=True)}
-    if len(widths) > 1:
-        raise PruneError(
-            f"kept widths differ between layers {sorted(widths)}; per-layer widths are not "
-            "supported yet, use select_kept() with one global ratio."
-        )
 
 
 def _head_rows(heads: tuple[int, ...], d: int) -> torch.Tensor:

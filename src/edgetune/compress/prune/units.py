@@ -7,10 +7,14 @@ Two units, each removed whole so the tensors stay dense:
 - a key/value group `g` of a layer: the k/v head `g` (rows `g*d:(g+1)*d` of `k_proj` and
   `v_proj`, with `d = head_dim`), its `r = num_attention_heads / num_key_value_heads` query
   heads `g*r .. g*r+r-1` (those rows of `q_proj`) and the matching columns of `o_proj`.
-  Removing whole groups keeps grouped-query attention's head-to-group mapping intact.
+  Removing whole groups keeps grouped-query attention's head-to-group mapping intact;
+- a whole decoder layer `i`: the block is dropped and the residual stream passes it
+  unchanged (identity), the later layers are renumbered.
 
 `KeptIndices` says, per layer, which channels and which groups survive (sorted, in the
-original numbering). It is a plain value (JSON round-trip via `to_dict` / `from_dict`) because
+original numbering), and which layers survive (`layers`; None = all). `mlp` and `kv_groups`
+always have one entry per ORIGINAL layer; the entries of removed layers are ignored. It is a
+plain value (JSON round-trip via `to_dict` / `from_dict`) because
 anything that must follow the pruning, such as a LoRA adapter's A columns and B rows or a
 FedSpine client mapping its update back to the full model, needs the same indices.
 """
@@ -37,10 +41,12 @@ class KeptIndices:
         mlp: for each layer, the kept intermediate channels (sorted).
         kv_groups: for each layer, the kept key/value heads (sorted); each brings its
             `num_attention_heads // num_key_value_heads` query heads along.
+        layers: the kept decoder layers (sorted, original numbering); None keeps every layer.
     """
 
     mlp: tuple[tuple[int, ...], ...]
     kv_groups: tuple[tuple[int, ...], ...]
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.mlp) != len(self.kv_groups):
@@ -60,6 +66,28 @@ class KeptIndices:
                         f"layer {i} {name} indices {kept} must be distinct, non-negative and "
                         "sorted; build KeptIndices with select_kept()."
                     )
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """Raise `PruneError` unless `layers` is None or a non-empty sorted subset of the layers."""
+        if self.layers is None:
+            return
+        if not self.layers:
+            raise PruneError(
+                "KeptIndices keeps no decoder layer, which would cut the network; lower the "
+                "pruning ratio so at least one layer survives."
+            )
+        valid = list(self.layers) == sorted(set(self.layers)) and self.layers[0] >= 0
+        if not valid or self.layers[-1] >= len(self.mlp):
+            raise PruneError(
+                f"kept layers {self.layers} must be distinct, sorted and below {len(self.mlp)}; "
+                "build KeptIndices with select_kept()."
+            )
+
+    @property
+    def kept_layers(self) -> tuple[int, ...]:
+        """The surviving decoder layers in the original numbering (all when `layers` is None)."""
+        return tuple(range(len(self.mlp))) if self.layers is None else self.layers
 
     @property
     def num_layers(self) -> int:
@@ -71,8 +99,12 @@ class KeptIndices:
         return tuple(g * group_size + h for g in self.kv_groups[layer] for h in range(group_size))
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready form (lists of lists)."""
-        return {"mlp": [list(k) for k in self.mlp], "kv_groups": [list(k) for k in self.kv_groups]}
+        """A JSON-ready form (lists of lists; `layers` is null when every layer is kept)."""
+        return {
+            "mlp": [list(k) for k in self.mlp],
+            "kv_groups": [list(k) for k in self.kv_groups],
+            "layers": None if self.layers is None else list(self.layers),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KeptIndices:
@@ -80,6 +112,7 @@ class KeptIndices:
         return cls(
             mlp=tuple(tuple(int(i) for i in k) for k in data["mlp"]),
             kv_groups=tuple(tuple(int(i) for i in k) for k in data["kv_groups"]),
+            layers=None if data.get("layers") is None else tuple(int(i) for i in data["layers"]),
         )
 
     @classmethod
