@@ -71,6 +71,12 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.register_buffer("bias", bias)
 
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool) -> Int8Linear:
+        """A shell of the given shape on the meta device, for `load_int8` to fill."""
+        meta = nn.Linear(in_features, out_features, bias=bias, device="meta")
+        return cls(meta)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _Int8MatMul.apply(x, self.weight_int8, self.scale)
         return y if self.bias is None else y + self.bias.to(y.dtype)
