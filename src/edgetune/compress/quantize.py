@@ -42,7 +42,8 @@ quantization still counts those file pages until the remaining tensors are copie
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -155,6 +156,35 @@ def _targets(model: nn.Module, keep: set[str]) -> list[tuple[str, nn.Linear]]:
 def _kept(name: str, keep: set[str]) -> bool:
     parts = name.split(".")
     return parts[-1] in keep or "lora_A" in parts or "lora_B" in parts
+
+
+@contextmanager
+def int8_as_linear(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every `Int8Linear` of `model` is an `nn.Linear` stand-in, so PEFT
+    wraps it as it wraps any linear (it knows no custom layer types); on exit each stand-in,
+    wherever PEFT moved it (a `LoraLayer.base_layer`), is the `Int8Linear` again.
+
+    This is how a LoRA is attached to a model loaded from an int8 folder: the result is
+    the one `attach` then `quantize_int8` gives. A stand-in's weight is a stride-0 view of
+    a single zero of the right shape, so no fp32 weight is allocated; nothing may compute
+    with it inside the block.
+    """
+    originals: dict[int, Int8Linear] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Linear):
+            stand_in = nn.Linear(module.in_features, module.out_features, bias=False)
+            shape = (module.out_features, module.in_features)
+            stand_in.weight = nn.Parameter(torch.zeros(()).expand(shape), requires_grad=False)
+            originals[id(stand_in)] = module
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, stand_in)
+    try:
+        yield model
+    finally:
+        for name, module in list(model.named_modules()):
+            if id(module) in originals:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, originals[id(module)])
 
 
 def linear_weight_bytes(model: nn.Module, keep: Iterable[str] = KEEP_FP32) -> int:
