@@ -122,7 +122,10 @@ def test_compress_with_taylor_importance(cli, stories260k_path, shared_data, tmp
         (("--prune-units", "mlp,layers"), "prune.units: layers is not a unit kind"),
         (("--prune", "0.9"), "ratio 0.9 removes all 4 key/value heads of layer 0"),
         (("--importance", "magnitude"), "prune.calib=8 is not used by prune.importance=magnitude"),
-        (("--calib", "100"), "prune.calib=100 but the training split has 64 rows"),
+        (("--prune", "0.3", "--calib", "100"), "prune.calib=100 but the training split has 64"),
+        (("--quantize", "int4"), "compress.quantize: 'int4' is not one of none, int8"),
+        ((), "nothing to do (prune.ratio=0 and quantize=none); give --prune R and/or --quantize"),
+        (("--quantize", "int8"), "prune.calib is not used without pruning (prune.ratio=0)"),
     ],
 )
 def test_compress_refuses_bad_settings(
@@ -144,7 +147,7 @@ def test_compress_refuses_an_unsupported_architecture(
     )
     AutoTokenizer.from_pretrained(stories260k_path).save_pretrained(gpt2)
     out = tmp_path / "run"
-    assert cli(compress_args(gpt2, out)) == 2
+    assert cli(compress_args(gpt2, out, "--prune", "0.3")) == 2
     err = capsys.readouterr().err
     assert "GPT2LMHeadModel has no model.layers; supported: Llama" in err
     assert "Traceback" not in err
@@ -157,7 +160,7 @@ def test_compress_refuses_an_out_holding_a_run(
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"stage": "before"}\n')
-    assert cli(compress_args(stories260k_path, out)) == 2
+    assert cli(compress_args(stories260k_path, out, "--prune", "0.3")) == 2
     assert "already holds a run; pass another --out" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
 
