@@ -171,3 +171,70 @@ def test_compress_help_lists_the_prune_keys(cli, capsys):
     text = capsys.readouterr().out
     for key in ("prune.ratio", "prune.units", "prune.importance", "prune.calib", "adapter"):
         assert key in text
+
+
+def quantize_args(model: Path, out: Path, *extra: str) -> list[str]:
+    """compress_args without --calib (unused without pruning, so refused)."""
+    args = compress_args(model, out, *extra)
+    at = args.index("--calib")
+    return args[:at] + args[at + 2 :]
+
+
+def test_compress_quantize_int8_writes_an_int8_model(
+    cli, stories260k_path, shared_data, tmp_path, capsys
+):
+    # Prepare
+    out = tmp_path / "run"
+    # Execute
+    assert cli(quantize_args(stories260k_path, out, "--quantize", "int8")) == 0
+    capsys.readouterr()
+    # Assert: two stages, no pruning; 35 layers' weights 3.8x smaller, the file 0.36x
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["stage"] for line in lines] == ["before", "after-quantize"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prune"] is None and summary["params_after"] == 260032
+    quant = summary["after-quantize"]
+    assert quant == summary["after"]
+    assert quant["method"] == "int8" and quant["adapter_merged"] is False
+    assert quant["linear_weight_bytes_before"] == 4 * 5 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 172 * 3)
+    assert quant["linear_weight_bytes_before"] / quant["linear_weight_bytes_after"] > 3.7
+    assert (
+        summary["model_bytes_after"]
+        < 0.45 * (stories260k_path / "model.safetensors").stat().st_size
+    )
+    assert quant["prefill_ms"] > 0 and quant["decode_tokens_per_s"] > 0
+    # measured: eval loss 0.8286 -> 0.8346 on these 16 rows
+    before, after = summary["before"]["metrics"], quant["metrics"]
+    assert abs(after["eval/loss"] - before["eval/loss"]) < 0.05
+    assert sorted(p.name for p in (out / "model").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.int8.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    # and `edgetune eval` on DIR/model scores what the run measured
+    args = ["eval", "--model", str(out / "model"), "--dataset", "sst2", *TINY_DATA]
+    assert cli(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["eval/loss"] == pytest.approx(after["eval/loss"], rel=1e-5)
+
+
+def test_compress_prunes_then_quantizes(cli, stories260k_path, shared_data, tmp_path):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.3", "--quantize", "int8")
+    assert cli(args) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["stage"] for line in lines] == ["before", "after-prune", "after-quantize"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params_after"] == 260032 - 5 * 3 * 64 * 52
+    # the pruned layers (MLP 172 -> 120 channels) in fp32, then int8 + one fp32 scale a row
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 120 * 3
+    rows = 64 + 32 + 32 + 64 + 120 + 120 + 64
+    quant = summary["after-quantize"]
+    assert quant["linear_weight_bytes_before"] == 5 * 4 * per_layer
+    assert quant["linear_weight_bytes_after"] == 5 * (per_layer + 4 * rows)
+    assert not (out / "model" / "model.safetensors").exists()
+    model, _ = models.load(str(out / "model"))
+    assert model.config.intermediate_size == 120
+    assert model.model.layers[0].mlp.up_proj.weight_int8.shape == (120, 64)
