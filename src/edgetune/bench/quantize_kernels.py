@@ -72,19 +72,28 @@ def _linear_names(model: nn.Module) -> list[str]:
     ]
 
 
-def kernel_timings(model: nn.Module, threads: int) -> list[dict[str, Any]]:
+def kernel_timings(model: nn.Module, threads: int, repeats: int = REPEATS) -> list[dict[str, Any]]:
     """Time every kernel of KERNELS on a copy of the fp32 `model`.
 
     Args:
         model: an fp32 causal LM (left unchanged).
         threads: torch threads for the timings.
+        repeats: timed runs per kernel (the median is reported).
 
     Returns:
         One dict per kernel: kernel, prefill_ms, decode_tokens_per_s,
         max_logit_error_pct (of the largest |fp32 logit|), top1_match (fraction of the
         prefill positions whose argmax equals fp32's), or kernel and error.
     """
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _rows(model, threads, repeats)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _rows(model: nn.Module, threads: int, repeats: int) -> list[dict[str, Any]]:
     ids = torch.randint(
         0, model.config.vocab_size, (1, PREFILL_TOKENS), generator=torch.Generator().manual_seed(0)
     )
@@ -97,18 +106,20 @@ def kernel_timings(model: nn.Module, threads: int) -> list[dict[str, Any]]:
         except ImportError as exc:
             rows.append({"kernel": name, "error": f"not installed: {exc}"})
             continue
-        rows.append({"kernel": name, "threads": threads, **_measure(quantized, ids, ref)})
+        rows.append({"kernel": name, "threads": threads, **_measure(quantized, ids, ref, repeats)})
         del quantized
         gc.collect()
     return rows
 
 
 @torch.no_grad()
-def _measure(model: nn.Module, ids: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """Median prefill ms and decode tokens/s over REPEATS, and the logit error vs `ref`."""
+def _measure(
+    model: nn.Module, ids: torch.Tensor, ref: torch.Tensor, repeats: int
+) -> dict[str, float]:
+    """Median prefill ms and decode tokens/s over `repeats`, and the logit error vs `ref`."""
     logits = model(input_ids=ids).logits  # also the warm-up
     prefill, decode = [], []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         model(input_ids=ids)
         prefill.append(time.perf_counter() - start)
