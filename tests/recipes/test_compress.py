@@ -238,3 +238,28 @@ def test_compress_prunes_then_quantizes(cli, stories260k_path, shared_data, tmp_
     model, _ = models.load(str(out / "model"))
     assert model.config.intermediate_size == 120
     assert model.model.layers[0].mlp.up_proj.weight_int8.shape == (120, 64)
+
+
+def test_compress_merges_the_adapter_before_quantizing(
+    cli, tiny_args, stories260k_path, shared_data, tmp_path, capsys
+):
+    # Prepare: a fine-tuned LoRA on the fp32 model
+    finetuned = tmp_path / "ft"
+    assert cli(tiny_args(finetuned, method="fo", steps=2)) == 0
+    out = tmp_path / "run"
+    args = quantize_args(stories260k_path, out, "--quantize", "int8")
+    # Execute
+    assert cli([*args, "--adapter", str(finetuned / "adapter")]) == 0
+    capsys.readouterr()
+    # Assert: DIR/model alone (no DIR/adapter) scores like the fp32 model + adapter did,
+    # and `edgetune eval` of it reproduces the after-quantize score
+    summary = json.loads((out / "summary.json").read_text())
+    quant = summary["after-quantize"]
+    assert quant["adapter_merged"] is True and not (out / "adapter").exists()
+    before = summary["before"]["metrics"]["eval/loss"]
+    run_eval = json.loads((finetuned / "summary.json").read_text())["eval/loss"]
+    assert before == pytest.approx(run_eval, rel=1e-5)
+    assert abs(quant["metrics"]["eval/loss"] - before) < 0.05
+    assert cli(["eval", "--model", str(out / "model"), "--dataset", "sst2", *TINY_DATA]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["eval/loss"] == pytest.approx(quant["metrics"]["eval/loss"], rel=1e-5)
