@@ -61,7 +61,8 @@ def save_int8(model: nn.Module, folder: Path | str) -> Path:
     state = {name: t.detach().contiguous() for name, t in _unique_tensors(model).items()}
     path = folder / WEIGHTS_FILE
     save_file(state, str(path), metadata={"format": "pt", CONFIG_KEY: str(FORMAT)})
-    config = model.config.to_dict()
+    model.config.save_pretrained(folder)  # the usual config.json, then our entry in it
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config[CONFIG_KEY] = {"format": FORMAT, "modules": modules, "keep_fp32": list(KEEP_FP32)}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if getattr(model, "generation_config", None) is not None:
