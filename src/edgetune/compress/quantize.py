@@ -37,7 +37,10 @@ first-order, ZO or P-RGE steppers over `adapter.trainable()`.
 
 Memory note: a model loaded from safetensors keeps its fp32 file memory-mapped while any
 tensor from it lives (the fp32 embedding does), so the process's resident size after
-quantization still counts those file pages until the remaining tensors are copied out.
+quantization still counts those file pages until the remaining tensors are copied out
+(`int8_folder.release_file_pages`). A model loaded from an int8 folder
+(`int8_folder.load_int8`) never holds the fp32 linear weights at all; a LoRA attaches to it
+through `int8_as_linear`.
 """
 
 from __future__ import annotations
