@@ -169,7 +169,14 @@ def test_compress_help_lists_the_prune_keys(cli, capsys):
     with pytest.raises(SystemExit):
         cli(["compress", "--help"])
     text = capsys.readouterr().out
-    for key in ("prune.ratio", "prune.units", "prune.importance", "prune.calib", "adapter"):
+    for key in (
+        "prune.ratio",
+        "prune.units",
+        "prune.importance",
+        "prune.calib",
+        "adapter",
+        "quantize",
+    ):
         assert key in text
 
 
