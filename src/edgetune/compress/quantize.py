@@ -27,7 +27,12 @@ Design choices:
   quantizes the activations, one scale per tensor, which SmolLM2-135M does not survive:
   on a 25-token story its logits move by up to 79 % of the largest logit and only 8 of 25
   next-token predictions match fp32 (lm_head kept fp32 or not), against 3.8 % and 23 of
-  25 for the weight-only int8 here. torchao, the suggested replacement, is not installed.
+  25 for the weight-only int8 here.
+- Not torchao (0.18, the suggested replacement; it runs on torch 2.13 with a deprecation
+  warning): its int8 weight-only layers were no faster here (SmolLM2 prefill 1.54 s vs
+  1.60 s, decode 5.8 vs 4.5 tokens/s, one contended thread; `bench/quantize_kernels.py`)
+  and further from fp32 (max logit error 5.1 % vs 4.0 %, top-1 81 % vs 87 % of 128
+  positions), and it would be a new dependency.
 - LoRA first, quantization second. PEFT 0.21 wraps only the layer types it knows
   (`nn.Linear` and a few quantized backends), so `attach` runs on the fp32 model and
   `quantize_int8` then replaces each `LoraLayer.base_layer` in place; the LoRA matrices
