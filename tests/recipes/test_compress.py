@@ -270,3 +270,17 @@ def test_compress_merges_the_adapter_before_quantizing(
     assert cli(["eval", "--model", str(out / "model"), "--dataset", "sst2", *TINY_DATA]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["eval/loss"] == pytest.approx(quant["metrics"]["eval/loss"], rel=1e-5)
+
+
+def test_compress_refuses_an_int8_model(cli, stories260k_path, shared_data, tmp_path, capsys):
+    # Prepare: the int8 folder a previous compress run writes
+    first = tmp_path / "first"
+    assert cli(quantize_args(stories260k_path, first, "--quantize", "int8")) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    # Execute
+    assert cli(quantize_args(first / "model", out, "--quantize", "int8")) == 2
+    # Assert
+    err = capsys.readouterr().err
+    assert "is already an int8 model; compress the fp32 model it came from" in err
+    assert "Traceback" not in err and not out.exists()
