@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser(
         "compress",
-        help="structurally prune a model (and its adapter); measure before and after",
+        help="prune and/or int8-quantize a model (and its adapter); measure before and after",
         epilog=_config_epilog(CompressConfig),
         formatter_class=fmt,
     )
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--importance", help="activation | taylor | magnitude")
     g.add_argument("--calib", type=int, help="calibration examples from the training split")
+    g.add_argument("--quantize", help="none | int8: save the final model with int8 linear weights")
     g.add_argument("--batch-size", type=int, help="evaluation and calibration batch size")
     g.add_argument("--out", help="run directory")
     r = cp.add_argument_group("recovery (LoRA training of the pruned model)")
@@ -494,6 +495,7 @@ COMPRESS_FLAGS = {
     "prune_units": "prune.units",
     "importance": "prune.importance",
     "calib": "prune.calib",
+    "quantize": "quantize",
     "batch_size": "batch_size",
     "recover": "recover.method",
     "recover_steps": "recover.steps",

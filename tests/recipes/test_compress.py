@@ -141,7 +141,10 @@ def test_compress_with_taylor_importance(cli, stories260k_path, shared_data, tmp
         (("prune.ranking=globel",), "prune.ranking: 'globel' is not one of layer, global"),
         (("--prune", "0.9"), "ratio 0.9 removes all 4 key/value heads of layer 0"),
         (("--importance", "magnitude"), "prune.calib=8 is not used by prune.importance=magnitude"),
-        (("--calib", "100"), "prune.calib=100 but the training split has 64 rows"),
+        (("--prune", "0.3", "--calib", "100"), "prune.calib=100 but the training split has 64"),
+        (("--quantize", "int4"), "compress.quantize: 'int4' is not one of none, int8"),
+        ((), "nothing to do (prune.ratio=0 and quantize=none); give --prune R and/or --quantize"),
+        (("--quantize", "int8"), "prune.calib is not used without pruning (prune.ratio=0)"),
     ],
 )
 def test_compress_refuses_bad_settings(
@@ -163,7 +166,7 @@ def test_compress_refuses_an_unsupported_architecture(
     )
     AutoTokenizer.from_pretrained(stories260k_path).save_pretrained(gpt2)
     out = tmp_path / "run"
-    assert cli(compress_args(gpt2, out)) == 2
+    assert cli(compress_args(gpt2, out, "--prune", "0.3")) == 2
     err = capsys.readouterr().err
     assert "GPT2LMHeadModel has no model.layers; supported: Llama" in err
     assert "Traceback" not in err
@@ -176,7 +179,7 @@ def test_compress_refuses_an_out_holding_a_run(
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"stage": "before"}\n')
-    assert cli(compress_args(stories260k_path, out)) == 2
+    assert cli(compress_args(stories260k_path, out, "--prune", "0.3")) == 2
     assert "already holds a run; pass another --out" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
 
@@ -190,6 +193,7 @@ def test_compress_help_lists_the_prune_keys(cli, capsys):
         assert key in text
     for key in ("--recover", "--recover-steps", "--distill", "--teacher", "recover.alpha"):
         assert key in text
+    assert "quantize" in text
 
 
 def read_lines(out: Path) -> list[dict]:
@@ -252,7 +256,7 @@ def test_compress_recovery_continues_the_mapped_adapter(
     assert cli([*args, "--recover", "fo", "--recover-steps", "2", "--distill"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recover"]["continued_from"] == str(out / "adapter")
-    assert summary["recover"]["metrics"] != summary["after"]["metrics"]
+    assert summary["recover"]["metrics"] != summary["after-prune"]["metrics"]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     fresh = json.loads((finetuned / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == fresh["r"] and config["base_model_name_or_path"] == str(out / "model")
@@ -452,3 +456,109 @@ def test_compress_refuses_bias_compensation_with_magnitude_importance(
     err = capsys.readouterr().err
     assert "prune.bias_compensation needs the calibration activations" in err
     assert "use --importance activation or taylor" in err and not out.exists()
+
+
+def quantize_args(model: Path, out: Path, *extra: str) -> list[str]:
+    """compress_args without --calib (unused without pruning, so refused)."""
+    args = compress_args(model, out, *extra)
+    at = args.index("--calib")
+    return args[:at] + args[at + 2 :]
+
+
+def test_compress_quantize_int8_writes_an_int8_model(
+    cli, stories260k_path, shared_data, tmp_path, capsys
+):
+    # Prepare
+    out = tmp_path / "run"
+    # Execute
+    assert cli(quantize_args(stories260k_path, out, "--quantize", "int8")) == 0
+    capsys.readouterr()
+    # Assert: two stages, no pruning; 35 layers' weights 3.8x smaller, the file 0.36x
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["stage"] for line in lines] == ["before", "after-quantize"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prune"] is None and summary["params_after"] == 260032
+    quant = summary["after-quantize"]
+    assert quant == summary["after"]
+    assert quant["method"] == "int8" and quant["adapter_merged"] is False
+    assert quant["linear_weight_bytes_before"] == 4 * 5 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 172 * 3)
+    assert quant["linear_weight_bytes_before"] / quant["linear_weight_bytes_after"] > 3.7
+    assert (
+        summary["model_bytes_after"]
+        < 0.45 * (stories260k_path / "model.safetensors").stat().st_size
+    )
+    assert quant["prefill_ms"] > 0 and quant["decode_tokens_per_s"] > 0
+    # measured: eval loss 0.8286 -> 0.8346 on these 16 rows
+    before, after = summary["before"]["metrics"], quant["metrics"]
+    assert abs(after["eval/loss"] - before["eval/loss"]) < 0.05
+    assert sorted(p.name for p in (out / "model").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.int8.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    # and `edgetune eval` on DIR/model scores what the run measured
+    args = ["eval", "--model", str(out / "model"), "--dataset", "sst2", *TINY_DATA]
+    assert cli(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["eval/loss"] == pytest.approx(after["eval/loss"], rel=1e-5)
+
+
+def test_compress_prunes_then_quantizes(cli, stories260k_path, shared_data, tmp_path):
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.3", "--quantize", "int8")
+    assert cli(args) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["stage"] for line in lines] == ["before", "after-prune", "after-quantize"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params_after"] == 260032 - 5 * 3 * 64 * 52
+    # the pruned layers (MLP 172 -> 120 channels) in fp32, then int8 + one fp32 scale a row
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 120 * 3
+    rows = 64 + 32 + 32 + 64 + 120 + 120 + 64
+    quant = summary["after-quantize"]
+    assert quant["linear_weight_bytes_before"] == 5 * 4 * per_layer
+    assert quant["linear_weight_bytes_after"] == 5 * (per_layer + 4 * rows)
+    assert not (out / "model" / "model.safetensors").exists()
+    model, _ = models.load(str(out / "model"))
+    assert model.config.intermediate_size == 120
+    assert model.model.layers[0].mlp.up_proj.weight_int8.shape == (120, 64)
+
+
+def test_compress_merges_the_adapter_before_quantizing(
+    cli, tiny_args, stories260k_path, shared_data, tmp_path, capsys
+):
+    # Prepare: a fine-tuned LoRA on the fp32 model
+    finetuned = tmp_path / "ft"
+    assert cli(tiny_args(finetuned, method="fo", steps=2)) == 0
+    out = tmp_path / "run"
+    args = quantize_args(stories260k_path, out, "--quantize", "int8")
+    # Execute
+    assert cli([*args, "--adapter", str(finetuned / "adapter")]) == 0
+    capsys.readouterr()
+    # Assert: DIR/model alone (no DIR/adapter) scores like the fp32 model + adapter did,
+    # and `edgetune eval` of it reproduces the after-quantize score
+    summary = json.loads((out / "summary.json").read_text())
+    quant = summary["after-quantize"]
+    assert quant["adapter_merged"] is True and not (out / "adapter").exists()
+    before = summary["before"]["metrics"]["eval/loss"]
+    run_eval = json.loads((finetuned / "summary.json").read_text())["eval/loss"]
+    assert before == pytest.approx(run_eval, rel=1e-5)
+    assert abs(quant["metrics"]["eval/loss"] - before) < 0.05
+    assert cli(["eval", "--model", str(out / "model"), "--dataset", "sst2", *TINY_DATA]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["eval/loss"] == pytest.approx(quant["metrics"]["eval/loss"], rel=1e-5)
+
+
+def test_compress_refuses_an_int8_model(cli, stories260k_path, shared_data, tmp_path, capsys):
+    # Prepare: the int8 folder a previous compress run writes
+    first = tmp_path / "first"
+    assert cli(quantize_args(stories260k_path, first, "--quantize", "int8")) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    # Execute
+    assert cli(quantize_args(first / "model", out, "--quantize", "int8")) == 2
+    # Assert
+    err = capsys.readouterr().err
+    assert "is already an int8 model; compress the fp32 model it came from" in err
+    assert "Traceback" not in err and not out.exists()

@@ -2,5 +2,5 @@
 
 `compress/prune/` removes whole units (MLP channels, key/value head groups) so the saved model
 is physically smaller; `compress/quantize.py` stores linear weights in int8 (a frozen base
-that LoRA can still train on).
+that LoRA can still train on) and `compress/int8_folder.py` saves and loads such a model.
 """

@@ -12,18 +12,27 @@ Design choices:
 - One module, `Int8Linear`, serves inference and training. Its int8 weight and scales are
   buffers, not parameters, so they are frozen by construction: no optimizer, PEFT or ZO
   direction ever sees them, and an `Adapter`'s trainable tensors stay the LoRA matrices.
-- The forward uses torch's CPU int8 weight-only kernel `torch._weight_int8pack_mm`
-  (fp32 activations x int8 weights; bf16 activations are computed in fp32 and cast
-  back). It has no autograd formula, so `Int8Linear` supplies the one gradient LoRA
-  needs, the gradient to the input, `dL/dx = (dL/dy * scale) @ W_int8` (the weight itself
-  gets none).
+- The forward widens the int8 weight to fp32 one layer at a time, runs the fp32 GEMM and
+  scales the output rows, `y = (x @ float(W_int8)^T) * scale` (bf16 activations are
+  computed in fp32 and cast back); the widened copy lives only during the call (3.5 MB
+  for SmolLM2's largest projection). Not torch's int8 weight-only kernel
+  `torch._weight_int8pack_mm`: on an AVX2 CPU (no AVX-512) in torch 2.13 it took 225 ms
+  for a 128 x 576 by 576 x 1536 product that fp32 does in 6 ms, and 1.6 ms vs 0.3 ms for
+  one row, so SmolLM2 prefill was ~45x slower than fp32. `Int8Linear` supplies the one
+  gradient LoRA needs, the gradient to the input, `dL/dx = (dL/dy * scale) @ W_int8`
+  (the weight itself gets none).
 - Not `torch.ao.quantization.quantize_dynamic`: in torch 2.13 it still runs but warns that
   `torch.ao.quantization` is deprecated (and so are the `qint8` tensors it builds); its
   modules have no backward, so LoRA layers below them would get no gradient; and it also
   quantizes the activations, one scale per tensor, which SmolLM2-135M does not survive:
   on a 25-token story its logits move by up to 79 % of the largest logit and only 8 of 25
   next-token predictions match fp32 (lm_head kept fp32 or not), against 3.8 % and 23 of
-  25 for the weight-only int8 here. torchao, the suggested replacement, is not installed.
+  25 for the weight-only int8 here.
+- Not torchao (0.18, the suggested replacement; it runs on torch 2.13 with a deprecation
+  warning): its int8 weight-only layers were no faster here (SmolLM2 prefill 1.54 s vs
+  1.60 s, decode 5.8 vs 4.5 tokens/s, one contended thread; `bench/quantize_kernels.py`)
+  and further from fp32 (max logit error 5.1 % vs 4.0 %, top-1 81 % vs 87 % of 128
+  positions), and it would be a new dependency.
 - LoRA first, quantization second. PEFT 0.21 wraps only the layer types it knows
   (`nn.Linear` and a few quantized backends), so `attach` runs on the fp32 model and
   `quantize_int8` then replaces each `LoraLayer.base_layer` in place; the LoRA matrices
@@ -37,12 +46,16 @@ first-order, ZO or P-RGE steppers over `adapter.trainable()`.
 
 Memory note: a model loaded from safetensors keeps its fp32 file memory-mapped while any
 tensor from it lives (the fp32 embedding does), so the process's resident size after
-quantization still counts those file pages until the remaining tensors are copied out.
+quantization still counts those file pages until the remaining tensors are copied out
+(`int8_folder.release_file_pages`). A model loaded from an int8 folder
+(`int8_folder.load_int8`) never holds the fp32 linear weights at all; a LoRA attaches to it
+through `int8_as_linear`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -71,6 +84,12 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.register_buffer("bias", bias)
 
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool) -> Int8Linear:
+        """A shell of the given shape on the meta device, for `load_int8` to fill."""
+        meta = nn.Linear(in_features, out_features, bias=bias, device="meta")
+        return cls(meta)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _Int8MatMul.apply(x, self.weight_int8, self.scale)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -84,13 +103,13 @@ class Int8Linear(nn.Module):
 
 
 class _Int8MatMul(torch.autograd.Function):
-    """`x @ (scale * W_int8)^T` with the int8 kernel forward and a gradient for x only."""
+    """`x @ (scale * W_int8)^T` and a gradient for x only."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(w, scale)
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-        y = torch._weight_int8pack_mm(flat, w, scale)
+        y = torch.nn.functional.linear(flat, w.float()) * scale
         return y.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
 
     @staticmethod
@@ -149,6 +168,35 @@ def _targets(model: nn.Module, keep: set[str]) -> list[tuple[str, nn.Linear]]:
 def _kept(name: str, keep: set[str]) -> bool:
     parts = name.split(".")
     return parts[-1] in keep or "lora_A" in parts or "lora_B" in parts
+
+
+@contextmanager
+def int8_as_linear(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every `Int8Linear` of `model` is an `nn.Linear` stand-in, so PEFT
+    wraps it as it wraps any linear (it knows no custom layer types); on exit each stand-in,
+    wherever PEFT moved it (a `LoraLayer.base_layer`), is the `Int8Linear` again.
+
+    This is how a LoRA is attached to a model loaded from an int8 folder: the result is
+    the one `attach` then `quantize_int8` gives. A stand-in's weight is a stride-0 view of
+    a single zero of the right shape, so no fp32 weight is allocated; nothing may compute
+    with it inside the block.
+    """
+    originals: dict[int, Int8Linear] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Linear):
+            stand_in = nn.Linear(module.in_features, module.out_features, bias=False)
+            shape = (module.out_features, module.in_features)
+            stand_in.weight = nn.Parameter(torch.zeros(()).expand(shape), requires_grad=False)
+            originals[id(stand_in)] = module
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, stand_in)
+    try:
+        yield model
+    finally:
+        for name, module in list(model.named_modules()):
+            if id(module) in originals:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, originals[id(module)])
 
 
 def linear_weight_bytes(model: nn.Module, keep: Iterable[str] = KEEP_FP32) -> int:

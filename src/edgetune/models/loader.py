@@ -116,7 +116,9 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
                 source, num_labels=num_labels or 2, dtype=torch.float32
             )
         else:
-            model = _load_per_layer_widths(source)
+            model = _int8_model(source)
+            if model is None:
+                model = _load_per_layer_widths(source)
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except OSError as exc:
@@ -157,6 +159,16 @@ def _recorded_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _int8_model(source: Path | str) -> Any:
+    """The model of an int8 folder written by `edgetune compress --quantize int8`, or None
+    for any other source (the format is described in `edgetune.compress.int8_folder`)."""
+    from edgetune.compress.int8_folder import int8_entry, load_int8
+
+    if isinstance(source, str) or int8_entry(source) is None:
+        return None
+    return load_int8(source)
 
 
 def check_adapter_fits(model: Any, adapter: Path) -> None:

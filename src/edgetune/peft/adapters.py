@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
+from edgetune.compress.quantize import Int8Linear, int8_as_linear
 from edgetune.errors import ConfigError
 from edgetune.peft.card import ModelCard
 from edgetune.peft.config import PeftConfig
 
 PEFT_FORMAT_METHODS = ("lora", "lora-fa", "prompt")
+INT8_BASE_METHODS = PEFT_FORMAT_METHODS  # the others would train base weights int8 freezes
 
 
 @dataclass
@@ -115,7 +117,14 @@ def attach(model: torch.nn.Module, cfg: PeftConfig, seed: int) -> Adapter:
     """
     # PEFT draws its initial weights from the global RNG; fork it so the adapter is a
     # function of the run seed only and the caller's RNG stream is untouched.
-    with torch.random.fork_rng():
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    if int8 and cfg.method not in INT8_BASE_METHODS:
+        raise ConfigError(
+            f"peft.method={cfg.method} trains base weights, but this model's linear weights "
+            f"are int8 and frozen; use --peft {' or '.join(INT8_BASE_METHODS)}, or fine-tune "
+            "the fp32 model"
+        )
+    with torch.random.fork_rng(), int8_as_linear(model):
         torch.manual_seed(seed)
         wrapped = _ATTACHERS[cfg.method](model, cfg)
     names = [n for n, p in wrapped.named_parameters() if p.requires_grad]

@@ -1,22 +1,27 @@
-"""`edgetune compress`: structurally prune a model (and map its adapter) and measure the cost.
+"""`edgetune compress`: structurally prune, recover and/or int8-quantize a model (and map
+or merge its adapter) and measure the cost of each stage.
 
-load model + data -> evaluate before -> importance scores on calibration batches from the
-training split -> select kept units (global ratio, `prune.layer_ratios` or
+load model + data -> evaluate "before" -> [prune: importance scores on calibration batches
+from the training split -> select kept units (global ratio, `prune.layer_ratios` or
 `prune.ranking=global`; whole layers with `--prune-units ...,layers`) -> optional FLAP bias
-compensation -> prune -> save DIR/model (and DIR/adapter) -> evaluate after -> with
---recover, LoRA recovery (optionally distilled from the unpruned model;
-`recipes/recover.py`) saved to DIR/adapter -> evaluate after recovery. DIR/model loads with
-stock transformers when every layer keeps the same widths, else with `edgetune.models.load`
-(per-layer widths; see `compress/prune/structured.py`). Every input is checked before DIR is
-created, so a refused request writes nothing. metrics.jsonl holds one line per stage
-("before", "after-prune", "after-recover"; recovery's step lines carry "step" instead);
-summary.json the parameter counts, size on disk, speed and memory.
+compensation -> prune -> save DIR/model (and the mapped DIR/adapter) -> evaluate
+"after-prune"] -> [recover: LoRA training of the pruned model, optionally distilled from
+the unpruned one (`recipes/recover.py`), saved to DIR/adapter -> evaluate "after-recover"]
+-> [quantize int8: merge the adapter into the fp32 weights -> int8 linear weights -> save
+DIR/model in the int8 folder format (`compress/int8_folder.py`) -> evaluate
+"after-quantize"]. A stage not requested is skipped; a run requesting nothing is refused.
+An fp32 DIR/model loads with stock transformers when every layer keeps the same widths,
+else with `edgetune.models.load` (per-layer widths; see `compress/prune/structured.py`).
+Every input is checked before DIR is created, so a refused request writes nothing.
+metrics.jsonl holds one line per stage (recovery's step lines carry "step" instead);
+summary.json the parameter counts, size on disk, speed and memory of each stage.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 
 from edgetune import console, models, threads
+from edgetune.compress.int8_folder import release_file_pages, save_int8
 from edgetune.compress.prune import (
     activation_scores,
     compensate,
@@ -39,6 +45,7 @@ from edgetune.compress.prune import (
     taylor_scores,
 )
 from edgetune.compress.prune.select import RANKINGS, UNITS
+from edgetune.compress.quantize import Int8Linear, linear_weight_bytes, quantize_int8
 from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.errors import ConfigError
@@ -48,6 +55,9 @@ from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train.loop import evaluate_model
 
 IMPORTANCE = ("activation", "taylor", "magnitude")
+QUANTIZE = ("none", "int8")
+# settings that only act when pruning
+PRUNE_ONLY = ("units", "importance", "calib", "ranking", "bias_compensation")
 PREFILL_TOKENS = 128
 DECODE_TOKENS = 32
 SPEED_REPEATS = 3
@@ -151,6 +161,11 @@ class PruneConfig:
             )
 
     @property
+    def requested(self) -> bool:
+        """Whether anything is pruned (a global ratio or per-layer ratios)."""
+        return self.ratio > 0.0 or self.layer_ratios is not None
+
+    @property
     def unit_list(self) -> list[str]:
         """The unit kinds as a list."""
         return [u.strip() for u in self.units.split(",") if u.strip()]
@@ -169,6 +184,7 @@ class CompressConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     recover: RecoverConfig = dataclasses.field(default_factory=RecoverConfig)
+    quantize: str = option("none", "none | int8: store the final model's linear weights in int8")
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
     )
@@ -177,13 +193,25 @@ class CompressConfig:
         threads.check(self.threads, "threads")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: expected an integer >= 1, got {self.batch_size}")
+        check_choice("compress", "quantize", self.quantize, QUANTIZE)
         self._check_recover()
+        if not self.prune.requested and self.quantize == "none":
+            raise ConfigError(
+                "compress: nothing to do (prune.ratio=0 and quantize=none); give --prune R "
+                "and/or --quantize int8"
+            )
+        unused = [k for k in PRUNE_ONLY if getattr(self.prune, k) != getattr(PruneConfig, k)]
+        if not self.prune.requested and unused:
+            raise ConfigError(
+                f"prune.{unused[0]} is not used without pruning (prune.ratio=0); add "
+                f"--prune R, e.g. --prune 0.3, or drop the prune.{unused[0]} setting"
+            )
 
     def _check_recover(self) -> None:
         """Recovery needs something to recover from, and a mapped adapter keeps its rank."""
         if self.recover.method == "none":
             return
-        if self.prune.ratio == 0.0:
+        if not self.prune.requested:
             raise ConfigError(
                 f"recover.method={self.recover.method} with prune.ratio=0 would fine-tune an "
                 "unpruned model; use edgetune finetune for that, or add --prune R"
@@ -196,12 +224,13 @@ class CompressConfig:
 
 
 def run(cfg: CompressConfig) -> dict[str, Any]:
-    """Prune `cfg.model`, write the run directory `cfg.out`; returns the summary.
+    """Prune, recover and/or quantize `cfg.model`, write the run directory `cfg.out`;
+    returns the summary.
 
     Raises:
         EdgetuneError: --out holds a run, too few calibration rows, an unsupported
-            architecture, a ratio that empties a layer, or an adapter of another model;
-            all before the run folder is created.
+            architecture, a model that is already int8, a ratio that empties a layer, or an
+            adapter of another model; all before the run folder is created.
     """
     start = time.perf_counter()
     if (Path(cfg.out) / "metrics.jsonl").exists():
@@ -211,29 +240,113 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.progress)
     model, tokenizer = models.load(cfg.model)
     llama_layers(model)  # an unsupported architecture stops here, before DIR exists
+    _refuse_int8_input(model, cfg)
     splits = load_splits(cfg.data, cfg.seed)
     task = build_task(splits, cfg.data, tokenizer)
     eval_rows = task.prepare_rows(splits.eval)
     train_rows = task.prepare_rows(splits.train)
-    calib_rows = train_rows[: cfg.prune.calib]
-    if cfg.prune.importance != "magnitude" and len(calib_rows) < cfg.prune.calib:
+    pruning = cfg.prune.requested
+    calib_rows = train_rows[: cfg.prune.calib] if pruning else []
+    if pruning and cfg.prune.importance != "magnitude" and len(calib_rows) < cfg.prune.calib:
         raise ConfigError(
             f"prune.calib={cfg.prune.calib} but the training split has {len(calib_rows)} "
             f"rows; lower --calib to {len(calib_rows)} or raise data.train_size"
         )
     scored = load_adapter(models.load(cfg.model)[0], cfg.adapter) if cfg.adapter else model
     teacher = _teacher(cfg, scored, tokenizer, model.config.vocab_size)
-    kept, rounded = _select(model, task, calib_rows, cfg)  # a ratio too high stops here
+    # a ratio too high stops here
+    kept, rounded = _select(model, task, calib_rows, cfg) if pruning else (None, None)
     rundir = RunDir(cfg.out)
     rundir.write_config(to_dict(cfg))
 
-    console.status("evaluating before pruning", cfg.progress)
+    console.status("evaluating before compression", cfg.progress)
     before = {**_evaluate(scored, task, eval_rows, cfg), **_speed(model, cfg.seed)}
     rundir.log({"stage": "before", **before["metrics"]})
-    del scored
-
-    unpruned_config = copy.deepcopy(model.config)
+    stages: dict[str, dict] = {}
     params_before = _params(model)
+    recovered = None
+    if pruning:
+        del scored
+        scored, adapter_dir, stages["after-prune"] = _prune_stage(
+            model, tokenizer, kept, task, calib_rows, eval_rows, rundir, cfg
+        )
+    if cfg.recover.method != "none":
+        store = teacher_logits(cfg.recover, teacher, task, train_rows) if teacher else None
+        del teacher  # with recover.teacher_cache the store holds the only logits needed
+        base = scored.unload() if cfg.adapter else model
+        adapter, recovered = recover(
+            base, adapter_dir, store, task, train_rows, rundir, cfg.recover, cfg.seed, cfg.progress
+        )
+        console.status("evaluating after recovery", cfg.progress)
+        recovered["metrics"] = _evaluate(adapter.model, task, eval_rows, cfg)["metrics"]
+        rundir.log({"stage": "after-recover", **recovered["metrics"]})
+        # LoRA merges into weights of the same shapes: the speed is the pruned model's
+        speed = {k: stages["after-prune"][k] for k in ("prefill_ms", "decode_tokens_per_s")}
+        stages["after-recover"] = {"metrics": recovered["metrics"], **speed}
+        scored = adapter.model
+    params_after = _params(model)
+    if cfg.quantize == "int8":
+        stages["after-quantize"] = _quantize_stage(scored, tokenizer, task, eval_rows, rundir, cfg)
+    folder = rundir.path / "model"
+    summary = {
+        "command": "compress",
+        "model": cfg.model,
+        "adapter": cfg.adapter or None,
+        "prune": _prune_summary(cfg.prune, kept, model) if pruning else None,
+        "heads_rounded": rounded,
+        "params_before": params_before,
+        "params_after": params_after,
+        "model_bytes_after": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+        "eval_examples": len(eval_rows),
+        "before": before,
+        **stages,
+        "after": stages[list(stages)[-1]],
+        "recover": recovered,
+        "peak_rss_mb": peak_rss_mb(),
+        "wall_s": time.perf_counter() - start,
+    }
+    rundir.write_summary(summary)
+    return summary
+
+
+def _prune_summary(prune_cfg: PruneConfig, kept: Any, model: Any) -> dict[str, Any]:
+    """The prune settings with what survived: kv groups, layers and per-layer widths."""
+    return {
+        **to_dict(prune_cfg),
+        "kept_kv_groups": len(kept.kv_groups[kept.kept_layers[0]]),
+        "kept_layers": list(kept.kept_layers),
+        "layer_widths": layer_widths(model),
+    }
+
+
+def _refuse_int8_input(model: Any, cfg: CompressConfig) -> None:
+    """An int8 model (a compress output) can be neither pruned nor quantized again."""
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise ConfigError(
+            f"{cfg.model} is already an int8 model; compress the fp32 model it came from "
+            "(prune and quantize in one run: --prune R --quantize int8)"
+        )
+
+
+def _prune_stage(
+    model: Any,
+    tokenizer: Any,
+    kept: Any,
+    task: Any,
+    calib_rows: list[dict],
+    rows: list[dict],
+    rundir: RunDir,
+    cfg: CompressConfig,
+) -> tuple[Any, Path | None, dict]:
+    """(Compensate and) prune `model` in place, save DIR/model (and the mapped
+    DIR/adapter), evaluate.
+
+    Returns:
+        (the pruned model, wrapped with its mapped adapter when there is one; the mapped
+        adapter's folder or None; the stage result: metrics and speed of the bare pruned
+        model).
+    """
+    unpruned_config = copy.deepcopy(model.config)
     if cfg.prune.bias_compensation:
         _compensate(model, kept, task, calib_rows, cfg)
     prune(model, kept)
@@ -247,44 +360,44 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
             cfg.adapter, rundir.path / "adapter", kept, unpruned_config, base_model=folder
         )
         scored = load_adapter(model, str(adapter_dir))
-
     console.status("evaluating after pruning", cfg.progress)
-    after = {**_evaluate(scored, task, eval_rows, cfg), **speed_after}
+    after = {**_evaluate(scored, task, rows, cfg), **speed_after}
     rundir.log({"stage": "after-prune", **after["metrics"]})
-    recovered = None
-    if cfg.recover.method != "none":
-        store = teacher_logits(cfg.recover, teacher, task, train_rows) if teacher else None
-        del teacher  # with recover.teacher_cache the store holds the only logits needed
-        base = scored.unload() if cfg.adapter else model
-        adapter, recovered = recover(
-            base, adapter_dir, store, task, train_rows, rundir, cfg.recover, cfg.seed, cfg.progress
-        )
-        console.status("evaluating after recovery", cfg.progress)
-        recovered["metrics"] = _evaluate(adapter.model, task, eval_rows, cfg)["metrics"]
-        rundir.log({"stage": "after-recover", **recovered["metrics"]})
-    summary = {
-        "command": "compress",
-        "model": cfg.model,
-        "adapter": cfg.adapter or None,
-        "prune": {
-            **to_dict(cfg.prune),
-            "kept_kv_groups": len(kept.kv_groups[kept.kept_layers[0]]),
-            "kept_layers": list(kept.kept_layers),
-            "layer_widths": layer_widths(model),
-        },
-        "heads_rounded": rounded,
-        "params_before": params_before,
-        "params_after": _params(model),
-        "model_bytes_after": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
-        "eval_examples": len(eval_rows),
-        "before": before,
-        "after": after,
-        "recover": recovered,
-        "peak_rss_mb": peak_rss_mb(),
-        "wall_s": time.perf_counter() - start,
+    return scored, adapter_dir, after
+
+
+def _quantize_stage(
+    scored: Any, tokenizer: Any, task: Any, rows: list[dict], rundir: RunDir, cfg: CompressConfig
+) -> dict:
+    """Merge the adapter (if any) into the fp32 weights, quantize to int8, save DIR/model
+    in the int8 folder format (replacing a pruned fp32 model there and the adapter folder
+    merged into it), evaluate.
+
+    Returns:
+        The stage result: metrics, speed, linear weight bytes before and after, the size
+        of DIR/model on disk, and whether an adapter was merged into it.
+    """
+    merged = hasattr(scored, "merge_and_unload")  # a PEFT model: a given or recovered adapter
+    model = scored.merge_and_unload() if merged else scored
+    bytes_before = linear_weight_bytes(model)
+    release_file_pages(quantize_int8(model))
+    folder = rundir.path / "model"
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    save_int8(model, folder)
+    tokenizer.save_pretrained(folder)
+    # the adapter is in DIR/model now; kept beside it, it would fit no saved model
+    shutil.rmtree(rundir.path / "adapter", ignore_errors=True)
+    console.status("evaluating after int8 quantization", cfg.progress)
+    after = {**_evaluate(model, task, rows, cfg), **_speed(model, cfg.seed)}
+    rundir.log({"stage": "after-quantize", **after["metrics"]})
+    return {
+        **after,
+        "method": cfg.quantize,
+        "adapter_merged": merged,
+        "linear_weight_bytes_before": bytes_before,
+        "linear_weight_bytes_after": linear_weight_bytes(model),
+        "model_mb": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20,
     }
-    rundir.write_summary(summary)
-    return summary
 
 
 def _teacher(cfg: CompressConfig, unpruned: Any, tokenizer: Any, vocab_size: int) -> Any:

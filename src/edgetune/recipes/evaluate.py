@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune import console
+from edgetune.compress.quantize import int8_as_linear
 from edgetune.config import (
     build,
     config_from_run,
@@ -56,7 +57,8 @@ def load_adapter(model: Any, adapter: str | None) -> Any:
 
     check_adapter_fits(model, path)
     try:
-        return PeftModel.from_pretrained(model, path).eval()
+        with int8_as_linear(model):  # a LoRA over an int8 model (edgetune compress)
+            return PeftModel.from_pretrained(model, path).eval()
     except RuntimeError as exc:
         if "size mismatch" not in str(exc):
             raise
