@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.bench.markdown import machine_line, write_section
+from edgetune.errors import ConfigError
 from edgetune.recipes.demo import COMMON, FULL, QUICK, QUICK_COMMON
 from edgetune.recipes.finetune import run_in_subprocess
 
@@ -139,10 +140,15 @@ def ratio_runs(s: Settings, ratio: float, seed: int, first: bool) -> list[Run]:
     return runs
 
 
+def task_args(s: Settings) -> list[str]:
+    """The demo's data settings as compress takes them (it has no train.* section)."""
+    return [a for a in s.data if not a.startswith("train.")]
+
+
 def compress_args(s: Settings, r: Run, adapter: Path) -> list[str]:
     """The command line of one run (after `edgetune compress --model M --out DIR`): the
     demo's data settings (compress has no train.* section) and the run's own flags."""
-    data = [a for a in s.data if not a.startswith("train.")]
+    data = task_args(s)
     seed = [f"recover.seed={r.seed}"] if r.seed and "--recover" in r.args else []
     return [*data, "--adapter", str(adapter), *r.args, *seed, "--threads", str(s.threads)]
 
@@ -218,6 +224,12 @@ def run(
     adapter: str | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Fine-tune (unless `adapter`), run every compress row, write the section and plot."""
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
+        raise ConfigError(
+            f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json); pass "
+            "RUN/adapter of a finetune run on the benchmark's task, or drop --adapter to "
+            "fine-tune one"
+        )
     s = settings(model, quick, threads, seeds)
     root = Path(work)
     root.mkdir(parents=True, exist_ok=True)
@@ -322,12 +334,13 @@ def render(results: list[dict], memory: dict, s: Settings, machine: str, png: st
         f"--seeds {seeds}`  ",
         f"Machine: {machine}  ",
         f"Threads: {s.threads} in each compress / eval process  ",
-        f"Task: {' '.join(s.data)}; base adapter: `edgetune finetune {' '.join(s.base)}`. "
+        f"Task: {' '.join(task_args(s))}; base adapter: `edgetune finetune {' '.join(s.base)}`. "
         f"Recovery: FO LoRA {s.fo_steps} steps, ZO {s.zo_steps} steps (with distillation "
         f"from the unpruned model). Perplexity: `edgetune eval {' '.join(s.perplexity)}` on "
         "each run's saved model (a no-recovery row shares its run's folder with the "
-        "recovered model, so its perplexity is not measured: –). Speed ratios (x) are "
-        "before / after inside the same compress process; absolute ms are per run. "
+        "recovered model, so its perplexity is not measured: –). (x) = times faster than "
+        "the unpruned fp32 model measured in the same compress process; absolute ms are "
+        "per run. "
         "Peak RSS: the eval (inference) process of the row's model. Accuracy with two "
         "seeds: mean (each seed). **bold** = on the Pareto front.",
         "",
@@ -350,6 +363,11 @@ def render(results: list[dict], memory: dict, s: Settings, machine: str, png: st
     return "\n".join(lines)
 
 
+def _lost(r: dict) -> float:
+    """Accuracy points lost against the unpruned model (0.0, never -0.0)."""
+    return 0.0 - 100 * r["loss_points"]
+
+
 def _check(ok: bool, miss: str) -> str:
     return "PASS" if ok else f"MISS ({miss})"
 
@@ -364,23 +382,23 @@ def targets(rows: list[dict], memory: dict, s: Settings) -> list[str]:
             continue
         r = by[label]
         slow = min(r["prefill_x"], r["decode_x"])
-        ok = slow >= PRUNE_SPEEDUP and -r["loss_points"] <= PRUNE_LOSS
-        miss = f"speed {slow:.2f}x of {PRUNE_SPEEDUP}x, loss {-100 * r['loss_points']:.1f} of {100 * PRUNE_LOSS:.0f} points"
+        ok = slow >= PRUNE_SPEEDUP and _lost(r) <= 100 * PRUNE_LOSS
+        miss = f"speed {slow:.2f}x of {PRUNE_SPEEDUP}x, loss {_lost(r):.1f} of {100 * PRUNE_LOSS:.0f} points"
         lines.append(
             f"- {label}: prefill {r['prefill_x']:.2f}x and decode {r['decode_x']:.2f}x "
-            f">= {PRUNE_SPEEDUP}x, accuracy loss {-100 * r['loss_points']:.1f} <= "
+            f">= {PRUNE_SPEEDUP}x, accuracy loss {_lost(r):.1f} <= "
             f"{100 * PRUNE_LOSS:.0f} points: {_check(ok, miss)}"
         )  # fmt: skip
     if "int8" in by:
         r = by["int8"]
         small = r["linear_x"]
         ok = (small or 0) >= INT8_SMALLER and r["prefill_x"] >= INT8_SPEEDUP
-        ok = ok and -r["loss_points"] <= INT8_LOSS
+        ok = ok and _lost(r) <= 100 * INT8_LOSS
         lines.append(
             f"- int8: linear weights {_cell(small, '.2f')}x smaller (>= {INT8_SMALLER}x), "
             f"prefill {r['prefill_x']:.2f}x (>= {INT8_SPEEDUP}x), loss "
-            f"{-100 * r['loss_points']:.1f} (<= {100 * INT8_LOSS:.0f} point): "
-            + _check(ok, f"{_cell(small, '.2f')}x / {r['prefill_x']:.2f}x / {-100 * r['loss_points']:.1f}")
+            f"{_lost(r):.1f} (<= {100 * INT8_LOSS:.0f} point): "
+            + _check(ok, f"{_cell(small, '.2f')}x / {r['prefill_x']:.2f}x / {_lost(r):.1f}")
         )  # fmt: skip
     ratio = memory["zo_int8_mb"] / memory["fp32_inference_mb"]
     batch, seq, _ = s.memory
