@@ -30,3 +30,14 @@ def test_demo_report_opens_with_the_settings_of_each_run(finetune_run):
     row = next(x for x in lines if x.startswith("| ZO LoRA (MeZO) |"))
     assert row.endswith(f"| {summary['wall_s']:.1f} |")
     assert lines[-1].endswith("total demo time 12.3 s.")
+
+
+def test_the_compression_heading_names_each_stage_that_ran():
+    cfg = {"prune": {"ratio": 0.2, "units": "mlp,heads"}, "recover": {"method": "none"}}
+    assert demo.what_was_done(cfg) == "pruned 20 % (mlp,heads)"
+    cfg["recover"] = {"method": "fo", "steps": 5, "distill": True}
+    cfg["quantize"] = "int8"
+    assert demo.what_was_done(cfg) == (
+        "pruned 20 % (mlp,heads) + fo recovery with distillation, 5 steps + int8"
+    )
+    assert demo.what_was_done({"prune": {"ratio": 0.0}, "quantize": "int8"}) == "int8"

@@ -42,7 +42,7 @@ from typing import Any
 
 from edgetune.bench.markdown import machine_line, write_section
 from edgetune.errors import ConfigError
-from edgetune.recipes.demo import COMMON, FULL, QUICK, QUICK_COMMON
+from edgetune.recipes.demo import COMMON, FULL, QUICK, QUICK_COMMON, compress_data
 from edgetune.recipes.finetune import run_in_subprocess
 
 RATIOS = (0.1, 0.2, 0.3, 0.5)
@@ -142,7 +142,7 @@ def ratio_runs(s: Settings, ratio: float, seed: int, first: bool) -> list[Run]:
 
 def task_args(s: Settings) -> list[str]:
     """The demo's data settings as compress takes them (it has no train.* section)."""
-    return [a for a in s.data if not a.startswith("train.")]
+    return compress_data(s.data)
 
 
 def compress_args(s: Settings, r: Run, adapter: Path) -> list[str]:
