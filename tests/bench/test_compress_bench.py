@@ -105,10 +105,13 @@ def test_rows_are_read_from_a_real_compress_run(tmp_path, stories260k_path, shar
     assert after["prefill_x"] == summary["before"]["prefill_ms"] / summary["after"]["prefill_ms"]
     assert after["loss_points"] == pytest.approx(after["accuracy"] - before["accuracy"])
     assert after["file_mb"] == summary["model_bytes_after"] / 1e6
+    assert before["file_mb"] == 4 * summary["params_before"] / 1e6
     ppl_summary = json.loads((tmp_path / "p-ppl" / "summary.json").read_text())
     assert ppl["perplexity"] == pytest.approx(math.exp(ppl_summary["eval/loss"]))
     assert ppl_summary["adapter"].endswith("p-ppl-adapter")  # the pruned run's adapter
     assert 1.0 < ppl["perplexity"] < 1000.0
+    again = bench.final_perplexity(s, tmp_path / "p", tmp_path / "p-ppl")  # a re-run replaces
+    assert again["perplexity"] == pytest.approx(ppl["perplexity"])
 
 
 def _compress_has(flag: str) -> bool:

@@ -162,8 +162,10 @@ def perplexity(s: Settings, model: str, adapter: Path | None, out: Path) -> dict
     args = [*s.perplexity, "--threads", str(s.threads), "train.progress=false"]
     if adapter is not None:
         detached = out.with_name(out.name + "-adapter")
-        shutil.copytree(adapter, detached, dirs_exist_ok=True)
+        shutil.rmtree(detached, ignore_errors=True)
+        shutil.copytree(adapter, detached)
         args += ["--adapter", str(detached)]
+    shutil.rmtree(out, ignore_errors=True)  # a previous benchmark's; eval never replaces one
     run_in_subprocess(out, model, args, quiet=True, command="eval", overwrite=False)
     summary = json.loads((out / "summary.json").read_text())
     return {"perplexity": math.exp(summary["eval/loss"]), "eval_rss_mb": summary["peak_rss_mb"]}
@@ -186,7 +188,7 @@ def row_values(run: Path, stage: str) -> dict[str, Any]:
     return {
         "accuracy": metrics["eval/accuracy"],
         "params": summary["params_before" if before else "params_after"],
-        "file_mb": None if before else summary["model_bytes_after"] / 1e6,
+        "file_mb": (bytes_before(summary) if before else summary["model_bytes_after"]) / 1e6,
         "prefill_ms": speed["prefill_ms"],
         "decode_tps": speed["decode_tokens_per_s"],
         "prefill_x": summary["before"]["prefill_ms"] / speed["prefill_ms"],
@@ -195,6 +197,11 @@ def row_values(run: Path, stage: str) -> dict[str, Any]:
         "run_rss_mb": summary["peak_rss_mb"],
         "linear_x": _linear_ratio(summary),
     }
+
+
+def bytes_before(summary: dict) -> int:
+    """The unpruned model's size: as the run measured it, else fp32 parameters x 4 bytes."""
+    return summary.get("model_bytes_before", 4 * summary["params_before"])
 
 
 def _stage_accuracy(lines: list[dict], stage: str) -> float:
@@ -242,6 +249,7 @@ def run(
         print(f"[bench compress] {r.name}: compress {' '.join(r.args)}", flush=True)
         folder = root / r.name
         args = compress_args(s, r, Path(adapter))
+        shutil.rmtree(folder, ignore_errors=True)  # a previous benchmark's (the work folder)
         run_in_subprocess(folder, model, args, quiet=True, command="compress", overwrite=False)
         ppl = final_perplexity(s, folder, root / f"{r.name}-ppl")
         for label, stage in r.rows:
@@ -340,7 +348,7 @@ def render(results: list[dict], memory: dict, s: Settings, machine: str, png: st
         "each run's saved model (a no-recovery row shares its run's folder with the "
         "recovered model, so its perplexity is not measured: –). (x) = times faster than "
         "the unpruned fp32 model measured in the same compress process; absolute ms are "
-        "per run. "
+        "per run. File MB of the unpruned row: fp32 parameters x 4 bytes. "
         "Peak RSS: the eval (inference) process of the row's model. Accuracy with two "
         "seeds: mean (each seed). **bold** = on the Pareto front.",
         "",

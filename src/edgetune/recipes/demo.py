@@ -85,7 +85,10 @@ QUICK = {
     ],
 }
 # The ending: `edgetune compress` of the first-order model (its adapter), on the same data.
-COMPRESS = ["--prune", "0.2", "--prune-units", "mlp,heads"]
+# int8 (adapter merged first): ~4x smaller linear weights at about no accuracy cost; 20 %
+# pruning without recovery cost 52 points here (0.90 -> 0.38), and recovery steps do not
+# fit the demo's time.
+COMPRESS = ["--quantize", "int8"]
 QUICK_COMPRESS = ["--prune", "0.3", "--prune-units", "mlp,heads", "--calib", "16"]
 # `edgetune demo --zo prge`: P-RGE with q=4 directions on b=4 examples (the same 16
 # perturbed evaluations per step as MeZO's batch of 16, in one batched pass).
