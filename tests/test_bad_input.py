@@ -432,8 +432,24 @@ CASES = [
     Case("bench-tta-steps-negative", ["bench", "zo", "--tta-steps", "-1"], r"--tta-steps.*>= 0"),
     Case("bench-seeds-word", ["bench", "compress", "--seeds", "a,b"], r"--seeds.*'a,b'"),
     Case(
+        "bench-compress-adapter-two-seeds",
+        ["bench", "compress", "--quick", "--adapter", "{tmp}", "--work", "{tmp}/w"],
+        r"--seeds gives 2.*Give --seeds S .*or drop --adapter",
+        {"adapter_config.json": "{}"},
+    ),
+    Case(
         "bench-compress-adapter-missing",
-        ["bench", "compress", "--quick", "--adapter", "{tmp}/nope", "--work", "{tmp}/w"],
+        [
+            "bench",
+            "compress",
+            "--quick",
+            "--adapter",
+            "{tmp}/nope",
+            "--seeds",
+            "0",
+            "--work",
+            "{tmp}/w",
+        ],
         r"nope is not a PEFT adapter folder.*drop --adapter",
     ),
     Case(

@@ -30,22 +30,26 @@ def _row(label, accuracy, prefill_ms, prefill_x=1.0, decode_x=1.0, loss=0.0, see
     }
 
 
-def test_the_plan_gives_every_row_and_seeds_only_the_30_percent_runs():
+def test_the_plan_gives_every_row_and_a_second_seed_to_the_30_percent_distillation():
     s = bench.settings("smollm2-135m", quick=False, threads=2, seeds=[0, 1])
     runs = bench.plan(s)
     labels = [label for r in runs for label, _ in r.rows]
-    assert labels[0] == "unpruned" and labels.count("unpruned") == 1
+    assert labels[0] == "unpruned" and labels.count("unpruned") == 2  # each seed's base
     for pct in (10, 20, 30, 50):
         assert {f"{pct} % pruned", f"{pct} % + FO", f"{pct} % + FO + distill"} <= set(labels)
     assert labels.count("30 % + ZO + distill") == 2 and "10 % + ZO + distill" not in labels
-    assert labels.count("30 % + FO") == 2 and labels.count("20 % + FO") == 1
+    assert labels.count("30 % + FO + distill") == 2 and labels.count("30 % + FO") == 1
+    assert labels.count("20 % + FO + distill") == 1
     assert labels[-2:] == ["int8", "30 % + int8"]
-    assert len(runs) == 4 * 2 + 1 + 3 + 2  # FO +- distill per ratio, ZO at 30 %, seed 1, int8
+    assert len(runs) == 4 * 2 + 1 + 2 + 2  # FO +- distill per ratio, ZO at 30 %, seed 1, int8
     zo = next(r for r in runs if r.name == "prune30-zo-distill-s1")
     args = bench.compress_args(s, zo, Path("A"))
     assert args[args.index("--recover") + 1] == "zo" and "--distill" in args
-    assert "recover.seed=1" in args and "recover.batch_size=16" in args
+    assert args[args.index("--seed") + 1] == "1" and "recover.batch_size=16" in args
     assert "data.max_length=64" in args and not any(a.startswith("train.") for a in args)
+    base = bench.base_args(s, 1)
+    assert base[base.index("--seed") + 1] == "1" and base.count("--seed") == 1
+    assert "train.eval_batch_size=25" in base and base[base.index("--steps") + 1] == "30"
 
 
 def test_mean_rows_average_the_seeds_and_keep_each_accuracy():

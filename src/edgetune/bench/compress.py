@@ -18,14 +18,16 @@ same batch (`edgetune.bench.memory` children, each its own process).
 
 Every compress / eval runs as its own process with explicit --threads, so each peak RSS
 is that process's own. Speed ratios are taken inside one compress run (before and after
-are measured in the same process, one after the other), never across runs. The 30 % rows
-run once per `--seeds` value (recovery seed; the data split stays the base run's, so the
-held-out rows stay held out).
+are measured in the same process, one after the other), never across runs. A second
+seed (`--seeds 0,1`) repeats the base fine-tune and the 30 % runs with distillation on
+that seed: the seed draws the data split and the recovery's randomness together, so a
+seed keeps its own base adapter (its held-out rows stay held out).
 
 Budget (2-core CPU, 2 threads): 150 held-out articles per evaluation (~20 s, three per
 compress run), FO recovery 20 steps of batch 8 (~2.5 s each), ZO recovery 40 steps of
 batch 16 with distillation (~4.5 s each), perplexity on 32 TinyStories blocks of 128
-tokens: about 33 minutes with two seeds.
+tokens: about 35 minutes with two seeds (the second seed adds a base fine-tune and
+three 30 % runs).
 """
 
 from __future__ import annotations
@@ -99,58 +101,59 @@ def settings(model: str, quick: bool, threads: int, seeds: list[int]) -> Setting
 
 
 def plan(s: Settings) -> list[Run]:
-    """Every compress run of the benchmark, in order."""
+    """Every compress run of the benchmark, in order: all ratios with the first seed, the
+    30 % recovery with distillation again with each other seed, then int8."""
     runs: list[Run] = []
-    for ratio in s.ratios:
-        for seed in s.seeds if ratio == SEEDED_RATIO else s.seeds[:1]:
-            runs += ratio_runs(s, ratio, seed, first=not runs)
+    for seed in s.seeds:
+        ratios = s.ratios if seed == s.seeds[0] else (SEEDED_RATIO,)
+        for ratio in ratios:
+            first = not any(r.seed == seed for r in runs)
+            runs += ratio_runs(s, ratio, seed, first, plain_fo=seed == s.seeds[0])
     pct = round(SEEDED_RATIO * 100)
     quant = ["--prune", str(SEEDED_RATIO), "--prune-units", "mlp,heads", "--quantize", "int8"]
+    seed = s.seeds[0]
     return [
         *runs,
-        Run("int8", ["--quantize", "int8"], [("int8", "after-quantize")]),
-        Run(f"prune{pct}-int8", quant, [(f"{pct} % + int8", "after-quantize")]),
+        Run("int8", ["--quantize", "int8"], [("int8", "after-quantize")], seed),
+        Run(f"prune{pct}-int8", quant, [(f"{pct} % + int8", "after-quantize")], seed),
     ]
 
 
-def ratio_runs(s: Settings, ratio: float, seed: int, first: bool) -> list[Run]:
+def ratio_runs(s: Settings, ratio: float, seed: int, first: bool, plain_fo: bool) -> list[Run]:
     """The recovery runs of one pruning ratio and seed. The FO + distill run also gives
-    the no-recovery row (its after-prune stage) and, if `first`, the unpruned row."""
+    the no-recovery row (its after-prune stage) and, if `first`, the seed's unpruned row."""
     pct = round(ratio * 100)
     prune = ["--prune", str(ratio), "--prune-units", "mlp,heads"]
     fo = [*prune, "--recover", "fo", "--recover-steps", str(s.fo_steps), s.fo_batch]
     rows = [("unpruned", "before")] if first else []
     rows += [(f"{pct} % pruned", "after-prune"), (f"{pct} % + FO + distill", "after-recover")]
-    runs = [
-        Run(f"prune{pct}-fo-distill-s{seed}", [*fo, "--distill"], rows, seed),
-        Run(f"prune{pct}-fo-s{seed}", fo, [(f"{pct} % + FO", "after-recover")], seed),
-    ]
+    runs = [Run(f"prune{pct}-fo-distill-s{seed}", [*fo, "--distill"], rows, seed)]
+    if plain_fo:
+        runs.append(Run(f"prune{pct}-fo-s{seed}", fo, [(f"{pct} % + FO", "after-recover")], seed))
     if ratio == SEEDED_RATIO:
-        zo = [
-            *prune,
-            "--recover",
-            "zo",
-            "--recover-steps",
-            str(s.zo_steps),
-            s.zo_batch,
-            "--distill",
-        ]
+        zo = [*prune, "--recover", "zo", "--recover-steps", str(s.zo_steps), s.zo_batch]
         zo_row = [(f"{pct} % + ZO + distill", "after-recover")]
-        runs.append(Run(f"prune{pct}-zo-distill-s{seed}", zo, zo_row, seed))
+        runs.append(Run(f"prune{pct}-zo-distill-s{seed}", [*zo, "--distill"], zo_row, seed))
     return runs
 
 
-def task_args(s: Settings) -> list[str]:
-    """The demo's data settings as compress takes them (it has no train.* section)."""
-    return compress_data(s.data)
+def task_args(s: Settings, seed: int) -> list[str]:
+    """The demo's data settings with `seed` (the split, and for compress the recovery
+    seed too), as compress takes them (it has no train.* section)."""
+    data = compress_data(s.data)
+    at = data.index("--seed") + 1
+    return [*data[:at], str(seed), *data[at + 1 :]]
+
+
+def base_args(s: Settings, seed: int) -> list[str]:
+    """The demo's FO fine-tune on the split of `seed`."""
+    train = [a for a in s.data if a.startswith("train.")]
+    return [*task_args(s, seed), *train, *s.base, "--threads", str(s.threads)]
 
 
 def compress_args(s: Settings, r: Run, adapter: Path) -> list[str]:
-    """The command line of one run (after `edgetune compress --model M --out DIR`): the
-    demo's data settings (compress has no train.* section) and the run's own flags."""
-    data = task_args(s)
-    seed = [f"recover.seed={r.seed}"] if r.seed and "--recover" in r.args else []
-    return [*data, "--adapter", str(adapter), *r.args, *seed, "--threads", str(s.threads)]
+    """The command line of one run (after `edgetune compress --model M --out DIR`)."""
+    return [*task_args(s, r.seed), "--adapter", str(adapter), *r.args, "--threads", str(s.threads)]
 
 
 def perplexity(s: Settings, model: str, adapter: Path | None, out: Path) -> dict[str, float]:
@@ -210,10 +213,10 @@ def _stage_accuracy(lines: list[dict], stage: str) -> float:
 
 def _linear_ratio(summary: dict) -> float | None:
     """fp32 / int8 bytes of the linear weights, when the run quantized."""
-    q = summary.get("quantize")
-    if not isinstance(q, dict) or not q.get("linear_bytes_after"):
+    q = summary.get("after-quantize")
+    if not q:
         return None
-    return q["linear_bytes_before"] / q["linear_bytes_after"]
+    return q["linear_weight_bytes_before"] / q["linear_weight_bytes_after"]
 
 
 def memory_line(s: Settings, int8_model: Path) -> dict[str, float]:
@@ -224,6 +227,16 @@ def memory_line(s: Settings, int8_model: Path) -> dict[str, float]:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
     return {"fp32_inference_mb": peaks["inference"], "zo_int8_mb": peaks["zo"]}
+
+
+def base_adapters(s: Settings, root: Path) -> dict[int, Path]:
+    """The demo's FO LoRA fine-tune of the base, once per seed (each on its own split)."""
+    adapters = {}
+    for seed in s.seeds:
+        print(f"[bench compress] FO LoRA fine-tune of the base, seed {seed}", flush=True)
+        run_in_subprocess(root / f"base-s{seed}", s.model, base_args(s, seed), quiet=True)
+        adapters[seed] = root / f"base-s{seed}" / "adapter"
+    return adapters
 
 
 def run(
@@ -237,25 +250,29 @@ def run(
             "RUN/adapter of a finetune run on the benchmark's task, or drop --adapter to "
             "fine-tune one"
         )
+    if adapter is not None and len(seeds) > 1:
+        raise ConfigError(
+            f"--adapter was trained on one data split, but --seeds gives {len(seeds)}; a "
+            "second seed draws another split whose held-out rows the adapter may have "
+            "trained on. Give --seeds S (the adapter's run seed), or drop --adapter"
+        )
     s = settings(model, quick, threads, seeds)
     root = Path(work)
     root.mkdir(parents=True, exist_ok=True)
-    if adapter is None:
-        print("[bench compress] FO LoRA fine-tune of the base (the demo's FO run)", flush=True)
-        run_in_subprocess(root / "base", model, [*s.data, *s.base, "--threads", str(threads)])
-        adapter = str(root / "base" / "adapter")
+    adapters = {seeds[0]: Path(adapter)} if adapter else base_adapters(s, root)
     results = []
     for r in plan(s):
         print(f"[bench compress] {r.name}: compress {' '.join(r.args)}", flush=True)
         folder = root / r.name
-        args = compress_args(s, r, Path(adapter))
         shutil.rmtree(folder, ignore_errors=True)  # a previous benchmark's (the work folder)
+        args = compress_args(s, r, adapters[r.seed])
         run_in_subprocess(folder, model, args, quiet=True, command="compress", overwrite=False)
         ppl = final_perplexity(s, folder, root / f"{r.name}-ppl")
         for label, stage in r.rows:
             values = row_values(folder, stage)
             if stage == "before":
-                values.update(perplexity(s, model, Path(adapter), root / "base-ppl"))
+                base_ppl = root / f"base-s{r.seed}-ppl"
+                values.update(perplexity(s, model, adapters[r.seed], base_ppl))
             elif stage == r.rows[-1][1]:
                 values.update(ppl)  # only the run's final model is saved
             results.append({"label": label, "run": r.name, "seed": r.seed, **values})
@@ -342,7 +359,7 @@ def render(results: list[dict], memory: dict, s: Settings, machine: str, png: st
         f"--seeds {seeds}`  ",
         f"Machine: {machine}  ",
         f"Threads: {s.threads} in each compress / eval process  ",
-        f"Task: {' '.join(task_args(s))}; base adapter: `edgetune finetune {' '.join(s.base)}`. "
+        f"Task: {' '.join(task_args(s, s.seeds[0]))}; base adapter: `edgetune finetune {' '.join(s.base)}`. "
         f"Recovery: FO LoRA {s.fo_steps} steps, ZO {s.zo_steps} steps (with distillation "
         f"from the unpruned model). Perplexity: `edgetune eval {' '.join(s.perplexity)}` on "
         "each run's saved model (a no-recovery row shares its run's folder with the "
