@@ -82,7 +82,7 @@ def test_targets_say_pass_or_miss_with_the_miss_size():
     assert "int8: linear weights 3.90x smaller (>= 3.5x), prefill 1.60x" in text
     assert "loss 0.0 (<= 1 point): PASS" in text
     assert "peak 700 MB vs fp32 inference 1000 MB = 0.70x (<= 0.6x): MISS (+0.10x)" in text
-    assert "| **unpruned** | 100.0 M | 400.0 | 100.0 (1.00x) |" in text
+    assert "| **unpruned** | 100.00 M | 400.0 | 100.0 (1.00x) |" in text
     assert "| **int8** |" in text and "| 30 % + ZO + distill |" in text  # int8 is faster and
     assert "| 30 % + FO + distill |" in text  # more accurate than both
 
@@ -123,6 +123,8 @@ def _compress_has(flag: str) -> bool:
     return any(flag in a.option_strings for a in sub._actions)  # noqa: SLF001
 
 
+@pytest.mark.slow  # ~20 processes (fine-tunes, compress runs, evals): 1-3 minutes
+@pytest.mark.integration
 @pytest.mark.skipif(
     not (_compress_has("--recover") and _compress_has("--quantize")),
     reason="needs edgetune compress --recover and --quantize (recovery and int8 slices)",

@@ -41,3 +41,16 @@ def test_the_compression_heading_names_each_stage_that_ran():
         "pruned 20 % (mlp,heads) + fo recovery with distillation, 5 steps + int8"
     )
     assert demo.what_was_done({"prune": {"ratio": 0.0}, "quantize": "int8"}) == "int8"
+
+
+def test_a_stage_without_its_own_speed_reads_the_model_it_trained_beside():
+    summary = {
+        "before": {"prefill_ms": 10.0},
+        "after-prune": {"prefill_ms": 7.0},
+        "after-recover": {"metrics": {}},
+        "after": {"metrics": {}},
+    }
+    assert demo.stage_speed(summary, "after-recover")["prefill_ms"] == 7.0
+    assert demo.stage_speed(summary, "before")["prefill_ms"] == 10.0
+    one_stage = {"before": {"prefill_ms": 10.0}, "after": {"prefill_ms": 6.0}}  # speed kept
+    assert demo.stage_speed(one_stage, "after-prune")["prefill_ms"] == 6.0  # under "after"

@@ -44,7 +44,7 @@ from typing import Any
 
 from edgetune.bench.markdown import machine_line, write_section
 from edgetune.errors import ConfigError
-from edgetune.recipes.demo import COMMON, FULL, QUICK, QUICK_COMMON, compress_data
+from edgetune.recipes.demo import COMMON, FULL, QUICK, QUICK_COMMON, compress_data, stage_speed
 from edgetune.recipes.finetune import run_in_subprocess
 
 RATIOS = (0.1, 0.2, 0.3, 0.5)
@@ -187,7 +187,7 @@ def row_values(run: Path, stage: str) -> dict[str, Any]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
     metrics = next(m for m in lines if m.get("stage") == stage)
     before = stage == "before"
-    speed = summary.get(stage) or summary["before" if before else "after"]
+    speed = stage_speed(summary, stage)
     return {
         "accuracy": metrics["eval/accuracy"],
         "params": summary["params_before" if before else "params_after"],
@@ -379,7 +379,7 @@ def render(results: list[dict], memory: dict, s: Settings, machine: str, png: st
         if len(r["seed_accuracies"]) > 1:
             acc += " (" + ", ".join(f"{a:.3f}" for a in r["seed_accuracies"]) + ")"
         lines.append(
-            f"| {label} | {r['params'] / 1e6:.1f} M | {_cell(r['file_mb'], '.1f')} | "
+            f"| {label} | {r['params'] / 1e6:.2f} M | {_cell(r['file_mb'], '.1f')} | "
             f"{r['prefill_ms']:.1f} ({r['prefill_x']:.2f}x) | {r['decode_tps']:.1f} "
             f"({r['decode_x']:.2f}x) | {_cell(r.get('eval_rss_mb'), '.0f')} | {acc} | "
             f"{100 * r['loss_points']:+.1f} | {_cell(r.get('perplexity'), '.2f')} |"

@@ -275,7 +275,7 @@ def compress_section(run: Path) -> str:
     stages = [m for m in rd.read_metrics() if "stage" in m]
     first, last = stages[0], stages[-1]
     key = "eval/accuracy" if "eval/accuracy" in first else "eval/loss"
-    before, after = summary["before"], summary.get(last["stage"]) or summary["after"]
+    before, after = summary["before"], stage_speed(summary, last["stage"])
     size_before = summary.get("model_bytes_before", 4 * summary["params_before"])
     lines = [
         f"## Compressed: the first-order model, {what_was_done(rd.read_config())}",
@@ -296,6 +296,16 @@ def compress_section(run: Path) -> str:
         f"{summary['wall_s']:.1f} s, peak RSS {summary['peak_rss_mb']:.0f} MB.",
     ]
     return "\n".join(lines)
+
+
+def stage_speed(summary: dict, stage: str) -> dict:
+    """The speed measured for `stage` of a compress summary: the stage's own, else that
+    of the model it left unchanged in shape (recovery trains a LoRA beside the pruned
+    weights, so its speed is the pruned model's)."""
+    for key in (stage, "after", "after-prune", "before"):
+        if "prefill_ms" in summary.get(key, {}):
+            return summary[key]
+    raise KeyError(f"no speed measured for {stage} in the compress summary")
 
 
 def what_was_done(cfg: dict) -> str:
