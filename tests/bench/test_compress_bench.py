@@ -135,7 +135,7 @@ def test_quick_bench_writes_every_row_the_targets_and_the_plot(tmp_path, shared_
     argv = ["bench", "compress", "--quick", "--seeds", "0,1", "--threads", "1"]
     assert main([*argv, "--work", str(tmp_path / "w"), "--output", str(out)]) == 0
     text = out.read_text()
-    assert "<!-- bench:compress -->" in text and "--seeds 0,1" in text
+    assert "<!-- bench:compress -->" in text and "--seeds 0,1 --quick`" in text
     for label in ("unpruned", "30 % pruned", "30 % + FO", "30 % + FO + distill", "int8"):
         assert f"| {label} |" in text or f"| **{label}** |" in text
     assert "30 % + ZO + distill: prefill" in text and "ZO LoRA on the int8 base" in text

@@ -26,8 +26,8 @@ seed keeps its own base adapter (its held-out rows stay held out).
 Budget (2-core CPU, 2 threads): 150 held-out articles per evaluation (~20 s, three per
 compress run), FO recovery 20 steps of batch 8 (~2.5 s each), ZO recovery 40 steps of
 batch 16 with distillation (~4.5 s each), perplexity on 32 TinyStories blocks of 128
-tokens: about 35 minutes with two seeds (the second seed adds a base fine-tune and
-three 30 % runs).
+tokens: estimated (from those step costs, not yet timed end to end) at about 35 minutes
+with two seeds (the second seed adds a base fine-tune and three 30 % runs).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class Settings:
     seeds: list[int] = field(default_factory=lambda: [0])
     fo_batch: str = "recover.batch_size=8"
     zo_batch: str = "recover.batch_size=16"
+    quick: bool = False
 
 
 def settings(model: str, quick: bool, threads: int, seeds: list[int]) -> Settings:
@@ -93,7 +94,7 @@ def settings(model: str, quick: bool, threads: int, seeds: list[int]) -> Setting
     if quick:
         return Settings(
             model, QUICK_COMMON, QUICK["fo"], (0.3,), 2, 2, QUICK_PERPLEXITY, QUICK_MEMORY,
-            threads, seeds, "recover.batch_size=4", "recover.batch_size=4",
+            threads, seeds, "recover.batch_size=4", "recover.batch_size=4", quick=True,
         )  # fmt: skip
     return Settings(
         model, COMMON, FULL["fo"], RATIOS, FO_STEPS, ZO_STEPS, PERPLEXITY, MEMORY, threads, seeds
@@ -356,7 +357,7 @@ def render(results: list[dict], memory: dict, s: Settings, machine: str, png: st
         "## Compression: pruning, recovery, int8 (`edgetune bench compress`)",
         "",
         f"Command: `edgetune bench compress --model {s.model} --threads {s.threads} "
-        f"--seeds {seeds}`  ",
+        f"--seeds {seeds}{' --quick' if s.quick else ''}`  ",
         f"Machine: {machine}  ",
         f"Threads: {s.threads} in each compress / eval process  ",
         f"Task: {' '.join(task_args(s, s.seeds[0]))}; base adapter: `edgetune finetune {' '.join(s.base)}`. "
