@@ -430,6 +430,33 @@ CASES = [
     Case("bench-batch-size-zero", ["bench", "memory", "--batch-size", "0"], r"--batch-size.*0"),
     Case("bench-seq-len-negative", ["bench", "memory", "--seq-len", "-8"], r"--seq-len.*-8"),
     Case("bench-tta-steps-negative", ["bench", "zo", "--tta-steps", "-1"], r"--tta-steps.*>= 0"),
+    Case("bench-seeds-word", ["bench", "compress", "--seeds", "a,b"], r"--seeds.*'a,b'"),
+    Case(
+        "bench-compress-adapter-two-seeds",
+        ["bench", "compress", "--quick", "--adapter", "{tmp}", "--work", "{tmp}/w"],
+        r"--seeds gives 2.*Give --seeds S .*or drop --adapter",
+        {"adapter_config.json": "{}"},
+    ),
+    Case(
+        "bench-compress-adapter-missing",
+        [
+            "bench",
+            "compress",
+            "--quick",
+            "--adapter",
+            "{tmp}/nope",
+            "--seeds",
+            "0",
+            "--work",
+            "{tmp}/w",
+        ],
+        r"nope is not a PEFT adapter folder.*drop --adapter",
+    ),
+    Case(
+        "bench-compress-flag-it-ignores",
+        ["bench", "memory", "--quick", "--seeds", "3"],
+        r"bench memory does not use --quick, --seeds; drop it",
+    ),
     Case(
         "bench-flag-it-ignores",
         ["bench", "memory", "--rounds", "3", "--peft", "lora-fa"],

@@ -89,6 +89,17 @@ def _add_threads_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _seed_list(text: str) -> list[int]:
+    """`--seeds 0,1` as a list of integers (argparse type)."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected at least one seed like 0,1, got {text!r}")
+    return seeds
+
+
 def at_least(low: int) -> Any:
     """An argparse `type=` for integers >= `low`: a bad value exits 2 with a message
     naming it and the range, before the command starts anything."""
@@ -260,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_flag(demo)
 
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
-    bench.add_argument("which", choices=["memory", "zo", "fed", "flower", "robust", "threads"])
+    bench.add_argument(
+        "which", choices=["memory", "zo", "fed", "flower", "robust", "threads", "compress"]
+    )
     bench.add_argument(
         "--rounds", type=at_least(1), help="fed / flower / robust: rounds (default 15 / 3 / 4)"
     )
@@ -275,11 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="zo: ZO steps of the time-to-accuracy runs (0 = skip)",
     )
     bench.add_argument("--plot", default="docs/bench_zo_time_to_accuracy.png")
-    bench.add_argument("--model", help="default: smollm2-135m (robust: stories260k)")
+    bench.add_argument(
+        "--model", help="default: smollm2-135m (robust, compress --quick: stories260k)"
+    )
     bench.add_argument("--batch-size", type=at_least(1), default=8)
     bench.add_argument("--seq-len", type=at_least(1), default=128)
     bench.add_argument("--steps", type=at_least(1), default=3)
     bench.add_argument("--output", default="docs/BENCHMARKS.md")
+    bench.add_argument(
+        "--quick", action="store_true", help="compress: stories260K + SST-2 in seconds (tests)"
+    )
+    bench.add_argument(
+        "--seeds", type=_seed_list, default=[0, 1], help="compress: seeds of the 30 %% rows"
+    )
+    bench.add_argument("--adapter", help="compress: the task adapter (default: fine-tune one)")
+    bench.add_argument("--work", default="runs/bench-compress", help="compress: run folders")
     _add_threads_flag(bench)
     for command in sub.choices.values():  # `edgetune COMMAND --verbose` works too
         command.add_argument(
@@ -565,6 +588,7 @@ BENCH_READS = {
     "flower": ("rounds", "clients"),
     "robust": ("rounds", "clients"),
     "threads": ("batch_size", "seq_len", "steps"),
+    "compress": ("quick", "seeds", "adapter", "work"),
 }
 
 
@@ -586,7 +610,8 @@ def _check_bench_flags(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     _check_bench_flags(args)
-    model = args.model or ("stories260k" if args.which == "robust" else "smollm2-135m")
+    small = args.which == "robust" or (args.which == "compress" and args.quick)
+    model = args.model or ("stories260k" if small else "smollm2-135m")
     args.model = model
     _start_threads(args)
     if args.which == "fed":
@@ -608,6 +633,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from edgetune.bench import threads
 
         threads.run(model, args.batch_size, args.seq_len, args.steps, args.output)
+        return 0
+    if args.which == "compress":
+        from edgetune.bench import compress
+
+        compress.run(
+            model, args.output, args.work, args.quick, args.threads, args.seeds, args.adapter
+        )
         return 0
     if args.which == "zo":
         from edgetune.bench import zo

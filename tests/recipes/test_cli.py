@@ -126,3 +126,8 @@ def test_quick_demo_writes_report_and_plot(tmp_path, cli, stories260k_path, shar
     assert "| first-order LoRA |" in report
     png = (tmp_path / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    compressed = json.loads((tmp_path / "compress" / "summary.json").read_text())
+    assert "## Compressed: the first-order model, pruned 30 % (mlp,heads)" in report
+    assert f"| before | {compressed['params_before']:,} |" in report
+    assert f"| after (after-prune) | {compressed['params_after']:,} |" in report
+    assert compressed["adapter"] == str(tmp_path / "fo" / "adapter")

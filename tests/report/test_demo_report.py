@@ -30,3 +30,27 @@ def test_demo_report_opens_with_the_settings_of_each_run(finetune_run):
     row = next(x for x in lines if x.startswith("| ZO LoRA (MeZO) |"))
     assert row.endswith(f"| {summary['wall_s']:.1f} |")
     assert lines[-1].endswith("total demo time 12.3 s.")
+
+
+def test_the_compression_heading_names_each_stage_that_ran():
+    cfg = {"prune": {"ratio": 0.2, "units": "mlp,heads"}, "recover": {"method": "none"}}
+    assert demo.what_was_done(cfg) == "pruned 20 % (mlp,heads)"
+    cfg["recover"] = {"method": "fo", "steps": 5, "distill": True}
+    cfg["quantize"] = "int8"
+    assert demo.what_was_done(cfg) == (
+        "pruned 20 % (mlp,heads) + fo recovery with distillation, 5 steps + int8"
+    )
+    assert demo.what_was_done({"prune": {"ratio": 0.0}, "quantize": "int8"}) == "int8"
+
+
+def test_a_stage_without_its_own_speed_reads_the_model_it_trained_beside():
+    summary = {
+        "before": {"prefill_ms": 10.0},
+        "after-prune": {"prefill_ms": 7.0},
+        "after-recover": {"metrics": {}},
+        "after": {"metrics": {}},
+    }
+    assert demo.stage_speed(summary, "after-recover")["prefill_ms"] == 7.0
+    assert demo.stage_speed(summary, "before")["prefill_ms"] == 10.0
+    one_stage = {"before": {"prefill_ms": 10.0}, "after": {"prefill_ms": 6.0}}  # speed kept
+    assert demo.stage_speed(one_stage, "after-prune")["prefill_ms"] == 6.0  # under "after"

@@ -336,10 +336,16 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
 
 
 def run_in_subprocess(
-    out: Path, model: str, args: list[str], quiet: bool = False, command: str = "finetune"
+    out: Path,
+    model: str,
+    args: list[str],
+    quiet: bool = False,
+    command: str = "finetune",
+    overwrite: bool = True,
 ) -> None:
     """`edgetune COMMAND --model MODEL --out OUT --overwrite ARGS` in its own process, so
-    its peak memory is its own (used by the demo and the benchmarks).
+    its peak memory is its own (used by the demo and the benchmarks). `overwrite=False`
+    for commands that never replace a run (compress, eval): no --overwrite is passed.
 
     Raises:
         EdgetuneError: the run failed (its stderr is shown unless `quiet` hid it).
@@ -356,7 +362,7 @@ def run_in_subprocess(
         model,
         "--out",
         str(out),
-        "--overwrite",
+        *(["--overwrite"] if overwrite else []),
         *args,
     ]
     result = subprocess.run(cmd, capture_output=quiet, text=True)
