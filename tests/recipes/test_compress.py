@@ -60,6 +60,8 @@ def test_compress_writes_the_run_directory(cli, stories260k_path, shared_data, t
     assert summary["heads_rounded"]["requested_kv_groups"] == 3
     assert summary["heads_rounded"]["kept_kv_groups"] == 4
     assert summary["model_bytes_after"] > 4 * summary["params_after"]
+    unpruned = sum(f.stat().st_size for f in stories260k_path.iterdir() if f.is_file())
+    assert summary["model_bytes_before"] == unpruned > summary["model_bytes_after"]
     assert summary["eval_examples"] == 16
     for stage in ("before", "after"):
         assert summary[stage]["prefill_ms"] > 0

@@ -296,7 +296,8 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         "heads_rounded": rounded,
         "params_before": params_before,
         "params_after": params_after,
-        "model_bytes_after": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+        "model_bytes_before": _folder_bytes(models.resolve(cfg.model)[0]),
+        "model_bytes_after": _folder_bytes(folder),
         "eval_examples": len(eval_rows),
         "before": before,
         **stages,
@@ -499,6 +500,14 @@ def _speed(model: Any, seed: int) -> dict[str, float]:
         "prefill_ms": 1000 * statistics.median(prefill),
         "decode_tokens_per_s": statistics.median(decode),
     }
+
+
+def _folder_bytes(folder: Path | str) -> int | None:
+    """Size on disk of a model folder's files (weights, config, tokenizer); None for a hub
+    id, which has no local folder."""
+    if not isinstance(folder, Path):
+        return None
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def _params(model: Any) -> int:

@@ -89,7 +89,7 @@ QUICK = {
 # pruning without recovery cost 52 points here (0.90 -> 0.38), and recovery steps do not
 # fit the demo's time.
 COMPRESS = ["--quantize", "int8"]
-QUICK_COMPRESS = ["--prune", "0.3", "--prune-units", "mlp,heads", "--calib", "16"]
+QUICK_COMPRESS = COMPRESS  # the same path as the full demo, on the tiny model
 # `edgetune demo --zo prge`: P-RGE with q=4 directions on b=4 examples (the same 16
 # perturbed evaluations per step as MeZO's batch of 16, in one batched pass).
 PRGE = ["--method", "prge", "--queries", "4", "--batch-size", "4"]
@@ -276,7 +276,7 @@ def compress_section(run: Path) -> str:
     first, last = stages[0], stages[-1]
     key = "eval/accuracy" if "eval/accuracy" in first else "eval/loss"
     before, after = summary["before"], stage_speed(summary, last["stage"])
-    size_before = summary.get("model_bytes_before", 4 * summary["params_before"])
+    size_before = summary["model_bytes_before"] or 4 * summary["params_before"]
     lines = [
         f"## Compressed: the first-order model, {what_was_done(rd.read_config())}",
         "",
@@ -291,8 +291,8 @@ def compress_section(run: Path) -> str:
         "",
         f"Speed: {before['prefill_ms'] / after['prefill_ms']:.2f}x prefill, "
         f"{after['decode_tokens_per_s'] / before['decode_tokens_per_s']:.2f}x decode, "
-        "measured one after the other in the compress process. Size before: fp32 "
-        f"parameters x 4 bytes; after: the files of compress/model. Wall "
+        "measured one after the other in the compress process. Size: the model folder's "
+        f"files on disk (weights, config, tokenizer). Wall "
         f"{summary['wall_s']:.1f} s, peak RSS {summary['peak_rss_mb']:.0f} MB.",
     ]
     return "\n".join(lines)
