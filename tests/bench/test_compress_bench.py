@@ -75,13 +75,18 @@ def test_targets_say_pass_or_miss_with_the_miss_size():
         _row("30 % + ZO + distill", 0.85, 70.0, prefill_x=1.42, decode_x=1.2, loss=-0.05),
         _row("int8", 0.9, 60.0, prefill_x=1.6, loss=0.0, linear_x=3.9),
     ]
-    memory = {"fp32_inference_mb": 1000.0, "zo_int8_mb": 700.0}
+    memory = {
+        "lm": {"fp32_inference_mb": 1000.0, "zo_int8_mb": 700.0, "runtime_mb": 220.0},
+        "last": {"fp32_inference_mb": 800.0, "zo_int8_mb": 440.0, "runtime_mb": 220.0},
+    }
     text = bench.render(results, memory, s, "test machine", "p.png")
     assert "prefill 1.42x and decode 1.35x >= 1.3x, accuracy loss 1.0 <= 2 points: PASS" in text
     assert "decode 1.20x >= 1.3x, accuracy loss 5.0 <= 2 points: MISS (speed 1.20x" in text
     assert "int8: linear weights 3.90x smaller (>= 3.5x), prefill 1.60x" in text
     assert "loss 0.0 (<= 1 point): PASS" in text
     assert "peak 700 MB vs fp32 inference 1000 MB = 0.70x (<= 0.6x): MISS (+0.10x)" in text
+    assert "(the classification tasks' logits_to_keep=1): process peak 440 MB vs fp32 " in text
+    assert "inference 800 MB = 0.55x (<= 0.6x): PASS; the Python + torch runtime alone" in text
     assert "| **unpruned** | 100.00 M | 400.0 | 100.0 (1.00x) |" in text
     assert "| **int8** |" in text and "| 30 % + ZO + distill |" in text  # int8 is faster and
     assert "| 30 % + FO + distill |" in text  # more accurate than both
@@ -109,7 +114,7 @@ def test_rows_are_read_from_a_real_compress_run(tmp_path, stories260k_path, shar
     assert after["prefill_x"] == summary["before"]["prefill_ms"] / summary["after"]["prefill_ms"]
     assert after["loss_points"] == pytest.approx(after["accuracy"] - before["accuracy"])
     assert after["file_mb"] == summary["model_bytes_after"] / 1e6
-    assert before["file_mb"] == 4 * summary["params_before"] / 1e6
+    assert before["file_mb"] == summary["model_bytes_before"] / 1e6 > after["file_mb"]
     ppl_summary = json.loads((tmp_path / "p-ppl" / "summary.json").read_text())
     assert ppl["perplexity"] == pytest.approx(math.exp(ppl_summary["eval/loss"]))
     assert ppl_summary["adapter"].endswith("p-ppl-adapter")  # the pruned run's adapter

@@ -34,3 +34,8 @@ def test_int8_zo_memory_child_runs_mezo_steps(stories260k_path):
     assert row["mode"] == "int8-zo-inprocess"
     assert 0 < row["runtime_mb"] <= row["after_load_mb"] <= row["steps_peak_mb"] + 1
     assert row["step_s"] > 0 and row["threads"] == torch.get_num_threads()
+
+
+def test_int8_zo_memory_child_scores_the_last_position_only(stories260k_path):
+    row = child("int8-zo-inprocess", str(stories260k_path), batch=2, seq=8, steps=1, loss="last")
+    assert row["loss"] == "last" and row["step_s"] > 0

@@ -7,6 +7,10 @@ Each mode runs in its own child process (peak RSS is per process), same batch an
   int8-zo-inprocess  the fp32 model loaded, `quantize_int8` + `release_file_pages` in the
                      process, then the same MeZO steps (its process peak includes the
                      fp32 load)
+Two losses (`loss`): "lm" scores every position (the logits, 16 x 64 x 49152 fp32 = 192 MiB
+for SmolLM2, are held in both modes alike and dominate at that batch); "last" scores the
+last position only (`logits_to_keep=1`, what the classification tasks of `edgetune
+finetune` compute), where the weights dominate.
 Each child reports where its memory goes: the Python + torch + transformers runtime before
 any model (runtime_mb), resident size after the model is ready (after_load_mb), the peak
 during the steps (steps_peak_mb, the kernel mark reset after loading) and the process's
@@ -30,7 +34,12 @@ from edgetune.runs import peak_rss_mb, status_mb
 MODES = ("fp32-inference", "int8-zo", "int8-zo-inprocess")
 
 
-def child(mode: str, spec: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
+LOSSES = ("lm", "last")
+
+
+def child(
+    mode: str, spec: str, batch: int, seq: int, steps: int, loss: str = "lm"
+) -> dict[str, Any]:
     """Run one mode in this process and return its memory (MB) and step time."""
     import torch
 
@@ -50,19 +59,25 @@ def child(mode: str, spec: str, batch: int, seq: int, steps: int) -> dict[str, A
     ids = torch.randint(0, net.config.vocab_size, (batch, seq), generator=torch.Generator())
     est, opt = MeZOEstimator(eps=1e-3, queries=1), ZOSGD()
 
+    def value() -> float:
+        if loss == "lm":
+            return float(net(input_ids=ids, labels=ids).loss)
+        last = net(input_ids=ids, logits_to_keep=1).logits[:, -1]
+        return float(torch.nn.functional.cross_entropy(last, ids[:, 0]))
+
     @torch.no_grad()
     def step(i: int) -> None:
         if adapter is None:
-            net(input_ids=ids, labels=ids)
+            value()
             return
         params = adapter.trainable()
-        loss = lambda: float(net(input_ids=ids, labels=ids).loss)  # noqa: E731
-        opt.step(params, est.estimate(loss, params, derive_seed(0, i)), 1e-4)
+        opt.step(params, est.estimate(value, params, derive_seed(0, i)), 1e-4)
 
     after_load = status_mb("VmRSS")
     step_s, steps_peak = timed_steps(step, steps)
     return {
         "mode": mode,
+        "loss": loss,
         "runtime_mb": runtime,
         "after_load_mb": after_load,
         "steps_peak_mb": steps_peak,
@@ -83,8 +98,10 @@ def save_int8_copy(spec: str, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def zo_int8_peak(spec: str, batch: int = 16, seq: int = 64, steps: int = 2) -> dict[str, Any]:
-    """Measure every mode in its own child process.
+def zo_int8_peak(
+    spec: str, batch: int = 16, seq: int = 64, steps: int = 2, loss: str = "lm"
+) -> dict[str, Any]:
+    """Measure every mode in its own child process, with the `loss` of `LOSSES`.
 
     Returns:
         {"rows": one dict per mode (see `child`), "ratios": each mode's process_peak_mb
@@ -96,7 +113,7 @@ def zo_int8_peak(spec: str, batch: int = 16, seq: int = 64, steps: int = 2) -> d
         rows = []
         for mode in MODES:
             source = str(folder) if mode == "int8-zo" else spec
-            args = [mode, source, str(batch), str(seq), str(steps)]
+            args = [mode, source, str(batch), str(seq), str(steps), loss]
             out = subprocess.run([*_cmd(), *args], check=True, capture_output=True, text=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]
@@ -107,7 +124,9 @@ def zo_int8_peak(spec: str, batch: int = 16, seq: int = 64, steps: int = 2) -> d
         }
         for r in rows[1:]
     }
-    return {"model": spec, "batch": batch, "seq": seq, "rows": rows, "ratios": ratios}
+    return {
+        "model": spec, "batch": batch, "seq": seq, "loss": loss, "rows": rows, "ratios": ratios
+    }  # fmt: skip
 
 
 def _cmd() -> list[str]:
@@ -118,8 +137,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "save":
         save_int8_copy(sys.argv[2], Path(sys.argv[3]))
     elif sys.argv[1] in MODES:
-        mode, spec, b, s, n = sys.argv[1:6]
-        print(json.dumps(child(mode, spec, int(b), int(s), int(n))))
+        mode, spec, b, s, n, kind = sys.argv[1:7]
+        print(json.dumps(child(mode, spec, int(b), int(s), int(n), kind)))
     else:
-        spec, b, s, n = sys.argv[1:5]
-        print(json.dumps(zo_int8_peak(spec, int(b), int(s), int(n)), indent=2))
+        spec, b, s, n, *kind = sys.argv[1:6]
+        print(json.dumps(zo_int8_peak(spec, int(b), int(s), int(n), *kind), indent=2))
