@@ -63,8 +63,7 @@ def quantize_dynamic_int8(model: nn.Module, keep: Iterable[str] = KEEP_FP32) -> 
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in keep
     }
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*deprecated.*")
         quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     model.config.update({CONFIG_KEY: {"format": FORMAT, "keep_fp32": sorted(keep)}})
     return model
