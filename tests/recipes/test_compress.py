@@ -632,3 +632,8 @@ def test_compress_and_finetune_refuse_a_dynamic_int8_model(
     err = capsys.readouterr().err
     assert "linear layers are dynamic int8" in err and "no backward" in err
     assert "Traceback" not in err
+    # and an adapter on top of it at evaluation
+    args = ["eval", "--model", str(first / "model"), "--dataset", "sst2", *TINY_DATA]
+    assert cli([*args, "--adapter", str(tmp_path / "ft")]) == 2
+    err = capsys.readouterr().err
+    assert "an adapter cannot wrap a dynamic int8 model" in err and "Traceback" not in err
