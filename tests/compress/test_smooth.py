@@ -1,5 +1,5 @@
 """SmoothQuant smoothing and dynamic int8 on stories260K: the fp32 function is unchanged,
-the outlier channels shrink, dynamic int8 moves the logits less after smoothing, and the
+the outlier channels shrink, dynamic int8 moves the logits a third as much after smoothing, and the
 config entry that re-quantizes at load is checked."""
 
 from __future__ import annotations
@@ -63,12 +63,12 @@ def test_smoothing_flattens_the_down_proj_outliers(model_and_batch):
     before = activation_maxima(model, [batch])[0]["mlp.down_proj"]
     smooth(model, activation_maxima(model, [batch]))
     after = activation_maxima(model, [batch])[0]["mlp.down_proj"]
-    # measured: the largest channel is 9.3x the median before, 3.5x after
+    # measured: the largest channel is 9.3x the median before, 2.1x after
     assert (before.max() / before.median()).item() > 8
-    assert (after.max() / after.median()).item() < 4
+    assert (after.max() / after.median()).item() < 3
 
 
-def test_smoothing_halves_the_dynamic_int8_logit_error(model_and_batch):
+def test_smoothing_cuts_the_dynamic_int8_logit_error(model_and_batch):
     # Prepare
     model, batch = model_and_batch
     ref = _logits(model, batch)
@@ -76,9 +76,9 @@ def test_smoothing_halves_the_dynamic_int8_logit_error(model_and_batch):
     smoothed = smooth(copy.deepcopy(model), activation_maxima(model, [batch]))
     # Execute
     quantize_dynamic_int8(smoothed)
-    # Assert: measured 16.4 % of the largest logit unsmoothed, 8.0 % smoothed
+    # Assert: measured 16.4 % of the largest logit unsmoothed, 5.4 % smoothed
     assert is_dynamic_int8(smoothed) and type(smoothed.lm_head) is torch.nn.Linear
-    assert _max_err(_logits(smoothed, batch), ref) < 0.6 * _max_err(_logits(plain, batch), ref)
+    assert _max_err(_logits(smoothed, batch), ref) < 0.5 * _max_err(_logits(plain, batch), ref)
 
 
 def test_dynamic_int8_counts_a_quarter_of_the_linear_bytes(model_and_batch):

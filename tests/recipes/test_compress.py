@@ -580,7 +580,7 @@ def test_compress_quantize_int8_dynamic_writes_a_smoothed_model(
     quant = summary["after-quantize"]
     assert quant["method"] == "int8-dynamic" and quant["weights_on_disk"].startswith("fp32")
     assert quant["linear_weight_bytes_before"] / quant["linear_weight_bytes_after"] > 3.7
-    # measured: eval loss 0.8286 -> 0.8240 on these 16 rows
+    # measured: eval loss 0.8286 -> 0.7897 on these 16 rows (int8 noise on a 1 MB model)
     before, after = summary["before"]["metrics"], quant["metrics"]
     assert abs(after["eval/loss"] - before["eval/loss"]) < 0.05
     config = json.loads((out / "model" / "config.json").read_text())
