@@ -26,6 +26,8 @@ model computing the same function as the unsmoothed one.
 
 from __future__ import annotations
 
+import gc
+import itertools
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -65,8 +67,20 @@ def quantize_dynamic_int8(model: nn.Module, keep: Iterable[str] = KEEP_FP32) -> 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*deprecated.*")
         quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+    _copy_out_of_file(model)
     model.config.update({CONFIG_KEY: {"format": FORMAT, "keep_fp32": sorted(keep)}})
     return model
+
+
+def _copy_out_of_file(model: nn.Module) -> None:
+    """Copy the tensors left in fp32 (embedding, norms) out of a memory-mapped safetensors
+    file, so the pages of the fp32 linear weights just replaced stop counting in the
+    process's resident size (as `int8_folder.release_file_pages` does for `Int8Linear`;
+    the packed int8 weights are not parameters and are left alone)."""
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            tensor.data = tensor.data.clone()
+    gc.collect()
 
 
 def is_dynamic_int8(model: nn.Module) -> bool:
