@@ -5,11 +5,24 @@ the fast int8 path on CPUs without AVX-512 (`--quantize int8-dynamic`).
 its weight as int8 with one scale per output row (per-channel) and, at every call,
 quantizes the input activations to int8 with one scale per tensor, multiplies in int8
 and rescales to fp32. On an AVX2 CPU this is the only int8 GEMM in torch 2.13 faster than
-fp32 (SmolLM2-135M prefill ~30 % faster, decode ~35 %); the weight-only `Int8Linear` of
-`compress/quantize.py` is about as fast as fp32 and `torch._int_mm` /
-`torch._weight_int8pack_mm` are 30-50x slower. The per-tensor activation scale is what
-costs accuracy: SmolLM2 has a few outlier activation channels, so the model is smoothed
-first (`compress/smooth.py`) and only then quantized.
+fp32; the weight-only `Int8Linear` of `compress/quantize.py` is about as fast as fp32 and
+`torch._int_mm` / `torch._weight_int8pack_mm` are 30-50x slower. The per-tensor
+activation scale is what costs accuracy: SmolLM2 has a few outlier activation channels,
+so the model is smoothed first (`compress/smooth.py`) and only then quantized.
+
+SmolLM2-135M, one thread of a shared 2-core AVX2 CPU (indicative), batch 1 x 128-token
+prefill, 32-token greedy decode, logits on a 128-token story against fp32:
+
+| model                      | prefill | decode     | max logit err | top-1 agree |
+|----------------------------|---------|------------|---------------|-------------|
+| fp32                       | 497 ms  | 18.0 tok/s | -             | -           |
+| dynamic int8, no smoothing | 330 ms  | 25.3 tok/s | 73.7 %        | 48 %        |
+| smoothed + dynamic int8    | 333 ms  | 24.4 tok/s | 24.3 %        | 91 %        |
+| `Int8Linear` (weight-only) | 483 ms  | 16.9 tok/s | 4.7 %         | 97 %        |
+
+On bbc-news (a LoRA fine-tuned for 30 first-order steps, merged; 150 held-out rows)
+accuracy is 0.900 in fp32, 0.840 dynamic int8 unsmoothed, 0.893 smoothed, 0.907
+`Int8Linear`.
 
 Trade-offs a user sees:
 - no backward: a LoRA cannot be trained over these modules (`peft.attach` refuses);
