@@ -121,6 +121,7 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
                 model = _load_per_layer_widths(source)
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+            model = _int8_dynamic(model)
     except OSError as exc:
         if isinstance(source, str):
             raise ModelNotFoundError(
@@ -169,6 +170,15 @@ def _int8_model(source: Path | str) -> Any:
     if isinstance(source, str) or int8_entry(source) is None:
         return None
     return load_int8(source)
+
+
+def _int8_dynamic(model: Any) -> Any:
+    """A model written by `edgetune compress --quantize int8-dynamic` (a smoothed fp32
+    model whose config asks for it) with its dynamic int8 linears rebuilt; any other model
+    unchanged (`edgetune.compress.int8_dynamic`)."""
+    from edgetune.compress.int8_dynamic import requantize_on_load
+
+    return requantize_on_load(model)
 
 
 def check_adapter_fits(model: Any, adapter: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from edgetune.compress.int8_dynamic import is_dynamic_int8
 from edgetune.compress.quantize import Int8Linear, int8_as_linear
 from edgetune.errors import ConfigError
 from edgetune.peft.card import ModelCard
@@ -117,6 +118,12 @@ def attach(model: torch.nn.Module, cfg: PeftConfig, seed: int) -> Adapter:
     """
     # PEFT draws its initial weights from the global RNG; fork it so the adapter is a
     # function of the run seed only and the caller's RNG stream is untouched.
+    if is_dynamic_int8(model):
+        raise ConfigError(
+            "this model's linear layers are dynamic int8 (edgetune compress --quantize "
+            "int8-dynamic), which have no backward, so nothing can be trained on them; "
+            "fine-tune the fp32 model, or one compressed with --quantize int8"
+        )
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     if int8 and cfg.method not in INT8_BASE_METHODS:
         raise ConfigError(

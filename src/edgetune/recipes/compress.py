@@ -9,7 +9,9 @@ compensation -> prune -> save DIR/model (and the mapped DIR/adapter) -> evaluate
 the unpruned one (`recipes/recover.py`), saved to DIR/adapter -> evaluate "after-recover"]
 -> [quantize int8: merge the adapter into the fp32 weights -> int8 linear weights -> save
 DIR/model in the int8 folder format (`compress/int8_folder.py`) -> evaluate
-"after-quantize"]. A stage not requested is skipped; a run requesting nothing is refused.
+"after-quantize"; or int8-dynamic: merge -> SmoothQuant smoothing on the calibration rows
+(`compress/smooth.py`) -> save the smoothed fp32 DIR/model -> fbgemm dynamic int8
+(`compress/int8_dynamic.py`) -> evaluate "after-quantize"]. A stage not requested is skipped; a run requesting nothing is refused.
 An fp32 DIR/model loads with stock transformers when every layer keeps the same widths,
 else with `edgetune.models.load` (per-layer widths; see `compress/prune/structured.py`).
 Every input is checked before DIR is created, so a refused request writes nothing.
@@ -31,6 +33,12 @@ from typing import Any
 import torch
 
 from edgetune import console, models, threads
+from edgetune.compress.int8_dynamic import (
+    dynamic_weight_bytes,
+    is_dynamic_int8,
+    quantize_dynamic_int8,
+    save_int8_dynamic,
+)
 from edgetune.compress.int8_folder import release_file_pages, save_int8
 from edgetune.compress.prune import (
     activation_scores,
@@ -46,6 +54,7 @@ from edgetune.compress.prune import (
 )
 from edgetune.compress.prune.select import RANKINGS, UNITS
 from edgetune.compress.quantize import Int8Linear, linear_weight_bytes, quantize_int8
+from edgetune.compress.smooth import activation_maxima, smooth
 from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.errors import ConfigError
@@ -55,7 +64,7 @@ from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train.loop import evaluate_model
 
 IMPORTANCE = ("activation", "taylor", "magnitude")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int8-dynamic")
 # settings that only act when pruning
 PRUNE_ONLY = ("units", "importance", "calib", "ranking", "bias_compensation")
 PREFILL_TOKENS = 128
@@ -184,7 +193,12 @@ class CompressConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     recover: RecoverConfig = dataclasses.field(default_factory=RecoverConfig)
-    quantize: str = option("none", "none | int8: store the final model's linear weights in int8")
+    quantize: str = option(
+        "none",
+        "none | int8: store the final model's linear weights in int8 | int8-dynamic: "
+        "SmoothQuant smoothing (on prune.calib training rows) + fbgemm int8 weights and "
+        "activations, faster on CPU; saved as the smoothed fp32 model, int8 at load",
+    )
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
     )
@@ -201,6 +215,8 @@ class CompressConfig:
                 "and/or --quantize int8"
             )
         unused = [k for k in PRUNE_ONLY if getattr(self.prune, k) != getattr(PruneConfig, k)]
+        if self.quantize == "int8-dynamic":  # smoothing calibrates on prune.calib rows
+            unused = [k for k in unused if k != "calib"]
         if not self.prune.requested and unused:
             raise ConfigError(
                 f"prune.{unused[0]} is not used without pruning (prune.ratio=0); add "
@@ -246,8 +262,10 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     eval_rows = task.prepare_rows(splits.eval)
     train_rows = task.prepare_rows(splits.train)
     pruning = cfg.prune.requested
-    calib_rows = train_rows[: cfg.prune.calib] if pruning else []
-    if pruning and cfg.prune.importance != "magnitude" and len(calib_rows) < cfg.prune.calib:
+    dynamic = cfg.quantize == "int8-dynamic"
+    calib_rows = train_rows[: cfg.prune.calib] if pruning or dynamic else []
+    calibrates = dynamic or (pruning and cfg.prune.importance != "magnitude")
+    if calibrates and len(calib_rows) < cfg.prune.calib:
         raise ConfigError(
             f"prune.calib={cfg.prune.calib} but the training split has {len(calib_rows)} "
             f"rows; lower --calib to {len(calib_rows)} or raise data.train_size"
@@ -287,6 +305,10 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     params_after = _params(model)
     if cfg.quantize == "int8":
         stages["after-quantize"] = _quantize_stage(scored, tokenizer, task, eval_rows, rundir, cfg)
+    elif dynamic:
+        stages["after-quantize"] = _quantize_dynamic_stage(
+            scored, tokenizer, task, calib_rows, eval_rows, rundir, cfg
+        )
     folder = rundir.path / "model"
     summary = {
         "command": "compress",
@@ -322,7 +344,7 @@ def _prune_summary(prune_cfg: PruneConfig, kept: Any, model: Any) -> dict[str, A
 
 def _refuse_int8_input(model: Any, cfg: CompressConfig) -> None:
     """An int8 model (a compress output) can be neither pruned nor quantized again."""
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
+    if is_dynamic_int8(model) or any(isinstance(m, Int8Linear) for m in model.modules()):
         raise ConfigError(
             f"{cfg.model} is already an int8 model; compress the fp32 model it came from "
             "(prune and quantize in one run: --prune R --quantize int8)"
@@ -397,6 +419,46 @@ def _quantize_stage(
         "adapter_merged": merged,
         "linear_weight_bytes_before": bytes_before,
         "linear_weight_bytes_after": linear_weight_bytes(model),
+        "model_mb": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20,
+    }
+
+
+def _quantize_dynamic_stage(
+    scored: Any,
+    tokenizer: Any,
+    task: Any,
+    calib_rows: list[dict],
+    rows: list[dict],
+    rundir: RunDir,
+    cfg: CompressConfig,
+) -> dict:
+    """Merge the adapter (if any), smooth on the calibration rows, save the smoothed fp32
+    model to DIR/model (it loads as dynamic int8 with edgetune), quantize, evaluate.
+
+    Returns:
+        The stage result: metrics, speed, linear weight bytes before and after (in memory;
+        the file stays fp32) and the size of DIR/model on disk.
+    """
+    merged = hasattr(scored, "merge_and_unload")
+    model = scored.merge_and_unload() if merged else scored
+    bytes_before = linear_weight_bytes(model)
+    console.status(f"smoothing on {len(calib_rows)} calibration rows", cfg.progress)
+    smooth(model, activation_maxima(model, _calib_batches(task, calib_rows, cfg.batch_size)))
+    folder = rundir.path / "model"
+    save_int8_dynamic(model, folder)
+    tokenizer.save_pretrained(folder)
+    shutil.rmtree(rundir.path / "adapter", ignore_errors=True)
+    quantize_dynamic_int8(model)
+    console.status("evaluating after dynamic int8 quantization", cfg.progress)
+    after = {**_evaluate(model, task, rows, cfg), **_speed(model, cfg.seed)}
+    rundir.log({"stage": "after-quantize", **after["metrics"]})
+    return {
+        **after,
+        "method": cfg.quantize,
+        "adapter_merged": merged,
+        "linear_weight_bytes_before": bytes_before,
+        "linear_weight_bytes_after": dynamic_weight_bytes(model),
+        "weights_on_disk": "fp32 (smoothed); edgetune.models.load quantizes them to int8",
         "model_mb": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20,
     }
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune import console
+from edgetune.compress.int8_dynamic import is_dynamic_int8
 from edgetune.compress.quantize import int8_as_linear
 from edgetune.config import (
     build,
@@ -47,6 +48,12 @@ def load_adapter(model: Any, adapter: str | None) -> Any:
     """
     if not adapter:
         return model
+    if is_dynamic_int8(model):
+        raise EdgetuneError(
+            f"{adapter}: an adapter cannot wrap a dynamic int8 model (PEFT has no LoRA layer "
+            "for it); run edgetune compress --quantize int8-dynamic with --adapter, which "
+            "merges the adapter before quantizing, or use the fp32 model"
+        )
     path = Path(adapter)
     if not (path / "adapter_config.json").exists():
         raise EdgetuneError(
