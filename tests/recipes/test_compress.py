@@ -143,7 +143,10 @@ def test_compress_with_taylor_importance(cli, stories260k_path, shared_data, tmp
         ),
         (("prune.ranking=globel",), "prune.ranking: 'globel' is not one of layer, global"),
         (("--prune", "0.9"), "ratio 0.9 removes all 4 key/value heads of layer 0"),
-        (("--importance", "magnitude"), "prune.calib=8 is not used by prune.importance=magnitude"),
+        (
+            ("--prune", "0.3", "--importance", "magnitude"),
+            "prune.calib=8 is not used by prune.importance=magnitude",
+        ),
         (("--prune", "0.3", "--calib", "100"), "prune.calib=100 but the training split has 64"),
         (("--quantize", "int4"), "compress.quantize: 'int4' is not one of none, int8"),
         ((), "nothing to do (prune.ratio=0 and quantize=none); give --prune R and/or --quantize"),
@@ -639,3 +642,14 @@ def test_compress_and_finetune_refuse_a_dynamic_int8_model(
     assert cli([*args, "--adapter", str(tmp_path / "ft")]) == 2
     err = capsys.readouterr().err
     assert "an adapter cannot wrap a dynamic int8 model" in err and "Traceback" not in err
+
+
+def test_compress_magnitude_pruning_with_dynamic_int8_reads_calib_for_the_smoothing(
+    cli, stories260k_path, shared_data, tmp_path
+):
+    # magnitude importance reads no activations, but int8-dynamic smooths on --calib rows
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.3", "--quantize", "int8-dynamic")
+    assert cli([*args, "--importance", "magnitude"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["prune"]["calib"] == 8 and config["prune"]["importance"] == "magnitude"

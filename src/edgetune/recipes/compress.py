@@ -116,11 +116,6 @@ class PruneConfig:
         check_choice("prune", "ranking", self.ranking, RANKINGS)
         if self.calib < 1:
             raise ConfigError(f"prune.calib: expected an integer >= 1, got {self.calib}")
-        if self.importance == "magnitude" and self.calib != PruneConfig.calib:
-            raise ConfigError(
-                f"prune.calib={self.calib} is not used by prune.importance=magnitude (it "
-                "reads weights only); drop --calib, or use --importance activation|taylor"
-            )
         self._check_layer_ratios()
         self._check_bias_compensation()
 
@@ -217,6 +212,12 @@ class CompressConfig:
         unused = [k for k in PRUNE_ONLY if getattr(self.prune, k) != getattr(PruneConfig, k)]
         if self.quantize == "int8-dynamic":  # smoothing calibrates on prune.calib rows
             unused = [k for k in unused if k != "calib"]
+        calib_unread = self.prune.importance == "magnitude" and self.quantize != "int8-dynamic"
+        if calib_unread and self.prune.calib != PruneConfig.calib:
+            raise ConfigError(
+                f"prune.calib={self.prune.calib} is not used by prune.importance=magnitude "
+                "(it reads weights only); drop --calib, or use --importance activation|taylor"
+            )
         if not self.prune.requested and unused:
             raise ConfigError(
                 f"prune.{unused[0]} is not used without pruning (prune.ratio=0); add "
