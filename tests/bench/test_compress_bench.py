@@ -40,8 +40,9 @@ def test_the_plan_gives_every_row_and_a_second_seed_to_the_30_percent_distillati
     assert labels.count("30 % + ZO + distill") == 2 and "10 % + ZO + distill" not in labels
     assert labels.count("30 % + FO + distill") == 2 and labels.count("30 % + FO") == 1
     assert labels.count("20 % + FO + distill") == 1
-    assert labels[-2:] == ["int8", "30 % + int8"]
-    assert len(runs) == 4 * 2 + 1 + 2 + 2  # FO +- distill per ratio, ZO at 30 %, seed 1, int8
+    assert labels[-4:] == ["int8", "30 % + int8", "int8-dynamic", "30 % + int8-dynamic"]
+    # FO +- distill per ratio, ZO at 30 %, seed 1, two int8 kinds alone and after pruning
+    assert len(runs) == 4 * 2 + 1 + 2 + 4
     zo = next(r for r in runs if r.name == "prune30-zo-distill-s1")
     args = bench.compress_args(s, zo, Path("A"))
     assert args[args.index("--recover") + 1] == "zo" and "--distill" in args
@@ -73,7 +74,7 @@ def test_targets_say_pass_or_miss_with_the_miss_size():
         _row("unpruned", 0.91, 100.0),
         _row("30 % + FO + distill", 0.89, 70.0, prefill_x=1.42, decode_x=1.35, loss=-0.01),
         _row("30 % + ZO + distill", 0.85, 70.0, prefill_x=1.42, decode_x=1.2, loss=-0.05),
-        _row("int8", 0.9, 60.0, prefill_x=1.6, loss=0.0, linear_x=3.9),
+        _row("int8", 0.9, 60.0, prefill_x=1.6, decode_x=1.5, loss=0.0, linear_x=3.9),
     ]
     memory = {
         "lm": {"fp32_inference_mb": 1000.0, "zo_int8_mb": 700.0, "runtime_mb": 220.0},
@@ -82,7 +83,7 @@ def test_targets_say_pass_or_miss_with_the_miss_size():
     text = bench.render(results, memory, s, "test machine", "p.png")
     assert "prefill 1.42x and decode 1.35x >= 1.3x, accuracy loss 1.0 <= 2 points: PASS" in text
     assert "decode 1.20x >= 1.3x, accuracy loss 5.0 <= 2 points: MISS (speed 1.20x" in text
-    assert "int8: linear weights 3.90x smaller (>= 3.5x), prefill 1.60x" in text
+    assert "int8: linear weights 3.90x smaller (>= 3.5x), prefill 1.60x and decode 1.50x" in text
     assert "loss 0.0 (<= 1 point): PASS" in text
     assert "peak 700 MB vs fp32 inference 1000 MB = 0.70x (<= 0.6x): MISS (+0.10x)" in text
     assert "(the classification tasks' logits_to_keep=1): process peak 440 MB vs fp32 " in text
