@@ -140,7 +140,7 @@ def ratio_runs(s: Settings, ratio: float, seed: int, first: bool, plain_fo: bool
     runs = [Run(f"prune{pct}-fo-distill-s{seed}", [*fo, "--distill"], rows, seed)]
     if plain_fo:
         runs.append(Run(f"prune{pct}-fo-s{seed}", fo, [(f"{pct} % + FO", "after-recover")], seed))
-    if ratio == SEEDED_RATIO:
+    if ratio == SEEDED_RATIO:  # ZO recovery is ~3 min a run: at the target's ratio only
         zo = [*prune, "--recover", "zo", "--recover-steps", str(s.zo_steps), s.zo_batch]
         zo_row = [(f"{pct} % + ZO + distill", "after-recover")]
         runs.append(Run(f"prune{pct}-zo-distill-s{seed}", [*zo, "--distill"], zo_row, seed))
@@ -279,7 +279,8 @@ def run(
     root = Path(work)
     root.mkdir(parents=True, exist_ok=True)
     adapters = {seeds[0]: Path(adapter)} if adapter else base_adapters(s, root)
-    results = []
+    results: list[dict[str, Any]] = []
+    (root / "rows.jsonl").unlink(missing_ok=True)
     for r in plan(s):
         print(f"[bench compress] {r.name}: compress {' '.join(r.args)}", flush=True)
         folder = root / r.name
@@ -295,6 +296,8 @@ def run(
             elif stage == r.rows[-1][1]:
                 values.update(ppl)  # only the run's final model is saved
             results.append({"label": label, "run": r.name, "seed": r.seed, **values})
+            with (root / "rows.jsonl").open("a") as f:  # kept if a later run fails
+                f.write(json.dumps(results[-1]) + "\n")
     memory = memory_line(s, root / "int8" / "model")
     png = Path(output).parent / "bench_compress_pareto.png"
     plot_pareto(results, png, model)

@@ -44,7 +44,7 @@ FULL = {
         "--lr",
         "2e-3",
         "zo.eps=1e-3",
-        "train.eval_every=20",
+        "train.eval_every=30",
     ],
     "fo": [
         "--method",
@@ -57,7 +57,7 @@ FULL = {
         "8",
         "--lr",
         "5e-4",
-        "train.eval_every=10",
+        "train.eval_every=15",
         "train.eval_at_start=false",
     ],
 }
@@ -88,7 +88,7 @@ QUICK = {
 # int8 (adapter merged first): ~4x smaller linear weights at about no accuracy cost; 20 %
 # pruning without recovery cost 52 points here (0.90 -> 0.38), and recovery steps do not
 # fit the demo's time.
-COMPRESS = ["--quantize", "int8"]
+COMPRESS = ["--quantize", "int8-dynamic"]
 QUICK_COMPRESS = COMPRESS  # the same path as the full demo, on the tiny model
 # `edgetune demo --zo prge`: P-RGE with q=4 directions on b=4 examples (the same 16
 # perturbed evaluations per step as MeZO's batch of 16, in one batched pass).
@@ -295,6 +295,14 @@ def compress_section(run: Path) -> str:
         f"files on disk (weights, config, tokenizer). Wall "
         f"{summary['wall_s']:.1f} s, peak RSS {summary['peak_rss_mb']:.0f} MB.",
     ]
+    quant = summary.get("after-quantize")
+    if quant:
+        before_mb, after_mb = (quant[f"linear_weight_bytes_{k}"] / 1e6 for k in ("before", "after"))
+        on_disk = quant.get("weights_on_disk", "int8")
+        lines.append(
+            f"Linear weights in memory: {before_mb:.1f} MB fp32 -> {after_mb:.1f} MB int8 "
+            f"({before_mb / after_mb:.2f}x smaller); weights on disk: {on_disk}."
+        )
     return "\n".join(lines)
 
 
