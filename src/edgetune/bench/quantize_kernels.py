@@ -2,7 +2,7 @@
 weight-only and edgetune's `Int8Linear`, timed the way `edgetune compress` times a model.
 
 Each kernel quantizes a fresh copy of the same fp32 model, the same layers (every linear
-but the tied `lm_head`), and reports median prefill latency (batch 1 x PREFILL_TOKENS),
+but the tied `lm_head`), and reports median prefill latency (batch 1 x 128 tokens, `compress/speed.py`),
 greedy decode tokens/s and how far its logits are from fp32 on the prefill tokens. torchao
 is optional: without it its row says so instead of a timing.
 
@@ -15,9 +15,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,9 +23,8 @@ import torch
 from torch import nn
 
 from edgetune.compress.quantize import KEEP_FP32, quantize_int8
+from edgetune.compress.speed import measure_speed, prefill_ids
 
-PREFILL_TOKENS = 128
-DECODE_TOKENS = 32
 REPEATS = 5
 
 
@@ -94,9 +91,7 @@ def kernel_timings(model: nn.Module, threads: int, repeats: int = REPEATS) -> li
 
 
 def _rows(model: nn.Module, threads: int, repeats: int) -> list[dict[str, Any]]:
-    ids = torch.randint(
-        0, model.config.vocab_size, (1, PREFILL_TOKENS), generator=torch.Generator().manual_seed(0)
-    )
+    ids = prefill_ids(model.config.vocab_size, seed=0)
     with torch.no_grad():
         ref = model.eval()(input_ids=ids).logits
     rows = []
@@ -118,24 +113,8 @@ def _measure(
 ) -> dict[str, float]:
     """Median prefill ms and decode tokens/s over `repeats`, and the logit error vs `ref`."""
     logits = model(input_ids=ids).logits  # also the warm-up
-    prefill, decode = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=ids)
-        prefill.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        out = model.generate(
-            ids[:, :8],
-            attention_mask=torch.ones_like(ids[:, :8]),
-            max_new_tokens=DECODE_TOKENS,
-            min_new_tokens=DECODE_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        decode.append((out.shape[1] - 8) / (time.perf_counter() - start))
     return {
-        "prefill_ms": 1000 * statistics.median(prefill),
-        "decode_tokens_per_s": statistics.median(decode),
+        **measure_speed(model, ids, repeats),
         "max_logit_error_pct": 100 * float((logits - ref).abs().max() / ref.abs().max()),
         "top1_match": float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
     }

@@ -24,13 +24,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from edgetune import console, models, threads
 from edgetune.compress.int8_dynamic import (
@@ -55,6 +52,7 @@ from edgetune.compress.prune import (
 from edgetune.compress.prune.select import RANKINGS, UNITS
 from edgetune.compress.quantize import Int8Linear, linear_weight_bytes, quantize_int8
 from edgetune.compress.smooth import activation_maxima, smooth
+from edgetune.compress.speed import measure_speed, prefill_ids
 from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.errors import ConfigError
@@ -67,8 +65,6 @@ IMPORTANCE = ("activation", "taylor", "magnitude")
 QUANTIZE = ("none", "int8", "int8-dynamic")
 # settings that only act when pruning
 PRUNE_ONLY = ("units", "importance", "calib", "ranking", "bias_compensation")
-PREFILL_TOKENS = 128
-DECODE_TOKENS = 32
 SPEED_REPEATS = 3
 
 
@@ -411,17 +407,7 @@ def _quantize_stage(
     tokenizer.save_pretrained(folder)
     # the adapter is in DIR/model now; kept beside it, it would fit no saved model
     shutil.rmtree(rundir.path / "adapter", ignore_errors=True)
-    console.status("evaluating after int8 quantization", cfg.progress)
-    after = {**_evaluate(model, task, rows, cfg), **_speed(model, cfg.seed)}
-    rundir.log({"stage": "after-quantize", **after["metrics"]})
-    return {
-        **after,
-        "method": cfg.quantize,
-        "adapter_merged": merged,
-        "linear_weight_bytes_before": bytes_before,
-        "linear_weight_bytes_after": linear_weight_bytes(model),
-        "model_mb": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20,
-    }
+    return _quantized(model, task, rows, rundir, cfg, merged, bytes_before)
 
 
 def _quantize_dynamic_stage(
@@ -450,16 +436,33 @@ def _quantize_dynamic_stage(
     tokenizer.save_pretrained(folder)
     shutil.rmtree(rundir.path / "adapter", ignore_errors=True)
     quantize_dynamic_int8(model)
-    console.status("evaluating after dynamic int8 quantization", cfg.progress)
+    return {
+        **_quantized(model, task, rows, rundir, cfg, merged, bytes_before),
+        "weights_on_disk": "fp32 (smoothed); edgetune.models.load quantizes them to int8",
+    }
+
+
+def _quantized(
+    model: Any,
+    task: Any,
+    rows: list[dict],
+    rundir: RunDir,
+    cfg: CompressConfig,
+    merged: bool,
+    bytes_before: int,
+) -> dict:
+    """Evaluate and time the quantized `model`, log "after-quantize"; the stage result."""
+    console.status(f"evaluating after {cfg.quantize} quantization", cfg.progress)
     after = {**_evaluate(model, task, rows, cfg), **_speed(model, cfg.seed)}
     rundir.log({"stage": "after-quantize", **after["metrics"]})
+    folder = rundir.path / "model"
+    weights = dynamic_weight_bytes if cfg.quantize == "int8-dynamic" else linear_weight_bytes
     return {
         **after,
         "method": cfg.quantize,
         "adapter_merged": merged,
         "linear_weight_bytes_before": bytes_before,
-        "linear_weight_bytes_after": dynamic_weight_bytes(model),
-        "weights_on_disk": "fp32 (smoothed); edgetune.models.load quantizes them to int8",
+        "linear_weight_bytes_after": weights(model),
         "model_mb": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20,
     }
 
@@ -536,33 +539,9 @@ def _evaluate(scored: Any, task: Any, rows: list[dict], cfg: CompressConfig) -> 
     return {"metrics": evaluate_model(scored, task, rows, cfg.batch_size, cfg.progress)}
 
 
-@torch.no_grad()
 def _speed(model: Any, seed: int) -> dict[str, float]:
     """Median prefill latency (batch 1 x PREFILL_TOKENS) and greedy decode tokens/s."""
-    model.eval()
-    vocab = model.config.vocab_size
-    ids = torch.randint(
-        0, vocab, (1, PREFILL_TOKENS), generator=torch.Generator().manual_seed(seed)
-    )
-    prefill, decode = [], []
-    for _ in range(SPEED_REPEATS):
-        t = time.perf_counter()
-        model(input_ids=ids)
-        prefill.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        out = model.generate(
-            ids[:, :8],
-            attention_mask=torch.ones_like(ids[:, :8]),
-            max_new_tokens=DECODE_TOKENS,
-            min_new_tokens=DECODE_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        decode.append((out.shape[1] - 8) / (time.perf_counter() - t))
-    return {
-        "prefill_ms": 1000 * statistics.median(prefill),
-        "decode_tokens_per_s": statistics.median(decode),
-    }
+    return measure_speed(model, prefill_ids(model.config.vocab_size, seed), SPEED_REPEATS)
 
 
 def _folder_bytes(folder: Path | str) -> int | None:
