@@ -455,7 +455,6 @@ def _quantized(
     console.status(f"evaluating after {cfg.quantize} quantization", cfg.progress)
     after = {**_evaluate(model, task, rows, cfg), **_speed(model, cfg.seed)}
     rundir.log({"stage": "after-quantize", **after["metrics"]})
-    folder = rundir.path / "model"
     weights = dynamic_weight_bytes if cfg.quantize == "int8-dynamic" else linear_weight_bytes
     return {
         **after,
@@ -463,7 +462,7 @@ def _quantized(
         "adapter_merged": merged,
         "linear_weight_bytes_before": bytes_before,
         "linear_weight_bytes_after": weights(model),
-        "model_mb": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20,
+        "model_mb": (_folder_bytes(rundir.path / "model") or 0) / 2**20,
     }
 
 
