@@ -250,6 +250,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--teacher", help="distillation teacher model (default: the unpruned model)")
 
+    from edgetune.recipes.export import ExportConfig
+
+    ex = sub.add_parser(
+        "export",
+        help="export a model (and adapter) to ONNX, ExecuTorch or GGUF (llama.cpp)",
+        epilog=_config_epilog(ExportConfig),
+        formatter_class=fmt,
+    )
+    ex.add_argument("--model")
+    ex.add_argument("--adapter", help="PEFT LoRA folder trained on --model (e.g. RUN/adapter)")
+    ex.add_argument("--format", help="onnx | executorch | gguf")
+    ex.add_argument("--out", help="export folder (must not exist)")
+    ex.add_argument(
+        "--merge", action="store_true", default=None, help="fold the adapter into the weights"
+    )
+    ex.add_argument("--logits", help="onnx/executorch: all (every position) | last")
+    ex.add_argument("--lora-rank", type=int, help="without --adapter: LoRA inputs of rank R")
+    ex.add_argument("--gguf-type", help="gguf: f32 | q8_0 | q4_0")
+    ex.add_argument("--max-copies", type=int, help="executorch: most adapter copies per call")
+    ex.add_argument("--max-batch", type=int, help="executorch: most rows per copy")
+    ex.add_argument("--max-seq", type=int, help="executorch: most tokens per row")
+    _add_threads_flag(ex)
+    ex.add_argument("--config", help="YAML config file")
+    ex.add_argument("overrides", nargs="*", metavar="key=value", default=[])
+
+    from edgetune.recipes.ondevice import OnDeviceConfig
+
+    od = sub.add_parser(
+        "ondevice",
+        help="ZO / P-RGE fine-tuning through an exported graph (ONNX Runtime, ExecuTorch)",
+        epilog=_config_epilog(OnDeviceConfig),
+        formatter_class=fmt,
+    )
+    _add_data_flags(od)
+    _add_threads_flag(od)
+    g = od.add_argument_group("training")
+    g.add_argument("--runtime", help="ort | executorch")
+    g.add_argument("--method", help="zo (MeZO) | prge (P-RGE)")
+    g.add_argument("--peft", help="lora | lora-fa")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--queries", type=int, help="ZO directions per step")
+    g.add_argument("--out", help="run directory")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
     gen = sub.add_parser("generate", help="greedy generation from a prompt")
     gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--adapter", help="PEFT adapter folder")
@@ -550,6 +596,43 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_FLAGS = (
+    "model",
+    "adapter",
+    "format",
+    "out",
+    "merge",
+    "logits",
+    "lora_rank",
+    "gguf_type",
+    "max_copies",
+    "max_batch",
+    "max_seq",
+)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgetune.config import resolve_config
+    from edgetune.recipes import export
+
+    flags = {name: getattr(args, name) for name in EXPORT_FLAGS}
+    cfg = resolve_config(export.ExportConfig, args.config, args.overrides, flags)
+    _start_threads(args, cfg)
+    print(json.dumps(export.run(cfg), indent=2))
+    return 0
+
+
+def cmd_ondevice(args: argparse.Namespace) -> int:
+    from edgetune.config import resolve_config
+    from edgetune.recipes import ondevice
+
+    flags = {**_flags(args), "runtime": args.runtime}
+    cfg = resolve_config(ondevice.OnDeviceConfig, args.config, args.overrides, flags)
+    _start_threads(args, cfg)
+    print(json.dumps(ondevice.run(cfg, overwrite=args.overwrite), indent=2))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from edgetune.recipes import generate
 
@@ -661,6 +744,8 @@ COMMANDS = {
     "federate": cmd_federate,
     "eval": cmd_eval,
     "compress": cmd_compress,
+    "export": cmd_export,
+    "ondevice": cmd_ondevice,
     "generate": cmd_generate,
     "models": cmd_models,
     "report": cmd_report,

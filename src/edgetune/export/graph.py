@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from edgetune.compress.quantize import Int8Linear
 from edgetune.errors import ConfigError
 
 LOGITS_MODES = ("last", "all")
@@ -90,7 +91,7 @@ def slots_for(
     found: set[str] = set()
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in target_modules and isinstance(module, torch.nn.Linear):
+        if leaf in target_modules and _is_linear(module):
             found.add(leaf)
             slots.append(
                 LoraSlot(name, module.in_features, module.out_features, rank, alpha / rank)
@@ -111,10 +112,15 @@ def slots_for(
     return slots
 
 
+def _is_linear(module: torch.nn.Module) -> bool:
+    """A layer LoRA can adapt: a linear, fp32 or edgetune's weight-only int8."""
+    return isinstance(module, torch.nn.Linear | Int8Linear)
+
+
 class InputLoRALinear(torch.nn.Module):
     """A frozen linear plus a rank-r branch whose A and B copies are set per call."""
 
-    def __init__(self, base: torch.nn.Linear, slot: LoraSlot):
+    def __init__(self, base: torch.nn.Module, slot: LoraSlot):
         super().__init__()
         self.base, self.slot = base, slot
         self.lora: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -182,3 +188,60 @@ def example_adapter(
         tensors.append(torch.randn(copies, slot.rank, slot.in_features, generator=gen) * 0.1)
         tensors.append(torch.randn(copies, slot.out_features, slot.rank, generator=gen) * 0.1)
     return tensors
+
+
+def slots_from_peft(model: torch.nn.Module) -> tuple[list[LoraSlot], list[torch.Tensor]]:
+    """The slots of a loaded PEFT LoRA model and its A/B tensors (each [1, ...], copy axis
+    first), read from the LoRA layers themselves so rank, alpha and rsLoRA scaling are
+    exactly PEFT's.
+
+    Raises:
+        ConfigError: the model has no LoRA layer (a prompt-tuning adapter, say).
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    prefix = "base_model.model."
+    slots, tensors = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        a = module.lora_A["default"].weight.detach()
+        b = module.lora_B["default"].weight.detach()
+        slot = LoraSlot(
+            name.removeprefix(prefix),
+            a.shape[1],
+            b.shape[0],
+            a.shape[0],
+            float(module.scaling["default"]),
+        )
+        slots.append(slot)
+        tensors += [a.unsqueeze(0).clone(), b.unsqueeze(0).clone()]
+    if not slots:
+        raise ConfigError(
+            "the adapter has no LoRA layers; only LoRA / LoRA-FA adapters can be exported "
+            "as graph inputs or merged"
+        )
+    return slots, tensors
+
+
+class PlainLM(torch.nn.Module):
+    """A causal LM as `forward(input_ids [b, T], attention_mask [b, T])` -> logits
+    [b, P, V]: the graph of a base or merged model, with no adapter inputs."""
+
+    def __init__(self, model: torch.nn.Module, logits: str = "all"):
+        super().__init__()
+        if logits not in LOGITS_MODES:
+            raise ConfigError(f"logits={logits!r}: expected one of {', '.join(LOGITS_MODES)}")
+        self.model, self.logits = model, logits
+
+    def input_names(self) -> list[str]:
+        """Graph input names."""
+        return ["input_ids", "attention_mask"]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_to_keep=1 if self.logits == "last" else 0,
+        )
+        return out.logits

@@ -32,7 +32,7 @@ from edgetune.train.checkpoint import (
     newest_intact,
     warn,
 )
-from edgetune.train.config import DEFAULT_LR
+from edgetune.train.config import DEFAULT_LR, check_optim_read_by
 from edgetune.zo import ZOConfig
 
 
@@ -55,27 +55,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         threads.check(self.threads, "threads")
         self.zo.check_read_by(self.train.method)
-        _check_optim_read_by(self.optim, self.train.method)
+        check_optim_read_by(self.optim, self.train.method)
         if self.optim.lr is None:
             self.optim.lr = DEFAULT_LR[self.train.method]
-
-
-def _check_optim_read_by(optim: OptimConfig, method: str) -> None:
-    """Refuse an optim setting that `method` never reads: the first-order optimizer's
-    name, momentum and grad_clip mean nothing to a ZO step (zo.optimizer is its update
-    rule), and momentum nothing to AdamW. Given = differs from its default."""
-    ignored = ("name", "momentum", "grad_clip") if method != "fo" else ()
-    if method == "fo" and optim.name != "sgd":
-        ignored = ("momentum",)
-    default = OptimConfig()
-    for name in ignored:
-        value = getattr(optim, name)
-        if value != getattr(default, name):
-            fix = "zo.optimizer / zo.beta1" if method != "fo" else "optim.name=sgd"
-            raise ConfigError(
-                f"optim.{name}={value!r} is not used by train.method={method!r} "
-                f"(optim.name={optim.name!r}): drop it, or use {fix}"
-            )
 
 
 def setup(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgetune.config import check_choice, check_positive, option
+from edgetune.errors import ConfigError
 
 TRAIN_METHODS = ("fo", "zo", "prge")
 OPTIMIZERS = ("adamw", "sgd")
@@ -69,4 +70,22 @@ class TrainConfig:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by "
                 f"train.grad_accum={self.grad_accum}"
+            )
+
+
+def check_optim_read_by(optim: OptimConfig, method: str) -> None:
+    """Refuse an optim setting that `method` never reads: the first-order optimizer's
+    name, momentum and grad_clip mean nothing to a ZO step (zo.optimizer is its update
+    rule), and momentum nothing to AdamW. Given = differs from its default."""
+    ignored = ("name", "momentum", "grad_clip") if method != "fo" else ()
+    if method == "fo" and optim.name != "sgd":
+        ignored = ("momentum",)
+    default = OptimConfig()
+    for name in ignored:
+        value = getattr(optim, name)
+        if value != getattr(default, name):
+            fix = "zo.optimizer / zo.beta1" if method != "fo" else "optim.name=sgd"
+            raise ConfigError(
+                f"optim.{name}={value!r} is not used by train.method={method!r} "
+                f"(optim.name={optim.name!r}): drop it, or use {fix}"
             )

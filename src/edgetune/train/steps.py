@@ -8,7 +8,8 @@ per-example loss over the whole batch either way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -149,6 +150,21 @@ class PRGEStepper(ZOStepper):
 
     estimator: PRGEEstimator  # type: ignore[assignment]
 
+    def __init__(
+        self,
+        adapter: Adapter,
+        task: Any,
+        estimator: PRGEEstimator,
+        optimizer: ZOOptimizer,
+        grad_accum: int,
+        seed: int,
+        copies: Callable[[dict[int, torch.Tensor], int], AbstractContextManager] | None = None,
+    ):
+        """`copies(copies, C)` is the context in which the model runs C adapter copies on
+        a C-times repeated batch; default: PEFT multi-copy LoRA (`peft/multicopy.py`)."""
+        super().__init__(adapter, task, estimator, optimizer, grad_accum, seed)
+        self.copies = copies or (lambda c, n: multi_copy(self.adapter.model, c, n))
+
     def copy_losses(self, rows: Sequence[dict]) -> Any:
         """A closure (copies, C) -> mean loss of each copy over `rows`, shape [C]."""
         batches = [self.task.collate(chunk) for chunk in micro_batches(rows, self.grad_accum)]
@@ -156,7 +172,7 @@ class PRGEStepper(ZOStepper):
 
         @torch.no_grad()
         def losses(copies: dict[int, torch.Tensor], num_copies: int) -> torch.Tensor:
-            with multi_copy(model, copies, num_copies):
+            with self.copies(copies, num_copies):
                 per_batch = [
                     self.task.example_losses(model, repeat_batch(b, num_copies))
                     .view(num_copies, -1)

@@ -1,0 +1,1 @@
+"""Fine-tuning on the device through an exported runtime alone (ONNX Runtime, ExecuTorch)."""

@@ -1,0 +1,278 @@
+"""`edgetune export`: a model (and its LoRA adapter) to ONNX, ExecuTorch or GGUF.
+
+load model [+ adapter] -> the graph (`export/graph.py`): adapter tensors as inputs (the
+adapter's shapes, or `--lora-rank` for on-device training from scratch), merged into the
+weights (`--merge`), or a plain base graph -> the format's writer -> a parity check of the
+real runtime against PyTorch on a small batch -> tokenizer, starting adapter and
+`export.json` (`export/manifest.py`). GGUF writes llama.cpp's base model (f32 / q8_0 /
+q4_0, tokenizer embedded) and LoRA adapter files (`export/gguf.py`).
+
+Everything is written into a temporary sibling of --out and renamed at the end, so a
+failed export leaves nothing behind; an existing --out is never replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgetune import console, models, threads
+from edgetune.compress.int8_dynamic import is_dynamic_int8
+from edgetune.config import check_choice, option
+from edgetune.errors import ConfigError
+from edgetune.export.graph import (
+    LOGITS_MODES,
+    AdapterInputLM,
+    PlainLM,
+    slots_for,
+    slots_from_peft,
+)
+from edgetune.export.manifest import FORMATS, ExportManifest, write_manifest
+from edgetune.models.builtin import base_model_id
+from edgetune.peft.config import LLAMA_PROJECTIONS
+from edgetune.recipes.evaluate import load_adapter
+
+GGUF_TYPES = ("f32", "q8_0", "q4_0")
+PTE_DEFAULTS = {"max_copies": 8, "max_batch": 16, "max_seq": 128}
+
+
+@dataclass
+class ExportConfig:
+    """Everything `edgetune export` needs."""
+
+    model: str = option("smollm2-135m", "built-in name, HF folder, .gguf file or hub id")
+    adapter: str = option("", "PEFT LoRA adapter folder trained on --model (e.g. RUN/adapter)")
+    format: str = option("onnx", "onnx | executorch | gguf")
+    out: str = option("runs/export", "export folder (must not exist yet)")
+    merge: bool = option(False, "fold --adapter into the weights (a graph without adapter inputs)")
+    logits: str = option(
+        "all", "onnx/executorch: logits at every position (all) or only the last (last)"
+    )
+    lora_rank: int = option(
+        0, "onnx/executorch without --adapter: LoRA inputs of this rank (0: a plain graph)"
+    )
+    lora_alpha: float = option(16.0, "with lora_rank: LoRA alpha (scale = alpha / rank)")
+    lora_targets: list[str] = option(LLAMA_PROJECTIONS, "with lora_rank: linear layers adapted")
+    gguf_type: str = option("f32", "gguf: weight type of the base model, f32 | q8_0 | q4_0")
+    max_copies: int = option(PTE_DEFAULTS["max_copies"], "executorch: most adapter copies per call")
+    max_batch: int = option(PTE_DEFAULTS["max_batch"], "executorch: most rows per copy")
+    max_seq: int = option(PTE_DEFAULTS["max_seq"], "executorch: most tokens per row")
+    threads: int = option(0, "threads (0 = chosen at start from the free cores)")
+
+    def __post_init__(self) -> None:
+        check_choice("export", "format", self.format, FORMATS)
+        check_choice("export", "logits", self.logits, LOGITS_MODES)
+        check_choice("export", "gguf_type", self.gguf_type, GGUF_TYPES)
+        threads.check(self.threads, "threads")
+        for name in ("lora_rank", *PTE_DEFAULTS):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"export.{name}: expected a value >= 0")
+        self._refuse_ignored()
+
+    def _refuse_ignored(self) -> None:
+        """A setting this export would not read is an error (the message says why)."""
+        given = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f)}
+        unused: dict[str, str] = {}
+        if self.format != "gguf" and "gguf_type" in given:
+            unused["gguf_type"] = "only --format gguf reads it"
+        if self.format != "executorch":
+            for name in PTE_DEFAULTS:
+                if name in given:
+                    unused[name] = "only --format executorch has memory limits"
+        if self.format == "gguf":
+            for name in ("logits", "lora_rank"):
+                if name in given:
+                    unused[name] = "a GGUF holds weights, not a graph with inputs"
+        if self.merge and not self.adapter:
+            unused["merge"] = "there is no --adapter to merge"
+        if self.adapter and "lora_rank" in given:
+            unused["lora_rank"] = "the adapter's own shapes are used"
+        if not self.lora_rank:
+            for name in ("lora_alpha", "lora_targets"):
+                if name in given:
+                    unused[name] = "it shapes LoRA inputs only with --lora-rank R"
+        if unused:
+            reasons = "; ".join(f"{k} ({why})" for k, why in unused.items())
+            raise ConfigError(f"settings this export would ignore: {reasons}; drop them")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def run(cfg: ExportConfig) -> dict[str, Any]:
+    """Export `cfg.model` (and adapter) into `cfg.out`; returns the summary.
+
+    Raises:
+        EdgetuneError: --out exists, an adapter of another base, an int8-dynamic model, an
+            architecture or format the exporter does not support, a missing optional
+            package; nothing is left in --out.
+    """
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    if out.exists():
+        raise ConfigError(f"{out} already exists; pass another --out (export never replaces)")
+    console.status(f"loading model {cfg.model}")
+    model, tokenizer = models.load(cfg.model)
+    if is_dynamic_int8(model):
+        raise ConfigError(
+            f"{cfg.model} is a dynamic int8 model (compress --quantize int8-dynamic), whose "
+            "fbgemm kernels no exporter supports; export the fp32 model (or --quantize int8)"
+        )
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _export(cfg, model, tokenizer, tmp)
+        write_manifest(tmp, manifest)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = {name: (out / name).stat().st_size for name in manifest.files.values()}
+    return {
+        "out": str(out),
+        "format": cfg.format,
+        "files": sizes,
+        "adapter_inputs": manifest.adapter_inputs,
+        "export_s": round(time.perf_counter() - started, 2),
+        **manifest.facts,
+    }
+
+
+def _export(cfg: ExportConfig, model: Any, tokenizer: Any, tmp: Path) -> ExportManifest:
+    base = base_model_id(cfg.model)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    if cfg.format == "gguf":
+        return _export_gguf(cfg, model, tokenizer, tmp, base)
+    slots, start, peft_config = [], None, None
+    if cfg.adapter:
+        wrapped = load_adapter(model, cfg.adapter)
+        if cfg.merge:
+            model = wrapped.merge_and_unload()
+        else:
+            slots, start = slots_from_peft(wrapped)
+            peft_config = _adapter_config(Path(cfg.adapter), base)
+            shutil.copytree(cfg.adapter, tmp / "adapter")
+            model = wrapped.unload()
+    elif cfg.lora_rank:
+        slots = slots_for(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+        peft_config = _new_lora_config(cfg, base)
+    module: torch.nn.Module = (
+        AdapterInputLM(model, slots, cfg.logits) if slots else PlainLM(model, cfg.logits)
+    )
+    module.eval()
+    args = _example_args(slots, start, tokenizer)
+    console.status(f"exporting to {cfg.format} (a minute for a 135M model)")
+    graph, facts = _write_graph(cfg, module, args, tmp)
+    facts["parity_max_abs"] = _parity(cfg, module, args, tmp / graph)
+    return ExportManifest(
+        format=cfg.format,
+        files={"graph": graph},
+        base_model=base,
+        logits=cfg.logits,
+        slots=slots,
+        peft_config=peft_config,
+        merged_adapter=str(Path(cfg.adapter).resolve()) if cfg.merge else None,
+        adapter="adapter" if cfg.adapter and not cfg.merge else None,
+        facts=facts,
+    )
+
+
+def _write_graph(
+    cfg: ExportConfig, module: torch.nn.Module, args: tuple, tmp: Path
+) -> tuple[str, dict[str, Any]]:
+    if cfg.format == "onnx":
+        from edgetune.export.onnx import export_onnx
+
+        export_onnx(module, args, tmp / "model.onnx")
+        return "model.onnx", {}
+    from edgetune.export.executorch import PteLimits, export_pte
+
+    limits = PteLimits(cfg.max_copies, cfg.max_batch, cfg.max_seq)
+    facts = export_pte(module, args, tmp / "model.pte", limits, isinstance(module, AdapterInputLM))
+    return "model.pte", facts
+
+
+def _example_args(slots: list, start: list | None, tokenizer: Any) -> tuple[torch.Tensor, ...]:
+    """A small left-padded batch of real tokens with 2 copies (sizes > 1 keep the dims
+    dynamic) and, with slots, two different non-zero adapters."""
+    from edgetune.export.graph import example_adapter
+
+    text = ["Once upon a time there was a little dog", "The market fell"]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:10] for t in text]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    if not slots:
+        return ids, mask
+    adapter = example_adapter(slots, copies=2)
+    if start is not None:  # copy 0 is the real adapter, copy 1 a random one
+        adapter = [torch.cat([s, a[1:]]) for s, a in zip(start, adapter, strict=True)]
+    return ids.expand(2, -1, -1).clone(), mask.expand(2, -1, -1).clone(), *adapter
+
+
+@torch.no_grad()
+def _parity(cfg: ExportConfig, module: torch.nn.Module, args: tuple, path: Path) -> float:
+    """Max |runtime logits - PyTorch logits| on the example batch."""
+    from edgetune.ondevice.runtime import open_session
+
+    want = module(*args).float().numpy()
+    got = open_session(cfg.format, path, threads=max(cfg.threads, 1)).run([a.numpy() for a in args])
+    if got.shape != want.shape:
+        raise ConfigError(f"the exported graph returns {got.shape}, PyTorch {want.shape}")
+    return float(abs(got - want).max())
+
+
+def _export_gguf(
+    cfg: ExportConfig, model: Any, tokenizer: Any, tmp: Path, base: str
+) -> ExportManifest:
+    from edgetune.export.gguf import export_gguf
+
+    adapter = Path(cfg.adapter) if cfg.adapter else None
+    if adapter is not None:
+        load_adapter(model, cfg.adapter).unload()  # refuses an adapter of another base
+    console.status(f"writing GGUF ({cfg.gguf_type})")
+    written = export_gguf(model, tokenizer, tmp, cfg.gguf_type, adapter, cfg.merge)
+    files = {"model": written.model.name}
+    if written.adapter is not None:
+        files["adapter"] = written.adapter.name
+    return ExportManifest(
+        format="gguf",
+        files=files,
+        base_model=base,
+        merged_adapter=str(adapter.resolve()) if adapter and cfg.merge else None,
+        facts={"gguf_type": cfg.gguf_type, "bytes": written.bytes},
+    )
+
+
+def _adapter_config(adapter: Path, base: str) -> dict[str, Any]:
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base
+    return config
+
+
+def _new_lora_config(cfg: ExportConfig, base: str) -> dict[str, Any]:
+    """adapter_config.json of the LoRA the inputs describe (what PEFT would write)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.lora_targets),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base,
+    ).to_dict()
+    return json.loads(
+        json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    )
