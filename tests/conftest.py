@@ -35,3 +35,24 @@ def shared_data() -> Path:
 def stories260k_path(shared_data: Path) -> Path:
     """The stories260K Hugging Face folder."""
     return _require(shared_data / "models" / "stories260K", "stories260K model")
+
+
+@pytest.fixture(scope="session")
+def onnx_lora_export(tmp_path_factory, stories260k_path) -> Path:
+    """stories260K exported to ONNX with rank-4 LoRA inputs on q_proj and v_proj and every
+    position's logits (made once: an export takes about half a minute)."""
+    from edgetune.cli import main
+
+    out = tmp_path_factory.mktemp("onnx-lora") / "export"
+    flags = ["--format", "onnx", "--lora-rank", "4", "lora_targets=[q_proj,v_proj]"]
+    args = ["export", "--model", str(stories260k_path), "--out", str(out), "--threads", "1"]
+    assert main([*args, *flags]) == 0
+    return out
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process; returns the exit status."""
+    from edgetune.cli import main
+
+    return main

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from edgetune.cli import main
-
 
 @pytest.fixture
 def tiny_args(stories260k_path, shared_data):
@@ -39,9 +37,3 @@ def tiny_args(stories260k_path, shared_data):
         ]
 
     return make
-
-
-@pytest.fixture
-def cli():
-    """Run the CLI in-process; returns the exit status."""
-    return main
