@@ -1,0 +1,1 @@
+"""Export to edge runtimes: ONNX, ExecuTorch, GGUF (llama.cpp)."""
