@@ -54,19 +54,23 @@ def exported(stories, tmp_path_factory) -> dict[str, Path]:
     return {q: export_gguf(model, tokenizer, out, quant=q).model for q in GGUF_TYPES}
 
 
-@pytest.fixture(scope="module")
-def lora(stories, stories260k_path, tmp_path_factory):
+def _random_lora(stories260k_path: Path, targets: list[str], out: Path):
     """A PEFT LoRA on stories260K with random, non-zero B (so it changes the output),
     saved as a PEFT folder; returns (PeftModel, adapter folder)."""
     model, _ = load(str(stories260k_path))
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     adapter = attach(model, PeftConfig(method="lora", rank=4, alpha=8.0, target_modules=targets), 0)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in adapter.model.named_parameters():
             if ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return adapter.model.eval(), adapter.save(tmp_path_factory.mktemp("lora"))
+    return adapter.model.eval(), adapter.save(out)
+
+
+@pytest.fixture(scope="module")
+def lora(stories260k_path, tmp_path_factory):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return _random_lora(stories260k_path, targets, tmp_path_factory.mktemp("lora"))
 
 
 def _prompt_ids(tokenizer) -> torch.Tensor:
@@ -166,6 +170,18 @@ def test_merged_lora_gguf_in_llama_cpp_matches_peft(llama_cpp, stories, lora, tm
     assert np.abs(logits - _torch_logits(peft_model, tokenizer)).max() < LOGIT_TOL
 
 
+def test_lora_on_the_tied_lm_head_merges_and_refuses_unmerged(
+    llama_cpp, stories, stories260k_path, tmp_path
+):
+    model, tokenizer = stories
+    peft_model, folder = _random_lora(stories260k_path, ["q_proj", "lm_head"], tmp_path / "run")
+    result = export_gguf(model, tokenizer, tmp_path / "gguf", adapter_dir=folder, merge=True)
+    logits = llama_cpp_logits(result.model, _prompt_ids(tokenizer)[0].tolist())
+    assert np.abs(logits - _torch_logits(peft_model, tokenizer)).max() < LOGIT_TOL
+    with pytest.raises(ConfigError, match="merge=True"):
+        export_gguf(model, tokenizer, tmp_path / "gguf", adapter_dir=folder)
+
+
 @pytest.mark.parametrize(
     ("quant", "min_agreement", "max_ppl_ratio"), [("q8_0", 0.95, 1.02), ("q4_0", 0.75, 1.15)]
 )
@@ -200,23 +216,27 @@ def test_missing_llama_cpp_says_how_to_install(exported, monkeypatch):
         llama_cpp_logits(exported["f32"], [1, 2, 3])
 
 
-def test_adapter_for_another_base_is_refused(stories, tmp_path):
+@pytest.mark.parametrize(
+    ("hidden", "layers", "problem"),
+    [(32, 2, "trained on another model"), (64, 6, "layers.5.self_attn.q_proj, which this model")],
+)
+def test_adapter_for_another_base_is_refused(stories, tmp_path, hidden, layers, problem):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model, tokenizer = stories
     other = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=512,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            hidden_size=hidden,
+            intermediate_size=172,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
             num_key_value_heads=4,
         )
     )
     adapter = attach(other, PeftConfig(method="lora", rank=2, target_modules=["q_proj"]), 0)
     folder = adapter.save(tmp_path / "other")
-    with pytest.raises(ConfigError, match="trained on another model"):
+    with pytest.raises(ConfigError, match=problem):
         export_gguf(model, tokenizer, tmp_path / "out", adapter_dir=folder)
     assert not (tmp_path / "out").exists()
 

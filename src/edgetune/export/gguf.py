@@ -107,7 +107,13 @@ def export_gguf(
         raise ConfigError(f"GGUF type {quant!r} is not supported; choose one of {GGUF_TYPES}")
     config = _check_model(model)
     weights = _base_weights(model)
-    lora = _read_lora(Path(adapter_dir), weights) if adapter_dir is not None else None
+    lora = _read_lora(Path(adapter_dir)) if adapter_dir is not None else None
+    if lora is not None:
+        if merge and "lm_head" in lora.pairs and "lm_head.weight" not in weights:
+            # A LoRA on a tied lm_head unties it: the merged output layer is its own tensor.
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"].copy()
+        for path, (a, b) in lora.pairs.items():
+            _check_fits(Path(adapter_dir), path, a, b, weights)
     if lora is not None and merge:
         for path, (a, b) in lora.pairs.items():
             weights[f"{path}.weight"] = weights[f"{path}.weight"] + lora.scaling * (b @ a)
@@ -370,8 +376,8 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     return _PRE_TOKENIZERS[shape]
 
 
-def _read_lora(adapter_dir: Path, weights: dict[str, np.ndarray]) -> _Lora:
-    """The adapter's A and B per module, checked against the base's weights."""
+def _read_lora(adapter_dir: Path) -> _Lora:
+    """The adapter's A and B per adapted module path (`model.layers.0.self_attn.q_proj`)."""
     from safetensors.numpy import load_file
 
     config_path = adapter_dir / "adapter_config.json"
@@ -396,19 +402,23 @@ def _read_lora(adapter_dir: Path, weights: dict[str, np.ndarray]) -> _Lora:
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
     tensors = load_file(str(weights_path))
-    pairs = {}
-    for key in tensors:
+    halves: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in tensors.items():
         path, sep, tail = key.removeprefix("base_model.model.").partition(".lora_")
         if not sep:
             continue
         if tail not in ("A.weight", "B.weight"):
-            raise ConfigError(f"{adapter_dir}: {key} is not a LoRA linear (A/B) tensor")
-        pairs[path] = (
-            tensors[f"base_model.model.{path}.lora_A.weight"],
-            tensors[f"base_model.model.{path}.lora_B.weight"],
+            raise ConfigError(
+                f"{adapter_dir}: {key} is not a LoRA linear (A/B) tensor; llama.cpp adapters "
+                "hold linear layers only: export with merge=True"
+            )
+        halves.setdefault(path, {})[tail[0]] = tensor
+    broken = [path for path, half in halves.items() if len(half) != 2]
+    if broken:
+        raise ConfigError(
+            f"{adapter_dir}: {broken[0]} has only one of lora_A/lora_B; save it again"
         )
-    for path, (a, b) in pairs.items():
-        _check_fits(adapter_dir, path, a, b, weights)
+    pairs = {path: (half["A"], half["B"]) for path, half in halves.items()}
     if not pairs:
         raise ConfigError(f"{adapter_dir} has no LoRA tensors; pass the folder a LoRA run wrote")
     return _Lora(pairs=pairs, scaling=scaling, rank=rank)

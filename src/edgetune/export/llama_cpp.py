@@ -56,11 +56,11 @@ def llama_cpp_generate(
         ConfigError: llama_cpp is missing, or a file is missing, truncated or not a model
             llama.cpp can load.
     """
-    probe = _open(model_path, adapter_path, threads, n_ctx=64)
-    prompt_ids = probe.tokenize(prompt.encode("utf-8"), add_bos=True)
-    probe.close()
-    llm = _open(model_path, adapter_path, threads, n_ctx=len(prompt_ids) + max_tokens)
+    text = prompt.encode("utf-8")
+    # A token spells at least one byte; + 2 for BOS and a prefix space.
+    llm = _open(model_path, adapter_path, threads, n_ctx=len(text) + 2 + max_tokens)
     try:
+        prompt_ids = llm.tokenize(text, add_bos=True)
         llm.eval(prompt_ids)
         generated: list[int] = []
         for _ in range(max_tokens):
@@ -69,10 +69,10 @@ def llama_cpp_generate(
                 break
             generated.append(token)
             llm.eval([token])
-        text = llm.detokenize(generated, prev_tokens=prompt_ids)
+        completion = llm.detokenize(generated, prev_tokens=prompt_ids)
     finally:
         llm.close()
-    return text.decode("utf-8", errors="replace")
+    return completion.decode("utf-8", errors="replace")
 
 
 def llama_cpp_logits(
