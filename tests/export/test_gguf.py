@@ -9,7 +9,6 @@ TinyStories tokens (perplexity 3.796 vs 3.801), q4_0 on 84.5 % (perplexity 4.117
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -32,7 +31,11 @@ LOGIT_TOL = 1e-4  # measured max abs difference: 1.2e-5 (base), 2.1e-5 (adapter)
 @pytest.fixture(scope="module")
 def llama_cpp() -> None:
     """Skip (fail under CI=true) when llama.cpp's Python binding is missing."""
-    if importlib.util.find_spec("llama_cpp") is not None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        pass
+    else:
         return
     msg = "llama-cpp-python is not installed (pip install 'edgetune[llama]')"
     if os.environ.get("CI") == "true":
@@ -245,6 +248,12 @@ def test_unknown_quant_lists_the_supported_ones(stories, tmp_path):
     model, tokenizer = stories
     with pytest.raises(ConfigError, match="q4_0"):
         export_gguf(model, tokenizer, tmp_path, quant="q5_k")
+
+
+def test_merge_without_an_adapter_is_refused(stories, tmp_path):
+    model, tokenizer = stories
+    with pytest.raises(ConfigError, match="adapter_dir"):
+        export_gguf(model, tokenizer, tmp_path, merge=True)
 
 
 def test_non_llama_model_is_refused(stories, tmp_path):

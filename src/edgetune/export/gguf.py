@@ -105,18 +105,14 @@ def export_gguf(
     """
     if quant not in GGUF_TYPES:
         raise ConfigError(f"GGUF type {quant!r} is not supported; choose one of {GGUF_TYPES}")
+    if merge and adapter_dir is None:
+        raise ConfigError("merge=True folds a LoRA into the model: give its adapter_dir too")
     config = _check_model(model)
     weights = _base_weights(model)
-    lora = _read_lora(Path(adapter_dir)) if adapter_dir is not None else None
-    if lora is not None:
-        if merge and "lm_head" in lora.pairs and "lm_head.weight" not in weights:
-            # A LoRA on a tied lm_head unties it: the merged output layer is its own tensor.
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"].copy()
-        for path, (a, b) in lora.pairs.items():
-            _check_fits(Path(adapter_dir), path, a, b, weights)
-    if lora is not None and merge:
-        for path, (a, b) in lora.pairs.items():
-            weights[f"{path}.weight"] = weights[f"{path}.weight"] + lora.scaling * (b @ a)
+    lora = None
+    if adapter_dir is not None:
+        lora = _read_lora(Path(adapter_dir))
+        _fit_lora(weights, lora, Path(adapter_dir), merge)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "model-merged" if lora is not None and merge else "model"
@@ -422,6 +418,19 @@ def _read_lora(adapter_dir: Path) -> _Lora:
     if not pairs:
         raise ConfigError(f"{adapter_dir} has no LoRA tensors; pass the folder a LoRA run wrote")
     return _Lora(pairs=pairs, scaling=scaling, rank=rank)
+
+
+def _fit_lora(weights: dict[str, np.ndarray], lora: _Lora, adapter_dir: Path, merge: bool) -> None:
+    """Check the LoRA against the base's weights and, to merge, fold it into them in place
+    (W + scaling * B @ A, before the rotary reordering, in HF's layout like the LoRA)."""
+    if merge and "lm_head" in lora.pairs and "lm_head.weight" not in weights:
+        # A LoRA on a tied lm_head unties it: the merged output layer is its own tensor.
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].copy()
+    for path, (a, b) in lora.pairs.items():
+        _check_fits(adapter_dir, path, a, b, weights)
+    if merge:
+        for path, (a, b) in lora.pairs.items():
+            weights[f"{path}.weight"] = weights[f"{path}.weight"] + lora.scaling * (b @ a)
 
 
 def _check_fits(
