@@ -1,0 +1,176 @@
+"""Running a GGUF file through llama.cpp's Python binding (llama-cpp-python).
+
+What an export is checked with, and what the benchmark measures: greedy text, the logits
+at every position (with or without a LoRA adapter GGUF applied), and the quality of a
+quantized file against its F32 twin (`gguf_quality`: top-1 agreement and perplexity over
+one token sequence).
+
+Notable choices:
+- Greedy decoding is an argmax over llama.cpp's own logits, token by token, so it is
+  comparable with `model.generate(do_sample=False)` without depending on the binding's
+  sampler settings; it stops at the vocabulary's end-of-sequence token.
+- Files are read with gguf-py before llama.cpp sees them: a truncated or foreign file is
+  a `ConfigError` naming the file, not a crash or a bare "failed to load model".
+- The KV cache is F32, not llama.cpp's default F16: the F16 cache alone moves
+  stories260K's logits by ~1e-2, the F32 one leaves them within ~1e-5 of PyTorch.
+- llama.cpp's stderr logging is off (`verbose=False`); threads are explicit (default 1)
+  because the machines these run on are small and shared.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetune.errors import ConfigError
+
+MISSING = (
+    "llama.cpp's Python binding is not installed: pip install 'edgetune[llama]' (builds "
+    "llama.cpp, a few minutes), or make setup-llama"
+)
+
+
+def llama_cpp_generate(
+    model_path: Path,
+    prompt: str,
+    max_tokens: int = 32,
+    adapter_path: Path | None = None,
+    threads: int = 1,
+) -> str:
+    """Greedy continuation of `prompt` by llama.cpp.
+
+    Args:
+        model_path: a model .gguf.
+        prompt: the text; tokenized by the file's own tokenizer (BOS added if it says so).
+        max_tokens: the most tokens generated (fewer at end-of-sequence).
+        adapter_path: a LoRA adapter .gguf applied at scale 1.
+        threads: CPU threads for llama.cpp.
+
+    Returns:
+        The generated text (the prompt not included).
+
+    Raises:
+        ConfigError: llama_cpp is missing, or a file is missing, truncated or not a model
+            llama.cpp can load.
+    """
+    text = prompt.encode("utf-8")
+    # A token spells at least one byte; + 2 for BOS and a prefix space.
+    llm = _open(model_path, adapter_path, threads, n_ctx=len(text) + 2 + max_tokens)
+    try:
+        prompt_ids = llm.tokenize(text, add_bos=True)
+        llm.eval(prompt_ids)
+        generated: list[int] = []
+        for _ in range(max_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if token == llm.token_eos():
+                break
+            generated.append(token)
+            llm.eval([token])
+        completion = llm.detokenize(generated, prev_tokens=prompt_ids)
+    finally:
+        llm.close()
+    return completion.decode("utf-8", errors="replace")
+
+
+def llama_cpp_logits(
+    model_path: Path,
+    token_ids: list[int],
+    adapter_path: Path | None = None,
+    threads: int = 1,
+) -> np.ndarray:
+    """llama.cpp's logits for every position of `token_ids` (fed as given, no BOS added).
+
+    Returns:
+        float32 array [T, V]: row t scores the token after `token_ids[: t + 1]`.
+
+    Raises:
+        ConfigError: as `llama_cpp_generate`.
+    """
+    llm = _open(model_path, adapter_path, threads, n_ctx=len(token_ids))
+    try:
+        llm.eval(list(token_ids))
+        return np.array(llm.scores[: len(token_ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def gguf_quality(
+    f32_path: Path, quant_path: Path, token_ids: list[int], threads: int = 1
+) -> dict[str, float]:
+    """How far a quantized GGUF is from its F32 twin on one token sequence.
+
+    Args:
+        f32_path: the F32 model .gguf.
+        quant_path: the same model quantized (q8_0, q4_0, ...).
+        token_ids: the text, tokenized (BOS first if the model wants one).
+        threads: CPU threads for llama.cpp.
+
+    Returns:
+        `top1_agreement`: the share of positions where both files predict the same next
+        token; `ppl_f32`, `ppl_quant`: each file's perplexity of `token_ids[1:]`.
+    """
+    reference = llama_cpp_logits(f32_path, token_ids, threads=threads)
+    quantized = llama_cpp_logits(quant_path, token_ids, threads=threads)
+    targets = np.asarray(token_ids[1:])
+    return {
+        "top1_agreement": float(np.mean(reference.argmax(-1) == quantized.argmax(-1))),
+        "ppl_f32": _perplexity(reference[:-1], targets),
+        "ppl_quant": _perplexity(quantized[:-1], targets),
+    }
+
+
+def _perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -log_probs[np.arange(len(targets)), targets].mean()
+    return math.exp(nll)
+
+
+def _open(model_path: Path, adapter_path: Path | None, threads: int, n_ctx: int) -> Any:
+    """A llama.cpp model with every position's logits kept, after checking the files."""
+    try:
+        from llama_cpp import GGML_TYPE_F32, Llama
+    except ImportError:
+        raise ConfigError(MISSING) from None
+    _check_file(Path(model_path), "model")
+    if adapter_path is not None:
+        _check_file(Path(adapter_path), "LoRA adapter")
+    try:
+        return Llama(
+            model_path=str(model_path),
+            lora_path=str(adapter_path) if adapter_path is not None else None,
+            n_ctx=max(n_ctx, 16),
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=True,
+            type_k=GGML_TYPE_F32,
+            type_v=GGML_TYPE_F32,
+            verbose=False,
+        )
+    except ValueError as exc:
+        what = f"{model_path}" + (f" with adapter {adapter_path}" if adapter_path else "")
+        raise ConfigError(
+            f"llama.cpp cannot load {what} ({exc}); export it again with edgetune export "
+            "--format gguf (an adapter must come from the same export as its model)"
+        ) from None
+
+
+def _check_file(path: Path, what: str) -> None:
+    """Refuse a missing, truncated or foreign file before llama.cpp reads it."""
+    import gguf
+
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist; export it first")
+    try:
+        reader = gguf.GGUFReader(path)
+        for tensor in reader.tensors:
+            if tensor.data.nbytes != tensor.n_bytes:
+                raise ValueError(f"tensor {tensor.name} is cut short")
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise ConfigError(
+            f"{what} file {path} is not a complete GGUF file ({exc}); export it again "
+            "(a partial copy or download is a common cause)"
+        ) from None
