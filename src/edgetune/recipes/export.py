@@ -28,6 +28,7 @@ from edgetune import console, models, threads
 from edgetune.compress.int8_dynamic import is_dynamic_int8
 from edgetune.config import check_choice, option
 from edgetune.errors import ConfigError
+from edgetune.export.gguf import GGUF_TYPES
 from edgetune.export.graph import (
     LOGITS_MODES,
     AdapterInputLM,
@@ -40,7 +41,6 @@ from edgetune.models.builtin import base_model_id
 from edgetune.peft.config import LLAMA_PROJECTIONS
 from edgetune.recipes.evaluate import load_adapter
 
-GGUF_TYPES = ("f32", "q8_0", "q4_0")
 PTE_DEFAULTS = {"max_copies": 8, "max_batch": 16, "max_seq": 128}
 
 
