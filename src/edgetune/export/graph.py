@@ -181,12 +181,15 @@ class AdapterInputLM(torch.nn.Module):
 def example_adapter(
     slots: Sequence[LoraSlot], copies: int = 1, seed: int = 0
 ) -> list[torch.Tensor]:
-    """Small random A and B copies for every slot (export tracing and parity tests)."""
+    """Random A and B copies for every slot at the scale of a trained LoRA (A as PEFT
+    initialises it, ~1/sqrt(in); B ~ 0.01), for export tracing and parity checks: far
+    larger adapters push activations out of range and measure that, not the export."""
     gen = torch.Generator().manual_seed(seed)
     tensors = []
     for slot in slots:
-        tensors.append(torch.randn(copies, slot.rank, slot.in_features, generator=gen) * 0.1)
-        tensors.append(torch.randn(copies, slot.out_features, slot.rank, generator=gen) * 0.1)
+        a = torch.randn(copies, slot.rank, slot.in_features, generator=gen)
+        tensors.append(a / slot.in_features**0.5)
+        tensors.append(torch.randn(copies, slot.out_features, slot.rank, generator=gen) * 0.01)
     return tensors
 
 
