@@ -120,22 +120,26 @@ def seeds_and_scalars(update: object, lr: float) -> tuple[list[int], torch.Tenso
     return update.seeds, torch.tensor(update.coefs, dtype=torch.float64) / lr
 
 
-@pytest.mark.parametrize(("algorithm", "method"), [("fedkseed", "zo"), ("fedit", "prge")])
+@pytest.mark.parametrize(
+    ("algorithm", "method", "peft"),
+    [("fedkseed", "zo", "lora"), ("fedit", "prge", "lora"), ("fedit", "prge", "lora-fa")],
+)
 def test_a_runtime_client_sends_the_traces_of_a_pytorch_client(
-    tmp_path, fed_args, uploads, onnx_lora_export, cli, algorithm, method
+    tmp_path, fed_args, uploads, onnx_lora_export, cli, algorithm, method, peft
 ):
     # Prepare
     seen, opened = uploads
     mixed, torch_only = write_fleet(tmp_path, "ort"), write_fleet(tmp_path, "")
     export = f"fed.export={onnx_lora_export}"
+    peft_flags = ("--peft", peft)
     lr = 1e-3  # the run's optim.lr (federate's default)
 
     # Execute
     args = {"algorithm": algorithm, "method": method}
-    assert cli(fed_args(tmp_path / "ort", mixed, export, **args)) == 0
+    assert cli(fed_args(tmp_path / "ort", mixed, export, *peft_flags, **args)) == 0
     runtime_uploads = dict(seen)
     seen.clear()
-    assert cli(fed_args(tmp_path / "torch", torch_only, **args)) == 0
+    assert cli(fed_args(tmp_path / "torch", torch_only, *peft_flags, **args)) == 0
 
     # Assert: client 0 trained through ONNX Runtime, one session for both rounds
     clients = [json.loads(x) for x in (tmp_path / "ort" / "clients.jsonl").read_text().splitlines()]
