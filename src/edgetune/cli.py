@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
     bench.add_argument(
-        "which", choices=["memory", "zo", "fed", "flower", "robust", "threads", "compress"]
+        "which",
+        choices=["memory", "zo", "fed", "flower", "robust", "threads", "compress", "ondevice"],
     )
     bench.add_argument(
         "--rounds", type=at_least(1), help="fed / flower / robust: rounds (default 15 / 3 / 4)"
@@ -343,16 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch-size", type=at_least(1), default=8)
     bench.add_argument("--seq-len", type=at_least(1), default=128)
-    bench.add_argument("--steps", type=at_least(1), default=3)
+    bench.add_argument(
+        "--steps", type=at_least(1), help="memory / threads / zo: 3; ondevice: 20 (per row)"
+    )
     bench.add_argument("--output", default="docs/BENCHMARKS.md")
     bench.add_argument(
         "--quick", action="store_true", help="compress: stories260K + SST-2 in seconds (tests)"
     )
     bench.add_argument(
-        "--seeds", type=_seed_list, default=[0, 1], help="compress: seeds of the 30 %% rows"
+        "--seeds",
+        type=_seed_list,
+        default=[0, 1],
+        help="compress: seeds of the 30 %% rows; ondevice: seeds of the zo rows",
     )
     bench.add_argument("--adapter", help="compress: the task adapter (default: fine-tune one)")
-    bench.add_argument("--work", default="runs/bench-compress", help="compress: run folders")
+    bench.add_argument(
+        "--work", help="compress / ondevice: run folders (default runs/bench-<which>)"
+    )
     _add_threads_flag(bench)
     for command in sub.choices.values():  # `edgetune COMMAND --verbose` works too
         command.add_argument(
@@ -676,6 +684,7 @@ BENCH_READS = {
     "robust": ("rounds", "clients"),
     "threads": ("batch_size", "seq_len", "steps"),
     "compress": ("quick", "seeds", "adapter", "work"),
+    "ondevice": ("steps", "seeds", "work"),
 }
 
 
@@ -700,7 +709,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     small = args.which == "robust" or (args.which == "compress" and args.quick)
     model = args.model or ("stories260k" if small else "smollm2-135m")
     args.model = model
+    args.steps = args.steps or (20 if args.which == "ondevice" else 3)
+    args.work = args.work or f"runs/bench-{args.which}"
     _start_threads(args)
+    if args.which == "ondevice":
+        from edgetune.bench import ondevice
+
+        ondevice.run(model, args.output, args.work, args.threads, args.steps, args.seeds)
+        return 0
     if args.which == "fed":
         from edgetune.bench import fed
 

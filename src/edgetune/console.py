@@ -62,7 +62,20 @@ def quiet_third_party() -> None:
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=_DEPRECATING_MODULES)
     warnings.filterwarnings("ignore", category=UserWarning, module=_CHATTY_MODULES)
-    for name in ("transformers", "peft", "accelerate", "huggingface_hub"):
+    # torch.utils._pytree: torchao (pulled in by ExecuTorch) registers enums at import and
+    # torch logs a deprecation warning for each; torch.onnx / torch.export log internals.
+    for name in (
+        "transformers",
+        "peft",
+        "accelerate",
+        "huggingface_hub",
+        "torch.utils._pytree",
+        "torch.onnx",
+        "torch.export",
+        "torch._dynamo",
+        "torch._export",
+        "torchao",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" in sys.modules:  # already imported: the environment was read
         from transformers.utils import logging as hf_logging

@@ -231,3 +231,51 @@ def test_smollm2_last_logits_parity(tmp_path, cli, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["parity_max_abs"] < 1e-4
     assert read_manifest(out).logits == "last"
+
+
+def _compress(cli, stories260k_path, out, *flags):
+    args = ["compress", "--model", str(stories260k_path), "--dataset", "sst2", "--out", str(out),
+            "--threads", "1", "data.train_size=64", "data.eval_size=16", "data.max_length=32",
+            "--calib", "16", *flags]  # fmt: skip
+    assert cli(args) == 0
+    return out / "model"
+
+
+def test_pruned_int8_model_exports_with_adapter_inputs(tmp_path, stories260k_path, cli, capsys):
+    # Prepare: stories260K pruned 25 % (MLP channels, KV groups) with int8 linear weights
+    model = _compress(cli, stories260k_path, tmp_path / "c", "--prune", "0.25",
+                      "--prune-units", "mlp,heads", "--quantize", "int8")  # fmt: skip
+    capsys.readouterr()
+    out = tmp_path / "export"
+    # Execute
+    status = cli(["export", "--model", str(model), "--format", "onnx", "--lora-rank", "4",
+                  "--out", str(out), "--threads", "1"])  # fmt: skip
+    # Assert: ORT matches the int8 PyTorch model, and the int8 weights stay int8 in the file
+    assert status == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["parity_max_abs"] < 1e-4
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx"))  # loads model.onnx.data beside it too
+    int8 = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert sum(int(np.prod(i.dims)) for i in int8) > 100_000  # dequantized at run time
+    assert read_manifest(out).files["graph_data"] == "model.onnx.data"
+
+
+def test_pruned_model_exports_to_gguf_and_onnx_sizes_shrink(
+    tmp_path, stories260k_path, cli, capsys
+):
+    model = _compress(
+        cli, stories260k_path, tmp_path / "c", "--prune", "0.25", "--prune-units", "mlp"
+    )
+    capsys.readouterr()
+    out = tmp_path / "gguf"
+    assert cli(["export", "--model", str(model), "--format", "gguf", "--out", str(out)]) == 0
+    pruned = json.loads(capsys.readouterr().out)["files"]["model-f32.gguf"]
+    full = tmp_path / "gguf-full"
+    assert (
+        cli(["export", "--model", str(stories260k_path), "--format", "gguf", "--out", str(full)])
+        == 0
+    )
+    unpruned = json.loads(capsys.readouterr().out)["files"]["model-f32.gguf"]
+    assert pruned < 0.9 * unpruned

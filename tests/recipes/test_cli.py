@@ -4,6 +4,7 @@ a clear error (exit status 2, message naming the problem and the fix)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -135,3 +136,7 @@ def test_quick_demo_writes_report_and_plot(tmp_path, cli, stories260k_path, shar
     ratio = quant["linear_weight_bytes_before"] / quant["linear_weight_bytes_after"]
     assert ratio > 3.5 and f"MB int8 ({ratio:.2f}x smaller); weights on disk: fp32" in report
     assert compressed["adapter"] == str(tmp_path / "fo" / "adapter")
+    # the deployment: a merged Q8_0 GGUF that llama.cpp ran on held-out examples
+    assert "## Deployed: the first-order model as a GGUF file for llama.cpp" in report
+    assert (tmp_path / "gguf" / "model-merged-q8_0.gguf").stat().st_size > 100_000
+    assert re.search(r"llama\.cpp, greedy, on 10 held-out examples: \d+ of them", report)

@@ -29,7 +29,7 @@ from edgetune.errors import ConfigError
 
 MISSING = (
     "llama.cpp's Python binding is not installed: pip install 'edgetune[llama]' (builds "
-    "llama.cpp, a few minutes), or make setup-llama"
+    "llama.cpp, about 6 minutes once), or make setup-test"
 )
 
 

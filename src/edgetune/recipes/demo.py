@@ -5,7 +5,7 @@ on held-out articles, fine-tune LoRA with MeZO (forward passes only) and with ba
 and compare held-out accuracy, peak memory and time side by side. Each fine-tune runs as
 its own `edgetune finetune` process, so its peak memory is its own. The ending compresses
 the first-order model (`edgetune compress` on its adapter) and compares size, speed and
-accuracy before and after. Results: a table in the terminal and `OUT/report.md` +
+accuracy before and after, then exports it to GGUF and runs it in llama.cpp. Results: a table in the terminal and `OUT/report.md` +
 `OUT/accuracy.png`; each run's directory is under `OUT/zo`, `OUT/fo` and `OUT/compress`.
 """
 
@@ -119,6 +119,11 @@ FED = [
     "--lr",
     "5e-4",
 ]
+# The deployment: the first-order model, its adapter merged, as a Q8_0 GGUF that
+# llama.cpp runs standalone; it then classifies a few held-out articles by continuing
+# their prompts (skipped with a line saying so when llama.cpp's binding is missing).
+GGUF = ["--format", "gguf", "--merge", "--gguf-type", "q8_0"]
+LLAMA_ARTICLES = 10
 QUICK_FED = [
     "--algorithm",
     "fedit",
@@ -182,6 +187,7 @@ def run(
     fed_args = [*common, *(QUICK_FED if quick else FED)]
     run_in_subprocess(root / "fed", model, fed_args, command="federate")
     fed_section = federated_section(root / "fed", key)
+    deployed = deploy_fo(root, model)
     configs = {n: RunDir(root / n, resume=True).read_config() for n in runs}
     table = render(summaries, zero_shot, key, model, time.perf_counter() - start, labels, configs)
     (root / "report.md").write_text(
@@ -190,10 +196,13 @@ def run(
         + compressed
         + "\n\n"
         + fed_section
+        + "\n\n"
+        + deployed
         + "\n"
     )
     print("\n" + compressed)
     print("\n" + fed_section)
+    print("\n" + deployed)
     print("\n" + table)
     print(f"\nreport: {root / 'report.md'}  plot: {root / 'accuracy.png'}")
     return summaries
@@ -353,3 +362,62 @@ def federated_section(run: Path, key: str) -> str:
         "(every simulated client runs in it), not a device's.",
     ]
     return "\n".join(lines)
+
+
+def deploy_fo(root: Path, model: str) -> str:
+    """Export the first-order model (adapter merged) to a Q8_0 GGUF in `root/gguf` and let
+    llama.cpp classify held-out articles with it; returns the report section."""
+    from edgetune.export.manifest import read_manifest
+
+    print("\n=== demo: the first-order model as GGUF, run by llama.cpp ===", flush=True)
+    out = root / "gguf"
+    shutil.rmtree(out, ignore_errors=True)  # export never replaces a folder
+    adapter = ["--adapter", str(root / "fo" / "adapter")]
+    run_in_subprocess(out, model, [*adapter, *GGUF], command="export", overwrite=False)
+    gguf = out / read_manifest(out, verify=False).files["model"]
+    lines = [
+        "## Deployed: the first-order model as a GGUF file for llama.cpp",
+        "",
+        f"`{gguf}`: adapter merged, Q8_0 weights, tokenizer embedded "
+        f"({gguf.stat().st_size / 1e6:.1f} MB).",
+    ]
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        lines.append(
+            "llama.cpp run skipped: its Python binding is not installed (make setup-test, "
+            "or pip install 'edgetune[llama]'; it builds llama.cpp once, about 6 minutes)."
+        )
+        return "\n".join(lines)
+    correct, shown = llama_cpp_articles(root, gguf)
+    lines.append(
+        f"llama.cpp, greedy, on {LLAMA_ARTICLES} held-out examples: {correct} of them continue "
+        f"their prompt with the right label word. First: ...{shown!r}"
+    )
+    return "\n".join(lines)
+
+
+def llama_cpp_articles(root: Path, gguf: Path) -> tuple[int, str]:
+    """How many of the first held-out articles llama.cpp labels right (the first word of
+    its greedy continuation of the prompt is the label's verbalizer word), and the first
+    prompt's end with its continuation."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from edgetune.config import build
+    from edgetune.data import DataConfig, build_task, load_splits
+    from edgetune.export.llama_cpp import llama_cpp_generate
+
+    cfg = RunDir(root / "fo", resume=True).read_config()
+    data = build(DataConfig, cfg["data"])
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent / "tokenizer")
+    splits = load_splits(data, cfg["seed"])
+    task = build_task(splits, data, tokenizer)
+    correct, shown = 0, ""
+    for row in splits.eval[:LLAMA_ARTICLES]:
+        prompt = tokenizer.decode(task.prompt_ids(row), skip_special_tokens=True)
+        text = llama_cpp_generate(gguf, prompt, 3, threads=torch.get_num_threads())
+        words = text.split()
+        correct += bool(words) and words[0] == task.verbalizer[row["label"]].strip()
+        shown = shown or prompt[-40:] + text
+    return correct, shown

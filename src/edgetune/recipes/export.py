@@ -176,9 +176,12 @@ def _export(cfg: ExportConfig, model: Any, tokenizer: Any, tmp: Path) -> ExportM
     console.status(f"exporting to {cfg.format} (a minute for a 135M model)")
     graph, facts = _write_graph(cfg, module, args, tmp)
     facts["parity_max_abs"] = _parity(cfg, module, args, tmp / graph)
+    files = {"graph": graph}
+    if (tmp / f"{graph}.data").exists():  # weights the exporter stored beside the graph
+        files["graph_data"] = f"{graph}.data"
     return ExportManifest(
         format=cfg.format,
-        files={"graph": graph},
+        files=files,
         base_model=base,
         logits=cfg.logits,
         slots=slots,
