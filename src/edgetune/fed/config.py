@@ -42,6 +42,11 @@ class FedConfig:
         "| quantity:A",
     )
     fleet: str = option("mixed", "built-in fleet or profile name, or a YAML file")
+    export: str = option(
+        "",
+        "export folder (edgetune export --lora-rank R, or --adapter) whose graph the fleet's "
+        "devices with a runtime (ort | executorch) train through ('' = none)",
+    )
     rounds: int = option(5, "federated rounds")
     local_steps: int = option(5, "local steps per client per round")
     method: str = option("auto", "client training: fo | zo | prge | auto (by device memory)")

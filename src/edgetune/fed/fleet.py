@@ -13,6 +13,10 @@ build machines, measured on SmolLM2-135M forward passes; see shared/data/README.
 Built-in profile numbers are order-of-magnitude figures from public specs; the source of
 each is in its comment. Users define their own in YAML (a list of mappings with the
 `DeviceProfile` fields, or `{fleet: [...]}`) and pass the file with --fleet.
+
+A profile's `runtime` says how the device runs its forward passes: "" is PyTorch, "ort"
+or "executorch" an exported graph (the run's `fed.export`) in that runtime, which has no
+backward, so such a device trains zo or prge only (`choose_method` skips fo for it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from edgetune.errors import ConfigError
+from edgetune.ondevice.runtime import RUNTIMES
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class DeviceProfile:
     availability: float = 1.0  # probability of being reachable in a round
     dropout: float = 0.0  # probability of vanishing mid-round
     lora_rank: int = 0  # LoRA rank it trains with fed.ranks=device (0: the global rank)
+    runtime: str = ""  # "" = PyTorch; ort | executorch = the export in fed.export
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -59,6 +65,11 @@ class DeviceProfile:
             raise ConfigError(
                 f"device {self.name!r}: lora_rank: expected an integer >= 0 (0 = the global "
                 f"rank), got {self.lora_rank!r}"
+            )
+        if self.runtime != "" and self.runtime not in RUNTIMES:
+            raise ConfigError(
+                f"device {self.name!r}: runtime: expected '' (PyTorch) or one of "
+                f"{', '.join(RUNTIMES)}, got {self.runtime!r}; fix the profile in the fleet YAML"
             )
 
 
@@ -215,8 +226,11 @@ def method_memory_mb(num_params: int, method: str) -> float:
 
 def choose_method(profile: DeviceProfile, num_params: int, requested: str) -> str | None:
     """The method this device runs: `requested` if it fits; with "auto" the cheapest
-    that fits, preferring backprop (fo) then P-RGE then sequential ZO; None if nothing."""
+    that fits, preferring backprop (fo) then P-RGE then sequential ZO (a device with a
+    runtime has no backward: P-RGE then ZO); None if nothing."""
     order = ["fo", "prge", "zo"] if requested == "auto" else [requested]
+    if profile.runtime and requested == "auto":
+        order.remove("fo")
     for method in order:
         if method_memory_mb(num_params, method) <= profile.memory_mb:
             return method

@@ -3,6 +3,11 @@
 The same job runs in the in-process simulator and in a Flower ClientApp. Batches are a
 stateless function of (client seed, local step); the client seed is derived from
 (run seed, round, client), so every round of every client is reproducible on its own.
+
+A job with a `runtime` (a device whose profile names ONNX Runtime or ExecuTorch) runs
+the same steppers on a `RuntimeAdapter` over the adapter's own LoRA tensors, so its
+forward passes go through the exported graph and its updates land in the adapter
+(`fed/runtime_client.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from edgetune.fed.runtime_client import RuntimeLink
+from edgetune.ondevice.adapter import RuntimeAdapter
 from edgetune.peft import Adapter
 from edgetune.train.sampler import batch_indices
 from edgetune.train.steps import FirstOrderStepper, PRGEStepper, StepResult, ZOStepper
@@ -34,20 +41,26 @@ class ClientJob:
     eps: float = 1e-3
     queries: int = 1
     rank: int | None = None  # LoRA rank this client trains (None: the global rank)
+    runtime: RuntimeLink | None = None  # the exported graph it runs (None: PyTorch)
 
-    def stepper(self, adapter: Adapter, estimator: Any = None) -> Any:
-        """The stepper for this client's method (ZO estimators may be supplied)."""
+    def stepper(self, adapter: Adapter | RuntimeAdapter, estimator: Any = None) -> Any:
+        """The stepper for this client's method (ZO estimators may be supplied); a
+        RuntimeAdapter runs P-RGE's copies as the graph's copy axis."""
+        trained: Any = adapter  # the steppers use only the Adapter interface
         if self.method == "fo":
-            return FirstOrderStepper(adapter, self.task, self.optim, 1, self.seed)
+            return FirstOrderStepper(trained, self.task, self.optim, 1, self.seed)
         if self.method == "prge":
             prge: Any = estimator or PRGEEstimator(self.eps, self.queries)
-            return PRGEStepper(adapter, self.task, prge, ZOSGD(), 1, self.seed)
+            copies = adapter.model.copies if isinstance(adapter, RuntimeAdapter) else None
+            return PRGEStepper(trained, self.task, prge, ZOSGD(), 1, self.seed, copies)
         est = estimator or MeZOEstimator(self.eps, self.queries, exact_restore=True)
-        return ZOStepper(adapter, self.task, est, ZOSGD(), 1, self.seed)
+        return ZOStepper(trained, self.task, est, ZOSGD(), 1, self.seed)
 
     def run(self, adapter: Adapter, estimator: Any = None) -> list[StepResult]:
-        """Run the local steps in place on `adapter`; returns each step's result."""
-        stepper = self.stepper(adapter, estimator)
+        """Run the local steps in place on `adapter` (through the runtime, if the job
+        has one); returns each step's result."""
+        trained = self.runtime.attach(adapter) if self.runtime is not None else adapter
+        stepper = self.stepper(trained, estimator)
         results = []
         for step in range(self.steps):
             idx = batch_indices(step, len(self.rows), self.batch_size, self.seed)

@@ -94,6 +94,8 @@ def run_round(
         }
         if attack is not None and client in malicious:
             entry["attack"] = attack.kind
+        if job is not None and job.runtime is not None:
+            entry["runtime"] = job.runtime.runtime
         if job is None:
             log.clients.append({**entry, "status": "no method fits its memory"})
             continue

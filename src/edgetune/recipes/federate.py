@@ -24,8 +24,10 @@ from edgetune.data.splits import resolved_data
 from edgetune.errors import ConfigError
 from edgetune.fed.checkpoint import SavedRound, newest_round
 from edgetune.fed.config import AUTO_PARTITION, FedConfig
+from edgetune.fed.fleet import DeviceProfile, client_ranks
+from edgetune.fed.runtime_client import RuntimeLink, open_link, runtime_threads
 from edgetune.models.builtin import base_model_id
-from edgetune.peft import PeftConfig
+from edgetune.peft import Adapter, PeftConfig
 from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import OptimConfig, TrainConfig
@@ -83,9 +85,11 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
     from edgetune import models
     from edgetune.data import build_task, load_splits, partition
     from edgetune.errors import ConfigError
-    from edgetune.fed.fleet import choose_method, client_ranks, load_fleet
+    from edgetune.fed.fleet import choose_method, load_fleet
     from edgetune.peft import attach
 
+    fleet = load_fleet(cfg.fed.fleet, cfg.fed.clients)
+    check_runtime_fleet(cfg, fleet)
     console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.train.progress)
     model, tokenizer = models.load(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
@@ -95,7 +99,6 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
     labels = [r["label"] for r in train_rows] if splits.task == "classification" else None
     scheme = partition_for(cfg.fed.partition, splits.task)
     parts = partition(len(train_rows), cfg.fed.clients, scheme, cfg.seed, labels)
-    fleet = load_fleet(cfg.fed.fleet, cfg.fed.clients)
     methods = [choose_method(p, num_params, cfg.fed.method) for p in fleet]
     if cfg.fed.algorithm != "fedit":  # FedKSeed and FwdLLM clients are forward-only
         methods = [None if m is None else "zo" for m in methods]
@@ -109,18 +112,69 @@ def setup(cfg: FederateConfig) -> dict[str, Any]:
             f"no device in fleet {cfg.fed.fleet!r} can fine-tune this model with "
             f"fed.method={cfg.fed.method}; use a smaller model or a larger fleet"
         )
+    adapter = attach(model, cfg.peft, seed=cfg.seed)
     return {
         "data": resolved_data(cfg.data, splits),
         "partition": scheme,
         "task": task,
-        "adapter": attach(model, cfg.peft, seed=cfg.seed),
+        "adapter": adapter,
         "fleet": fleet,
         "methods": methods,
         "ranks": ranks,
+        "runtimes": runtime_links(cfg, fleet, adapter, task.name),
         "partitions": [[train_rows[i] for i in p] for p in parts],
         "eval_rows": task.prepare_rows(splits.eval),
         "num_params": num_params,
     }
+
+
+def check_runtime_fleet(cfg: FederateConfig, fleet: list[DeviceProfile]) -> None:
+    """Runtime devices and fed.export go together, and such devices train zo / prge at
+    the global rank (checked before the model loads).
+
+    Raises:
+        ConfigError: a runtime device without fed.export, fed.export with no runtime
+            device, fed.method=fo, or fed.ranks giving a runtime device another rank.
+    """
+    runtimes = sorted({p.runtime for p in fleet if p.runtime})
+    if runtimes and not cfg.fed.export:
+        raise ConfigError(
+            f"devices in fleet {cfg.fed.fleet!r} name runtime {', '.join(runtimes)}, which "
+            "trains through an exported graph, but fed.export is empty; export the model "
+            f"(edgetune export --lora-rank {cfg.peft.rank} ...) and pass fed.export=DIR"
+        )
+    if cfg.fed.export and not runtimes:
+        raise ConfigError(
+            f"fed.export={cfg.fed.export} is set, but no device of fleet {cfg.fed.fleet!r} "
+            "names a runtime, so nothing would use it; give devices runtime: ort (or "
+            "executorch) in the fleet YAML, or drop fed.export"
+        )
+    if runtimes and cfg.fed.method == "fo":
+        raise ConfigError(
+            f"fed.method=fo: devices with runtime {', '.join(runtimes)} have no backward "
+            "(an inference graph), so they train zo or prge; use fed.method=zo, prge or auto"
+        )
+    if runtimes and cfg.fed.ranks:
+        ranks = client_ranks(cfg.fed.ranks, fleet, cfg.peft.rank)
+        if any(r is not None for p, r in zip(fleet, ranks, strict=True) if p.runtime):
+            raise ConfigError(
+                f"fed.ranks={cfg.fed.ranks!r} gives a device with a runtime a rank below "
+                f"peft.rank={cfg.peft.rank}, but its graph takes LoRA inputs of the export's "
+                "rank; give runtime devices lora_rank 0 (the global rank) or drop fed.ranks"
+            )
+
+
+def runtime_links(
+    cfg: FederateConfig, fleet: list[DeviceProfile], adapter: Adapter, task_name: str
+) -> list[RuntimeLink | None]:
+    """Each client's runtime link (None: it trains in PyTorch), the export checked once
+    per runtime against the federation's adapter and task."""
+    threads = runtime_threads(cfg.threads)
+    links = {
+        name: open_link(cfg.fed.export, name, adapter, task_name, threads)
+        for name in sorted({p.runtime for p in fleet if p.runtime})
+    }
+    return [links[p.runtime] if p.runtime else None for p in fleet]
 
 
 def partition_for(scheme: str, task: str) -> str:
@@ -140,7 +194,8 @@ def client_job(
     rank: int | None,
 ) -> Any:
     """The ClientJob of `client` in round `rnd` (the same on a device and in the
-    simulator: its batches and seeds derive from (run seed, round, client))."""
+    simulator: its batches and seeds derive from (run seed, round, client)); it trains
+    through the runtime of the client's fleet profile, if that names one."""
     from edgetune.fed.local import ClientJob
 
     return ClientJob(
@@ -156,6 +211,7 @@ def client_job(
         cfg.zo.eps,
         cfg.zo.queries,
         rank,
+        parts["runtimes"][client],
     )
 
 
