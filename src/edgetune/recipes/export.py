@@ -41,6 +41,7 @@ from edgetune.models.builtin import base_model_id
 from edgetune.peft.config import LLAMA_PROJECTIONS
 from edgetune.recipes.evaluate import load_adapter
 
+ARCHITECTURES = ("llama",)  # what the exporters and their tests cover
 PTE_DEFAULTS = {"max_copies": 8, "max_batch": 16, "max_seq": 128}
 
 
@@ -124,6 +125,13 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         raise ConfigError(f"{out} already exists; pass another --out (export never replaces)")
     console.status(f"loading model {cfg.model}")
     model, tokenizer = models.load(cfg.model)
+    arch = getattr(getattr(model, "config", None), "model_type", None)
+    if arch not in ARCHITECTURES:
+        raise ConfigError(
+            f"{cfg.model} is a {arch!r} model; edgetune exports Llama-family causal LMs "
+            f"(model_type {', '.join(ARCHITECTURES)}: SmolLM2, stories260K, TinyLlama, Llama "
+            "2/3), with LoRA on their linear layers"
+        )
     if is_dynamic_int8(model):
         raise ConfigError(
             f"{cfg.model} is a dynamic int8 model (compress --quantize int8-dynamic), whose "
