@@ -104,6 +104,7 @@ def test_xnnpack_takes_every_linear_and_matmul(adapter_pte):
 
     assert facts["xnnpack"] is True and facts["limits"] == {"copies": 4, "batch": 4, "seq": 16}
     assert facts["delegated_nodes"] > 0 and facts["portable_nodes"] > 0
+    assert facts["planned_mb"] > 0
     portable = " ".join(facts["portable_ops"])
     # The base projections (static weights) and the rank-r branch (input A/B) both delegate.
     assert "linear" not in portable and "mm" not in portable

@@ -104,7 +104,8 @@ def export_pte(
 
     Returns:
         Facts for the metadata: delegated_nodes and portable_nodes (ops XNNPACK took vs ops
-        left to portable kernels), portable_ops (the latter by op), xnnpack, limits.
+        left to portable kernels), portable_ops (the latter by op), planned_mb (activation
+        memory planned for the limits, taken when the .pte loads), xnnpack, limits.
 
     Raises:
         ConfigError: ExecuTorch is not installed, or the example args do not fit the graph.
@@ -122,7 +123,7 @@ def export_pte(
 
     args, dynamic_shapes = _dynamic_examples(example_args, axes, limits, adapter_inputs)
     with torch.no_grad():
-        program = torch.export.export(
+        exported = torch.export.export(
             module.eval(), args, dynamic_shapes=dynamic_shapes, strict=False
         )
         partitioners = []
@@ -132,10 +133,18 @@ def export_pte(
             )
 
             partitioners.append(XnnpackPartitioner())
-        edge = to_edge_transform_and_lower(program, partitioner=partitioners)
+        edge = to_edge_transform_and_lower(exported, partitioner=partitioners)
     counts = _delegation_counts(edge.exported_program().graph_module)
-    _write_atomic(Path(path), edge.to_executorch().buffer)
-    return {**counts, "xnnpack": xnnpack, "limits": asdict(limits)}
+    program = edge.to_executorch()
+    _write_atomic(Path(path), program.buffer)
+    # Activations are planned for the limits: this much memory is taken when the .pte loads.
+    planned = sum(program.executorch_program.execution_plan[0].non_const_buffer_sizes)
+    return {
+        **counts,
+        "planned_mb": round(planned / 2**20, 1),
+        "xnnpack": xnnpack,
+        "limits": asdict(limits),
+    }
 
 
 def _dynamic_examples(
@@ -232,8 +241,9 @@ class ExecuTorchSession:
 
     Args:
         path: the .pte file.
-        threads: size of ExecuTorch's threadpool (XNNPACK's threads). The pool is one per
-            process: this resets it for every session in the process.
+        threads: size of ExecuTorch's threadpool, which XNNPACK runs on (portable kernels
+            are single-threaded). ExecuTorch starts it at the core count; the pool is one per
+            process, so this resets it for every session in the process.
 
     Raises:
         ConfigError: ExecuTorch is not installed, or `path` is missing, truncated or not an
@@ -271,6 +281,8 @@ class ExecuTorchSession:
     def run(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         """Positional inputs (in the graph's `input_names` order) -> logits.
 
+        Inputs are cast to the program's dtypes (int64 tokens and mask, fp32 A/B).
+
         Raises:
             ConfigError: wrong number of inputs, a shape the program was not exported for,
                 or an axis past its export limit (the message names the flag to raise it).
@@ -291,17 +303,22 @@ class ExecuTorchSession:
             raise ConfigError(
                 f"input {index} of {self.path} has {len(shape)} axes; expected {len(bound)}"
             )
-        # Token inputs carry every named axis; A/B copies carry only the copy axis (first).
-        named = self.axes if index < 2 else self.axes[:1] if self.axes[0] == "copies" else ()
+        # Token inputs carry every bounded axis; A/B copies only the copy axis, first.
+        if index < 2:
+            bounded = self.axes
+        elif self.axes[0] == "copies":
+            bounded = self.axes[:1]
+        else:
+            bounded = ()
         for axis, (size, most) in enumerate(zip(shape, bound, strict=True)):
-            if axis < len(named):
-                if size > most:
-                    raise ConfigError(
-                        f"{named[axis]}={size} is past the limit {most} {self.path} was "
-                        f"exported with; export again with {_FLAGS[named[axis]]} {size} or more"
-                    )
-            elif size != most:
+            if axis < len(bounded) and size > most:
                 raise ConfigError(
-                    f"input {index} of {self.path} has shape {shape}; the program expects "
-                    f"{bound} (the leading axes at most)"
+                    f"{bounded[axis]}={size} is past the limit {most} {self.path} was "
+                    f"exported with; export again with {_FLAGS[bounded[axis]]} {size} or more"
+                )
+            if axis >= len(bounded) and size != most:
+                expected = [f"<={n}" if a < len(bounded) else str(n) for a, n in enumerate(bound)]
+                raise ConfigError(
+                    f"input {index} of {self.path} has shape {shape}; the program takes "
+                    f"({', '.join(expected)})"
                 )
