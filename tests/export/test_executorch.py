@@ -19,11 +19,10 @@ from edgetune.errors import ConfigError
 from edgetune.export.executorch import (
     INSTALL_HINT,
     ExecuTorchSession,
-    MergedLogitsLM,
     PteLimits,
     export_pte,
 )
-from edgetune.export.graph import AdapterInputLM, example_adapter, slots_for
+from edgetune.export.graph import AdapterInputLM, PlainLM, example_adapter, slots_for
 from edgetune.models import load
 
 LIMITS = PteLimits(copies=4, batch=4, seq=16)
@@ -116,9 +115,7 @@ def merged_pte(executorch_runtime, stories260k_path, tmp_path_factory):
     model, _ = load(str(stories260k_path))
     ids, mask = _tokens(1, 2, 8, seed=0)
     path = tmp_path_factory.mktemp("pte") / "merged.pte"
-    facts = export_pte(
-        MergedLogitsLM(model, "all"), (ids[0], mask[0]), path, LIMITS, adapter_inputs=False
-    )
+    facts = export_pte(PlainLM(model, "all"), (ids[0], mask[0]), path, LIMITS, adapter_inputs=False)
     return model, path, facts
 
 
@@ -215,7 +212,7 @@ def test_smollm2_adapter_pte_matches_pytorch_and_timings(executorch_runtime, tmp
     merged, _ = load("smollm2-135m")
     start = time.perf_counter()
     merged_facts = export_pte(
-        MergedLogitsLM(merged, "last"), (ids[0], mask[0]), tmp_path / "m.pte", limits, False
+        PlainLM(merged, "last"), (ids[0], mask[0]), tmp_path / "m.pte", limits, False
     )
     merged_export_s = time.perf_counter() - start
     big_ids, big_mask = _tokens(1, 16, 64, seed=2, vocab=49152)

@@ -205,3 +205,37 @@ def test_bad_input_fails_before_writing(onnx_lora_export, tmp_path, cli, capsys,
     assert cli(args) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_executorch_prge_run_equals_the_onnx_runtime_run(
+    onnx_lora_export, stories260k_path, tmp_path, cli
+):
+    pytest.importorskip("executorch.runtime")
+    # Prepare: the same graph (q/v rank 4, every position) as an ExecuTorch program built
+    # for P-RGE with q = 2 (4 copies) on 8 rows of 64 tokens
+    pte = tmp_path / "pte"
+    args = ["export", "--model", str(stories260k_path), "--format", "executorch", "--lora-rank", "4",
+            "lora_targets=[q_proj,v_proj]", "--max-copies", "4", "--max-batch", "8",
+            "--max-seq", "64", "--out", str(pte), "--threads", "1"]  # fmt: skip
+    assert cli(args) == 0
+    # Execute: 3 P-RGE steps through each runtime
+    for runtime, export in (("executorch", pte), ("ort", onnx_lora_export)):
+        out = tmp_path / runtime
+        run = ["ondevice", "--model", str(export), "--runtime", runtime, "--method", "prge",
+               "--queries", "2", "--steps", "3", "--batch-size", "8", "--out", str(out),
+               "--threads", "1", "data.train_size=64", "data.eval_size=8",
+               "train.eval_batch_size=8", "train.progress=false", *LM]  # fmt: skip
+        assert cli(run) == 0
+    # Assert: the same seeds and projected gradients, and the trace replays exactly
+    traces = {
+        r: [json.loads(line) for line in (tmp_path / r / "trace.jsonl").read_text().splitlines()]
+        for r in ("executorch", "ort")
+    }
+    for a, b in zip(traces["executorch"], traces["ort"], strict=True):
+        assert a["seeds"] == b["seeds"]
+        for x, y in zip(a["scalars"], b["scalars"], strict=True):
+            assert x == pytest.approx(y, rel=1e-3, abs=1e-3)
+    peft = replay(tmp_path / "executorch", models.load(str(stories260k_path))[0])
+    saved = load_file(tmp_path / "executorch" / "adapter" / "adapter_model.safetensors")
+    replayed = {n.replace(".default.", "."): p for n, p in peft.named_parameters() if "lora_" in n}
+    assert max(float((replayed[k] - v).abs().max()) for k, v in saved.items()) == 0.0

@@ -1,10 +1,15 @@
 """ExecuTorch export of the edgetune graph (.pte, XNNPACK-lowered) and a session that runs it.
 
 `export_pte` takes the adapter-as-input graph of `export/graph.py` (or a merged model) through
-torch.export -> `to_edge_transform_and_lower` (XnnpackPartitioner) -> `.pte`. The copy, batch
-and sequence axes are dynamic with upper bounds (`PteLimits`): ExecuTorch plans every buffer
-for the bound at export time, so one `.pte` serves C = 1 (inference, MeZO) and C = 2q (P-RGE)
-and any shorter batch, while an input past a bound is refused at run time.
+torch.export -> `to_edge_transform_and_lower` (XnnpackPartitioner) -> `.pte`, with static
+shapes: the copy, batch and sequence axes are exactly the limits (`PteLimits`), and the
+session pads smaller inputs up to them (zero adapter copies, masked rows, left-padded
+tokens) and cuts the logits back. Static, because torch.export with bounded dynamic axes
+did not finish lowering SmolLM2-135M in 40 minutes here (symbolic-shape simplification),
+while static shapes take about 3 minutes and run as fast. The price: a call costs what a
+call at the limits costs, so export with the limits a run uses (MeZO: --max-copies 1;
+P-RGE: 2q; --max-batch the batch size; --max-seq the task's max_length). An input past a
+limit is refused at run time.
 
 XNNPACK takes the linears whose weight is a static parameter (every base projection and the
 head) and the batched matmuls, including the rank-r LoRA branch x A^T B^T whose A and B are
@@ -42,7 +47,7 @@ _DTYPES = {4: np.int64, 6: np.float32}  # ExecuTorch ScalarType codes: Long, Flo
 
 @dataclass
 class PteLimits:
-    """Upper bounds of the dynamic axes; ExecuTorch plans memory for them.
+    """The shape the program is built for (smaller inputs are padded up to it).
 
     Attributes:
         copies: most adapter copies C in one call (P-RGE needs 2q).
@@ -50,7 +55,7 @@ class PteLimits:
         seq: most tokens T per row.
     """
 
-    copies: int = 8
+    copies: int = 1
     batch: int = 16
     seq: int = 128
 
@@ -59,26 +64,6 @@ class PteLimits:
             value = getattr(self, axis)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{_FLAGS[axis]}={value!r}: expected an integer >= 1")
-
-
-class MergedLogitsLM(torch.nn.Module):
-    """A plain (merged) causal LM as `forward(input_ids [b, T], attention_mask [b, T])` ->
-    logits [b, P, V], P = 1 for `last` and T for `all`: the graph `export_pte` expects with
-    `adapter_inputs=False`."""
-
-    def __init__(self, model: torch.nn.Module, logits: str = "all"):
-        super().__init__()
-        if logits not in ("last", "all"):
-            raise ConfigError(f"logits={logits!r}: expected one of last, all")
-        self.model, self.logits = model, logits
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_to_keep=1 if self.logits == "last" else 0,
-        )
-        return out.logits
 
 
 def export_pte(
@@ -93,10 +78,9 @@ def export_pte(
 
     Args:
         module: an `AdapterInputLM` (`adapter_inputs=True`; args = ids, mask, then A/B of
-            every slot, all with the copy axis first) or a `MergedLogitsLM`
+            every slot, all with the copy axis first) or a `graph.PlainLM`
             (`adapter_inputs=False`; args = ids, mask [b, T]).
-        example_args: inputs to trace with. Axes of size 1 are widened to 2 (and axes past a
-            limit cut to it) so torch.export keeps them dynamic.
+        example_args: inputs to trace with; repeated or cut to the limits' shapes.
         path: the .pte to write.
         limits: upper bounds of the copy, batch and sequence axes.
         adapter_inputs: which of the two graphs `module` is.
@@ -121,11 +105,9 @@ def export_pte(
     _require_executorch()
     from executorch.exir import to_edge_transform_and_lower
 
-    args, dynamic_shapes = _dynamic_examples(example_args, axes, limits, adapter_inputs)
+    args = _static_examples(example_args, axes, limits)
     with torch.no_grad():
-        exported = torch.export.export(
-            module.eval(), args, dynamic_shapes=dynamic_shapes, strict=False
-        )
+        exported = torch.export.export(module.eval(), args, strict=False)
         partitioners = []
         if xnnpack:
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
@@ -147,35 +129,14 @@ def export_pte(
     }
 
 
-def _dynamic_examples(
-    example_args: Sequence[torch.Tensor],
-    axes: Sequence[str],
-    limits: PteLimits,
-    adapter_inputs: bool,
-) -> tuple[tuple[torch.Tensor, ...], dict]:
-    """Example args resized so every bounded axis traces as dynamic, and the matching
-    `dynamic_shapes` (keyed by the forward's argument names)."""
-    from torch.export import Dim
-
-    dims, sizes = {}, {}
-    for i, axis in enumerate(axes):
-        bound = getattr(limits, axis)
-        # torch.export specialises an axis traced at size 1, so trace at >= 2 when allowed.
-        sizes[i] = min(max(example_args[0].shape[i], 2), bound)
-        if bound >= 2:
-            dims[i] = Dim(axis, min=1, max=bound)
+def _static_examples(
+    example_args: Sequence[torch.Tensor], axes: Sequence[str], limits: PteLimits
+) -> tuple[torch.Tensor, ...]:
+    """Example args at exactly the limits (the shapes the program is built for)."""
+    sizes = {i: getattr(limits, axis) for i, axis in enumerate(axes)}
     ids, mask = (_fit(t, sizes) for t in example_args[:2])
-    token_spec = dict(dims)
-    if not adapter_inputs:
-        return (ids, mask), {"input_ids": token_spec, "attention_mask": token_spec}
-    adapter = tuple(_fit(t, {0: sizes[0]}) for t in example_args[2:])
-    copy_spec = {0: dims[0]} if 0 in dims else {}
-    shapes = {
-        "input_ids": token_spec,
-        "attention_mask": token_spec,
-        "adapter": tuple(dict(copy_spec) for _ in adapter),
-    }
-    return (ids, mask, *adapter), shapes
+    adapter = tuple(_fit(t, {0: sizes[0]}) for t in example_args[2:]) if len(axes) == 3 else ()
+    return (ids, mask, *adapter)
 
 
 def _fit(t: torch.Tensor, sizes: dict[int, int]) -> torch.Tensor:
@@ -227,6 +188,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _pad(x: np.ndarray, shape: Sequence[int], seq_axis: int | None) -> np.ndarray:
+    """`x` zero-padded to `shape`: at the end of every axis, except the token inputs'
+    sequence axis, padded at the start (left padding: the real tokens stay last and keep
+    their relative positions; the mask's zeros hide the pad)."""
+    if tuple(x.shape) == tuple(shape):
+        return x
+    pads = [(0, n - m) for m, n in zip(x.shape, shape, strict=True)]
+    if seq_axis is not None:
+        pads[seq_axis] = pads[seq_axis][::-1]
+    return np.pad(x, pads)
 
 
 def _require_executorch() -> None:
@@ -289,14 +262,22 @@ class ExecuTorchSession:
         """
         if len(inputs) != len(self.max_shapes):
             raise ConfigError(f"{self.path} takes {len(self.max_shapes)} inputs; got {len(inputs)}")
+        given = inputs[0].shape
         tensors = []
         for i, (x, bound, dtype) in enumerate(
             zip(inputs, self.max_shapes, self._dtypes, strict=True)
         ):
             x = np.ascontiguousarray(x, dtype=dtype)
             self._check_shape(i, x.shape, bound)
-            tensors.append(torch.from_numpy(x))
-        return self._method.execute(tensors)[0].numpy()
+            tensors.append(
+                torch.from_numpy(_pad(x, bound, seq_axis=len(bound) - 1 if i < 2 else None))
+            )
+        out = self._method.execute(tensors)[0].numpy()
+        lead = tuple(slice(0, n) for n in given[:-1])  # copies and/or batch
+        out = out[lead]
+        if out.shape[-2] != 1:  # every position's logits: the real tokens are the last T
+            out = out[..., out.shape[-2] - given[-1] :, :]
+        return np.ascontiguousarray(out)
 
     def _check_shape(self, index: int, shape: tuple[int, ...], bound: tuple[int, ...]) -> None:
         if len(shape) != len(bound):

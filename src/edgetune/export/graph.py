@@ -130,8 +130,10 @@ class InputLoRALinear(torch.nn.Module):
         if self.lora is None:
             raise RuntimeError("InputLoRALinear called outside AdapterInputLM.forward")
         a, b = self.lora  # [C, r, in], [C, out, r]
-        xs = x.reshape(a.shape[0], -1, x.shape[-1])  # [C, b*T, in]
-        branch = torch.matmul(torch.matmul(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        # Split only the leading axis into copies (a view whatever the strides: o_proj's
+        # input is a transposed one, which ExecuTorch cannot reshape across axes).
+        xs = x.unflatten(0, (a.shape[0], -1))  # [C, b, T, in]
+        branch = (xs @ a.transpose(1, 2).unsqueeze(1)) @ b.transpose(1, 2).unsqueeze(1)
         return y + self.slot.scaling * branch.reshape(y.shape)
 
 

@@ -42,7 +42,9 @@ from edgetune.peft.config import LLAMA_PROJECTIONS
 from edgetune.recipes.evaluate import load_adapter
 
 ARCHITECTURES = ("llama",)  # what the exporters and their tests cover
-PTE_DEFAULTS = {"max_copies": 8, "max_batch": 16, "max_seq": 128}
+# An ExecuTorch program runs at exactly its limits (export/executorch.py): one copy (MeZO,
+# inference) by default; P-RGE needs --max-copies 2q.
+PTE_DEFAULTS = {"max_copies": 1, "max_batch": 16, "max_seq": 128}
 
 
 @dataclass
@@ -180,7 +182,11 @@ def _export(cfg: ExportConfig, model: Any, tokenizer: Any, tmp: Path) -> ExportM
         AdapterInputLM(model, slots, cfg.logits) if slots else PlainLM(model, cfg.logits)
     )
     module.eval()
-    args = _example_args(slots, start, tokenizer)
+    # a P-RGE-like call with 2 copies and 2 rows (sizes > 1 keep ONNX's axes dynamic),
+    # within an ExecuTorch program's limits
+    pte = cfg.format == "executorch"
+    copies, rows = (min(2, cfg.max_copies), min(2, cfg.max_batch)) if pte else (2, 2)
+    args = _example_args(slots, start, tokenizer, copies, rows, cfg.max_seq if pte else 10)
     console.status(f"exporting to {cfg.format} (a minute for a 135M model)")
     graph, facts = _write_graph(cfg, module, args, tmp)
     facts["parity_max_abs"] = _parity(cfg, module, args, tmp / graph)
@@ -215,22 +221,25 @@ def _write_graph(
     return "model.pte", facts
 
 
-def _example_args(slots: list, start: list | None, tokenizer: Any) -> tuple[torch.Tensor, ...]:
-    """A small left-padded batch of real tokens with 2 copies (sizes > 1 keep the dims
-    dynamic) and, with slots, two different non-zero adapters."""
+def _example_args(
+    slots: list, start: list | None, tokenizer: Any, copies: int, rows: int, seq: int
+) -> tuple[torch.Tensor, ...]:
+    """A left-padded batch of `rows` real sentences (at most `seq` tokens), repeated for
+    `copies` adapters: the exported one (if any) first, then random ones of a trained
+    LoRA's scale."""
     from edgetune.export.graph import example_adapter
 
-    text = ["Once upon a time there was a little dog", "The market fell"]
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:10] for t in text]
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    text = ["Once upon a time there was a little dog", "The market fell"][:rows]
+    ids_list = [tokenizer(t, add_special_tokens=False)["input_ids"][: min(seq, 10)] for t in text]
+    width = max(len(r) for r in ids_list)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in ids_list])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids_list])
     if not slots:
         return ids, mask
-    adapter = example_adapter(slots, copies=2)
-    if start is not None:  # copy 0 is the real adapter, copy 1 a random one
+    adapter = example_adapter(slots, copies=copies)
+    if start is not None:
         adapter = [torch.cat([s, a[1:]]) for s, a in zip(start, adapter, strict=True)]
-    return ids.expand(2, -1, -1).clone(), mask.expand(2, -1, -1).clone(), *adapter
+    return ids.expand(copies, -1, -1).clone(), mask.expand(copies, -1, -1).clone(), *adapter
 
 
 @torch.no_grad()
