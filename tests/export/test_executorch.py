@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -187,9 +186,9 @@ def test_missing_executorch_says_how_to_install(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_adapter_pte_matches_pytorch_and_timings(executorch_runtime, tmp_path):
-    """SmolLM2-135M, logits=last: parity at C=2, b=2, T=32; prints export time, .pte size
-    and the run time of C=1, b=16, T=64 against the merged .pte."""
+def test_smollm2_adapter_pte_matches_pytorch(executorch_runtime, tmp_path):
+    """SmolLM2-135M, logits=last, a program for 2 copies of 16 x 64 tokens: parity at
+    C=2, b=2, T=32 (padded by the session). Timings: `edgetune bench ondevice`."""
     torch.set_num_threads(1)
     limits = PteLimits(copies=2, batch=16, seq=64)
     model, _ = load("smollm2-135m")
@@ -199,47 +198,11 @@ def test_smollm2_adapter_pte_matches_pytorch_and_timings(executorch_runtime, tmp
     adapter = example_adapter(slots, copies=2, seed=1)
     with torch.no_grad():
         expected = graph(ids, mask, *adapter).numpy()
-
-    start = time.perf_counter()
-    facts = export_pte(graph, (ids, mask, *adapter), tmp_path / "a.pte", limits, True)
-    export_s = time.perf_counter() - start
+    export_pte(graph, (ids, mask, *adapter), tmp_path / "a.pte", limits, True)
     session = ExecuTorchSession(tmp_path / "a.pte")
     got = session.run([ids.numpy(), mask.numpy(), *(a.numpy() for a in adapter)])
-
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     assert np.abs(got[1] - got[0]).max() > 1e-4
-
-    merged, _ = load("smollm2-135m")
-    start = time.perf_counter()
-    merged_facts = export_pte(
-        PlainLM(merged, "last"), (ids[0], mask[0]), tmp_path / "m.pte", limits, False
-    )
-    merged_export_s = time.perf_counter() - start
-    big_ids, big_mask = _tokens(1, 16, 64, seed=2, vocab=49152)
-    one = [a[:1].numpy() for a in adapter]
-    adapter_s = _time(lambda: session.run([big_ids.numpy(), big_mask.numpy(), *one]))
-    merged_session = ExecuTorchSession(tmp_path / "m.pte")
-    merged_s = _time(lambda: merged_session.run([big_ids[0].numpy(), big_mask[0].numpy()]))
-    print(
-        f"\nSmolLM2 adapter .pte: export {export_s:.1f} s, "
-        f"{(tmp_path / 'a.pte').stat().st_size / 2**20:.1f} MiB, {facts['delegated_nodes']} "
-        f"delegated / {facts['portable_nodes']} portable nodes; C=1 b=16 T=64 run "
-        f"{adapter_s:.3f} s\nSmolLM2 merged .pte: export {merged_export_s:.1f} s, "
-        f"{(tmp_path / 'm.pte').stat().st_size / 2**20:.1f} MiB, "
-        f"{merged_facts['delegated_nodes']} delegated / {merged_facts['portable_nodes']} "
-        f"portable nodes; b=16 T=64 run {merged_s:.3f} s"
-    )
-
-
-def _time(fn, repeats: int = 3) -> float:
-    """Best of `repeats` runs after one warm-up, in seconds."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def test_limits_reject_zero():
