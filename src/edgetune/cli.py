@@ -89,6 +89,20 @@ def _add_threads_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_training_flags(p: argparse.ArgumentParser, methods: str, pefts: str) -> Any:
+    """The named flags of a command that trains one model (finetune, ondevice)."""
+    g = p.add_argument_group("training")
+    g.add_argument("--method", help=methods)
+    g.add_argument("--peft", help=pefts)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--queries", type=int, help="ZO directions per step")
+    g.add_argument("--out", help="run directory")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    return g
+
+
 def _seed_list(text: str) -> list[int]:
     """`--seeds 0,1` as a list of integers (argparse type)."""
     try:
@@ -153,16 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_flags(ft)
     _add_threads_flag(ft)
-    g = ft.add_argument_group("training")
-    g.add_argument("--method", help="fo (backprop) | zo (MeZO) | prge (P-RGE)")
-    g.add_argument("--peft", help="lora | lora-fa | prompt | bitfit | last-n | full")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--queries", type=int, help="ZO directions per step")
-    g.add_argument("--out", help="run directory")
+    g = _add_training_flags(
+        ft,
+        "fo (backprop) | zo (MeZO) | prge (P-RGE)",
+        "lora | lora-fa | prompt | bitfit | last-n | full",
+    )
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
 
     from edgetune.recipes.federate import FederateConfig
 
@@ -285,16 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_flags(od)
     _add_threads_flag(od)
-    g = od.add_argument_group("training")
+    g = _add_training_flags(od, "zo (MeZO) | prge (P-RGE)", "lora | lora-fa")
     g.add_argument("--runtime", help="ort | executorch")
-    g.add_argument("--method", help="zo (MeZO) | prge (P-RGE)")
-    g.add_argument("--peft", help="lora | lora-fa")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--queries", type=int, help="ZO directions per step")
-    g.add_argument("--out", help="run directory")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
 
     gen = sub.add_parser("generate", help="greedy generation from a prompt")
     gen.add_argument("--model", default="smollm2-135m")
