@@ -57,7 +57,7 @@ FULL = {
         "8",
         "--lr",
         "5e-4",
-        "train.eval_every=15",
+        "train.eval_every=30",
         "train.eval_at_start=false",
     ],
 }
