@@ -65,9 +65,12 @@ class ExportConfig:
     lora_alpha: float = option(16.0, "with lora_rank: LoRA alpha (scale = alpha / rank)")
     lora_targets: list[str] = option(LLAMA_PROJECTIONS, "with lora_rank: linear layers adapted")
     gguf_type: str = option("f32", "gguf: weight type of the base model, f32 | q8_0 | q4_0")
-    max_copies: int = option(PTE_DEFAULTS["max_copies"], "executorch: most adapter copies per call")
-    max_batch: int = option(PTE_DEFAULTS["max_batch"], "executorch: most rows per copy")
-    max_seq: int = option(PTE_DEFAULTS["max_seq"], "executorch: most tokens per row")
+    max_copies: int = option(
+        PTE_DEFAULTS["max_copies"],
+        "executorch: adapter copies per call (smaller calls are padded to it)",
+    )
+    max_batch: int = option(PTE_DEFAULTS["max_batch"], "executorch: rows per copy (padded to it)")
+    max_seq: int = option(PTE_DEFAULTS["max_seq"], "executorch: tokens per row (left-padded to it)")
     threads: int = option(0, "threads (0 = chosen at start from the free cores)")
 
     def __post_init__(self) -> None:
