@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune.bench.markdown import machine_line, write_section
+from edgetune.export.gguf import GGUF_TYPES
 from edgetune.recipes.finetune import run_in_subprocess
 
 DATA = [
@@ -54,7 +55,6 @@ EXPORT = {
         for method, copies in (("zo", 1), ("prge", 4))
     },
 }  # fmt: skip
-GGUF_TYPES = ("f32", "q8_0", "q4_0")
 
 
 def run(
