@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
 
-    from edgetune.recipes.federate import FederateConfig
+    from edgetune.fed.config import FederateConfig
 
     fd = sub.add_parser(
         "federate",

@@ -10,9 +10,15 @@ from edgetune.fed.algorithms import FedIT, FedKSeed
 from edgetune.fed.algorithms.base import load_trainable, trainable_state
 from edgetune.fed.algorithms.fedkseed import replay
 from edgetune.fed.config import FedConfig
+from edgetune.fed.fleet import BUILTIN_PROFILES
 from edgetune.fed.payloads import LoraDelta, SeedScalars, ZOTrace, decode, encode
+from edgetune.fed.plan import ClientPlan
 from edgetune.models import tiny_llama
 from edgetune.peft import PeftConfig, attach
+
+
+def _plan(client, method="zo", rank=None):
+    return ClientPlan(client, BUILTIN_PROFILES["rpi5"], method, rank)
 
 
 def _adapter():
@@ -61,7 +67,7 @@ def test_fedkseed_replay_on_two_clients_gives_identical_models():
     ]
     start = {k: v.clone() for k, v in server.state.items()}
     result = server.aggregate(0, traces)
-    broadcast = decode(encode(server.configure(1)))
+    broadcast = decode(encode(server.configure(1, _plan(0))))
     # Execute: two clients holding the old model replay the broadcast
     clients = [_adapter(), _adapter()]
     for client in clients:
@@ -90,7 +96,7 @@ def test_malicious_fedit_updates_are_rejected_and_the_model_stays_close():
     result = algo.aggregate(0, [*honest, (3, nan), (4, shape), (5, scaled)])
     assert result.accepted == [0, 1, 2]
     assert "non-finite" in result.rejected[3]
-    assert "LoRA tensors of different ranks [2, 3]" in result.rejected[4]
+    assert "got (3, 3) torch.float32, expected (2, 32)" in result.rejected[4]
     assert "exceeds the bound" in result.rejected[5]
     reference = FedIT(FedConfig(), _adapter(), seed=0, lr=0.01)
     reference.aggregate(0, honest)
@@ -180,6 +186,7 @@ def test_seed_trace_replay_rebuilds_the_zo_client_exactly(stories260k_path, shar
     from edgetune.data import DataConfig, build_task, load_splits
     from edgetune.fed.local import ClientJob
     from edgetune.train import OptimConfig
+    from edgetune.zo import ZOConfig
     from edgetune.zo.directions import add_direction
 
     model, tokenizer = models.load(str(stories260k_path))
@@ -191,6 +198,7 @@ def test_seed_trace_replay_rebuilds_the_zo_client_exactly(stories260k_path, shar
     for method in ("zo", "prge"):
         job = ClientJob(
             0,
+            0,
             method,
             task,
             task.prepare_rows(splits.train),
@@ -199,9 +207,11 @@ def test_seed_trace_replay_rebuilds_the_zo_client_exactly(stories260k_path, shar
             1e-2,
             11,
             OptimConfig(lr=1e-2),
-            queries=2,
+            ZOConfig(queries=2),
         )
-        trace = decode(encode(algo.client_update(adapter, algo.configure(0), job)))
+        update, state = algo.client_update(adapter, algo.configure(0, _plan(0, method)), job, None)
+        assert state is None  # FedIT clients keep nothing between rounds
+        trace = decode(encode(update))
         local = trainable_state(adapter)
         names = list(algo.state)
         params = [algo.state[n].clone() for n in names]
@@ -209,7 +219,7 @@ def test_seed_trace_replay_rebuilds_the_zo_client_exactly(stories260k_path, shar
             add_direction(params, seed, -coef)
         assert len(trace.seeds) == 6
         assert all(torch.equal(p, local[n]) for n, p in zip(names, params, strict=True))
-        delta = algo._as_delta(trace)
+        delta = algo._as_delta(trace, algo.shapes(_plan(0, method)))
         assert delta.meta["replayed"] == 1.0
         assert all(
             torch.allclose(algo.state[n] + delta.tensors[n], local[n], atol=1e-7) for n in names

@@ -94,19 +94,19 @@ def test_resume_equals_uninterrupted(tmp_path, fed_args, monkeypatch, algorithm)
     assert (
         main(fed_args(tmp_path / "straight", "--method", "zo", algorithm=algorithm, rounds=3)) == 0
     )
-    import edgetune.fed.simulator as sim
+    import edgetune.fed.rounds as rounds
 
-    original = sim.run_round
+    original = rounds.play_round
 
-    def die_in_round_3(algo, adapter, rnd, *args, **kwargs):
+    def die_in_round_3(fed, algo, transport, planner, rnd, history):
         if rnd == 2:
             raise KeyboardInterrupt
-        return original(algo, adapter, rnd, *args, **kwargs)
+        return original(fed, algo, transport, planner, rnd, history)
 
-    monkeypatch.setattr(sim, "run_round", die_in_round_3)
+    monkeypatch.setattr(rounds, "play_round", die_in_round_3)
     with pytest.raises(KeyboardInterrupt):
         main(fed_args(tmp_path / "killed", "--method", "zo", algorithm=algorithm, rounds=3))
-    monkeypatch.setattr(sim, "run_round", original)
+    monkeypatch.setattr(rounds, "play_round", original)
     assert main(["federate", "--resume", str(tmp_path / "killed")]) == 0
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
@@ -152,7 +152,7 @@ def test_hybrid_fleet_backprop_and_zo_devices_in_one_federation(tmp_path, fed_ar
 
 def test_fwdllm_runs_with_variance_controlled_clients(tmp_path, fed_args):
     out = tmp_path / "fwd"
-    assert main(fed_args(out, "--method", "zo", "fed.fwd_max_queries=4", algorithm="fwdllm")) == 0
+    assert main(fed_args(out, "--method", "zo", "zo.max_queries=4", algorithm="fwdllm")) == 0
     clients = [
         c for c in RunDir(out, resume=True).read_metrics("clients.jsonl") if c["status"] == "ok"
     ]

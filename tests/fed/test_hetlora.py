@@ -20,7 +20,13 @@ from edgetune.fed.hetlora import (
     truncate,
     truncate_state,
 )
+from edgetune.fed.fleet import BUILTIN_PROFILES
 from edgetune.fed.payloads import LoraDelta
+from edgetune.fed.plan import ClientPlan
+
+
+def _plan(client: int, rank: int | None) -> ClientPlan:
+    return ClientPlan(client, BUILTIN_PROFILES["rpi5"], "fo", rank)
 
 
 def _pair(rank: int, seed: int, out: int = 6, inp: int = 5):
@@ -111,10 +117,11 @@ def test_fedit_mixed_ranks_pads_each_component_over_its_clients():
     algo = FedIT(FedConfig(), adapter, seed=0, lr=0.01)
     start = {n: t.clone() for n, t in algo.state.items()}
     # the server hands each client its own rank
-    assert tensors_rank(algo.configure(0, 2).tensors) == 2
-    assert tensors_rank(algo.configure(0).tensors) == 4
+    plans = {0: _plan(0, 2), 1: _plan(1, None)}
+    assert tensors_rank(algo.configure(0, plans[0]).tensors) == 2
+    assert tensors_rank(algo.configure(0, plans[1]).tensors) == 4
     low, high = _random_delta(start, 2, 0), _random_delta(start, None, 1)
-    result = algo.aggregate(0, [(0, LoraDelta(low, 1)), (1, LoraDelta(high, 3))])
+    result = algo.aggregate(0, [(0, LoraDelta(low, 1)), (1, LoraDelta(high, 3))], plans)
     assert result.accepted == [0, 1]
     name_a = next(n for n in start if rank_dim(n) == 0)
     name_b = name_a.replace(".lora_A.", ".lora_B.")
@@ -122,14 +129,19 @@ def test_fedit_mixed_ranks_pads_each_component_over_its_clients():
     assert torch.allclose(got_a[:2], (low[name_a] + 3 * high[name_a][:2]) / 4, atol=1e-7)
     assert torch.allclose(got_a[2:], high[name_a][2:], atol=1e-7)
     assert torch.allclose(got_b[:, 2:], high[name_b][:, 2:], atol=1e-7)
-    # a rank above the global one, or mixed ranks in one update, is rejected
+    # a rank above the global one, mixed ranks in one update, or a rank other than the
+    # one planned for the client, is rejected with the shape it should have had
     wide = {
         n: torch.zeros((5, t.shape[1]) if rank_dim(n) == 0 else (t.shape[0], 5))
         for n, t in start.items()
     }
-    assert "exceeds the global rank 4" in algo.aggregate(1, [(4, LoraDelta(wide, 1))]).rejected[4]
+    wide_reason = algo.aggregate(1, [(4, LoraDelta(wide, 1))]).rejected[4]
+    assert "got (5, " in wide_reason and "expected (4, " in wide_reason
     mixed = {**_random_delta(start, 2, 3), name_a: torch.zeros(3, start[name_a].shape[1])}
-    assert "different ranks" in algo.aggregate(2, [(5, LoraDelta(mixed, 1))]).rejected[5]
+    reason = algo.aggregate(2, [(5, LoraDelta(mixed, 1))], {5: _plan(5, 2)}).rejected[5]
+    assert f"{name_a}: got (3, " in reason and "expected (2, " in reason
+    other = algo.aggregate(3, [(6, LoraDelta(high, 1))], {6: _plan(6, 2)}).rejected[6]
+    assert "expected (2, " in other or ", 2) torch.float32" in other
 
 
 def test_svd_aggregation_keeps_the_mean_product_of_mixed_rank_clients():
@@ -137,7 +149,11 @@ def test_svd_aggregation_keeps_the_mean_product_of_mixed_rank_clients():
     algo = FedIT(FedConfig(rank_aggregation="svd"), adapter, seed=0, lr=0.01)
     start = {n: t.clone() for n, t in algo.state.items()}
     deltas = [_random_delta(start, 1, 0, 0.1), _random_delta(start, 2, 1, 0.1)]
-    algo.aggregate(0, [(0, LoraDelta(deltas[0], 1)), (1, LoraDelta(deltas[1], 1))])
+    plans = {0: _plan(0, 1), 1: _plan(1, 2)}
+    result = algo.aggregate(
+        0, [(0, LoraDelta(deltas[0], 1)), (1, LoraDelta(deltas[1], 1))], plans
+    )
+    assert result.accepted == [0, 1]
     name_a = next(n for n in start if rank_dim(n) == 0)
     name_b = name_a.replace(".lora_A.", ".lora_B.")
     products = []

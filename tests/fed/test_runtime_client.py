@@ -94,10 +94,10 @@ def uploads(monkeypatch):
     for cls in (FedKSeed, FedIT):
         original = cls.client_update
 
-        def spy(self, adapter, payload, job, original=original):
-            update = original(self, adapter, payload, job)
+        def spy(self, adapter, payload, job, state, original=original):
+            update, kept = original(self, adapter, payload, job, state)
             seen[(job.seed, job.client)] = update
-            return update
+            return update, kept
 
         monkeypatch.setattr(cls, "client_update", spy)
     opened: list[Path] = []

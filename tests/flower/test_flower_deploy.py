@@ -105,7 +105,7 @@ def flower_run(cfg, fed, **options):
         ("fedit", "fo", {}),
         ("fedkseed", "zo", {}),
         # forward-gradient clients at heterogeneous LoRA ranks (rank 4 and the global 8)
-        ("fwdllm", "zo", {"fed.ranks": "4,8", "fed.fwd_max_queries": 3}),
+        ("fwdllm", "zo", {"fed.ranks": "4,8", "zo.max_queries": 3}),
         # a hybrid fleet: a rank-2 P-RGE seed trace (replayed by the server) beside a delta
         ("fedit", "auto", {"fleet_text": HYBRID, "peft.rank": 4, "fed.ranks": "device"}),
     ],

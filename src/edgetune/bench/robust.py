@@ -31,12 +31,11 @@ from edgetune.fed.aggregate import AGGREGATORS
 from edgetune.fed.algorithms import ALGORITHMS
 from edgetune.fed.algorithms.base import load_trainable, trainable_state
 from edgetune.fed.attacks import APPLIES
-from edgetune.fed.config import FedConfig
-from edgetune.fed.simulator import simulate
-from edgetune.recipes.federate import FederateConfig, jobs_factory, setup
+from edgetune.fed.config import FedConfig, FederateConfig
+from edgetune.fed.rounds import InProcessFleet, run_rounds
+from edgetune.fed.session import Federation, setup
 from edgetune.runs import RunDir
 from edgetune.train import OptimConfig, TrainConfig
-from edgetune.train.loop import evaluate
 
 FRACTION = 0.2
 TARGET = 0.02  # the best rule may lose at most 2 % of the honest eval loss to attackers
@@ -64,34 +63,22 @@ def config(model: str, algorithm: str, rounds: int, clients: int, fleet: Path) -
             rounds=rounds,
             local_steps=2,
             method=method,
-            trim=0.2,
         ),
         train=TrainConfig(batch_size=4, eval_batch_size=32),
         optim=OptimConfig(lr=lr),
     )
 
 
-def cell(base: Any, parts: dict[str, Any], initial: dict, rule: str, attack: str, out: Path):
+def cell(base: Federation, initial: dict, rule: str, attack: str, out: Path) -> dict:
     """One federation; returns its final eval loss and what happened to the attackers."""
-    fed = dataclasses.replace(base.fed, aggregator=rule, attack=attack)
-    cfg = dataclasses.replace(base, fed=fed)
-    adapter = parts["adapter"]
-    load_trainable(adapter, initial)
-    algo = ALGORITHMS[fed.algorithm](fed, adapter, cfg.seed, float(cfg.optim.lr))
+    trim = 0.2 if rule == "trimmed-mean" else FedConfig().trim
+    fed_cfg = dataclasses.replace(base.cfg.fed, aggregator=rule, attack=attack, trim=trim)
+    cfg = dataclasses.replace(base.cfg, fed=fed_cfg)
+    fed = dataclasses.replace(base, cfg=cfg)
+    load_trainable(fed.adapter, initial)
+    algo = ALGORITHMS[fed_cfg.algorithm](fed_cfg, fed.adapter, cfg.seed, float(cfg.optim.lr))
     run = RunDir(out, overwrite=True)
-    rows = parts["eval_rows"]
-    simulate(
-        algo,
-        adapter,
-        jobs_factory(cfg, parts),
-        parts["fleet"],
-        fed,
-        cfg.seed,
-        run,
-        lambda: evaluate(adapter, parts["task"], rows, cfg.train.eval_batch_size),
-        parts["num_params"],
-        cfg.data.max_length,
-    )
+    run_rounds(fed, algo, InProcessFleet(fed, algo), run)
     bad = [c for c in run.read_metrics("clients.jsonl") if "attack" in c]
     rejected = [c["status"][len("rejected: ") :] for c in bad if c["status"].startswith("rejected")]
     return {
@@ -110,8 +97,8 @@ def run(model: str, rounds: int, clients: int, output: str) -> None:
         (work / "fleet.yaml").write_text(FLEET)
         for algorithm in SETTINGS:
             base = config(model, algorithm, rounds, clients, work / "fleet.yaml")
-            parts = setup(base)
-            initial = trainable_state(parts["adapter"])
+            fed = setup(base)
+            initial = trainable_state(fed.adapter)
             attacks = [k for k, algos in APPLIES.items() if algorithm in algos]
             results[algorithm] = {}
             for rule in AGGREGATORS:
@@ -121,7 +108,7 @@ def run(model: str, rounds: int, clients: int, output: str) -> None:
                     print(f"[bench robust] {algorithm} {rule} {spec or 'honest'}", flush=True)
                     out = work / f"{algorithm}-{rule}-{attack or 'honest'}"
                     results[algorithm][rule][attack or "honest"] = cell(
-                        base, parts, initial, rule, spec, out
+                        fed, initial, rule, spec, out
                     )
     body = render(results, model, rounds, clients, machine_line())
     write_section(output, "robust", body)

@@ -26,10 +26,9 @@ import torch
 
 from edgetune.errors import ConfigError
 from edgetune.fed.payloads import LoraDelta, Payload, SeedTrace, ZOTrace
-from edgetune.zo.seeds import derive_seed, generator
+from edgetune.zo.seeds import Stream, generator, stream_seed
 
 SCALE, NOISE, LIE = 100.0, 10.0, 10**9
-_ATTACK_STREAM = 5  # distinguishes the attacker draw and attack noise from other seeds
 ALL = ("fedit", "fedkseed", "fedkseed-pro", "fwdllm")
 APPLIES: dict[str, tuple[str, ...]] = {
     "signflip": ALL,
@@ -87,7 +86,7 @@ def attackers(attack: Attack | None, clients: int, seed: int) -> set[int]:
     if attack is None:
         return set()
     count = max(1, round(attack.fraction * clients))
-    perm = torch.randperm(clients, generator=generator(derive_seed(seed, _ATTACK_STREAM)))
+    perm = torch.randperm(clients, generator=generator(stream_seed(seed, Stream.ATTACK)))
     return set(perm[:count].tolist())
 
 
@@ -95,7 +94,7 @@ def corrupt(
     update: Payload, attack: Attack, seed: int, rnd: int, client: int, max_abs_scalar: float
 ) -> Payload:
     """The malicious version of the honest `update` (a new object; `update` is kept)."""
-    gen = generator(derive_seed(seed, _ATTACK_STREAM, rnd, client))
+    gen = generator(stream_seed(seed, Stream.ATTACK, rnd, client))
     kind = attack.kind
     if isinstance(update, LoraDelta):
         tensors = {n: _values(t, kind, gen) for n, t in update.tensors.items()}

@@ -1,6 +1,8 @@
-"""Federated checkpoints: the algorithm's server state after each completed round.
+"""Federated checkpoints: the server state after each completed round.
 
-    DIR/state/round-NNNNNN/algorithm.safetensors   FedAlgorithm.state_dict()
+    DIR/state/round-NNNNNN/algorithm.safetensors   FedAlgorithm.state_dict(), plus the
+                                                   state a transport keeps for its clients
+                                                   (the simulated devices' `ClientState`s)
     DIR/state/round-NNNNNN/round.json              {"round": R, "sha256": {...}}
 
 Each round is written to `round-NNNNNN.tmp` and renamed into place; the two newest rounds
@@ -40,14 +42,17 @@ class SavedRound:
     broken: list[Path] = field(default_factory=list)  # damaged rounds newer than `round`
 
 
-def save_round(run: RunDir, algo: Any, rnd: int) -> None:
-    """Persist the server state after round `rnd`, keeping the previous round too."""
+def save_round(
+    run: RunDir, algo: Any, rnd: int, clients: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Persist the server state after round `rnd` (and `clients`, the transport's state
+    for its clients), keeping the previous round too."""
     root = run.path / "state"
     target = root / f"round-{rnd:06d}"
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {k: v.contiguous() for k, v in algo.state_dict().items()}
+    tensors = {k: v.contiguous() for k, v in {**algo.state_dict(), **(clients or {})}.items()}
     save_file(tensors, tmp / "algorithm.safetensors")
     digest = {"algorithm.safetensors": sha256(tmp / "algorithm.safetensors")}
     (tmp / "round.json").write_text(json.dumps({"round": rnd, "sha256": digest}))
@@ -120,9 +125,11 @@ def newest_round(run: RunDir) -> SavedRound:
     return SavedRound(0, {}, broken)
 
 
-def restore_round(run: RunDir, saved: SavedRound, algo: Any, adapter: Any) -> int:
-    """Load `saved` into the algorithm and adapter, remove the damaged newer rounds and
-    drop log lines of later rounds; returns the round to continue after."""
+def restore_round(
+    run: RunDir, saved: SavedRound, algo: Any, adapter: Any, transport: Any = None
+) -> int:
+    """Load `saved` into the algorithm, adapter and transport, remove the damaged newer
+    rounds and drop log lines of later rounds; returns the round to continue after."""
     for path in [*saved.broken, *(run.path / "state").glob("*.tmp")]:
         if path.name == "state":
             for name in ("algorithm.safetensors", "round.json"):
@@ -134,6 +141,8 @@ def restore_round(run: RunDir, saved: SavedRound, algo: Any, adapter: Any) -> in
     if saved.round:
         algo.load_state_dict(saved.state)
         load_trainable(adapter, algo.state)
+        if transport is not None:
+            transport.load_state_dict(saved.state)
     for file in LOG_FILES:
         # round 0 is the pre-training evaluation; with no completed round, start afresh
         rows = [
@@ -143,10 +152,10 @@ def restore_round(run: RunDir, saved: SavedRound, algo: Any, adapter: Any) -> in
     return saved.round
 
 
-def load_round(run: RunDir, algo: Any, adapter: Any) -> int:
+def load_round(run: RunDir, algo: Any, adapter: Any, transport: Any = None) -> int:
     """Restore the newest intact round (0 if none) and trim later log lines.
 
     Raises:
         CheckpointError: rounds were completed but no round state is intact.
     """
-    return restore_round(run, newest_round(run), algo, adapter)
+    return restore_round(run, newest_round(run), algo, adapter, transport)

@@ -1,17 +1,34 @@
-"""Federated settings: the fleet, rounds, selection, local training and aggregation."""
+"""Federated settings: the fleet, rounds, selection, local training and aggregation.
+
+`FederateConfig` is a federated run (`edgetune federate`, `edgetune flower run`): the
+`fed` section (`FedConfig`) plus the sections it shares with `finetune`. A client's local
+round reads `train.batch_size`, `train.grad_accum` (first-order clients), `optim.*` (its
+learning rate; the first-order optimizer) and the `zo` settings its algorithm's
+estimator reads; everything else in those sections belongs to a single-device run, and
+`check_read_by_federation` refuses it when given (differs from its default), as it does
+the `fed` settings of other algorithms (each algorithm lists the ones it reads, beside
+its module: `FED_SETTINGS`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+from edgetune import threads
 from edgetune.config import check_choice, check_positive, option
+from edgetune.data import DataConfig
 from edgetune.errors import ConfigError
 from edgetune.fed.aggregate import AGGREGATORS
 from edgetune.fed.attacks import parse_attack
 from edgetune.fed.hetlora import RANK_AGGREGATIONS
+from edgetune.peft import PeftConfig
+from edgetune.train import OptimConfig, TrainConfig
+from edgetune.zo import ZOConfig
 
 FED_ALGORITHMS = ("fedit", "fedkseed", "fedkseed-pro", "fwdllm")
+FORWARD_ONLY = ("fedkseed", "fedkseed-pro", "fwdllm")  # clients never backpropagate
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 CLIENT_METHODS = ("fo", "zo", "prge", "auto")
 AUTO_PARTITION = "auto"  # resolved by the recipe once the task is known
@@ -25,7 +42,6 @@ _REAL_FIELDS = (
     "clip",
     "max_update_norm",
     "max_abs_scalar",
-    "fwd_threshold",
 )
 
 
@@ -70,8 +86,6 @@ class FedConfig:
     max_update_norm: float = option(100.0, "reject fedit updates with a larger norm")
     max_abs_scalar: float = option(1e4, "reject fedkseed traces with a larger |scalar|")
     pool_size: int = option(1024, "fedkseed: K candidate seeds shared by all clients")
-    fwd_max_queries: int = option(8, "fwdllm: cap on directions per local step")
-    fwd_threshold: float = option(1.0, "fwdllm: stop sampling when var/||g||^2 <= this")
     fwd_candidates: int = option(4, "fwdllm: seeds considered per draw (1 = no steering)")
     attack: str = option(
         "",
@@ -105,7 +119,6 @@ class FedConfig:
             "rounds",
             "local_steps",
             "pool_size",
-            "fwd_max_queries",
             "fwd_candidates",
         ):
             check_positive("fed", name, getattr(self, name))
@@ -130,8 +143,134 @@ class FedConfig:
             )
         if not 0.0 <= self.trim < 0.5:
             raise ConfigError(f"fed.trim: expected [0, 0.5), got {self.trim}")
-        if self.algorithm != "fedit" and self.method == "fo":
+        if self.algorithm in FORWARD_ONLY and self.method == "fo":
             raise ConfigError(
                 f"fed.method=fo: {self.algorithm} clients train with forward passes only; "
                 "use zo or auto"
             )
+
+
+@dataclass
+class FederateConfig:
+    """Everything a federated run needs (YAML sections = the nested fields)."""
+
+    model: str = option("smollm2-135m", "built-in name, HF folder, .gguf file or hub id")
+    seed: int = option(0, "run seed: split, partition, selection, adapter init, seeds")
+    out: str = option("runs/federate", "run directory")
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    fed: FedConfig = dataclasses.field(default_factory=FedConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    zo: ZOConfig = dataclasses.field(default_factory=ZOConfig)
+    threads: int = option(
+        0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
+    )
+
+    def __post_init__(self) -> None:
+        threads.check(self.threads, "threads")
+        if self.optim.lr is None:
+            self.optim.lr = 1e-3
+        check_read_by_federation(self)
+
+
+# What `federate --resume` (and `flower run --resume`) may change: the number of rounds
+# (no setting decays over them) and the evaluation batch. Everything else shaped the
+# rounds already aggregated.
+RESUME_MAY_CHANGE = ("threads", "fed.rounds", "train.eval_batch_size")
+
+# Settings of single-device training that a federated run never reads, and what to use.
+_NOT_READ = {
+    "train.method": "a federated client's method comes from fed.method and its device",
+    "train.steps": "clients run fed.local_steps per round, for fed.rounds rounds",
+    "train.eval_every": "the global adapter is evaluated after every round",
+    "train.eval_at_start": "round 0 is always the evaluation before training",
+    "train.checkpoint_every": "the server state is saved after every round",
+    "train.keep_checkpoints": "the two newest rounds are kept",
+    "train.explode_factor": "robust aggregation (fed.aggregator) guards the global model",
+    "optim.schedule": "every local round runs at optim.lr",
+    "optim.warmup_steps": "every local round runs at optim.lr",
+    "zo.optimizer": "ZO clients send seeds and scalars that others replay as ZO-SGD steps",
+    "zo.beta1": "ZO clients run ZO-SGD (their steps are replayed from seeds)",
+    "zo.beta2": "ZO clients run ZO-SGD (their steps are replayed from seeds)",
+    "zo.estimator": "the algorithm sets the estimator (MeZO, the seed pool, or fwdgrad)",
+    "zo.exact_restore": "federated ZO clients always restore exactly, so traces replay",
+}
+# zo settings read only by FwdLLM's forward-gradient clients.
+_FWDGRAD = ("zo.max_queries", "zo.var_threshold")
+
+
+def _given(cfg: FederateConfig, dotted: str) -> object | None:
+    """The value of `section.name` if it differs from its default, else None."""
+    section, name = dotted.split(".")
+    obj = getattr(cfg, section)
+    value = getattr(obj, name)
+    default = getattr(type(obj)(), name)
+    return value if value != default else None
+
+
+def check_read_by_federation(cfg: FederateConfig) -> None:
+    """Refuse settings the federated run would ignore (given = differs from its default).
+
+    Raises:
+        ConfigError: names the setting, why the run does not read it, and the fix.
+    """
+    from edgetune.fed.algorithms import ALGORITHMS
+
+    for dotted, why in _NOT_READ.items():
+        value = _given(cfg, dotted)
+        if value is not None:
+            raise ConfigError(f"{dotted}={value!r} is not read by a federated run ({why}); drop it")
+    if cfg.fed.algorithm != "fwdllm":
+        for dotted in _FWDGRAD:
+            value = _given(cfg, dotted)
+            if value is not None:
+                raise ConfigError(
+                    f"{dotted}={value!r} is read only by fwdllm's forward-gradient clients, "
+                    f"not by fed.algorithm={cfg.fed.algorithm}; drop it"
+                )
+    if cfg.fed.algorithm in FORWARD_ONLY or cfg.fed.method in ("zo", "prge"):
+        for name in ("name", "momentum", "grad_clip"):
+            value = _given(cfg, f"optim.{name}")
+            if value is not None:
+                raise ConfigError(
+                    f"optim.{name}={value!r} is a first-order setting, and no client of "
+                    f"fed.algorithm={cfg.fed.algorithm} with fed.method={cfg.fed.method} "
+                    "backpropagates; drop it"
+                )
+    decay = _given(cfg, "optim.weight_decay")
+    if decay is not None and cfg.fed.method != "fo":
+        raise ConfigError(
+            f"optim.weight_decay={decay!r} applies to first-order clients only (a ZO client's "
+            "steps travel as seeds and scalars, replayed without decay); use it with "
+            "fed.method=fo, or drop it"
+        )
+    read = set(ALGORITHMS[cfg.fed.algorithm].FED_SETTINGS)
+    read |= {"trim"} if cfg.fed.aggregator == "trimmed-mean" else set()
+    read |= {"clip"} if cfg.fed.aggregator == "clip-mean" else set()
+    default = FedConfig()
+    for name in sorted(_ALGORITHM_SETTINGS - read):
+        value = getattr(cfg.fed, name)
+        if value != getattr(default, name):
+            users = [a for a, cls in ALGORITHMS.items() if name in cls.FED_SETTINGS]
+            used = f"fed.algorithm={' | '.join(users)}" if users else "another fed.aggregator"
+            raise ConfigError(
+                f"fed.{name}={value!r} is not read by fed.algorithm={cfg.fed.algorithm} "
+                f"with fed.aggregator={cfg.fed.aggregator} (it is read with {used}); drop it"
+            )
+
+
+# fed settings that only some algorithms (or aggregators) read.
+_ALGORITHM_SETTINGS = {
+    "server_optimizer",
+    "server_lr",
+    "server_momentum",
+    "ranks",
+    "rank_aggregation",
+    "max_update_norm",
+    "max_abs_scalar",
+    "pool_size",
+    "fwd_candidates",
+    "trim",
+    "clip",
+}

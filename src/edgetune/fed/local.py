@@ -2,7 +2,8 @@
 
 The same job runs in the in-process simulator and in a Flower ClientApp. Batches are a
 stateless function of (client seed, local step); the client seed is derived from
-(run seed, round, client), so every round of every client is reproducible on its own.
+(run seed, round, client) in the JOB seed stream, so every round of every client is
+reproducible on its own.
 
 A job with a `runtime` (a device whose profile names ONNX Runtime or ExecuTorch) runs
 the same steppers on a `RuntimeAdapter` over the adapter's own LoRA tensors, so its
@@ -19,10 +20,11 @@ from typing import Any
 from edgetune.fed.runtime_client import RuntimeLink
 from edgetune.ondevice.adapter import RuntimeAdapter
 from edgetune.peft import Adapter
+from edgetune.train.config import OptimConfig
+from edgetune.train.factory import build_stepper
 from edgetune.train.sampler import batch_indices
-from edgetune.train.steps import FirstOrderStepper, PRGEStepper, StepResult, ZOStepper
-from edgetune.zo import ZOSGD, MeZOEstimator
-from edgetune.zo.prge import PRGEEstimator
+from edgetune.train.steps import StepResult
+from edgetune.zo.config import ZOConfig
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ClientJob:
     """Everything one client needs for one round of local training."""
 
     client: int
+    round: int  # 0-based
     method: str  # fo | zo | prge
     task: Any
     rows: Sequence[dict]
@@ -37,24 +40,30 @@ class ClientJob:
     batch_size: int
     lr: float
     seed: int  # derived from (run seed, round, client)
-    optim: Any  # OptimConfig for fo
-    eps: float = 1e-3
-    queries: int = 1
+    optim: OptimConfig
+    zo: ZOConfig
+    grad_accum: int = 1
     rank: int | None = None  # LoRA rank this client trains (None: the global rank)
     runtime: RuntimeLink | None = None  # the exported graph it runs (None: PyTorch)
 
     def stepper(self, adapter: Adapter | RuntimeAdapter, estimator: Any = None) -> Any:
-        """The stepper for this client's method (ZO estimators may be supplied); a
-        RuntimeAdapter runs P-RGE's copies as the graph's copy axis."""
-        trained: Any = adapter  # the steppers use only the Adapter interface
-        if self.method == "fo":
-            return FirstOrderStepper(trained, self.task, self.optim, 1, self.seed)
-        if self.method == "prge":
-            prge: Any = estimator or PRGEEstimator(self.eps, self.queries)
-            copies = adapter.model.copies if isinstance(adapter, RuntimeAdapter) else None
-            return PRGEStepper(trained, self.task, prge, ZOSGD(), 1, self.seed, copies)
-        est = estimator or MeZOEstimator(self.eps, self.queries, exact_restore=True)
-        return ZOStepper(trained, self.task, est, ZOSGD(), 1, self.seed)
+        """The stepper for this client's method (`train/factory.py`, as `finetune`
+        builds it; the algorithm may supply the ZO estimator). ZO restores exactly, so a
+        trace replays bit for bit; a RuntimeAdapter runs P-RGE's copies as the graph's
+        copy axis."""
+        copies = adapter.model.copies if isinstance(adapter, RuntimeAdapter) else None
+        return build_stepper(
+            self.method,
+            adapter,
+            self.task,
+            self.optim,
+            self.zo,
+            self.grad_accum,
+            self.seed,
+            exact_restore=True,
+            estimator=estimator,
+            copies=copies,
+        )
 
     def run(self, adapter: Adapter, estimator: Any = None) -> list[StepResult]:
         """Run the local steps in place on `adapter` (through the runtime, if the job

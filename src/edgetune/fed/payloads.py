@@ -7,6 +7,11 @@ Three kinds of client update:
 - `SeedTrace`: (seed, coefficient) per ZO direction, which the server replays into a
   delta (ZO devices in FedIT/FwdLLM hybrid fleets); 16 bytes a direction.
 
+A device also keeps a `ClientState` between rounds (what its algorithm needs to
+remember: FedKSeed's caught-up model, FwdLLM's previous broadcast); it never leaves the
+device, but it is encoded the same way so a Flower SuperNode can keep it in its context
+and the simulator in its checkpoint.
+
 Bytes on the wire are `len(encode(x))` of the real serialized payload, never estimated.
 The format is safe to read from untrusted peers: a JSON header plus raw little-endian
 arrays (tensors listed by name, dtype and shape in the header); no pickle, no code.
@@ -86,20 +91,27 @@ class SeedScalars:
     pool_size: int = 0
 
 
-Payload = LoraDelta | ZOTrace | SeedTrace | SeedScalars
+@dataclass
+class ClientState:
+    """What a device keeps between rounds: named tensors and a few numbers."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)
+
+
+Payload = LoraDelta | ZOTrace | SeedTrace | SeedScalars | ClientState
 
 
 def encode(payload: Payload) -> bytes:
     """Serialize a payload (the exact bytes a transport would carry)."""
-    if isinstance(payload, LoraDelta):
+    if isinstance(payload, LoraDelta | ClientState):
         tensors = [(k, v.detach().contiguous().cpu()) for k, v in payload.tensors.items()]
         blob = b"".join(_raw(v) for _, v in tensors)
-        header = {
-            "kind": "lora_delta",
-            "num_examples": payload.num_examples,
-            "meta": payload.meta,
-            "tensors": [[k, _DTYPE_NAMES[v.dtype], list(v.shape)] for k, v in tensors],
-        }
+        header = {"tensors": [[k, _DTYPE_NAMES[v.dtype], list(v.shape)] for k, v in tensors]}
+        if isinstance(payload, LoraDelta):
+            header.update(kind="lora_delta", num_examples=payload.num_examples, meta=payload.meta)
+        else:
+            header.update(kind="client_state", meta=payload.values)
     elif isinstance(payload, ZOTrace):
         n = len(payload.indices)
         blob = struct.pack(f"<{n}I{n}f{n}f", *payload.indices, *payload.scalars, *payload.lrs)
@@ -151,6 +163,8 @@ def decode(data: bytes) -> Payload:
     kind = header.get("kind")
     if kind == "lora_delta":
         return LoraDelta(_tensors(_specs(header), blob), _count(header), _meta(header))
+    if kind == "client_state":
+        return ClientState(_tensors(_specs(header), blob), _meta(header))
     if kind == "seed_scalars":
         return _seed_scalars(header, blob)
     if kind not in ("zo_trace", "seed_trace"):

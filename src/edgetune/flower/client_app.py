@@ -1,42 +1,40 @@
 """The edgetune ClientApp: one device of the federation.
 
-The SuperNode's node config says who the device is:
+The SuperNode's node config says who the device is, and where its worker listens:
 
-    --node-config "partition-id=3 device=rpi5"
+    --node-config "partition-id=3 device=rpi5 worker=/run/edgetune/worker.sock"
 
 `partition-id` picks the device's share of the configured dataset (for trials on one
 machine; a real device would point the dataset at its own file); `device` names its
-profile (built-in or from the run's fleet YAML), from which the server chooses the method.
+profile (built-in or from the run's fleet YAML), from which the server plans the method;
+`worker` is the socket of the device's long-lived edgetune worker (`flower/worker.py`),
+which keeps the model and data loaded between messages.
 
 Messages:
 - query: keep the run's resolved config (in the context state) and reply with the
   partition id and device;
-- train: control (round, method, rank) plus the algorithm's payload; run `client_update` of the same algorithm object the simulator uses and reply
-  with the encoded update.
+- train: control (round, method, rank) plus the algorithm's payload. The ClientApp
+  hands the payload bytes, with the state the device kept (`ClientState` bytes in the
+  context state), to the worker (or, without one, to a `ClientSession` built in this
+  process), keeps the state it returns, and replies with the encoded update.
 
-Flower 1.41 runs every message in a fresh `flwr-clientapp` process (it pulls one task
-and exits, in both isolation modes), so nothing survives in memory between rounds. What a
-device must remember (FedKSeed: the global model it has caught up to and Pro's seed
-magnitudes; FwdLLM: the previous broadcast, for its prior) lives in the Flower context
-state, which the SuperNode keeps for the run; the base model is reloaded from the local
-fp32 cache (`setup_s` in the reply's metrics measures it). Within one process the
-session is built once.
+Flower 1.41 runs every message in a fresh `flwr-clientapp` process, so nothing survives
+in its memory between rounds: the device's state lives in the Flower context state,
+which the SuperNode keeps for the run, and the model in the worker. Without a worker
+every message reloads the model (`setup_s` in the reply's metrics measures it). A worker
+that cannot be reached makes the reply an error: the server counts the device as lost
+for that round.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
-import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from edgetune.flower.codec import from_records, to_records
-
-CONTROL, HELD, RUN = "edgetune.control", "edgetune.held", "edgetune.run"
-PREV = "edgetune.previous-broadcast"
+CONTROL, RUN, STATE = "edgetune.control", "edgetune.run", "edgetune.client-state"
 app = ClientApp()
 _SESSIONS: dict[str, Any] = {}
 
@@ -65,93 +63,49 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training."""
-    from edgetune.fed.algorithms.base import trainable_state
-    from edgetune.recipes.federate import client_job
-    from edgetune.runs import peak_rss_mb
+    """One round of local training, in the worker or in this process."""
+    from edgetune.flower.codec import join, records_of
 
     start = time.perf_counter()
-    control = msg.content[CONTROL]
     if RUN not in context.state:
         raise RuntimeError(
             "this node has no run config (the server sends it when it greets a new node); "
             "restart the SuperNode to be greeted again"
         )
-    cfg, parts, algo = session(str(context.state[RUN]["config"]))
-    setup_s = time.perf_counter() - start
+    config = str(context.state[RUN]["config"])
     client, _ = node_identity(context)
-    rank = int(control["rank"]) or None
-    job = client_job(cfg, parts, client, int(control["round"]), str(control["method"]), rank)
-    payload = from_records(msg.content)
-    adapter = parts["adapter"]
-    if hasattr(algo, "catch_up"):  # FedKSeed: bring the held model up to this round
-        restore_held(algo, adapter, context)
-        algo.catch_up(adapter, payload)
-        context.state[HELD] = ArrayRecord(
-            torch_state_dict={k: v.contiguous() for k, v in trainable_state(adapter).items()}
+    control = {k: v for k, v in msg.content[CONTROL].items()}
+    payload = join(msg.content)
+    kept = context.state[STATE]["state"] if STATE in context.state else None
+    worker = context.node_config.get("worker")
+    if worker:
+        from edgetune.flower.worker import forward
+
+        update, state, metrics = forward(
+            str(worker), config, client, control, payload, kept, timeout=3600.0
         )
-        context.state[HELD + ".meta"] = ConfigRecord(
-            {"round": algo.client_round, "magnitude-rounds": algo.magnitude_rounds}
-        )
-        context.state[HELD + ".magnitude"] = ArrayRecord(
-            torch_state_dict={"magnitude": algo.magnitude}
-        )
-    if hasattr(algo, "set_prior"):  # FwdLLM: steer by the step since the last broadcast
-        remember_broadcast(algo, payload, int(control["round"]), context)
-    update = algo.client_update(adapter, payload, job)
-    content = RecordDict(to_records(update))
+        setup_s = 0.0
+    else:
+        session = local_session(config)
+        setup_s = time.perf_counter() - start
+        update, state, metrics = session.train(client, control, payload, kept)
+    if state is not None:
+        context.state[STATE] = ConfigRecord({"state": state})
+    content = RecordDict(records_of(update))
     content["edgetune.metrics"] = MetricRecord(
-        {
-            "train_s": time.perf_counter() - start,
-            "setup_s": setup_s,
-            "peak_rss_mb": peak_rss_mb(),
-        }
+        {**metrics, "setup_s": setup_s, "handler_s": time.perf_counter() - start}
     )
     return Message(content, reply_to=msg)
 
 
-def remember_broadcast(algo: Any, payload: Any, rnd: int, context: Context) -> None:
-    """Set the prior from the broadcast this device got last round, keep this one."""
-    held = None
-    if PREV in context.state and int(context.state[PREV + ".meta"]["round"]) == rnd - 1:
-        held = context.state[PREV].to_torch_state_dict()
-    algo.set_prior(payload.tensors, held)
-    context.state[PREV] = ArrayRecord(
-        torch_state_dict={k: v.contiguous() for k, v in payload.tensors.items()}
-    )
-    context.state[PREV + ".meta"] = ConfigRecord({"round": rnd})
+def local_session(config_text: str) -> Any:
+    """The `ClientSession` of a run's config, built once per process."""
+    import hashlib
 
-
-def restore_held(algo: Any, adapter: Any, context: Context) -> None:
-    """Load the model this device holds (the initial adapter if it holds none)."""
-    from edgetune.fed.algorithms.base import load_trainable
-
-    if HELD not in context.state:
-        load_trainable(adapter, algo.initial)
-        algo.client_round, algo.magnitude_rounds = 0, 0
-        algo.magnitude.zero_()
-        return
-    held = context.state[HELD].to_torch_state_dict()
-    load_trainable(adapter, held)
-    meta = context.state[HELD + ".meta"]
-    algo.client_round = int(meta["round"])
-    algo.magnitude_rounds = int(meta["magnitude-rounds"])
-    algo.magnitude = context.state[HELD + ".magnitude"].to_torch_state_dict()["magnitude"].double()
-
-
-def session(config_text: str) -> tuple[Any, dict[str, Any], Any]:
-    """(config, setup parts, algorithm) for a run's config, built once per process."""
-    from edgetune.config import build
-    from edgetune.fed.algorithms import ALGORITHMS
-    from edgetune.recipes.federate import FederateConfig, setup
+    from edgetune.fed.client import ClientSession
 
     key = hashlib.sha256(config_text.encode()).hexdigest()
     if key not in _SESSIONS:
         _SESSIONS.clear()
-        cfg = build(FederateConfig, yaml.safe_load(config_text))
-        parts = setup(cfg)
-        algo = ALGORITHMS[cfg.fed.algorithm](
-            cfg.fed, parts["adapter"], cfg.seed, float(cfg.optim.lr or 1e-3)
-        )
-        _SESSIONS[key] = (cfg, parts, algo)
+        _SESSIONS[key] = ClientSession(config_text)
     return _SESSIONS[key]

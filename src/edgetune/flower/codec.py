@@ -17,21 +17,26 @@ header and never unpickles anything.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 
-from edgetune.fed.payloads import LoraDelta, Payload, PayloadError, decode, encode, tensor_spans
+from edgetune.fed.payloads import Payload, PayloadError, decode, encode, tensor_spans
 
 HEAD, TENSORS, RAW = "edgetune.head", "edgetune.tensors", "edgetune.raw"
 
 
 def to_records(payload: Payload) -> dict[str, Any]:
     """Flower records (name -> ConfigRecord/ArrayRecord) carrying `encode(payload)`."""
+    return records_of(encode(payload))
+
+
+def records_of(data: bytes) -> dict[str, Any]:
+    """Flower records carrying the `encode` bytes `data`."""
     from flwr.app import Array
 
-    data = encode(payload)
-    if not isinstance(payload, LoraDelta):
+    if json.loads(data[7 : header_end(data)]).get("kind") != "lora_delta":
         end = header_end(data)
         return {HEAD: ConfigRecord({"head": data[:end], "data": data[end:]})}
     end, spans = tensor_spans(data)

@@ -8,7 +8,7 @@ the same directions on both sides. `save` writes `adapter_config.json` +
 
 A run that does not start from an exported adapter initialises LoRA as PEFT does, from
 its own seed: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a = sqrt(5)), B = 0,
-drawn from `generator(derive_seed(seed, INIT_STREAM))`.
+drawn from `generator(stream_seed(seed, Stream.INIT))`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from edgetune.errors import ConfigError
 from edgetune.export.graph import LoraSlot
 from edgetune.ondevice.runtime import RuntimeLM
 from edgetune.peft.card import ModelCard
-from edgetune.zo.seeds import derive_seed, generator
+from edgetune.zo.seeds import Stream, generator, stream_seed
 
-INIT_STREAM = 0x1A17  # the seed stream of the on-device LoRA initialisation
 LORA_METHODS = ("lora", "lora-fa")
 
 
@@ -42,7 +41,7 @@ def slot_names(slots: list[LoraSlot]) -> list[str]:
 
 def init_lora(slots: list[LoraSlot], seed: int) -> dict[str, torch.Tensor]:
     """A fresh LoRA: A uniform in +-1/sqrt(in), B zero (see the module docstring)."""
-    gen = generator(derive_seed(seed, INIT_STREAM))
+    gen = generator(stream_seed(seed, Stream.INIT))
     tensors = {}
     for s in slots:
         bound = 1.0 / math.sqrt(s.in_features)

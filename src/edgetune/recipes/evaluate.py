@@ -128,7 +128,7 @@ def config_for_run(run: Path, file: str | None, overrides: list[str], flags: dic
         ConfigError: a flag, override or --config value differs from the run in anything
             else (naming each setting, the run's value and the fix).
     """
-    from edgetune.recipes.federate import FederateConfig
+    from edgetune.fed.config import FederateConfig
     from edgetune.recipes.finetune import FinetuneConfig
 
     cls = FederateConfig if "fed" in RunDir(run, resume=True).read_config() else FinetuneConfig

@@ -83,35 +83,22 @@ def setup(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def make_stepper(cfg: FinetuneConfig, adapter: Any, task: Any) -> Any:
-    """The stepper for `cfg.train.method`."""
+    """The stepper for `cfg.train.method` (`train/factory.py`)."""
     from edgetune.peft.adapters import PEFT_FORMAT_METHODS
-    from edgetune.train import FirstOrderStepper, PRGEStepper, ZOStepper
-    from edgetune.zo import MeZOEstimator
-    from edgetune.zo.fwdgrad import ForwardGradientEstimator
-    from edgetune.zo.optimizers import make_zo_optimizer
-    from edgetune.zo.prge import PRGEEstimator
+    from edgetune.train.factory import build_stepper
 
-    if cfg.train.method == "fo":
-        return FirstOrderStepper(adapter, task, cfg.optim, cfg.train.grad_accum, cfg.seed)
-    if cfg.train.method == "prge":
-        prge = PRGEEstimator(cfg.zo.eps, cfg.zo.queries, cfg.zo.parallel_inner)
-        optimizer = make_zo_optimizer(cfg.zo, cfg.optim.weight_decay)
-        return PRGEStepper(adapter, task, prge, optimizer, cfg.train.grad_accum, cfg.seed)
     exact = str(cfg.zo.exact_restore).lower()
     exact_restore = cfg.peft.method in PEFT_FORMAT_METHODS if exact == "auto" else exact == "true"
-    if cfg.zo.estimator == "fwdgrad":
-        estimator: Any = ForwardGradientEstimator(
-            cfg.zo.eps,
-            cfg.zo.queries,
-            max(cfg.zo.max_queries, cfg.zo.queries),
-            cfg.zo.var_threshold,
-            exact_restore=exact_restore,
-        )
-    else:
-        one_sided = cfg.zo.estimator == "one-sided"
-        estimator = MeZOEstimator(cfg.zo.eps, cfg.zo.queries, one_sided, exact_restore)
-    optimizer = make_zo_optimizer(cfg.zo, cfg.optim.weight_decay)
-    return ZOStepper(adapter, task, estimator, optimizer, cfg.train.grad_accum, cfg.seed)
+    return build_stepper(
+        cfg.train.method,
+        adapter,
+        task,
+        cfg.optim,
+        cfg.zo,
+        cfg.train.grad_accum,
+        cfg.seed,
+        exact_restore=exact_restore,
+    )
 
 
 # What `finetune --resume` may change: the length of the run (a constant learning rate

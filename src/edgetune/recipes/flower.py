@@ -18,7 +18,7 @@ from typing import Any
 
 from edgetune.config import to_dict
 from edgetune.errors import EdgetuneError
-from edgetune.recipes.federate import resume_point
+from edgetune.fed.session import resume_point
 from edgetune.runs import RunDir
 
 

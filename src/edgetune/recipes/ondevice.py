@@ -30,12 +30,10 @@ from edgetune.ondevice.adapter import LORA_METHODS, build_adapter, init_lora, lo
 from edgetune.ondevice.runtime import RUNTIMES, RuntimeLM, open_session
 from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
-from edgetune.train import OptimConfig, TrainConfig, ZOStepper, fit
+from edgetune.train import OptimConfig, TrainConfig, fit
 from edgetune.train.config import DEFAULT_LR, check_optim_read_by
-from edgetune.train.steps import PRGEStepper
-from edgetune.zo import MeZOEstimator, ZOConfig
-from edgetune.zo.optimizers import make_zo_optimizer
-from edgetune.zo.prge import PRGEEstimator
+from edgetune.train.factory import build_stepper
+from edgetune.zo import ZOConfig
 
 METHODS = ("zo", "prge")
 
@@ -181,13 +179,16 @@ def _runtime_for(fmt: str) -> str:
 
 
 def _stepper(cfg: OnDeviceConfig, adapter: Any, task: Any) -> Any:
-    optimizer = make_zo_optimizer(cfg.zo, cfg.optim.weight_decay)
-    if cfg.train.method == "prge":
-        prge = PRGEEstimator(cfg.zo.eps, cfg.zo.queries, cfg.zo.parallel_inner)
-        return PRGEStepper(
-            adapter, task, prge, optimizer, cfg.train.grad_accum, cfg.seed, adapter.model.copies
-        )
-    exact = str(cfg.zo.exact_restore).lower() != "false"  # a LoRA copy is cheap
-    one_sided = cfg.zo.estimator == "one-sided"
-    estimator = MeZOEstimator(cfg.zo.eps, cfg.zo.queries, one_sided, exact)
-    return ZOStepper(adapter, task, estimator, optimizer, cfg.train.grad_accum, cfg.seed)
+    """The `finetune` stepper of `cfg.train.method`, its P-RGE copies run as the graph's
+    copy axis; a LoRA copy is cheap, so ZO restores exactly unless told not to."""
+    return build_stepper(
+        cfg.train.method,
+        adapter,
+        task,
+        cfg.optim,
+        cfg.zo,
+        cfg.train.grad_accum,
+        cfg.seed,
+        exact_restore=str(cfg.zo.exact_restore).lower() != "false",
+        copies=adapter.model.copies,
+    )

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from edgetune.zo.seeds import derive_seed, generator
-
-_DATA_STREAM = 1  # distinguishes the data-order seeds from the ZO direction seeds
+from edgetune.zo.seeds import Stream, generator, stream_seed
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
@@ -27,7 +25,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     position = step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(position, n)
-        perm = torch.randperm(n, generator=generator(derive_seed(seed, _DATA_STREAM, epoch)))
+        perm = torch.randperm(n, generator=generator(stream_seed(seed, Stream.DATA, epoch)))
         take = min(batch_size - len(out), n - offset)
         out.extend(perm[offset : offset + take].tolist())
         position += take

@@ -10,8 +10,32 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from enum import IntEnum
 
 import torch
+
+
+class Stream(IntEnum):
+    """Every seed stream derived from a run seed, named in one place.
+
+    A run-level derivation is `stream_seed(run_seed, Stream.X, *parts)`: the stream tag
+    sits right after the run seed, so two streams never share an input, whatever their
+    other parts (a round number can never pass for a pool index). Steps are not a stream:
+    a stepper derives `derive_seed(job_seed, step)` from its own (job or run) seed.
+    """
+
+    DATA = 1  # data order: (epoch)
+    POOL = 2  # FedKSeed's candidate seeds: (k)
+    SELECT = 3  # clients selected in a round: (round)
+    FATE = 4  # a simulated client's availability and dropout: (round, client)
+    ATTACK = 5  # which clients attack, and their noise: () and (round, client)
+    JOB = 6  # a client's local round (batches and step seeds): (round, client)
+    INIT = 0x1A17  # on-device LoRA initialisation: ()
+
+
+def stream_seed(seed: int, stream: Stream, *parts: int) -> int:
+    """The seed of `parts` in `stream` of the run seeded `seed`."""
+    return derive_seed(seed, int(stream), *parts)
 
 
 def derive_seed(*parts: int) -> int:

@@ -1,24 +1,33 @@
-"""The shape every federated algorithm has; transports (simulator, Flower) call only this.
+"""The shape every federated algorithm has; the round loop (`fed/rounds.py`) and the
+devices call only this.
 
-    configure(round, rank, client)            -> payload for a selected client (of a LoRA rank)
-    prepare(adapter, payload)                 -> simulator only: load what the client holds
-    client_update(adapter, payload, job)      -> the client's update (runs on the client)
-    aggregate(round, [(client, update), ...]) -> AggregateResult (new global state inside)
+    configure(round, plan)                         -> payload for a selected client
+    client_update(adapter, payload, job, state)    -> (update, state): runs on the client
+    aggregate(round, [(client, update)], plans)    -> AggregateResult (new global inside)
+    forget(client)                                 -> the server no longer knows what
+                                                      this client holds (it restarted)
 
-Algorithms hold the server's global adapter tensors. Payloads and updates are the typed
-values of `edgetune.fed.payloads`; transports serialize them with `encode`.
+A client's `state` is what its device keeps between rounds (`ClientState`, or None):
+the simulator keeps it in a dict (and its checkpoint), a Flower SuperNode in its context.
+`plans` are the `ClientPlan`s the round gave the clients: each update is validated
+against the shapes its own plan gave it. Algorithms hold the server's global adapter
+tensors. Payloads and updates are the typed values of `edgetune.fed.payloads`;
+transports serialize them with `encode`.
+
+Each algorithm lists the `fed` settings it reads in `FED_SETTINGS` (beside the shared
+ones: fleet, rounds, selection, aggregator); the others are refused when given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from edgetune.fed.local import ClientJob
-from edgetune.fed.payloads import Payload
+from edgetune.fed.payloads import ClientState, Payload
 from edgetune.peft import Adapter
 
 
@@ -36,16 +45,19 @@ class FedAlgorithm(Protocol):
 
     name: str
     state: dict[str, torch.Tensor]
+    FED_SETTINGS: ClassVar[tuple[str, ...]]
 
-    def configure(
-        self, rnd: int, rank: int | None = None, client: int | None = None
-    ) -> Payload: ...
+    def configure(self, rnd: int, plan: Any) -> Payload: ...
 
-    def prepare(self, adapter: Adapter, payload: Payload) -> None: ...
+    def client_update(
+        self, adapter: Adapter, payload: Payload, job: ClientJob, state: ClientState | None
+    ) -> tuple[Payload, ClientState | None]: ...
 
-    def client_update(self, adapter: Adapter, payload: Payload, job: ClientJob) -> Payload: ...
+    def aggregate(
+        self, rnd: int, updates: list[tuple[int, Any]], plans: Mapping[int, Any] | None = None
+    ) -> AggregateResult: ...
 
-    def aggregate(self, rnd: int, updates: list[tuple[int, Any]]) -> AggregateResult: ...
+    def forget(self, client: int) -> None: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
@@ -53,18 +65,18 @@ class FedAlgorithm(Protocol):
 
 
 def screen(
-    updates: list[tuple[int, Any]], check: Callable[[Any], str | None]
+    updates: list[tuple[int, Any]], check: Callable[[int, Any], str | None]
 ) -> tuple[list[Any], AggregateResult]:
     """Split updates into the valid ones and an AggregateResult naming the rejected.
 
     Args:
         updates: (client id, decoded update) pairs.
-        check: returns the reason an update is invalid, or None.
+        check: (client, update) -> the reason the update is invalid, or None.
     """
     result = AggregateResult()
     good = []
     for client, update in updates:
-        reason = check(update)
+        reason = check(client, update)
         if reason:
             result.rejected[client] = reason
         else:

@@ -6,9 +6,11 @@ locally and returns delta_c = theta_c - theta with its example count n_c. Hybrid
 devices that cannot backprop train with ZO and send only their seeds and coefficients
 (`SeedTrace`); the server replays them into delta_c (bit-exact) and aggregates both kinds. The server
 aggregates delta = sum_c n_c delta_c / sum_c n_c (or a robust rule) and applies a server
-optimizer. Clients may train different LoRA ranks (`fed.ranks`): each gets the first r_c
-components of the global adapter and deltas are combined per covered rank segment, or
-by SVD re-projection (`fed.rank_aggregation`, see `edgetune.fed.hetlora`). The server
+optimizer. Clients may train different LoRA ranks (`fed.ranks`, or the round's plan):
+each gets the first r_c components of the global adapter (an `IndexMap`,
+`edgetune.fed.shapes`), its update is checked against exactly those shapes, and deltas
+are combined coordinate by coordinate over the clients that hold each one, or by SVD
+re-projection (`fed.rank_aggregation`, see `edgetune.fed.hetlora`). The server
 optimizer (Reddi et al., "Adaptive Federated Optimization", 2021):
 
     fedavg:  theta += eta * delta
@@ -20,7 +22,8 @@ optimizer (Reddi et al., "Adaptive Federated Optimization", 2021):
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -31,15 +34,10 @@ from edgetune.fed.algorithms.base import (
     screen,
     trainable_state,
 )
-from edgetune.fed.hetlora import (
-    aggregate_deltas,
-    at_rank,
-    svd_states,
-    tensors_rank,
-    truncate_state,
-)
+from edgetune.fed.hetlora import at_rank, svd_states, tensors_rank
 from edgetune.fed.local import ClientJob
-from edgetune.fed.payloads import LoraDelta, SeedTrace
+from edgetune.fed.payloads import ClientState, LoraDelta, SeedTrace
+from edgetune.fed.shapes import IndexMap, check_shapes, gather, lora_axes, scatter_combine
 from edgetune.fed.validate import check_delta, check_seed_trace
 from edgetune.peft import Adapter
 from edgetune.zo.directions import add_direction
@@ -51,6 +49,14 @@ class FedIT:
     """FedAvg of LoRA deltas with optional server optimizers and robust aggregation."""
 
     name = "fedit"
+    FED_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "server_optimizer",
+        "server_lr",
+        "server_momentum",
+        "ranks",
+        "rank_aggregation",
+        "max_update_norm",
+    )
 
     def __init__(self, cfg: Any, adapter: Adapter, seed: int, lr: float):
         """`lr` is the run's client learning rate (one constructor for every algorithm;
@@ -58,46 +64,56 @@ class FedIT:
         self.cfg = cfg
         self.state = trainable_state(adapter)
         self.rank = tensors_rank(self.state)  # global LoRA rank R (None: not LoRA)
+        self.axes = lora_axes(adapter)  # each tensor's named axes (rank, in, out)
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
 
-    def configure(self, rnd: int, rank: int | None = None, client: int | None = None) -> LoraDelta:
+    def shapes(self, plan: Any) -> IndexMap:
+        """The part of the global tensors `plan` gives its client (a rank prefix)."""
+        return IndexMap.rank_prefix(self.axes, self.state, plan.rank if plan else None)
+
+    def configure(self, rnd: int, plan: Any) -> LoraDelta:
         """Broadcast the global adapter tensors (a rank-r client gets their first r
         components)."""
-        return LoraDelta(truncate_state(self.state, rank))
+        return LoraDelta(gather(self.state, self.shapes(plan)))
 
-    def prepare(self, adapter: Adapter, payload: Any) -> None:
-        """Nothing: FedIT clients hold no state between rounds."""
+    def forget(self, client: int) -> None:
+        """Nothing: the broadcast does not depend on what a client holds."""
 
-    def client_update(self, adapter: Adapter, payload: Any, job: ClientJob) -> Any:
-        """Load the global tensors and train locally, at the rank the server sent.
-        Backprop clients return the delta theta_local - theta_global; ZO clients return
-        their `SeedTrace` (16 bytes per direction), which the server replays into the
-        same delta."""
+    def client_update(
+        self, adapter: Adapter, payload: Any, job: ClientJob, state: ClientState | None
+    ) -> tuple[Any, ClientState | None]:
+        """Load the global tensors and train locally; FedIT clients keep no state."""
+        return self.train(adapter, payload, job, None), None
+
+    def train(self, adapter: Adapter, payload: Any, job: ClientJob, estimator: Any) -> Any:
+        """Train from the broadcast tensors at the rank the server sent. Backprop
+        clients return the delta theta_local - theta_global; ZO clients return their
+        `SeedTrace` (16 bytes per direction), which the server replays into the same
+        delta. `estimator` replaces the job's default MeZO / P-RGE (None: keep it)."""
         rank = tensors_rank(payload.tensors)
         with at_rank(adapter, rank):
             load_trainable(adapter, payload.tensors)
-            results = job.run(adapter, self.local_estimator(job))
+            results = job.run(adapter, estimator)
             loss = sum(r.loss for r in results) / max(len(results), 1)
             if job.method != "fo":
-                trace = seed_trace(results, job.lr, len(job.rows), loss)
-                if rank is not None:
-                    trace.meta["rank"] = float(rank)
-                return trace
+                return seed_trace(results, job.lr, len(job.rows), loss)
             local = trainable_state(adapter)
         delta = {k: local[k] - payload.tensors[k] for k in local}
         return LoraDelta(delta, num_examples=len(job.rows), meta={"loss": loss})
 
-    def local_estimator(self, job: ClientJob) -> Any:
-        """The ZO estimator clients use (None = the job's default MeZO / P-RGE)."""
-        return None
-
-    def aggregate(self, rnd: int, updates: list[tuple[int, Any]]) -> AggregateResult:
-        """Validate, combine and apply the server optimizer."""
-        updates = [(client, self._as_delta(update)) for client, update in updates]
-        good, result = screen(updates, self._check)
+    def aggregate(
+        self, rnd: int, updates: list[tuple[int, Any]], plans: Mapping[int, Any] | None = None
+    ) -> AggregateResult:
+        """Validate each update against its client's plan (a client without one was
+        planned the global shapes), combine, and apply the server optimizer."""
+        plans = plans or {}
+        maps = {c: self.shapes(plans.get(c)) for c, _ in updates}
+        updates = [(client, self._as_delta(update, maps[client])) for client, update in updates]
+        good, result = screen(updates, lambda client, u: self._check(u, maps[client]))
         if not good:
             return result
+        held = [maps[c] for c in result.accepted]
         scales = [1.0] * len(good)
         if self.cfg.aggregator == "clip-mean":
             scales = [clip_scale(_norm(u.tensors), self.cfg.clip) for u in good]
@@ -110,20 +126,22 @@ class FedIT:
             delta = {n: new[n] - self.state[n] for n in self.state}
         else:
             rule, trim = self.cfg.aggregator, self.cfg.trim
-            delta = aggregate_deltas(
-                deltas, weights, self.state, lambda v, w: combine(v, w, rule, trim)
+            delta = scatter_combine(
+                self.state,
+                list(zip(deltas, held, strict=True)),
+                weights,
+                lambda v, w: combine(v, w, rule, trim),
             )
         self._apply(delta)
         result.stats["delta_norm"] = _norm(delta)
         return result
 
-    def _as_delta(self, update: Any) -> Any:
-        """Replay a valid SeedTrace into a LoraDelta (at the client's rank); anything
-        else is returned as is."""
-        if not isinstance(update, SeedTrace) or self._trace_problem(update) is not None:
+    def _as_delta(self, update: Any, imap: IndexMap) -> Any:
+        """Replay a valid SeedTrace into a LoraDelta of the client's planned shapes;
+        anything else is returned as is."""
+        if not isinstance(update, SeedTrace) or check_seed_trace(update, None) is not None:
             return update
-        rank = int(update.meta["rank"]) if "rank" in update.meta else None
-        start = truncate_state(self.state, rank)
+        start = gather(self.state, imap)
         names = list(start)
         params = [start[n].clone() for n in names]
         for seed, coef in zip(update.seeds, update.coefs, strict=True):
@@ -131,27 +149,16 @@ class FedIT:
         delta = {n: p - start[n] for n, p in zip(names, params, strict=True)}
         return LoraDelta(delta, update.num_examples, {**update.meta, "replayed": 1.0})
 
-    def _trace_problem(self, trace: SeedTrace) -> str | None:
-        rank = trace.meta.get("rank")
-        if rank is not None and not (
-            self.rank and math.isfinite(rank) and rank == int(rank) and 1 <= rank <= self.rank
-        ):
-            return f"rank {rank} is not a rank in 1..{self.rank} of the global adapter"
-        return check_seed_trace(trace, None)
-
-    def _check(self, update: Any) -> str | None:
+    def _check(self, update: Any, imap: IndexMap) -> str | None:
+        """The reason `update` is not a valid delta of the shapes planned for its client,
+        or None."""
         if isinstance(update, SeedTrace):
-            return self._trace_problem(update) or "not a LoRA delta"
+            return check_seed_trace(update, None) or "not a LoRA delta"
         if not isinstance(update, LoraDelta):
             return "not a LoRA delta or seed trace"
-        try:
-            rank = tensors_rank(update.tensors)
-        except ValueError as exc:
-            return str(exc)
-        if rank is not None and self.rank is not None and rank > self.rank:
-            return f"rank {rank} exceeds the global rank {self.rank}"
-        reference = truncate_state(self.state, rank)
-        return check_delta(update, reference, self.cfg.max_update_norm)
+        return check_shapes(update.tensors, self.state, imap) or check_delta(
+            update, gather(self.state, imap), self.cfg.max_update_norm
+        )
 
     def _apply(self, delta: dict[str, torch.Tensor]) -> None:
         opt, eta, beta = self.cfg.server_optimizer, self.cfg.server_lr, self.cfg.server_momentum
@@ -182,7 +189,7 @@ class FedIT:
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore from `state_dict`."""
+        """Restore from `state_dict` (other keys, of another version, are ignored)."""
         for prefix, target in (("state.", self.state), ("m.", self.m), ("v.", self.v)):
             target.update(
                 {k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)}

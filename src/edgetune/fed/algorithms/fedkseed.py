@@ -12,9 +12,10 @@ and the new global model is theta' = theta - sum_k a_k z(s_k). The server keeps 
 vector a of every round; a selected client gets the vectors of the rounds since it last
 synced (`SeedScalars`, only the non-zero a_k travel) and replays them onto the model it
 holds, which gives the global model exactly, because the replay is the same arithmetic in
-the same order on every party. A device keeps its model between rounds (Flower context
-state); the simulator, whose clients share one model, loads the global model of the
-client's last synced round instead (`prepare`).
+the same order on every party. A device keeps that model between rounds (its
+`ClientState`, with the round it reached and Pro's magnitudes); a device that holds
+nothing starts from the initial adapter, and a server that sees a device restart
+(`forget`) sends it every round again.
 
 The server decides the learning rate: lr is the run's (`optim.lr`, passed to the
 constructor), and a trace reporting any other lr is rejected (honest clients report
@@ -47,9 +48,9 @@ floor, so every seed stays possible): seeds that moved the model more are tried 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -62,19 +63,17 @@ from edgetune.fed.algorithms.base import (
     trainable_state,
 )
 from edgetune.fed.local import ClientJob
-from edgetune.fed.payloads import SeedScalars, ZOTrace
+from edgetune.fed.payloads import ClientState, SeedScalars, ZOTrace
 from edgetune.fed.validate import check_trace
 from edgetune.peft import Adapter
 from edgetune.zo.directions import add_direction, loss_at, restore, snapshot
 from edgetune.zo.estimate import LossFn, ZOEstimate
-from edgetune.zo.seeds import derive_seed, generator
-
-_POOL_STREAM = 2  # distinguishes pool seeds from step and data-order seeds
+from edgetune.zo.seeds import Stream, generator, stream_seed
 
 
 def seed_pool(run_seed: int, size: int) -> list[int]:
     """The K candidate seeds every party derives from the run seed."""
-    return [derive_seed(run_seed, _POOL_STREAM, k) for k in range(size)]
+    return [stream_seed(run_seed, Stream.POOL, k) for k in range(size)]
 
 
 @torch.no_grad()
@@ -108,8 +107,39 @@ class PoolEstimator:
         return ZOEstimate([self.pool[k]], [scalar], 0.5 * (plus + minus), 2, {"index": k})
 
 
+MAGNITUDE = "fedkseed.magnitude"  # the client state's Pro magnitudes (not an adapter name)
+
+
+@dataclass
+class HeldModel:
+    """What a FedKSeed device holds: the global model of round `round`, and the summed
+    |a_k| of the rounds it replayed (Pro's sampling weights)."""
+
+    tensors: dict[str, torch.Tensor]
+    round: int
+    magnitude: torch.Tensor
+
+    @staticmethod
+    def from_state(
+        state: ClientState | None, initial: dict[str, torch.Tensor], pool: int
+    ) -> HeldModel:
+        """The model a device's state holds (the initial adapter if none)."""
+        if state is None:
+            magnitude = torch.zeros(pool, dtype=torch.float64)
+            return HeldModel({k: v.clone() for k, v in initial.items()}, 0, magnitude)
+        tensors = {k: v for k, v in state.tensors.items() if k != MAGNITUDE}
+        return HeldModel(tensors, int(state.values["round"]), state.tensors[MAGNITUDE].double())
+
+    def to_state(self) -> ClientState:
+        return ClientState(
+            {**self.tensors, MAGNITUDE: self.magnitude}, {"round": float(self.round)}
+        )
+
+
 class FedKSeed:
     """Seed-pool federated ZO (see the module docstring)."""
+
+    FED_SETTINGS: ClassVar[tuple[str, ...]] = ("pool_size", "max_abs_scalar")
 
     def __init__(self, cfg: Any, adapter: Adapter, seed: int, lr: float):
         self.cfg = cfg
@@ -118,89 +148,77 @@ class FedKSeed:
         self.pool = seed_pool(seed, cfg.pool_size)
         self.state = trainable_state(adapter)
         self.initial = {k: v.clone() for k, v in self.state.items()}
-        self.previous = {k: v.clone() for k, v in self.state.items()}
         self.history: list[list[float]] = []  # a of every aggregated round
-        self.synced: dict[int, int] = {}  # server: client -> round of the model it holds
-        self.magnitude = torch.zeros(cfg.pool_size, dtype=torch.float64)
-        self.magnitude_rounds = 0  # rounds of history summed into `magnitude`
-        self.client_round = 0  # client: round of the global model the adapter holds
+        self.synced: dict[int, int] = {}  # client -> round of the model it holds
 
-    def configure(
-        self, rnd: int, rank: int | None = None, client: int | None = None
-    ) -> SeedScalars:
-        """The scalars of every round since `client` last synced (without a client: the
-        last round only)."""
-        since = self.synced.get(client, 0) if client is not None else max(len(self.history) - 1, 0)
+    def configure(self, rnd: int, plan: Any) -> SeedScalars:
+        """The scalars of every round since the plan's client last synced."""
+        since = self.synced.get(plan.client, 0)
         return SeedScalars([list(a) for a in self.history[since:]], since, len(self.pool))
 
-    def prepare(self, adapter: Adapter, payload: SeedScalars) -> None:
-        """Simulator only: put the global model of round `payload.first_round` (what
-        this client holds) into the shared adapter."""
-        first, done = payload.first_round, len(self.history)
-        if first == done:
-            held = self.state
-        elif first == done - 1:
-            held = self.previous
-        else:
-            params = [v.clone() for v in self.initial.values()]
-            for scalars in self.history[:first]:
-                replay(params, self.pool, scalars)
-            held = dict(zip(self.initial, params, strict=True))
-        load_trainable(adapter, held)
-        self.client_round = first
+    def forget(self, client: int) -> None:
+        """The client restarted and may hold any model: send it every round again."""
+        self.synced.pop(client, None)
 
-    def catch_up(self, adapter: Adapter, payload: SeedScalars) -> None:
-        """Replay the broadcast rounds the adapter (at `client_round`) has not seen.
+    def catch_up(self, adapter: Adapter, payload: SeedScalars, held: HeldModel) -> HeldModel:
+        """Load the held model into `adapter` and replay the broadcast rounds it has not
+        seen; returns the model it now holds (the global model of the last round).
 
         Raises:
-            EdgetuneError: the adapter is older than the broadcast's first round.
+            EdgetuneError: the held model is older than the broadcast's first round.
         """
-        skip = self.client_round - payload.first_round
+        skip = held.round - payload.first_round
         if not 0 <= skip <= len(payload.rounds):
             raise EdgetuneError(
-                f"client holds the model of round {self.client_round} but the broadcast "
+                f"client holds the model of round {held.round} but the broadcast "
                 f"covers rounds {payload.first_round}..{payload.first_round + len(payload.rounds)}"
             )
-        for offset, scalars in enumerate(payload.rounds[skip:], start=payload.first_round + skip):
+        load_trainable(adapter, held.tensors)
+        magnitude = held.magnitude.clone()
+        for scalars in payload.rounds[skip:]:
             replay(adapter.trainable(), self.pool, scalars)
-            if offset >= self.magnitude_rounds:  # a device learning Pro's magnitudes
-                self.magnitude += torch.tensor([abs(a) for a in scalars], dtype=torch.float64)
-                self.magnitude_rounds = offset + 1
-        self.client_round = payload.first_round + len(payload.rounds)
+            magnitude += torch.tensor([abs(a) for a in scalars], dtype=torch.float64)
+        rnd = payload.first_round + len(payload.rounds)
+        return HeldModel(trainable_state(adapter), rnd, magnitude)
 
-    def probabilities(self) -> torch.Tensor | None:
+    def probabilities(self, magnitude: torch.Tensor) -> torch.Tensor | None:
         """Pro: sampling probabilities from past |a_k| (None = uniform)."""
-        if self.name != "fedkseed-pro" or not self.magnitude.any():
+        if self.name != "fedkseed-pro" or not magnitude.any():
             return None
-        weights = self.magnitude + self.magnitude[self.magnitude > 0].mean() * 0.1
+        weights = magnitude + magnitude[magnitude > 0].mean() * 0.1
         return (weights / weights.sum()).float()
 
-    def client_update(self, adapter: Adapter, payload: Any, job: ClientJob) -> ZOTrace:
-        """Catch up by replaying the broadcast, train with pool seeds, upload the trace."""
-        self.catch_up(adapter, payload)
-        estimator = PoolEstimator(self.pool, job.eps, self.probabilities())
+    def client_update(
+        self, adapter: Adapter, payload: Any, job: ClientJob, state: ClientState | None
+    ) -> tuple[ZOTrace, ClientState]:
+        """Catch up by replaying the broadcast, keep that model, train with pool seeds,
+        upload the trace."""
+        held = self.catch_up(
+            adapter, payload, HeldModel.from_state(state, self.initial, len(self.pool))
+        )
+        estimator = PoolEstimator(self.pool, job.zo.eps, self.probabilities(held.magnitude))
         results = job.run(adapter, estimator)
-        return ZOTrace(
+        trace = ZOTrace(
             indices=[int(r.estimate.extras["index"]) for r in results if r.estimate],
             scalars=[r.estimate.scalars[0] for r in results if r.estimate],
             lrs=[job.lr] * len(results),
             num_examples=len(job.rows),
             meta={"loss": sum(r.loss for r in results) / max(len(results), 1)},
         )
+        return trace, held.to_state()
 
-    def aggregate(self, rnd: int, updates: list[tuple[int, Any]]) -> AggregateResult:
+    def aggregate(
+        self, rnd: int, updates: list[tuple[int, Any]], plans: Mapping[int, Any] | None = None
+    ) -> AggregateResult:
         """Validate traces, accumulate a_k by the configured rule, move the global model
-        by replay."""
-        good, result = screen(updates, self._check)
+        by replay (every plan trains the whole adapter, so `plans` add no check)."""
+        good, result = screen(updates, lambda client, u: self._check(u))
         acc = self.combine(good, result)
-        self.previous = {k: v.clone() for k, v in self.state.items()}
         params = list(self.state.values())
         replay(params, self.pool, acc)
         for client, _ in updates:  # every client that replied has replayed up to `rnd`
             self.synced[client] = rnd
         self.history.append(acc)
-        self.magnitude += torch.tensor([abs(a) for a in acc], dtype=torch.float64)
-        self.magnitude_rounds = len(self.history)
         result.stats["seeds_used"] = float(sum(1 for a in acc if a != 0.0))
         return result
 
@@ -245,26 +263,20 @@ class FedKSeed:
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Global, previous and initial tensors, every round's scalars, who synced when,
-        and the Pro magnitudes."""
+        """Global and initial tensors, every round's scalars, and who synced when."""
         out = {f"state.{k}": v for k, v in self.state.items()}
-        out.update({f"previous.{k}": v for k, v in self.previous.items()})
         out.update({f"initial.{k}": v for k, v in self.initial.items()})
         out["history"] = torch.tensor(self.history, dtype=torch.float64).reshape(
             len(self.history), len(self.pool)
         )
         out["synced"] = torch.tensor(sorted(self.synced.items()), dtype=torch.int64).reshape(-1, 2)
-        out["magnitude"] = self.magnitude
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore from `state_dict`."""
+        """Restore from `state_dict` (keys of older versions are ignored)."""
         # Keep the adapter's tensor order: directions are drawn tensor by tensor in it,
         # and a checkpoint file stores its keys sorted.
         self.state = {k: state[f"state.{k}"].clone() for k in self.state}
-        self.previous = {k: state[f"previous.{k}"].clone() for k in self.state}
         self.initial = {k: state[f"initial.{k}"].clone() for k in self.state}
         self.history = state["history"].tolist()
         self.synced = {int(c): int(r) for c, r in state["synced"].tolist()}
-        self.magnitude = state["magnitude"].clone()
-        self.magnitude_rounds = len(self.history)

@@ -1,0 +1,96 @@
+"""What each selected client does in a round: its `ClientPlan`, decided by a planner.
+
+The round loop (`fed/rounds.py`) asks the planner every round, for every selected
+client, how it trains: the method (fo | zo | prge, or None when nothing fits its
+memory) and the LoRA rank (None: the global rank). The planner sees the device profiles
+(declared by the devices themselves on Flower) and the history of earlier rounds (every
+client entry logged so far), so a planner may adapt a client's plan from round to round;
+the algorithm then configures that client's payload for its plan, and validates its
+update against the shapes the plan gave it.
+
+`StaticPlanner` is the default and today's rule: the method by memory (`fed.method`,
+forward-only algorithms never backprop) and the rank by profile or list (`fed.ranks`),
+the same every round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from edgetune.fed.config import FORWARD_ONLY, FederateConfig
+from edgetune.fed.fleet import DeviceProfile, choose_method, client_ranks, method_memory_mb
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """How one client trains in one round."""
+
+    client: int
+    device: DeviceProfile
+    method: str | None  # fo | zo | prge; None: no method fits its memory
+    rank: int | None = None  # LoRA rank it trains (None: the global rank)
+
+    def control(self) -> dict[str, Any]:
+        """The plan as the few scalars that travel with a client's payload."""
+        return {"method": self.method or "", "rank": self.rank or 0}
+
+    @staticmethod
+    def from_control(client: int, device: DeviceProfile, control: Any) -> ClientPlan:
+        """The plan a device received (`control`: a mapping with method and rank)."""
+        return ClientPlan(
+            client, device, str(control["method"]) or None, int(control["rank"]) or None
+        )
+
+
+class Planner(Protocol):
+    """Decides the plans of a round's selected clients."""
+
+    def plan(
+        self,
+        rnd: int,
+        clients: Sequence[int],
+        profiles: Sequence[DeviceProfile],
+        history: Sequence[dict[str, Any]],
+    ) -> dict[int, ClientPlan]:
+        """Plans for `clients` in round `rnd` (0-based), given every client's profile
+        and the client entries of the rounds before."""
+        ...
+
+
+class StaticPlanner:
+    """Today's rule, the same every round: method by memory, rank by profile or list."""
+
+    def __init__(self, cfg: FederateConfig, num_params: int):
+        self.cfg, self.num_params = cfg, num_params
+
+    def plan(
+        self,
+        rnd: int,
+        clients: Sequence[int],
+        profiles: Sequence[DeviceProfile],
+        history: Sequence[dict[str, Any]],
+    ) -> dict[int, ClientPlan]:
+        """Each client's method (the cheapest that fits its memory under `fed.method`)
+        and LoRA rank (`fed.ranks`)."""
+        del rnd, history
+        fed = self.cfg.fed
+        ranks = client_ranks(fed.ranks, list(profiles), self.cfg.peft.rank)
+        plans = {}
+        for client in clients:
+            method = choose_method(profiles[client], self.num_params, fed.method)
+            if method is not None and fed.algorithm in FORWARD_ONLY:
+                method = "zo"
+            plans[client] = ClientPlan(client, profiles[client], method, ranks[client])
+        return plans
+
+    def methods(self, profiles: Sequence[DeviceProfile]) -> list[str | None]:
+        """Every client's method (for the summary's method counts)."""
+        plans = self.plan(0, range(len(profiles)), profiles, [])
+        return [plans[c].method for c in range(len(profiles))]
+
+
+def plan_memory_mb(plan: ClientPlan, num_params: int) -> float | None:
+    """The memory estimate the method choice used (None without a method)."""
+    return round(method_memory_mb(num_params, plan.method), 1) if plan.method else None

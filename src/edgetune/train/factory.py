@@ -1,0 +1,66 @@
+"""The one place a training method becomes a stepper: `finetune`, `ondevice`, `recover`
+and every federated client build their steppers here.
+
+    fo    -> FirstOrderStepper (optim.name: AdamW or SGD)
+    prge  -> PRGEStepper (all 2q perturbed copies in one batched pass)
+    zo    -> ZOStepper (MeZO central / one-sided, or FwdLLM's forward gradient)
+
+with the ZO update rule `zo.optimizer`. A caller may supply the estimator (FedKSeed's
+seed pool, FwdLLM's steered forward gradient) and, for P-RGE, how the copies run (an
+exported graph's copy axis on a device runtime).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from edgetune.train.config import OptimConfig
+from edgetune.train.steps import FirstOrderStepper, PRGEStepper, ZOStepper
+from edgetune.zo.config import ZOConfig
+from edgetune.zo.fwdgrad import ForwardGradientEstimator
+from edgetune.zo.mezo import MeZOEstimator
+from edgetune.zo.optimizers import make_zo_optimizer
+from edgetune.zo.prge import PRGEEstimator
+
+
+def build_stepper(
+    method: str,
+    adapter: Any,
+    task: Any,
+    optim: OptimConfig,
+    zo: ZOConfig,
+    grad_accum: int,
+    seed: int,
+    *,
+    exact_restore: bool,
+    estimator: Any = None,
+    copies: Callable[..., Any] | None = None,
+) -> Any:
+    """The stepper for `method` (fo | zo | prge).
+
+    Args:
+        exact_restore: ZO restores theta from a copy after each perturbation (bit-exact
+            replay) instead of by subtraction.
+        estimator: replaces the ZO / P-RGE estimator the settings describe.
+        copies: P-RGE only: the context that runs C adapter copies (default: PEFT
+            multi-copy LoRA).
+    """
+    if method == "fo":
+        return FirstOrderStepper(adapter, task, optim, grad_accum, seed)
+    optimizer = make_zo_optimizer(zo, optim.weight_decay)
+    if method == "prge":
+        prge = estimator or PRGEEstimator(zo.eps, zo.queries, zo.parallel_inner)
+        return PRGEStepper(adapter, task, prge, optimizer, grad_accum, seed, copies)
+    if estimator is None and zo.estimator == "fwdgrad":
+        estimator = ForwardGradientEstimator(
+            zo.eps,
+            zo.queries,
+            max(zo.max_queries, zo.queries),
+            zo.var_threshold,
+            exact_restore=exact_restore,
+        )
+    elif estimator is None:
+        one_sided = zo.estimator == "one-sided"
+        estimator = MeZOEstimator(zo.eps, zo.queries, one_sided, exact_restore)
+    return ZOStepper(adapter, task, estimator, optimizer, grad_accum, seed)
