@@ -126,10 +126,10 @@ def run_rounds(
         for client in sorted(transport.greet()):
             algo.forget(client)
         entries, record = play_round(fed, algo, transport, planner, rnd, history)
-        for key in ("bytes_up", "bytes_down", "sim_s"):
-            totals[key] += record.get(key, 0.0)
-        if "sim_s" not in record:
+        if "sim_s" not in record:  # no simulated clock: no simulated total either
             totals.pop("sim_s", None)
+        for key in totals:
+            totals[key] += record[key]
         record.update({f"total_{k}": v for k, v in totals.items()}, **fed.evaluate(progress))
         for entry in entries:
             run.log(entry, file="clients.jsonl")

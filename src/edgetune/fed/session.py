@@ -7,7 +7,7 @@ each Flower device run it on the same config, so they agree on every partition (
 server caps a client's claimed example count at its partition's size) and on the
 initial adapter, without sending either.
 
-`client_job` is one client's local round: its rows, steps, batch, learning rate,
+`Federation.job` is one client's local round: its rows, steps, batch, learning rate,
 settings and seed (the JOB stream of (round, client)), the same on a device and in the
 simulator.
 """
