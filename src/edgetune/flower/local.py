@@ -10,7 +10,7 @@ Beside each SuperNode runs an edgetune worker (`edgetune.flower.worker`, process
 the SuperNode's node config names its socket (`worker="..."`), and its ClientApps
 forward their training to it. The sockets live in `HOME/workers/node-I.sock`; a Unix
 socket path must stay under about 104 bytes, so when HOME is too deep they go to a fresh
-folder `/tmp/edgetune-XXXXXXXX` (mode 0700, removed on stop) and `worker_dir` says which.
+folder `/tmp/edgetune-workers-XXXXXXXX` (mode 0700, removed on stop) and `worker_dir` says which.
 Flower's own polling is shortened where Flower lets it be set (`FAST_POLLING`).
 
 Secure by default: TLS with test certificates and SuperNode authentication with one key
@@ -282,7 +282,7 @@ class LocalFederation:
             if len(os.fsencode(longest)) < SOCKET_PATH_MAX:
                 private_dir(self.worker_dir)
             else:
-                self.worker_dir = Path(tempfile.mkdtemp(prefix="edgetune-"))
+                self.worker_dir = Path(tempfile.mkdtemp(prefix="edgetune-workers-"))
         return self.worker_dir / f"node-{i}.sock"
 
     def start_worker(self, i: int) -> Path:
