@@ -24,6 +24,7 @@ from edgetune.fed.payloads import (
     ZOTrace,
     decode,
     encode,
+    tensor_spans,
 )
 
 flwr_app = pytest.importorskip("flwr.app")
@@ -210,6 +211,14 @@ def _record_mutants(payload, rng: random.Random) -> list:
             extra[other] = arrays[other]
         extra["z"] = Array(dtype="F32", shape=(1,), stype=RAW, data=b"\x00" * 4)
         out.append(RecordDict({HEAD: records[HEAD], TENSORS: extra}))
+        per_tensor = ArrayRecord()  # the layout before one array carried every tensor
+        data = arrays[names[0]].data
+        _, spans = tensor_spans(head)
+        end = spans[0][3]
+        for name, dtype, shape, start, stop in spans:
+            raw = data[start - end : stop - end]
+            per_tensor[name] = Array(dtype=dtype, shape=tuple(shape), stype=RAW, data=raw)
+        out.append(RecordDict({HEAD: records[HEAD], TENSORS: per_tensor}))
     return out
 
 
@@ -230,3 +239,17 @@ def test_flower_records_raise_only_payload_errors():
         assert encode(from_records(flwr_app.RecordDict(to_records(payload)))) == encode(payload)
     with pytest.raises(PayloadError, match="not bytes"):
         join(flwr_app.RecordDict({HEAD: flwr_app.ConfigRecord({"head": 10**12})}))
+
+
+def test_a_lora_delta_travels_as_one_raw_array_of_its_tensor_bytes():
+    # Prepare
+    delta = _payloads()[0]
+    data = encode(delta)
+    # Execute
+    records = to_records(delta)
+    # Assert: one array holding every byte after the header, in the header's order
+    arrays = records[TENSORS]
+    assert list(arrays.keys()) == ["data"]
+    assert arrays["data"].stype == RAW and arrays["data"].dtype == "U8"
+    assert records[HEAD]["head"] + arrays["data"].data == data
+    assert list(arrays["data"].shape) == [len(data) - len(records[HEAD]["head"])]

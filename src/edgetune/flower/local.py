@@ -5,6 +5,14 @@ gets `partition-id=i` and a device profile), writes the `flwr` connection into
 `HOME/config.toml`, and stops every process it started by PID. Flower telemetry and
 update checks are switched off in all of them.
 
+Beside each SuperNode runs an edgetune worker (`edgetune.flower.worker`, process name
+`worker-I`, log `HOME/logs/worker-I.log`) that keeps the model and data between messages;
+the SuperNode's node config names its socket (`worker="..."`), and its ClientApps
+forward their training to it. The sockets live in `HOME/workers/node-I.sock`; a Unix
+socket path must stay under about 104 bytes, so when HOME is too deep they go to a fresh
+folder `/tmp/edgetune-workers-XXXXXXXX` (mode 0700, removed on stop) and `worker_dir` says which.
+Flower's own polling is shortened where Flower lets it be set (`FAST_POLLING`).
+
 Secure by default: TLS with test certificates and SuperNode authentication with one key
 per node, generated into HOME/certs (kept and reused on the next start) unless given;
 `insecure=True` is the explicit opt-out for loopback trials. Threads: the federation has
@@ -18,10 +26,12 @@ is already written, streams the server's log, and returns when the run ends.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +44,18 @@ from edgetune.flower.certs import (
     ensure_test_certificates,
     private_dir,
 )
+from edgetune.flower.channel import SOCKET_PATH_MAX
+from edgetune.flower.worker import WorkerError, ping
 
 APP_DIR = Path(__file__).parent / "app"
 CONNECTION = "edgetune-local"
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+# The SuperExec asks its SuperNode (or SuperLink) for a new app process to start once a
+# second by default; on loopback asking every 0.1 s costs nothing and saves up to 0.9 s
+# per message. (The SuperNode's 3 s pull loop and the ServerApp grid's 3 s reply poll are
+# fixed in Flower 1.41.)
+FAST_POLLING = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+WORKER_START_S = 60.0
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -47,6 +65,7 @@ def flower_env(home: Path) -> dict[str, str]:
     return {
         **os.environ,
         **QUIET,
+        **FAST_POLLING,
         "FLWR_HOME": str(home),
         "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
     }
@@ -89,7 +108,10 @@ class LocalFederation:
         insecure: no TLS and no SuperNode authentication (loopback trials only); cannot be
             combined with `tls` or `auth`.
         threads: torch threads for this federation's processes (0 = `threads.resolve()`):
-            the SuperLink all of them, each SuperNode `threads.split(threads, clients)`.
+            the SuperLink all of them, each SuperNode and its worker
+            `threads.split(threads, clients)`.
+        workers: start an edgetune worker beside each SuperNode (False = the ClientApps
+            train in their own per-message processes).
     """
 
     home: Path
@@ -100,7 +122,9 @@ class LocalFederation:
     auth: Path | None = None
     insecure: bool = False
     threads: int = 0
+    workers: bool = True
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    worker_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).resolve()
@@ -222,6 +246,8 @@ class LocalFederation:
         federation unless others are given."""
         device = self.devices[i % len(self.devices)] if self.devices else ""
         node_config = f"partition-id={i}" + (f' device="{device}"' if device else "")
+        if self.workers:
+            node_config += f' worker="{self.start_worker(i)}"'
         security = self.security("supernode")
         if root_certificates is not None:
             security = ["--root-certificates", str(root_certificates)]
@@ -247,11 +273,51 @@ class LocalFederation:
             ],
         )
 
+    def worker_socket(self, i: int) -> Path:
+        """Where SuperNode i's worker listens: HOME/workers/node-I.sock, or a short folder
+        under /tmp (made once, mode 0700) when that path is too long for a Unix socket."""
+        if self.worker_dir is None:
+            self.worker_dir = self.home / "workers"
+            longest = self.worker_dir / f"node-{max(self.clients, i + 1) - 1}.sock"
+            if len(os.fsencode(longest)) < SOCKET_PATH_MAX:
+                private_dir(self.worker_dir)
+            else:
+                self.worker_dir = Path(tempfile.mkdtemp(prefix="edgetune-workers-"))
+        return self.worker_dir / f"node-{i}.sock"
+
+    def start_worker(self, i: int) -> Path:
+        """Start SuperNode i's worker with the SuperNode's thread share and wait until it
+        answers; its socket path. A worker still running is kept (a restarted SuperNode
+        finds its warm session)."""
+        path = self.worker_socket(i)
+        name = f"worker-{i}"
+        if name in self.procs and self.procs[name].poll() is None:
+            return path
+        argv = [sys.executable, "-m", "edgetune.flower.worker", "--socket", str(path)]
+        proc = self.spawn(name, [*argv, "--threads", str(self.node_threads)])
+        deadline = time.monotonic() + WORKER_START_S
+        while True:
+            if proc.poll() is not None:
+                raise EdgetuneError(
+                    f"the edgetune worker of SuperNode {i} exited with {proc.returncode}; "
+                    f"see {self.log(name)}"
+                )
+            try:
+                ping(path, timeout=2.0)
+                return path
+            except WorkerError:
+                if time.monotonic() > deadline:
+                    raise EdgetuneError(
+                        f"the edgetune worker of SuperNode {i} did not answer on {path} "
+                        f"within {WORKER_START_S:.0f} s; see {self.log(name)}"
+                    ) from None
+                time.sleep(0.1)
+
     def env(self, name: str) -> dict[str, str]:
-        """Environment of process `name`: Flower's, with its torch threads. SuperNodes
-        share the federation's threads, since several PyTorch processes each spinning on
-        every core run many times slower; their ClientApps inherit the setting."""
-        count = self.node_threads if name.startswith("supernode") else self.threads
+        """Environment of process `name`: Flower's, with its torch threads. SuperNodes and
+        their workers share the federation's threads, since several PyTorch processes each
+        spinning on every core run many times slower; ClientApps inherit the setting."""
+        count = self.node_threads if name.startswith(("supernode", "worker")) else self.threads
         return threads.child_env(count, flower_env(self.home))
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -315,6 +381,9 @@ class LocalFederation:
         the SuperLink first and everything at once."""
         for name in sorted(self.procs, key=lambda n: (n == "superlink") != crash):
             self.kill(name, crash)
+        if self.worker_dir is not None and self.worker_dir.parent != self.home:
+            shutil.rmtree(self.worker_dir, ignore_errors=True)  # the short folder in /tmp
+        self.worker_dir = None
 
     def __enter__(self) -> LocalFederation:
         return self.start()
