@@ -11,6 +11,7 @@ from edgetune.fed.aggregate import weighted_mean
 from edgetune.fed.algorithms import FedIT
 from edgetune.fed.algorithms.base import load_trainable
 from edgetune.fed.config import FedConfig
+from edgetune.fed.fleet import BUILTIN_PROFILES
 from edgetune.fed.hetlora import (
     aggregate_padded,
     aggregate_svd,
@@ -20,7 +21,6 @@ from edgetune.fed.hetlora import (
     truncate,
     truncate_state,
 )
-from edgetune.fed.fleet import BUILTIN_PROFILES
 from edgetune.fed.payloads import LoraDelta
 from edgetune.fed.plan import ClientPlan
 
@@ -150,9 +150,7 @@ def test_svd_aggregation_keeps_the_mean_product_of_mixed_rank_clients():
     start = {n: t.clone() for n, t in algo.state.items()}
     deltas = [_random_delta(start, 1, 0, 0.1), _random_delta(start, 2, 1, 0.1)]
     plans = {0: _plan(0, 1), 1: _plan(1, 2)}
-    result = algo.aggregate(
-        0, [(0, LoraDelta(deltas[0], 1)), (1, LoraDelta(deltas[1], 1))], plans
-    )
+    result = algo.aggregate(0, [(0, LoraDelta(deltas[0], 1)), (1, LoraDelta(deltas[1], 1))], plans)
     assert result.accepted == [0, 1]
     name_a = next(n for n in start if rank_dim(n) == 0)
     name_b = name_a.replace(".lora_A.", ".lora_B.")

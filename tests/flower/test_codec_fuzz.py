@@ -24,8 +24,8 @@ from edgetune.fed.payloads import (
     ZOTrace,
     decode,
     encode,
-    tensor_spans,
 )
+from edgetune.fed.wire import tensor_spans
 
 flwr_app = pytest.importorskip("flwr.app")
 from edgetune.flower.codec import HEAD, RAW, TENSORS, from_records, join, to_records  # noqa: E402

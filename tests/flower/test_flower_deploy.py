@@ -182,6 +182,23 @@ def test_a_killed_supernode_does_not_stop_the_run(tmp_path, make_config):
     assert (cells[2], cells[6]) == ("2", "2")  # ok: node 0 twice; lost: node 1 twice
 
 
+def test_a_dead_worker_counts_as_a_lost_client_and_the_run_finishes(tmp_path, make_config):
+    # Prepare: two SuperNodes, each with its worker; node 1's worker dies before the run
+    cfg = make_config(tmp_path / "run", rounds=2)
+    with LocalFederation(tmp_path / "home", clients=2, insecure=True) as fed:
+        fed.kill("worker-1", crash=True)
+        # Execute
+        run = flower_run(cfg, fed, round_timeout=120.0)
+    # Assert: node 1 replied with the worker's error each round, node 0 trained, and
+    # the run completed its rounds with node 0's updates alone
+    clients = run.read_metrics("clients.jsonl")
+    node1 = [c["status"] for c in clients if c["client"] == 1]
+    assert len(node1) == 2 and all("worker" in s and s.startswith("error:") for s in node1)
+    assert [c["status"] for c in clients if c["client"] == 0] == ["ok", "ok"]
+    assert [r["accepted"] for r in run.read_metrics()[1:]] == [1, 1]
+    assert json.loads((run.path / "summary.json").read_text())["status"] == "done"
+
+
 def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp_path, make_config):
     # FedKSeed-Pro: the seed sampling depends on every past round's scalars, which the
     # restarted server and the new devices must all recover

@@ -26,22 +26,20 @@ from typing import Any
 
 import torch
 
-from edgetune.errors import EdgetuneError
-
-_MAGIC = b"ET1"
-
-# What a decoder accepts at most (so a forged header cannot make it allocate without
-# limit): far above any real payload (a LoRA of a 1B model has ~10M values per tensor;
-# FedKSeed pools are ~1-4K seeds; traces a few hundred directions).
-MAX_TENSORS, MAX_NUMEL = 4096, 1 << 28
-MAX_TRACE, MAX_POOL, MAX_ROUNDS = 1 << 20, 1 << 20, 1 << 24
-MAX_SCALARS = 1 << 24  # rounds x pool_size of a SeedScalars broadcast
-MAX_EXAMPLES = (1 << 63) - 1
-
-
-class PayloadError(EdgetuneError):
-    """Bytes that are not a well-formed edgetune payload (the peer that sent them is at
-    fault; a server rejects that reply and goes on)."""
+from edgetune.fed.wire import (
+    ITEMSIZE,
+    MAGIC,
+    MAX_EXAMPLES,
+    MAX_POOL,
+    MAX_ROUNDS,
+    MAX_SCALARS,
+    MAX_TRACE,
+    PayloadError,
+    header_int,
+    numel,
+    specs,
+    split,
+)
 
 
 @dataclass
@@ -148,7 +146,7 @@ def encode(payload: Payload) -> bytes:
             "counts": counts,
         }
     head = json.dumps(header, separators=(",", ":")).encode()
-    return _MAGIC + struct.pack("<I", len(head)) + head + blob
+    return MAGIC + struct.pack("<I", len(head)) + head + blob
 
 
 def decode(data: bytes) -> Payload:
@@ -159,17 +157,17 @@ def decode(data: bytes) -> Payload:
             header that is not a JSON object of the expected fields, sizes that do not
             match the data, unknown dtypes, or a declared size beyond the limits.
     """
-    header, blob = _split(data)
+    header, blob = split(data)
     kind = header.get("kind")
     if kind == "lora_delta":
-        return LoraDelta(_tensors(_specs(header), blob), _count(header), _meta(header))
+        return LoraDelta(_tensors(specs(header), blob), _count(header), _meta(header))
     if kind == "client_state":
-        return ClientState(_tensors(_specs(header), blob), _meta(header))
+        return ClientState(_tensors(specs(header), blob), _meta(header))
     if kind == "seed_scalars":
         return _seed_scalars(header, blob)
     if kind not in ("zo_trace", "seed_trace"):
         raise PayloadError(f"unknown payload kind {kind!r}")
-    n = _int(header, "n", MAX_TRACE)
+    n = header_int(header, "n", MAX_TRACE)
     if kind == "zo_trace":
         values = _unpack(f"<{n}I{n}f{n}f", blob, kind)
         return ZOTrace(
@@ -183,34 +181,8 @@ def decode(data: bytes) -> Payload:
     return SeedTrace(list(values[:n]), list(values[n:]), _count(header), _meta(header))
 
 
-def _split(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """(JSON header as a dict, the data after it) of `encode` bytes."""
-    if not isinstance(data, bytes | bytearray) or len(data) < 7 or data[:3] != _MAGIC:
-        raise PayloadError("payload is not an edgetune update (bad magic or too short)")
-    size = int.from_bytes(data[3:7], "little")
-    if 7 + size > len(data):
-        raise PayloadError(f"payload header declares {size} bytes but the payload ends early")
-    try:
-        header = json.loads(data[7 : 7 + size])
-    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, or absurd nesting
-        raise PayloadError(f"payload header is not JSON: {str(exc)[:80]}") from None
-    if not isinstance(header, dict):
-        raise PayloadError(f"payload header is a JSON {type(header).__name__}, not an object")
-    return header, bytes(data[7 + size :])
-
-
-def _int(header: dict[str, Any], key: str, limit: int) -> int:
-    """header[key] as an int in [0, limit]."""
-    value = header.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise PayloadError(
-            f"payload header: {key} must be an integer in [0, {limit}], got {str(value)[:40]}"
-        )
-    return value
-
-
 def _count(header: dict[str, Any]) -> int:
-    return _int(header, "num_examples", MAX_EXAMPLES)
+    return header_int(header, "num_examples", MAX_EXAMPLES)
 
 
 def _meta(header: dict[str, Any]) -> dict[str, float]:
@@ -244,6 +216,7 @@ _DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
+assert _DTYPES.keys() == ITEMSIZE.keys()
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
@@ -252,66 +225,10 @@ def _raw(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def tensor_spans(data: bytes) -> tuple[int, list[tuple[str, str, list[int], int, int]]]:
-    """Where a LoRA-delta payload's tensors lie in `data`: (header end, [(name, dtype,
-    shape, start, end)]). Transports that carry tensors as separate arrays split here;
-    `data` may be the header alone (the spans then point past its end).
-
-    Raises:
-        PayloadError: the header is malformed or not a LoRA delta's.
-    """
-    header, _ = _split(data)
-    if header.get("kind") != "lora_delta":
-        raise PayloadError(f"expected a lora_delta header, got kind {header.get('kind')!r}")
-    end = 7 + int.from_bytes(data[3:7], "little")
-    spans, offset = [], end
-    for name, dtype, shape in _specs(header):
-        nbytes = _numel(shape) * _DTYPES[dtype].itemsize
-        spans.append((name, dtype, shape, offset, offset + nbytes))
-        offset += nbytes
-    return end, spans
-
-
-def _specs(header: dict[str, Any]) -> list[tuple[str, str, list[int]]]:
-    """The header's tensor list as (name, dtype, shape), checked: unique string names,
-    known dtypes, shapes of non-negative ints."""
-    specs = header.get("tensors")
-    if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
-        raise PayloadError(f"payload header: tensors must be a list of at most {MAX_TENSORS}")
-    out, names = [], set()
-    for spec in specs:
-        if not (isinstance(spec, list) and len(spec) == 3 and isinstance(spec[0], str)):
-            raise PayloadError("payload header: each tensor must be [name, dtype, shape]")
-        name, dtype, shape = spec
-        if name in names:
-            raise PayloadError(f"payload header: tensor {name[:60]!r} is listed twice")
-        if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise PayloadError(f"{name[:60]}: unsupported dtype {str(dtype)[:20]!r}")
-        _numel(shape)
-        names.add(name)
-        out.append((name, dtype, shape))
-    return out
-
-
-def _numel(shape: Any) -> int:
-    if (
-        not isinstance(shape, list)
-        or len(shape) > 8
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    ):
-        raise PayloadError(f"bad tensor shape {str(shape)[:60]}")
-    out = 1
-    for d in shape:
-        out *= d
-    if out > MAX_NUMEL:
-        raise PayloadError(f"tensor shape {shape} has more than {MAX_NUMEL} values")
-    return out
-
-
 def _tensors(specs: list[tuple[str, str, list[int]]], blob: bytes) -> dict[str, torch.Tensor]:
     out, offset = {}, 0
     for name, dtype, shape in specs:
-        nbytes = _numel(shape) * _DTYPES[dtype].itemsize
+        nbytes = numel(shape) * _DTYPES[dtype].itemsize
         if offset + nbytes > len(blob):
             raise PayloadError(f"malformed lora_delta payload: {name[:60]}: data ends early")
         chunk = bytearray(blob[offset : offset + nbytes])
@@ -326,13 +243,13 @@ def _tensors(specs: list[tuple[str, str, list[int]]], blob: bytes) -> dict[str, 
 
 
 def _seed_scalars(header: dict[str, Any], blob: bytes) -> SeedScalars:
-    size = _int(header, "pool_size", MAX_POOL)
+    size = header_int(header, "pool_size", MAX_POOL)
     counts = header.get("counts")
     if not isinstance(counts, list) or len(counts) * max(size, 1) > MAX_SCALARS:
         raise PayloadError(
             f"payload header: counts must be a list, with rounds x pool_size <= {MAX_SCALARS}"
         )
-    counts = [_int({"count": c}, "count", size) for c in counts]
+    counts = [header_int({"count": c}, "count", size) for c in counts]
     n = sum(counts)
     values = _unpack(f"<{n}I{n}d", blob, "seed_scalars")
     indices, scalars = values[:n], values[n:]
@@ -345,4 +262,4 @@ def _seed_scalars(header: dict[str, Any], blob: bytes) -> SeedScalars:
             dense[k] = a
         rounds.append(dense)
         at += count
-    return SeedScalars(rounds, _int(header, "first_round", MAX_ROUNDS), size)
+    return SeedScalars(rounds, header_int(header, "first_round", MAX_ROUNDS), size)

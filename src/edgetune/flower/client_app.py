@@ -84,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
         update, state, metrics = forward(
             str(worker), config, client, control, payload, kept, timeout=3600.0
         )
-        setup_s = 0.0
+        setup_s = metrics.pop("setup_s")
     else:
         session = local_session(config)
         setup_s = time.perf_counter() - start

@@ -26,12 +26,14 @@ delta. Flower cuts the one Array into 5 MB chunks, so no message part grows larg
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 
-from edgetune.fed.payloads import Payload, PayloadError, decode, encode, tensor_spans
+from edgetune.fed.wire import PayloadError, header_end, split, tensor_spans
+
+if TYPE_CHECKING:
+    from edgetune.fed.payloads import Payload
 
 HEAD, TENSORS, RAW = "edgetune.head", "edgetune.tensors", "edgetune.raw"
 DATA, BYTES = "data", "U8"
@@ -39,6 +41,8 @@ DATA, BYTES = "data", "U8"
 
 def to_records(payload: Payload) -> dict[str, Any]:
     """Flower records (name -> ConfigRecord/ArrayRecord) carrying `encode(payload)`."""
+    from edgetune.fed.payloads import encode
+
     return records_of(encode(payload))
 
 
@@ -46,7 +50,8 @@ def records_of(data: bytes) -> dict[str, Any]:
     """Flower records carrying the `encode` bytes `data`."""
     from flwr.app import Array
 
-    if json.loads(data[7 : header_end(data)]).get("kind") != "lora_delta":
+    header, _ = split(data[: header_end(data)])
+    if header.get("kind") != "lora_delta":
         end = header_end(data)
         return {HEAD: ConfigRecord({"head": data[:end], "data": data[end:]})}
     end, _ = tensor_spans(data)
@@ -96,6 +101,8 @@ def _bytes(record: Any, key: str) -> bytes:
 
 def from_records(content: Any) -> Payload:
     """Decode (and validate the format of) the payload in a message's content."""
+    from edgetune.fed.payloads import decode
+
     return decode(join(content))
 
 
@@ -109,8 +116,3 @@ def carried_bytes(message: Any) -> int:
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message.content).values())
-
-
-def header_end(data: bytes) -> int:
-    """Length of the magic + size + JSON header at the start of `encode` bytes."""
-    return 7 + int.from_bytes(data[3:7], "little")

@@ -213,7 +213,8 @@ def forward(
         timeout: seconds to wait for the reply (building the session included).
 
     Returns:
-        (encoded update, encoded new state or None, metrics).
+        (encoded update, encoded new state or None, metrics with the worker's `setup_s`:
+        the seconds it spent building the session, 0 when it kept it).
 
     Raises:
         WorkerError: the worker is unreachable, died or stalled mid-request, sent a
@@ -237,7 +238,11 @@ def forward(
         raise WorkerError(f"the edgetune worker at {socket_path} sent a malformed reply")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()):
         raise WorkerError(f"the edgetune worker at {socket_path} sent non-numeric metrics")
-    return blobs[0], blobs[1] if reply["state"] else None, {k: float(v) for k, v in metrics.items()}
+    setup_s = reply.get("setup_s", 0.0)
+    if not isinstance(setup_s, int | float) or isinstance(setup_s, bool):
+        raise WorkerError(f"the edgetune worker at {socket_path} sent a non-numeric setup_s")
+    values = {k: float(v) for k, v in metrics.items()}
+    return blobs[0], blobs[1] if reply["state"] else None, {**values, "setup_s": float(setup_s)}
 
 
 def ping(socket_path: str | Path, timeout: float = 5.0) -> int:
