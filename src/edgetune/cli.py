@@ -375,7 +375,9 @@ def _add_federate_flags(fd: argparse.ArgumentParser) -> None:
     _add_data_flags(fd)
     _add_threads_flag(fd)
     g = fd.add_argument_group("federation")
-    g.add_argument("--algorithm", help="fedit | fedkseed | fedkseed-pro | fwdllm")
+    from edgetune.fed.config import FED_ALGORITHMS
+
+    g.add_argument("--algorithm", help=" | ".join(FED_ALGORITHMS))
     g.add_argument("--clients", type=int)
     g.add_argument("--participation", type=float, help="fraction of clients per round")
     g.add_argument(

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from edgetune.cli import main
 from edgetune.config import resolve_config, to_dict
 from edgetune.errors import EdgetuneError
+from edgetune.fed.algorithms import ALGORITHMS
 from edgetune.flower.certs import write_supernode_keys, write_test_certificates
 from edgetune.flower.local import CONNECTION, LocalFederation, launch
 from edgetune.recipes import federate
@@ -99,13 +100,21 @@ def flower_run(cfg, fed, **options):
     return run
 
 
+# Every registered algorithm, with the settings its parity case exercises.
+PARITY = {
+    "fedit": ("fo", {}),
+    "fedkseed": ("zo", {}),
+    "fedkseed-pro": ("zo", {"fed.pool_size": 64}),
+    # forward-gradient clients at heterogeneous LoRA ranks (rank 4 and the global 8)
+    "fwdllm": ("zo", {"fed.ranks": "4,8", "zo.max_queries": 3}),
+}
+assert set(PARITY) == set(ALGORITHMS), "every algorithm needs a Flower parity case"
+
+
 @pytest.mark.parametrize(
     "algorithm, method, extra",
     [
-        ("fedit", "fo", {}),
-        ("fedkseed", "zo", {}),
-        # forward-gradient clients at heterogeneous LoRA ranks (rank 4 and the global 8)
-        ("fwdllm", "zo", {"fed.ranks": "4,8", "zo.max_queries": 3}),
+        *[(a, m, e) for a, (m, e) in PARITY.items()],
         # a hybrid fleet: a rank-2 P-RGE seed trace (replayed by the server) beside a delta
         ("fedit", "auto", {"fleet_text": HYBRID, "peft.rank": 4, "fed.ranks": "device"}),
     ],

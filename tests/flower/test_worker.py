@@ -226,6 +226,8 @@ def test_a_worker_process_keeps_its_session_and_survives_session_errors(worker_p
         forward(path, "broken", 2, {"round": 3}, b"", None, timeout=10)
     third = forward(path, config, 2, {"round": 4, "drop-state": True}, b"z", None, timeout=10)
     # Assert: one session built for the config, the state carried, the worker still serving
+    # the first call built the session (its setup time is reported), the second kept it
+    assert first[2].pop("setup_s") > 0 and second[2].pop("setup_s") == 0.0
     assert first == (b"cba", b"\x02", {"built": 1.0, "calls": 1.0, "round": 1.0})
     assert second == (b"\x01\x00", b"\x02\x02", {"built": 1.0, "calls": 2.0, "round": 2.0})
     assert third[1] is None and third[2]["built"] == 2.0 and third[2]["calls"] == 1.0

@@ -4,8 +4,9 @@ The same federation (config and seed) runs twice per algorithm: in the simulator
 (`edgetune federate`) and on a local Flower federation (a SuperLink and one SuperNode per
 client on 127.0.0.1, `edgetune flower run --local N`), each in its own process, one after
 the other. Reported: rounds per minute, the added wall time per round and per message,
-where a message's time goes on the device (session setup = loading the model and data in
-the fresh ClientApp process, then local training), payload bytes against what Flower
+where a message's time goes on the device (session setup = loading the model and data,
+which the node's worker does once; the ClientApp's handler, of which local training),
+payload bytes against what Flower
 serializes (framing), and whether the final adapters agree.
 """
 
@@ -71,7 +72,8 @@ def measure(model: str, rounds: int, clients: int, root: Path) -> dict[str, dict
             "overhead_round_s": fl_round - sim_round,
             "overhead_message_s": (fl_round - sim_round) / clients,
             "setup_s": statistics.median(c["setup_s"] for c in ok),
-            "handler_s": statistics.median(c["train_s"] for c in ok),
+            "handler_s": statistics.median(c["handler_s"] for c in ok),
+            "train_s": statistics.median(c["train_s"] for c in ok),
             "payload_up": statistics.median(c["bytes_up"] for c in ok),
             "carried_up": statistics.median(c["carried_up"] for c in ok),
             "payload_down": statistics.median(c["bytes_down"] for c in ok),
@@ -105,7 +107,7 @@ def render(
         "client every round, 2 local steps of batch 4; medians over rounds / messages.",
         "",
         "| algorithm | simulator s/round | Flower s/round | rounds/min (sim / Flower) | "
-        "added s per round | added s per message | device: setup s / handler s | "
+        "added s per round | added s per message | device: setup s / handler s (training s) | "
         "payload up B (Flower carried) | payload down B (Flower carried) | max abs diff of adapters |",
         "|---|---:|---:|---|---:|---:|---|---|---|---:|",
     ]
@@ -113,7 +115,8 @@ def render(
         lines.append(
             f"| {name} | {r['sim_round_s']:.1f} | {r['flower_round_s']:.1f} | "
             f"{r['sim_rpm']:.2f} / {r['flower_rpm']:.2f} | {r['overhead_round_s']:.1f} | "
-            f"{r['overhead_message_s']:.1f} | {r['setup_s']:.1f} / {r['handler_s']:.1f} | "
+            f"{r['overhead_message_s']:.1f} | {r['setup_s']:.1f} / {r['handler_s']:.1f} "
+            f"({r['train_s']:.1f}) | "
             f"{r['payload_up']:,.0f} ({r['carried_up']:,.0f}) | "
             f"{r['payload_down']:,.0f} ({r['carried_down']:,.0f}) | {r['max_abs_diff']:.1e} |"
         )

@@ -25,18 +25,19 @@ from dataclasses import dataclass
 import torch
 
 from edgetune.errors import ConfigError
+from edgetune.fed.algorithms import ALGORITHMS
 from edgetune.fed.payloads import LoraDelta, Payload, SeedTrace, ZOTrace
 from edgetune.zo.seeds import Stream, generator, stream_seed
 
 SCALE, NOISE, LIE = 100.0, 10.0, 10**9
-ALL = ("fedit", "fedkseed", "fedkseed-pro", "fwdllm")
+ALL = tuple(ALGORITHMS)
 APPLIES: dict[str, tuple[str, ...]] = {
     "signflip": ALL,
     "scale": ALL,
     "noise": ALL,
     "nan": ALL,
     "lie-count": ALL,
-    "big-scalar": ("fedkseed", "fedkseed-pro"),
+    "big-scalar": tuple(n for n, cls in ALGORITHMS.items() if cls.__name__ == "FedKSeed"),
 }
 
 

@@ -21,14 +21,15 @@ from edgetune.config import check_choice, check_positive, option
 from edgetune.data import DataConfig
 from edgetune.errors import ConfigError
 from edgetune.fed.aggregate import AGGREGATORS
+from edgetune.fed.algorithms import ALGORITHMS
 from edgetune.fed.attacks import parse_attack
 from edgetune.fed.hetlora import RANK_AGGREGATIONS
 from edgetune.peft import PeftConfig
 from edgetune.train import OptimConfig, TrainConfig
 from edgetune.zo import ZOConfig
 
-FED_ALGORITHMS = ("fedit", "fedkseed", "fedkseed-pro", "fwdllm")
-FORWARD_ONLY = ("fedkseed", "fedkseed-pro", "fwdllm")  # clients never backpropagate
+FED_ALGORITHMS = tuple(ALGORITHMS)  # the registry, beside the algorithms' modules
+FORWARD_ONLY = tuple(n for n, cls in ALGORITHMS.items() if cls.FORWARD_ONLY)
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 CLIENT_METHODS = ("fo", "zo", "prge", "auto")
 AUTO_PARTITION = "auto"  # resolved by the recipe once the task is known
@@ -49,7 +50,7 @@ _REAL_FIELDS = (
 class FedConfig:
     """How the federation runs."""
 
-    algorithm: str = option("fedit", "fedit | fedkseed | fedkseed-pro | fwdllm")
+    algorithm: str = option("fedit", " | ".join(FED_ALGORITHMS))
     clients: int = option(10, "number of clients")
     participation: float = option(0.5, "fraction of clients selected per round (0, 1]")
     partition: str = option(
@@ -215,8 +216,6 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
     Raises:
         ConfigError: names the setting, why the run does not read it, and the fix.
     """
-    from edgetune.fed.algorithms import ALGORITHMS
-
     for dotted, why in _NOT_READ.items():
         value = _given(cfg, dotted)
         if value is not None:

@@ -105,7 +105,9 @@ def encode(payload: Payload) -> bytes:
     if isinstance(payload, LoraDelta | ClientState):
         tensors = [(k, v.detach().contiguous().cpu()) for k, v in payload.tensors.items()]
         blob = b"".join(_raw(v) for _, v in tensors)
-        header = {"tensors": [[k, _DTYPE_NAMES[v.dtype], list(v.shape)] for k, v in tensors]}
+        header: dict[str, Any] = {
+            "tensors": [[k, _DTYPE_NAMES[v.dtype], list(v.shape)] for k, v in tensors]
+        }
         if isinstance(payload, LoraDelta):
             header.update(kind="lora_delta", num_examples=payload.num_examples, meta=payload.meta)
         else:

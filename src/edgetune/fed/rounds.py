@@ -2,8 +2,9 @@
 
 Per round `run_rounds` does, in this order:
 
-1. greet: the transport reports clients that (re)connected; the algorithm forgets what
-   it knew they held (`FedAlgorithm.forget`);
+1. greet: the transport reports clients that (re)connected (the first greeting comes
+   before round 0's evaluation); the algorithm forgets what it knew they held
+   (`FedAlgorithm.forget`);
 2. select: the seeded selection of `fed.participation` of the clients;
 3. plan: the planner gives each selected client its `ClientPlan` (method, rank) from
    the device profiles the transport reports and the history of earlier rounds;
@@ -116,6 +117,8 @@ def run_rounds(
         for key in totals:
             totals[key] = r.get(f"total_{key}", totals[key])
     history = run.read_metrics("clients.jsonl")
+    for client in sorted(transport.greet()):  # before round 0: the nodes connect first
+        algo.forget(client)
     if start == 0:
         initial = fed.evaluate(progress)
         run.log({"round": 0, **initial})
@@ -123,8 +126,9 @@ def run_rounds(
         console.status(f"round 0/{cfg.fed.rounds} (before training): {scores}", progress)
     for rnd in range(start, cfg.fed.rounds):
         began = time.perf_counter()
-        for client in sorted(transport.greet()):
-            algo.forget(client)
+        if rnd > start:
+            for client in sorted(transport.greet()):
+                algo.forget(client)
         entries, record = play_round(fed, algo, transport, planner, rnd, history)
         if "sim_s" not in record:  # no simulated clock: no simulated total either
             totals.pop("sim_s", None)

@@ -230,7 +230,7 @@ def summarize(
         "model": cfg.model,
         "clients": cfg.fed.clients,
         "rounds": cfg.fed.rounds,
-        "methods": {m: methods.count(m) for m in sorted(set(methods) - {None})},
+        "methods": {m: methods.count(m) for m in sorted({m for m in methods if m is not None})},
         "bytes_up": int(totals["bytes_up"]),
         "bytes_down": int(totals["bytes_down"]),
         "sim_s": totals.get("sim_s", 0.0),

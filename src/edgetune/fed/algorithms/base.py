@@ -16,6 +16,8 @@ transports serialize them with `encode`.
 
 Each algorithm lists the `fed` settings it reads in `FED_SETTINGS` (beside the shared
 ones: fleet, rounds, selection, aggregator); the others are refused when given.
+`FORWARD_ONLY` says its clients never backpropagate (the planner gives them zo). The
+registry (`edgetune.fed.algorithms.ALGORITHMS`) is the one list of algorithms.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class FedAlgorithm(Protocol):
     name: str
     state: dict[str, torch.Tensor]
     FED_SETTINGS: ClassVar[tuple[str, ...]]
+    FORWARD_ONLY: ClassVar[bool]
 
     def configure(self, rnd: int, plan: Any) -> Payload: ...
 

@@ -49,6 +49,7 @@ class FedIT:
     """FedAvg of LoRA deltas with optional server optimizers and robust aggregation."""
 
     name = "fedit"
+    FORWARD_ONLY: ClassVar[bool] = False  # clients never backpropagate
     FED_SETTINGS: ClassVar[tuple[str, ...]] = (
         "server_optimizer",
         "server_lr",

@@ -139,6 +139,7 @@ class HeldModel:
 class FedKSeed:
     """Seed-pool federated ZO (see the module docstring)."""
 
+    FORWARD_ONLY: ClassVar[bool] = True  # clients never backpropagate
     FED_SETTINGS: ClassVar[tuple[str, ...]] = ("pool_size", "max_abs_scalar")
 
     def __init__(self, cfg: Any, adapter: Adapter, seed: int, lr: float):

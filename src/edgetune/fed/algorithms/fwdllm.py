@@ -31,6 +31,7 @@ class FwdLLM(FedIT):
     """FedIT's server with forward-gradient clients."""
 
     name = "fwdllm"
+    FORWARD_ONLY: ClassVar[bool] = True  # clients never backpropagate
     FED_SETTINGS: ClassVar[tuple[str, ...]] = (*FedIT.FED_SETTINGS, "fwd_candidates")
 
     def client_update(
