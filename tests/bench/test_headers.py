@@ -34,7 +34,7 @@ def test_fed_and_flower_headers_give_the_runs_threads():
     text = fed.render(results, 0.4, "m", 3, 10, "a machine", Path("docs"), Path("B.md"))
     assert "Threads: 2 in each simulator run (config.yaml)" in text
     keys = ("sim_round_s", "flower_round_s", "sim_rpm", "flower_rpm", "overhead_round_s")
-    keys += ("overhead_message_s", "setup_s", "handler_s", "payload_up", "carried_up")
+    keys += ("overhead_message_s", "setup_s", "handler_s", "train_s", "payload_up", "carried_up")
     keys += ("payload_down", "carried_down", "max_abs_diff")
     figures = {**dict.fromkeys(keys, 1.0), "sim_threads": 2, "node_threads": 1}
     text = flower.render({"fedit (fo)": figures}, "m", 3, 2, "a machine")
