@@ -260,16 +260,4 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
 
 
 # fed settings that only some algorithms (or aggregators) read.
-_ALGORITHM_SETTINGS = {
-    "server_optimizer",
-    "server_lr",
-    "server_momentum",
-    "ranks",
-    "rank_aggregation",
-    "max_update_norm",
-    "max_abs_scalar",
-    "pool_size",
-    "fwd_candidates",
-    "trim",
-    "clip",
-}
+_ALGORITHM_SETTINGS = {"trim", "clip"}.union(*(cls.FED_SETTINGS for cls in ALGORITHMS.values()))
