@@ -19,9 +19,10 @@ attach the global rank-R adapter from the shared seed and view it at their rank
 (`at_rank`): the same code runs in the simulator, which shares one model among all
 clients, and on a device, which keeps its rank for good.
 
-FedIT aggregates deltas: `aggregate_deltas` applies the padding rule to (local - global)
-per covered rank segment with any aggregator, and `svd_states` rebuilds the rank-R
-global from the clients' adapters (FedAvg server only).
+FedIT aggregates deltas by the padding rule coordinate by coordinate over any kept
+shapes (`edgetune.fed.shapes.scatter_combine`, equal to `aggregate_deltas` here for rank
+prefixes, which the tests pin), and `svd_states` rebuilds the rank-R global from the
+clients' adapters (FedAvg server only).
 """
 
 from __future__ import annotations
