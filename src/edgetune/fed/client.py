@@ -56,7 +56,7 @@ class ClientSession:
         plan = ClientPlan.from_control(client, self.fed.fleet[client], control)
         if plan.method is None:
             raise PayloadError("the server sent no training method")
-        job = self.fed.job(client, int(control["round"]), plan.method, plan.rank)
+        job = self.fed.job(client, int(control["round"]), plan.method)
         measured = reset_peak_rss()
         update, new_state = self.algo.client_update(self.fed.adapter, decode(payload), job, kept)
         metrics = {

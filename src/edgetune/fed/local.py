@@ -43,7 +43,6 @@ class ClientJob:
     optim: OptimConfig
     zo: ZOConfig
     grad_accum: int = 1
-    rank: int | None = None  # LoRA rank this client trains (None: the global rank)
     runtime: RuntimeLink | None = None  # the exported graph it runs (None: PyTorch)
 
     def stepper(self, adapter: Adapter | RuntimeAdapter, estimator: Any = None) -> Any:

@@ -31,7 +31,6 @@ is no simulated clock (Flower runs on real time; timing.jsonl has it).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -283,7 +282,7 @@ class InProcessFleet:
                 entry["status"] = "unavailable"
                 continue
             assert plan.method is not None  # the loop sends only planned methods
-            job = fed.job(client, rnd, plan.method, plan.rank)
+            job = fed.job(client, rnd, plan.method)
             down = encode(send.payload)
             measured = reset_peak_rss()
             update, state = self.algo.client_update(
@@ -341,9 +340,3 @@ class InProcessFleet:
                 kept = decode(value.numpy().tobytes())
                 assert isinstance(kept, ClientState)
                 self.states[int(key[len(CLIENT_STATE) :])] = kept
-
-
-def clients_table(run: RunDir) -> list[dict]:
-    """Per-client-per-round rows (clients.jsonl)."""
-    path = run.path / "clients.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []

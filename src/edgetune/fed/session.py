@@ -48,7 +48,7 @@ class Federation:
     num_params: int
     runtimes: list[RuntimeLink | None]  # each client's exported graph (None: PyTorch)
 
-    def job(self, client: int, rnd: int, method: str, rank: int | None) -> ClientJob:
+    def job(self, client: int, rnd: int, method: str) -> ClientJob:
         """The local round of `client` in round `rnd` (batches and seeds derive from
         (run seed, round, client)); it trains through the runtime of the client's fleet
         profile, if that names one."""
@@ -66,7 +66,6 @@ class Federation:
             optim=cfg.optim,
             zo=cfg.zo,
             grad_accum=cfg.train.grad_accum,
-            rank=rank,
             runtime=self.runtimes[client],
         )
 
