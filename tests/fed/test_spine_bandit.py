@@ -68,12 +68,15 @@ def test_discounting_follows_a_switch_that_plain_ucb_misses():
     after = [0.9, 0.2, 0.3, 0.4, 0.5, 0.6]
     means_at = lambda t: before if t < 200 else after  # noqa: E731
 
-    discounted = _play(DiscountedUCB(6, 0.9, exploration=0.5), means_at, 400, seed=0)
-    plain = _play(DiscountedUCB(6, 1.0, exploration=0.5), means_at, 400, seed=0)
+    # Exploration 0.5 for both: at 1.0 plain UCB's bonus still re-tries arm 0 and, once it
+    # finds the change, plays it more than the discounted one, which keeps exploring.
+    # Summed over seeds, since plain UCB finds the change in some runs (4 of 20 seeds).
+    discounted = [_play(DiscountedUCB(6, 0.9, 0.5), means_at, 400, seed) for seed in range(5)]
+    plain = [_play(DiscountedUCB(6, 1.0, 0.5), means_at, 400, seed) for seed in range(5)]
 
-    assert max(range(6), key=discounted[300:].count) == 0
-    assert discounted[200:].count(0) > 40
-    assert discounted[200:].count(0) > plain[200:].count(0)
+    assert all(max(range(6), key=arms[300:].count) == 0 for arms in discounted)
+    assert min(arms[200:].count(0) for arms in discounted) > 40
+    assert sum(a[200:].count(0) for a in discounted) > 2 * sum(a[200:].count(0) for a in plain)
 
 
 def test_masked_arms_are_never_played():
