@@ -1,0 +1,1 @@
+"""FedSpine: federated prune-and-tune with per-device bandits."""
