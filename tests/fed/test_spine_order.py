@@ -284,18 +284,19 @@ def test_unpack_rejects_malformed_payloads(stories_model):
     empty = dict(packed, **{KV_KEPT: packed[KV_KEPT].clone()})
     empty[KV_KEPT][2] = 0
     cases = {
-        "missing": {k: v for k, v in packed.items() if k != KEPT_SHAPE},
-        "dtype": dict(packed, **{MLP_KEPT: packed[MLP_KEPT].to(torch.int16)}),
-        "shape": dict(packed, **{MLP_KEPT: packed[MLP_KEPT][:, :-1]}),
-        "padding": padding,
-        "empty": empty,
-        "negative": dict(packed, **{KEPT_SHAPE: torch.tensor([5, -172, 4], dtype=torch.int32)}),
+        "int32 tensor": {k: v for k, v in packed.items() if k != KEPT_SHAPE},
+        "uint8 tensor of shape": dict(packed, **{MLP_KEPT: packed[MLP_KEPT].to(torch.int16)}),
+        "of shape \\(5, 22\\)": dict(packed, **{MLP_KEPT: packed[MLP_KEPT][:, :-1]}),
+        "bits set beyond": padding,
+        "layer 2 keeps no unit": empty,
+        "must be positive": dict(
+            packed, **{KEPT_SHAPE: torch.tensor([5, -172, 4], dtype=torch.int32)}
+        ),
     }
 
-    for name, payload in cases.items():
-        with pytest.raises(ValueError):
+    for match, payload in cases.items():
+        with pytest.raises(ValueError, match=match):
             unpack_kept(payload)
-        assert name  # every case raised
 
 
 @pytest.mark.parametrize("ranking", ["layer", "global"])
