@@ -388,6 +388,11 @@ def _add_federate_flags(fd: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=int)
     g.add_argument("--local-steps", type=int)
     g.add_argument("--method", help="client training: fo | zo | prge | auto")
+    g.add_argument(
+        "--target-sparsity",
+        type=float,
+        help="fedspine: fraction of MLP channels and key/value heads pruned (spine.target_sparsity)",
+    )
     g.add_argument("--peft", help="lora | lora-fa | ...")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
@@ -474,6 +479,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 FED_FLAGS = {
     "algorithm": "fed.algorithm",
+    "target_sparsity": "spine.target_sparsity",
     "clients": "fed.clients",
     "participation": "fed.participation",
     "partition": "fed.partition",

@@ -107,6 +107,12 @@ PARITY = {
     "fedkseed-pro": ("zo", {"fed.pool_size": 64}),
     # forward-gradient clients at heterogeneous LoRA ranks (rank 4 and the global 8)
     "fwdllm": ("zo", {"fed.ranks": "4,8", "zo.max_queries": 3}),
+    # random arms (the bandit's rewards would be real seconds on Flower), statistics and
+    # a re-ordering every round, sparsity at the target from round 2
+    "fedspine": (
+        "fo",
+        {"spine.policy": "random", "spine.reorder_every": 1, "spine.target_sparsity": 0.5},
+    ),
 }
 assert set(PARITY) == set(ALGORITHMS), "every algorithm needs a Flower parity case"
 

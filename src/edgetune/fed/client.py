@@ -26,16 +26,14 @@ class ClientSession:
         import yaml
 
         from edgetune.config import build
-        from edgetune.fed.algorithms import ALGORITHMS
+        from edgetune.fed.algorithms import build_algorithm
         from edgetune.fed.config import FederateConfig
         from edgetune.fed.session import setup
 
         start = time.perf_counter()
         cfg = build(FederateConfig, yaml.safe_load(config_text))
         self.fed = setup(cfg)
-        self.algo = ALGORITHMS[cfg.fed.algorithm](
-            cfg.fed, self.fed.adapter, cfg.seed, float(cfg.optim.lr or 1e-3)
-        )
+        self.algo = build_algorithm(self.fed.cfg, self.fed)
         self.setup_s = time.perf_counter() - start
 
     def train(

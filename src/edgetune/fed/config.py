@@ -24,6 +24,7 @@ from edgetune.fed.aggregate import AGGREGATORS
 from edgetune.fed.algorithms import ALGORITHMS
 from edgetune.fed.attacks import parse_attack
 from edgetune.fed.hetlora import RANK_AGGREGATIONS
+from edgetune.fed.spine.config import SpineConfig
 from edgetune.peft import PeftConfig
 from edgetune.train import OptimConfig, TrainConfig
 from edgetune.zo import ZOConfig
@@ -161,6 +162,7 @@ class FederateConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     fed: FedConfig = dataclasses.field(default_factory=FedConfig)
+    spine: SpineConfig = dataclasses.field(default_factory=SpineConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     zo: ZOConfig = dataclasses.field(default_factory=ZOConfig)
@@ -243,6 +245,20 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
             f"optim.weight_decay={decay!r} applies to first-order clients only (a ZO client's "
             "steps travel as seeds and scalars, replayed without decay); use it with "
             "fed.method=fo, or drop it"
+        )
+    if cfg.fed.algorithm != "fedspine":
+        for field in dataclasses.fields(SpineConfig):
+            value = _given(cfg, f"spine.{field.name}")
+            if value is not None:
+                raise ConfigError(
+                    f"spine.{field.name}={value!r} is read only by fed.algorithm=fedspine, not "
+                    f"by {cfg.fed.algorithm}; drop it or use --algorithm fedspine"
+                )
+    elif cfg.fed.export:
+        raise ConfigError(
+            "fed.algorithm=fedspine trains pruned sub-models in PyTorch, and an exported "
+            f"graph (fed.export={cfg.fed.export}) is the full model; drop fed.export and the "
+            "fleet's runtime devices"
         )
     read = set(ALGORITHMS[cfg.fed.algorithm].FED_SETTINGS)
     read |= {"trim"} if cfg.fed.aggregator == "trimmed-mean" else set()

@@ -217,6 +217,8 @@ _DTYPES = {
     "F64": torch.float64,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "U8": torch.uint8,  # FedSpine's packed masks of kept units
+    "I32": torch.int32,
 }
 assert _DTYPES.keys() == ITEMSIZE.keys()
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}

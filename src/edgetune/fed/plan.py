@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from edgetune.fed.config import FORWARD_ONLY, FederateConfig
 from edgetune.fed.fleet import DeviceProfile, choose_method, client_ranks, method_memory_mb
+
+if TYPE_CHECKING:  # fed.config imports the algorithms, and FedSpine's planner this module
+    from edgetune.fed.config import FederateConfig
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class ClientPlan:
     device: DeviceProfile
     method: str | None  # fo | zo | prge; None: no method fits its memory
     rank: int | None = None  # LoRA rank it trains (None: the global rank)
+    ratio: float | None = None  # pruning ratio of its sub-model (None: the full model)
+    params: int | None = None  # parameters of the model it runs (None: the full model)
+    arm: int | None = None  # the arm its planner chose (FedSpine's bandit)
 
     def control(self) -> dict[str, Any]:
         """The plan as the few scalars that travel with a client's payload."""
@@ -74,6 +79,8 @@ class StaticPlanner:
     ) -> dict[int, ClientPlan]:
         """Each client's method (the cheapest that fits its memory under `fed.method`)
         and LoRA rank (`fed.ranks`)."""
+        from edgetune.fed.config import FORWARD_ONLY
+
         del rnd, history
         fed = self.cfg.fed
         ranks = client_ranks(fed.ranks, list(profiles), self.cfg.peft.rank)
@@ -92,5 +99,8 @@ class StaticPlanner:
 
 
 def plan_memory_mb(plan: ClientPlan, num_params: int) -> float | None:
-    """The memory estimate the method choice used (None without a method)."""
-    return round(method_memory_mb(num_params, plan.method), 1) if plan.method else None
+    """The memory estimate the method choice used (None without a method); `num_params`
+    is the full model's, for a plan that runs the full model."""
+    if not plan.method:
+        return None
+    return round(method_memory_mb(plan.params or num_params, plan.method), 1)

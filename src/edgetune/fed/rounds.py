@@ -32,7 +32,7 @@ is no simulated clock (Flower runs on real time; timing.jsonl has it).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,6 +52,9 @@ from edgetune.runs import RunDir, reset_peak_rss, status_mb
 from edgetune.zo.seeds import Stream, generator, stream_seed
 
 CLIENT_STATE = "fleet.client."  # checkpoint key prefix of the simulated clients' states
+# What a client reports about its round beside its update (a planner reads them from
+# the history): its validation loss before and after local training (FedSpine).
+REPORTED = ("val_before", "val_after")
 
 
 @dataclass
@@ -105,12 +108,16 @@ def run_rounds(
     run: RunDir,
     *,
     planner: Planner | None = None,
+    evaluate: Callable[[bool], dict[str, float]] | None = None,
     start: int = 0,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Rounds `start`..fed.rounds-1 (see the module docstring); returns the totals."""
+    """Rounds `start`..fed.rounds-1 (see the module docstring); returns the totals.
+    `evaluate(progress)` scores the global state after each round (default: the global
+    adapter on the held-out rows, `Federation.evaluate`)."""
     cfg = fed.cfg
     planner = planner or StaticPlanner(cfg, fed.num_params)
+    evaluate = evaluate or fed.evaluate
     totals = {"bytes_up": 0.0, "bytes_down": 0.0, "sim_s": 0.0}
     for r in run.read_metrics():
         for key in totals:
@@ -119,7 +126,7 @@ def run_rounds(
     for client in sorted(transport.greet()):  # before round 0: the nodes connect first
         algo.forget(client)
     if start == 0:
-        initial = fed.evaluate(progress)
+        initial = evaluate(progress)
         run.log({"round": 0, **initial})
         scores = ", ".join(f"{k} {v:.4f}" for k, v in initial.items())
         console.status(f"round 0/{cfg.fed.rounds} (before training): {scores}", progress)
@@ -133,7 +140,7 @@ def run_rounds(
             totals.pop("sim_s", None)
         for key in totals:
             totals[key] += record[key]
-        record.update({f"total_{k}": v for k, v in totals.items()}, **fed.evaluate(progress))
+        record.update({f"total_{k}": v for k, v in totals.items()}, **evaluate(progress))
         for entry in entries:
             run.log(entry, file="clients.jsonl")
         history.extend(entries)
@@ -169,6 +176,8 @@ def play_round(
             "rank": plan.rank,
             "memory_mb": plan_memory_mb(plan, fed.num_params),
         }
+        if plan.ratio is not None:
+            entry.update(ratio=round(plan.ratio, 6), arm=plan.arm)
         link = fed.runtimes[client]
         if link is not None:
             entry["runtime"] = link.runtime
@@ -181,6 +190,8 @@ def play_round(
         note = cap_examples(update, len(fed.partitions[client]))
         if note:
             entries[client]["note"] = note
+        meta = getattr(update, "meta", {})
+        entries[client].update({k: float(meta[k]) for k in REPORTED if k in meta})
     losses = [float(getattr(u, "meta", {}).get("loss", float("nan"))) for _, u in arrived]
     losses = [x for x in losses if x == x]
     updates = enough(arrived, cfg.fed.min_clients, list(entries.values()))
@@ -296,7 +307,9 @@ class InProcessFleet:
             up = encode(update)
             seconds = round_seconds(
                 plan.device,
-                work_flops(job, fed.num_params, cfg.data.max_length) / 1e9 / cfg.fed.host_gflops,
+                work_flops(job, plan.params or fed.num_params, cfg.data.max_length)
+                / 1e9
+                / cfg.fed.host_gflops,
                 len(down),
                 len(up),
                 cfg.fed.host_gflops,

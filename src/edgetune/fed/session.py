@@ -104,7 +104,8 @@ def setup(cfg: FederateConfig) -> Federation:
     console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.train.progress)
     model, tokenizer = models.load(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
-    if all(m is None for m in StaticPlanner(cfg, num_params).methods(fleet)):
+    pruned = cfg.fed.algorithm == "fedspine"  # its planner checks what pruning makes fit
+    if not pruned and all(m is None for m in StaticPlanner(cfg, num_params).methods(fleet)):
         raise ConfigError(
             f"no device in fleet {cfg.fed.fleet!r} can fine-tune this model with "
             f"fed.method={cfg.fed.method}; use a smaller model or a larger fleet"
@@ -212,8 +213,12 @@ def summarize(
     methods: list[str | None],
     start: float,
     command: str = "federate",
+    algo: Any = None,
 ) -> dict:
-    """Save the global adapter and write summary.json (the simulator's and Flower's)."""
+    """Save the global adapter and write summary.json (the simulator's and Flower's);
+    with FedSpine, `classes` says what each device class deploys."""
+    from edgetune.fed.algorithms import deployed
+
     cfg = fed.cfg
     last = rundir.read_metrics()[-1]
     final = {k: v for k, v in last.items() if k.startswith("eval/")}
@@ -239,6 +244,9 @@ def summarize(
         "wall_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
+    classes = deployed(algo, fed.fleet) if algo is not None else {}
+    if classes:
+        summary["classes"] = classes
     rundir.write_summary(summary)
     return summary
 

@@ -31,7 +31,7 @@ class PayloadError(EdgetuneError):
 
 
 # Bytes per value of each tensor dtype the format carries.
-ITEMSIZE = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2}
+ITEMSIZE = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2, "U8": 1, "I32": 4}
 
 
 def header_end(data: bytes) -> int:

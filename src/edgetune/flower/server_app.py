@@ -222,10 +222,9 @@ def receive(reply: Message, entry: dict[str, Any]) -> Any:
 def serve(grid: Grid, run_dir: Path, resume: bool, timeout: float, wait_s: float) -> dict:
     """Every remaining round of the run in `run_dir` on `grid`; returns the summary."""
     from edgetune.config import config_from_run
-    from edgetune.fed.algorithms import ALGORITHMS
+    from edgetune.fed.algorithms import build_algorithm, roles
     from edgetune.fed.checkpoint import load_round
     from edgetune.fed.config import FederateConfig
-    from edgetune.fed.plan import StaticPlanner
     from edgetune.fed.rounds import run_rounds
     from edgetune.fed.session import config_text, setup, summarize
     from edgetune.runs import RunDir
@@ -239,13 +238,11 @@ def serve(grid: Grid, run_dir: Path, resume: bool, timeout: float, wait_s: float
         )
     run = RunDir(run_dir, resume=True)
     fed = setup(cfg)
-    algo = ALGORITHMS[cfg.fed.algorithm](
-        cfg.fed, fed.adapter, cfg.seed, float(cfg.optim.lr or 1e-3)
-    )
+    algo = build_algorithm(fed.cfg, fed)
     transport = FlowerTransport(grid, fed, config_text(cfg), timeout, wait_s)
     done = load_round(run, algo, fed.adapter, transport) if resume else 0
-    planner = StaticPlanner(fed.cfg, fed.num_params)
-    totals = run_rounds(fed, algo, transport, run, planner=planner, start=done)
+    planner, evaluate = roles(fed, algo)
+    totals = run_rounds(fed, algo, transport, run, planner=planner, evaluate=evaluate, start=done)
     totals.setdefault("sim_s", 0.0)
     methods = planner.methods(transport.profiles())
-    return summarize(fed, run, totals, methods, start, command="flower run")
+    return summarize(fed, run, totals, methods, start, command="flower run", algo=algo)

@@ -25,9 +25,8 @@ __all__ = ["RESUME_MAY_CHANGE", "FederateConfig", "partition_for", "run"]
 
 def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Federate and write the run directory; returns the summary."""
-    from edgetune.fed.algorithms import ALGORITHMS
+    from edgetune.fed.algorithms import build_algorithm, roles
     from edgetune.fed.checkpoint import restore_round
-    from edgetune.fed.plan import StaticPlanner
     from edgetune.fed.rounds import InProcessFleet, run_rounds
 
     start = time.perf_counter()
@@ -37,13 +36,18 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     fed = setup(cfg)
     rundir.write_config(to_dict(fed.cfg))  # says which partition `auto` chose, labels used...
     cfg = fed.cfg
-    algo = ALGORITHMS[cfg.fed.algorithm](
-        cfg.fed, fed.adapter, cfg.seed, float(cfg.optim.lr or 1e-3)
-    )
+    algo = build_algorithm(cfg, fed)
     fleet = InProcessFleet(fed, algo)
     done = restore_round(rundir, saved, algo, fed.adapter, fleet) if saved is not None else 0
-    planner = StaticPlanner(cfg, fed.num_params)
+    planner, evaluate = roles(fed, algo)
     totals = run_rounds(
-        fed, algo, fleet, rundir, planner=planner, start=done, progress=cfg.train.progress
+        fed,
+        algo,
+        fleet,
+        rundir,
+        planner=planner,
+        evaluate=evaluate,
+        start=done,
+        progress=cfg.train.progress,
     )
-    return summarize(fed, rundir, totals, planner.methods(fed.fleet), start)
+    return summarize(fed, rundir, totals, planner.methods(fed.fleet), start, algo=algo)

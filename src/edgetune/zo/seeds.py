@@ -30,6 +30,7 @@ class Stream(IntEnum):
     FATE = 4  # a simulated client's availability and dropout: (round, client)
     ATTACK = 5  # which clients attack, and their noise: () and (round, client)
     JOB = 6  # a client's local round (batches and step seeds): (round, client)
+    ARM = 7  # FedSpine's random arms: (round, client)
     INIT = 0x1A17  # on-device LoRA initialisation: ()
 
 
