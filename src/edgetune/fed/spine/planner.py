@@ -36,13 +36,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from edgetune.fed.spine.bandit import DiscountedUCB, random_arm
-from edgetune.fed.spine.order import schedule
 
 from edgetune.errors import ConfigError
 from edgetune.fed.fleet import DeviceProfile, choose_method
 from edgetune.fed.plan import ClientPlan
+from edgetune.fed.spine.bandit import DiscountedUCB, random_arm
 from edgetune.fed.spine.config import SpineConfig
+from edgetune.fed.spine.order import schedule
 from edgetune.zo.seeds import Stream, stream_seed
 
 _BANDIT = "bandit."  # state_dict prefix: bandit.<key>.counts / .sums
