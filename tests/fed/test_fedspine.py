@@ -4,12 +4,18 @@ in the logs, resume == uninterrupted (bandits included), and bad settings refuse
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from edgetune.cli import main
+from edgetune.export.llama_cpp import llama_cpp_logits
+from edgetune.models import load
 from edgetune.runs import RunDir
+from peft import PeftModel
 
 
 @pytest.fixture
@@ -139,3 +145,27 @@ def test_spine_settings_are_refused_with_another_algorithm(tmp_path, spine_args,
     args[args.index("fedspine")] = "fedit"
     assert main(args) == 2
     assert "read only by fed.algorithm=fedspine" in capsys.readouterr().err
+
+
+def test_a_device_class_deploys_through_gguf_into_llama_cpp(tmp_path, spine_args):
+    if os.environ.get("CI") != "true":  # CI installs it and must run this
+        pytest.importorskip("llama_cpp")
+    # Prepare: a FedSpine run and the deployable of its most pruned class
+    out = tmp_path / "run"
+    assert main(spine_args(out)) == 0
+    classes = json.loads((out / "summary.json").read_text())["classes"]
+    name = max(classes, key=lambda c: classes[c]["ratio"])
+    folder = Path(classes[name]["folder"])
+    # Execute: export it (the adapter merged) and run it in llama.cpp
+    gguf = tmp_path / "gguf"
+    args = ["export", "--model", str(folder / "model"), "--adapter", str(folder / "adapter")]
+    assert main([*args, "--format", "gguf", "--merge", "--out", str(gguf), "--threads", "1"]) == 0
+    model, tokenizer = load(str(folder / "model"))
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    logits = llama_cpp_logits(next(gguf.glob("*.gguf")), ids[0].tolist())
+    # Assert: the pruned model is smaller, and llama.cpp computes what PEFT computes
+    assert sum(p.numel() for p in model.parameters()) == classes[name]["params"]
+    peft_model = PeftModel.from_pretrained(model, str(folder / "adapter")).eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits[0].numpy()
+    assert np.abs(logits - expected).max() < 1e-4

@@ -217,7 +217,7 @@ def summarize(
 ) -> dict:
     """Save the global adapter and write summary.json (the simulator's and Flower's);
     with FedSpine, `classes` says what each device class deploys."""
-    from edgetune.fed.algorithms import deployed
+    from edgetune.fed.algorithms import deploy
 
     cfg = fed.cfg
     last = rundir.read_metrics()[-1]
@@ -244,7 +244,7 @@ def summarize(
         "wall_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
-    classes = deployed(algo, fed.fleet) if algo is not None else {}
+    classes = deploy(algo, fed, rundir.path / "classes", saved) if algo is not None else {}
     if classes:
         summary["classes"] = classes
     rundir.write_summary(summary)

@@ -9,6 +9,7 @@ global adapter on the full model).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from edgetune.fed.algorithms.fedit import FedIT
@@ -45,9 +46,12 @@ def roles(fed: Any, algo: Any) -> tuple[Any, Callable[[bool], dict[str, float]]]
     return StaticPlanner(fed.cfg, fed.num_params), fed.evaluate
 
 
-def deployed(algo: Any, profiles: Any) -> dict[str, dict[str, Any]]:
-    """Per device class, the pruned model it deploys (FedSpine); {} for the others."""
-    return algo.deployed(profiles) if isinstance(algo, FedSpine) else {}
+def deploy(algo: Any, fed: Any, out: Path, adapter_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per device class, the pruned model it deploys, written under `out` (FedSpine);
+    {} for the others (they deploy the global adapter on the full model)."""
+    if not isinstance(algo, FedSpine):
+        return {}
+    return algo.deploy(fed, out, adapter_dir, fed.cfg.train.progress)
 
 
 __all__ = [

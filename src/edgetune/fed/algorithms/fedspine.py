@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +66,7 @@ from edgetune.fed.spine.submodel import SubModels, client_stats
 from edgetune.peft import Adapter
 
 STATS = ("spine.mlp_scores", "spine.kv_scores")  # a device's unit statistics
+SPEED_REPEATS = 3  # median of this many runs per speed figure
 
 
 class FedSpine(FedIT):
@@ -254,6 +256,49 @@ class FedSpine(FedIT):
             }
         return out
 
+    def deploy(
+        self, fed: Any, out: Path, adapter_dir: Path, progress: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """Write each device class's deployable model and score it.
+
+        Per class (`deployed`): `out/<class>/model`, the base pruned to the class's units
+        (an HF folder with the tokenizer; stock transformers loads it with
+        `spine.ranking=layer`), and `out/<class>/adapter`, the global adapter saved in
+        `adapter_dir` mapped to those units (`map_adapter_folder`). Each gets its held-out
+        scores and the bare pruned model's inference speed on this CPU (batch 1,
+        `compress/speed.py`), beside the unpruned model's.
+        """
+        from edgetune.compress.prune import map_adapter_folder, prune
+        from edgetune.compress.speed import measure_speed, prefill_ids
+        from edgetune.train.loop import evaluate_model
+
+        classes = self.deployed(fed.fleet)
+        base = self.submodels.base()
+        ids = prefill_ids(self.config.vocab_size, fed.cfg.seed)
+        full = measure_speed(base, ids, SPEED_REPEATS)
+        for name, entry in classes.items():
+            kept = self.kept(entry["ratio"])
+            folder = out / _folder_name(name)
+            model = prune(copy.deepcopy(base), kept)
+            model.save_pretrained(folder / "model")
+            fed.task.tokenizer.save_pretrained(folder / "model")
+            map_adapter_folder(
+                adapter_dir, folder / "adapter", kept, self.config, base_model=folder / "model"
+            )
+            sub = self.submodels.get(kept)
+            imap = index_map(kept, self.config, self.axes, self.state, None)
+            load_trainable(sub, gather(self.state, imap))
+            batch = fed.cfg.train.eval_batch_size
+            scores = evaluate_model(sub.model, fed.task, fed.eval_rows, batch, progress)
+            speed = measure_speed(model, ids, SPEED_REPEATS)
+            entry.update(
+                folder=str(folder),
+                **scores,
+                **speed,
+                speedup=speed["decode_tokens_per_s"] / full["decode_tokens_per_s"],
+            )
+        return classes
+
     # ---- checkpoint ------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """FedIT's state, the unit ordering and every device's bandit."""
@@ -272,6 +317,11 @@ class FedSpine(FedIT):
 
 def _under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _folder_name(name: str) -> str:
+    """A device class's folder name (its profile name, path-safe)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip(".") or "class"
 
 
 def _hold_out(job: ClientJob, n: int) -> tuple[list[dict], ClientJob]:
