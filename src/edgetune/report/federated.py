@@ -5,6 +5,8 @@ then the held-out metric by round from round 0 (zero-shot) on, and a table per d
 class: the clients' methods, rounds taken part, bytes up/down, simulated seconds, what
 happened to the others (unavailable, dropped, late, lost, rejected) and memory. Plots:
 held-out metric against rounds, simulated seconds and cumulative uploaded bytes.
+A FedSpine run adds its sparsity and sub-model size by round, the mean pruning ratio per
+device class, the arm plot and what each class deploys (see fedspine.py).
 
 Memory, honestly labelled: `memory_mb` is the per-device estimate the method choice
 uses. In the simulator every client trains inside one process, so the measured
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgetune.errors import EdgetuneError
-from edgetune.report import numbers
+from edgetune.report import fedspine, numbers
 from edgetune.report.plots import METRIC_LABELS, metric_figure, save_all
 from edgetune.report.run_info import RunRecord, load_run, plot_title, what_was_run
 
@@ -48,12 +50,17 @@ def _status(raw: str) -> str:
     return status
 
 
-def device_table(clients: list[dict[str, Any]], command: str = "federate") -> list[str]:
+def device_table(
+    clients: list[dict[str, Any]],
+    command: str = "federate",
+    ratios: dict[str, float] | None = None,
+) -> list[str]:
     """Markdown rows summarising clients.jsonl per device class.
 
     Args:
         clients: clients.jsonl lines.
         command: "federate" (simulator) or "flower run": says what the measured memory is.
+        ratios: device class -> mean pruning ratio trained at (FedSpine); adds a column.
     """
     groups: dict[str, dict[str, Any]] = defaultdict(lambda: defaultdict(float))
     for c in clients:
@@ -70,15 +77,20 @@ def device_table(clients: list[dict[str, Any]], command: str = "federate") -> li
         g["bytes_up"] += c.get("bytes_up", 0)
         g["bytes_down"] += c.get("bytes_down", 0)
         g["sim_s"] += c.get("sim_s", 0.0) if status == "ok" else 0.0
+    spine = ratios is not None
     lines = [
-        "| device | methods | ok | unavailable | dropped | late | lost | rejected | bytes up | "
+        "| device | methods | "
+        + ("mean pruning ratio (ok) | " if spine else "")
+        + "ok | unavailable | dropped | late | lost | rejected | bytes up | "
         "bytes down | simulated s (ok) | memory estimate per device (MB) | "
         f"{MEASURED_MEMORY.get(command, MEASURED_MEMORY['federate'])} |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|" + ("---:|" if spine else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|---:|",
     ]
     for device, g in sorted(groups.items()):
+        ratio = f"{numbers.metric((ratios or {}).get(device))} | " if spine else ""
         lines.append(
-            f"| {device} | {', '.join(sorted(g['methods'])) or '-'} | {g['ok']:.0f} | "
+            f"| {device} | {', '.join(sorted(g['methods'])) or '-'} | {ratio}{g['ok']:.0f} | "
             f"{g['unavailable']:.0f} | {g['dropped mid-round']:.0f} | "
             f"{g['missed the deadline']:.0f} | {g['lost']:.0f} | {g['rejected']:.0f} | "
             f"{numbers.count(g['bytes_up'])} | {numbers.count(g['bytes_down'])} | "
@@ -115,29 +127,46 @@ def round_rows(run: RunRecord) -> list[dict[str, Any]]:
 
 
 def figures(run: RunRecord, rows: list[dict[str, Any]], key: str) -> dict[str, Figure]:
-    """The three plots, by file name: `key` against rounds, simulated seconds and
-    cumulative uploaded bytes (log scale), round 0 (zero-shot) included."""
+    """The plots, by file name: `key` against rounds, simulated seconds and cumulative
+    uploaded bytes (log scale), round 0 (zero-shot) included; for FedSpine also the arm
+    plot (`arm_choices.png`)."""
     series, title = {str(run.config.get("fed", {}).get("algorithm")): rows}, plot_title(run)
+    spine = fedspine.figures(run, rows) if fedspine.is_fedspine(run) else {}
     return {
         "metric_vs_rounds.png": metric_figure(series, key, title=title, x="round"),
         "metric_vs_time.png": metric_figure(series, key, title=title, x="total_sim_s"),
         "metric_vs_bytes.png": metric_figure(
             series, key, title=title, x="total_bytes_up", logx=True
         ),
+        **spine,
     }
 
 
-def rounds_table(rows: list[dict[str, Any]], key: str) -> list[str]:
-    """Markdown: one row per round, round 0 (zero-shot) first."""
+def rounds_table(rows: list[dict[str, Any]], key: str, spine: bool = False) -> list[str]:
+    """Markdown: one row per round, round 0 (zero-shot) first.
+
+    Args:
+        rows: the round lines (see `cumulative`).
+        key: the held-out metric.
+        spine: a FedSpine run: add the scheduled sparsity the global model was evaluated
+            at and that sub-model's parameter count.
+    """
     lines = [
-        f"| round | training loss | {METRIC_LABELS[key]} | bytes up | bytes down | "
-        "simulated s | accepted | rejected |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| round | training loss | {METRIC_LABELS[key]} | "
+        + ("sparsity | evaluated params | " if spine else "")
+        + "bytes up | bytes down | simulated s | accepted | rejected |",
+        "|---:|---:|---:|" + ("---:|---:|" if spine else "") + "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        sub = (
+            f"{numbers.metric(r.get('sparsity'))} | {numbers.count(r.get('params'))} | "
+            if spine
+            else ""
+        )
         lines.append(
             f"| {r['round']} | {numbers.metric(r.get('loss'))} | {numbers.metric(r.get(key))} | "
-            f"{numbers.count(r.get('bytes_up', 0))} | {numbers.count(r.get('bytes_down', 0))} | "
+            f"{sub}{numbers.count(r.get('bytes_up', 0))} | "
+            f"{numbers.count(r.get('bytes_down', 0))} | "
             f"{numbers.seconds(r.get('sim_s', 0.0))} | {r.get('accepted', 0)} | "
             f"{r.get('rejected', 0)} |"
         )
@@ -148,6 +177,7 @@ def write(run: RunRecord) -> Path:
     """Write RUN/report.md and its plots for a federated run; returns the report path."""
     rows = round_rows(run)
     key = _metric_key(rows)
+    spine = fedspine.is_fedspine(run)
     images = save_all(figures(run, rows, key), run.path)
     first, last = rows[0], rows[-1]
     measured = MEASURED_MEMORY.get(run.command, MEASURED_MEMORY["federate"])
@@ -165,11 +195,13 @@ def write(run: RunRecord) -> Path:
         f"{numbers.size(last['total_bytes_up'])}; simulated time "
         f"{numbers.seconds(last['total_sim_s'])} s.",
         "",
-        *rounds_table(rows, key),
+        *rounds_table(rows, key, spine),
         "",
         "## Devices",
         "",
-        *device_table(run.clients, run.command),
+        *device_table(
+            run.clients, run.command, fedspine.mean_ratios(run.clients) if spine else None
+        ),
         "",
         f"Memory: the estimate is what the method choice assumes a device needs; the "
         f"{measured.split(' (')[0]} is measured"
@@ -180,6 +212,7 @@ def write(run: RunRecord) -> Path:
             else "."
         ),
         "",
+        *(fedspine.section(run) if spine else []),
         *images,
     ]
     out = run.path / "report.md"

@@ -1,7 +1,8 @@
 """PNG plots of run metrics (matplotlib with the non-interactive Agg backend).
 
 Every plot has a title (model, data, method), axis labels in words with units, and
-integer ticks on round and step axes. On the log-scale bytes axis, round 0 (the
+integer ticks on round and step axes. FedSpine runs add a plot of the pruning ratio each
+client trained at (`arm_figure`). On the log-scale bytes axis, round 0 (the
 zero-shot evaluation, nothing uploaded yet) stays visible: the axis is linear up to the
 first upload and logarithmic after it (matplotlib's symlog).
 """
@@ -21,6 +22,8 @@ AXIS_LABELS = {
     "total_sim_s": "simulated time (s)",
     "total_bytes_up": "bytes uploaded (log scale)",
     "train_s": "training time (s)",
+    "ratio": "pruning ratio (share of units pruned)",
+    "sparsity": "scheduled sparsity",
 }
 METRIC_LABELS = {
     "eval/accuracy": "held-out accuracy",
@@ -121,3 +124,97 @@ def plot_metric(
 ) -> Path:
     """Plot `key` against `x` for several runs into the PNG `path` (see `metric_figure`)."""
     return save(metric_figure(series, key, title=title, x=x, logx=logx), path)
+
+
+RANK_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _spread(entries: list[dict[str, Any]], classes: list[str]) -> list[float]:
+    """x positions: each device class gets its own slot around the round, and the
+    entries of one class in one round fan out inside it, so equal ratios stay countable."""
+    slot = 0.6 / len(classes)
+    seen: dict[tuple[Any, str], int] = {}
+    xs = []
+    for c in entries:
+        k = seen[(c["round"], c["device"])] = seen.get((c["round"], c["device"]), -1) + 1
+        i = classes.index(c["device"])
+        xs.append(c["round"] - 0.3 + slot * i + slot * (0.5 + 0.15 * k))
+    return xs
+
+
+def arm_figure(clients: list[dict[str, Any]], rows: list[dict[str, Any]], *, title: str) -> Figure:
+    """FedSpine's arm choices (not saved): the pruning ratio each client trained at, by round.
+
+    One marker per clients.jsonl entry that has a ratio: color per device class, shape per
+    LoRA rank, filled if the client trained (status ok), hollow if it was asked but did
+    not finish (unavailable, dropped, late, rejected). A dashed line is the scheduled
+    sparsity the global model was evaluated at (metrics.jsonl `sparsity`).
+
+    Args:
+        clients: clients.jsonl lines (entries without a `ratio` are left out).
+        rows: metrics.jsonl round lines.
+        title: model, data and method.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    ax = fig.add_subplot()
+    entries = [c for c in clients if isinstance(c.get("ratio"), (int, float)) and "round" in c]
+    classes = sorted({c["device"] for c in entries})
+    ranks = sorted({c.get("rank") or 0 for c in entries})
+    xs = _spread(entries, classes) if entries else []
+    for x, c in zip(xs, entries, strict=True):
+        color = f"C{classes.index(c['device']) % 10}"
+        ax.plot(
+            [x],
+            [c["ratio"]],
+            linestyle="none",
+            marker=RANK_MARKERS[ranks.index(c.get("rank") or 0) % len(RANK_MARKERS)],
+            markersize=7,
+            markeredgecolor=color,
+            markerfacecolor=color if c.get("status") == "ok" else "none",
+        )
+    schedule = [(r["round"], r["sparsity"]) for r in rows if "sparsity" in r and "round" in r]
+    handles = []
+    if schedule:
+        sx, sy = zip(*schedule, strict=True)
+        (line,) = ax.plot(sx, sy, color="black", linestyle="--", label="scheduled sparsity")
+        handles.append(line)
+    handles += [
+        Line2D([], [], linestyle="none", marker="o", color=f"C{i % 10}", label=name)
+        for i, name in enumerate(classes)
+    ]
+    handles += [
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker=RANK_MARKERS[i % len(RANK_MARKERS)],
+            color="gray",
+            label=f"rank {rank}" if rank else "rank ?",
+        )
+        for i, rank in enumerate(ranks)
+    ]
+    if entries and any(c.get("status") != "ok" for c in entries):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                marker="o",
+                color="gray",
+                markerfacecolor="none",
+                label="asked, did not train",
+            )
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(axis_label("round"))
+    ax.set_ylabel(axis_label("ratio"))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,153 @@
+"""`edgetune report` on a real FedSpine run (stories260K, 2 rounds): the arm plot, the
+sparsity by round, the mean ratio per device class and what each class deploys; a FedIT
+report has none of them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgetune.cli import main
+from edgetune.report import federated, fedspine
+from edgetune.report.run_info import load_run
+from edgetune.runs import RunDir
+
+
+@pytest.fixture(scope="module")
+def spine_run(tmp_path_factory, stories260k_path, shared_data) -> Path:
+    """FedSpine over 5 clients of the mixed fleet, 2 rounds, sparsity ramping to 0.5
+    (the arguments of tests/fed/test_fedspine.py's `spine_args`)."""
+    del shared_data
+    out = tmp_path_factory.mktemp("runs") / "fedspine"
+    args = ["federate", "--model", str(stories260k_path), "--dataset", "sst2"]
+    args += ["--algorithm", "fedspine", "--target-sparsity", "0.5", "--clients", "5"]
+    args += ["--participation", "0.6", "--fleet", "mixed", "--rounds", "2"]
+    args += ["--local-steps", "3", "--batch-size", "4", "--out", str(out)]
+    args += ["data.train_size=100", "data.eval_size=16", "data.max_length=32"]
+    args += ["spine.ramp=0.5", "spine.reorder_every=1"]
+    assert main(args) == 0
+    return out
+
+
+def _report(run_dir: Path) -> str:
+    assert main(["report", str(run_dir)]) == 0
+    return (run_dir / "report.md").read_text()
+
+
+def _table(text: str, header_start: str) -> list[list[str]]:
+    """The cells of the Markdown table whose header starts with `header_start`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_fedspine_report_lists_every_deployed_class_and_plots_the_arms(spine_run):
+    # Prepare
+    classes = json.loads((spine_run / "summary.json").read_text())["classes"]
+    rows = RunDir(spine_run, resume=True).read_metrics()
+    clients = RunDir(spine_run, resume=True).read_metrics("clients.jsonl")
+    # Execute
+    text = _report(spine_run)
+    # Assert: the arm plot is written and captioned like the others
+    assert "![pruning ratio (share of units pruned) against round](arm_choices.png)" in text
+    assert (spine_run / "arm_choices.png").read_bytes()[:4] == b"\x89PNG"
+    # every class from summary.json, with its arm, ratio, rank and params
+    deployed = _table(text, "| device class |")
+    assert deployed[0] == ["device class", "devices", "arm", "pruning ratio", "rank", "params"]
+    assert {r[0]: r[1:] for r in deployed[2:]} == {
+        name: [
+            str(c["devices"]),
+            c["arm"],
+            f"{c['ratio']:.3f}",
+            str(c["rank"]),
+            f"{c['params']:,}",
+        ]
+        for name, c in classes.items()
+    }
+    # the rounds table adds the scheduled sparsity and the evaluated sub-model's size
+    rounds = _table(text, "| round |")
+    assert rounds[0][3:5] == ["sparsity", "evaluated params"]
+    assert [r[3:5] for r in rounds[2:]] == [
+        [f"{r['sparsity']:.3f}", f"{r['params']:,.0f}"] for r in rows
+    ]
+    assert rounds[-1][3] == "0.500"  # the last round is evaluated at the target
+    # the device table: the mean ratio each class trained at (clients that finished)
+    devices = _table(text, "| device |")
+    assert devices[0][2] == "mean pruning ratio (ok)"
+    for row in devices[2:]:
+        ok = [c["ratio"] for c in clients if c["device"] == row[0] and c["status"] == "ok"]
+        assert row[2] == (f"{sum(ok) / len(ok):.3f}" if ok else "-")
+
+
+def test_arm_plot_has_a_marker_per_client_with_a_ratio_and_the_schedule(spine_run):
+    # Prepare
+    run = load_run(spine_run)
+    rows = federated.round_rows(run)
+    with_ratio = [c for c in run.clients if c.get("ratio") is not None]
+    # Execute
+    ax = fedspine.figures(run, rows)["arm_choices.png"].axes[0]
+    # Assert: one marker per entry; hollow for a client that was asked but did not train
+    markers = [line for line in ax.lines if len(line.get_xdata()) == 1]
+    assert sorted(float(m.get_ydata()[0]) for m in markers) == sorted(
+        c["ratio"] for c in with_ratio
+    )
+    hollow = [m for m in markers if m.get_markerfacecolor() == "none"]
+    assert len(hollow) == sum(c["status"] != "ok" for c in with_ratio)
+    for m, c in zip(markers, with_ratio, strict=True):  # each near its round
+        assert abs(m.get_xdata()[0] - c["round"]) < 0.5
+    (schedule,) = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert list(schedule.get_ydata()) == [r["sparsity"] for r in rows]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("round", "pruning ratio (share of units pruned)")
+    legend = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert {c["device"] for c in with_ratio} | {"scheduled sparsity"} <= legend
+    assert {f"rank {c['rank']}" for c in with_ratio} <= legend
+
+
+def test_deployed_table_adds_further_numeric_keys_and_dashes_missing_ones():
+    classes = {
+        "rpi5": {"arm": "1.5x r8", "ratio": 0.45, "rank": 8, "params": 123456, "devices": 2},
+        "jetson": {
+            "arm": "0.5x r4",
+            "ratio": 0.15,
+            "rank": 4,
+            "params": 200000,
+            "devices": 1,
+            "eval/accuracy": 0.8125,
+            "tokens_per_s": 41.25,
+            "folder": "deploy/jetson",  # not a number: left out
+        },
+    }
+    header, _, *rows = fedspine.deployed_table(classes)
+    assert header == (
+        "| device class | devices | arm | pruning ratio | rank | params | held-out accuracy | "
+        "tokens per s |"
+    )
+    assert rows == [
+        "| jetson | 1 | 0.5x r4 | 0.150 | 4 | 200,000 | 0.812 | 41.250 |",
+        "| rpi5 | 2 | 1.5x r8 | 0.450 | 8 | 123,456 | - | - |",
+    ]
+
+
+def test_an_unfinished_fedspine_run_says_the_classes_are_not_recorded_yet(spine_run, tmp_path):
+    run = tmp_path / "killed"
+    shutil.copytree(spine_run, run)
+    (run / "summary.json").unlink()
+    text = _report(run)
+    assert "## Deployed per device class\n\nNot recorded yet" in text
+    assert "| device class |" not in text and "](arm_choices.png)" in text
+
+
+def test_a_fedit_report_has_no_arm_plot_and_no_spine_columns(federate_run):
+    text = _report(federate_run)
+    assert "arm_choices.png" not in text and not (federate_run / "arm_choices.png").exists()
+    assert "Deployed per device class" not in text
+    assert "sparsity" not in _table(text, "| round |")[0]
+    assert "mean pruning ratio (ok)" not in _table(text, "| device |")[0]
