@@ -128,7 +128,7 @@ def run_rounds(
     if start == 0:
         initial = evaluate(progress)
         run.log({"round": 0, **initial})
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in initial.items())
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in initial.items() if k.startswith("eval/"))
         console.status(f"round 0/{cfg.fed.rounds} (before training): {scores}", progress)
     for rnd in range(start, cfg.fed.rounds):
         began = time.perf_counter()

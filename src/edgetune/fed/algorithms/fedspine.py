@@ -93,7 +93,8 @@ class FedSpine(FedIT):
         base = adapter.model.get_base_model()
         self.config = copy.deepcopy(base.config)  # the unpruned shapes
         self.order = UnitOrder.from_scores(magnitude_scores(base), cfg.spine.ranking)
-        self.submodels = SubModels(adapter, cfg.peft, cfg.seed)
+        # the round's few ratios and the evaluated one, so a round rebuilds none twice
+        self.submodels = SubModels(adapter, cfg.peft, cfg.seed, keep=4)
         self.num_params = num_params
         self.planner = SpinePlanner(
             cfg.spine,
