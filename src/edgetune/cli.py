@@ -325,10 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
     bench.add_argument(
         "which",
-        choices=["memory", "zo", "fed", "flower", "robust", "threads", "compress", "ondevice"],
-    )
+        choices=[
+            "memory", "zo", "fed", "fedspine", "flower", "robust", "threads", "compress",
+            "ondevice",
+        ],
+    )  # fmt: skip
     bench.add_argument(
-        "--rounds", type=at_least(1), help="fed / flower / robust: rounds (default 15 / 3 / 4)"
+        "--rounds",
+        type=at_least(1),
+        help="fed / fedspine / flower / robust: rounds (default 15 / 12 / 3 / 4)",
     )
     bench.add_argument(
         "--clients", type=at_least(1), help="fed / flower / robust: clients (default 10 / 2 / 10)"
@@ -357,12 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=_seed_list,
         default=[0, 1],
-        help="compress: seeds of the 30 %% rows; ondevice: seeds of the zo rows",
+        help="compress: seeds of the 30 %% rows; ondevice: seeds of the zo rows; fedspine: "
+        "seeds of every row",
     )
     bench.add_argument("--adapter", help="compress: the task adapter (default: fine-tune one)")
     bench.add_argument(
-        "--work", help="compress / ondevice: run folders (default runs/bench-<which>)"
+        "--work",
+        help="compress / ondevice / fedspine: run folders (default runs/bench-<which>)",
     )
+    # fedspine, for tests: smaller held-out and training sets than the benchmark's
+    bench.add_argument("--eval-size", type=at_least(1), help=argparse.SUPPRESS)
+    bench.add_argument("--train-size", type=at_least(1), help=argparse.SUPPRESS)
     _add_threads_flag(bench)
     for command in sub.choices.values():  # `edgetune COMMAND --verbose` works too
         command.add_argument(
@@ -690,6 +700,7 @@ BENCH_READS = {
     "memory": ("batch_size", "seq_len", "steps"),
     "zo": ("peft", "steps", "tta_steps", "plot"),
     "fed": ("rounds", "clients"),
+    "fedspine": ("rounds", "seeds", "work", "eval_size", "train_size"),
     "flower": ("rounds", "clients"),
     "robust": ("rounds", "clients"),
     "threads": ("batch_size", "seq_len", "steps"),
@@ -731,6 +742,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from edgetune.bench import fed
 
         fed.run(model, args.rounds or 15, args.clients or 10, args.output, "docs")
+        return 0
+    if args.which == "fedspine":
+        from edgetune.bench import fedspine
+
+        fedspine.run(
+            model,
+            args.rounds or 12,
+            args.seeds,
+            args.output,
+            args.work,
+            args.eval_size or 100,
+            args.train_size,
+        )
         return 0
     if args.which == "flower":
         from edgetune.bench import flower

@@ -46,6 +46,7 @@ def common_flags(
     fleet: str = "jetsons",
     local_steps: int = 3,
     eval_size: int = 100,
+    seed: int = 0,
 ) -> list[str]:
     """`edgetune federate` flags the federated benchmarks share (BBC News, Dirichlet 0.5)."""
     return [
@@ -68,7 +69,7 @@ def common_flags(
         "--batch-size",
         "4",
         "--seed",
-        "0",
+        str(seed),
         "data.max_length=64",
         f"data.eval_size={eval_size}",
         "train.eval_batch_size=25",
@@ -76,7 +77,9 @@ def common_flags(
     ]
 
 
-def _summarise(run: Path, target: float) -> dict[str, Any]:
+def summarise(run: Path, target: float) -> dict[str, Any]:
+    """A federate run's accuracies, bytes per client per round, and the bytes, simulated
+    seconds and round at which held-out accuracy first reached `target` (None if never)."""
     rd = RunDir(run, resume=True)
     rows = rd.read_metrics()
     clients = [c for c in rd.read_metrics("clients.jsonl") if c["status"] == "ok"]
@@ -118,9 +121,9 @@ def run(model: str, rounds: int, clients: int, output: str, plot_dir: str) -> No
         ]
         subprocess.run(cmd, check=True, capture_output=True)
         dirs[label] = out
-    first = _summarise(next(iter(dirs.values())), 2.0)
+    first = summarise(next(iter(dirs.values())), 2.0)
     target = round(first["start"] + 0.5 * (first["best"] - first["start"]), 3)
-    results = {label: _summarise(d, target) for label, d in dirs.items()}
+    results = {label: summarise(d, target) for label, d in dirs.items()}
     plots = Path(plot_dir)
     for name, fig in figures(results, model, clients).items():
         save(fig, plots / name)
