@@ -47,8 +47,8 @@ def test_average_sparsity_weighs_each_class_by_its_devices():
     assert bench.average_sparsity(summary) == pytest.approx((0.45 * 4 + 0.15 * 2) / 6)
     assert bench.average_sparsity({"bytes_up": 1}) == 0.0  # FedIT: no classes
     assert bench.tokens_per_s(summary) is None
-    summary["classes"]["phone"]["tokens_per_s"] = 10.0
-    summary["classes"]["agx"]["tokens_per_s"] = 40.0
+    summary["classes"]["phone"][bench.KEY] = 10.0
+    summary["classes"]["agx"][bench.KEY] = 40.0
     assert bench.tokens_per_s(summary) == pytest.approx(20.0)
 
 

@@ -113,14 +113,18 @@ def average_sparsity(summary: dict[str, Any]) -> float:
     return sum(c["ratio"] * c["devices"] for c in classes.values()) / devices if devices else 0.0
 
 
+KEY = "decode_tokens_per_s"  # what FedSpine's summary measures per deployed class
+
+
 def tokens_per_s(summary: dict[str, Any]) -> float | None:
-    """The device-weighted mean inference speed of the deployed models, if the summary's
-    classes carry `tokens_per_s` (None otherwise)."""
+    """The device-weighted mean greedy decode speed of the deployed per-class models
+    (summary classes' `decode_tokens_per_s`, batch 1 on this CPU); None for rows that
+    deploy the full model (no classes)."""
     classes = (summary.get("classes") or {}).values()
-    if not classes or any("tokens_per_s" not in c for c in classes):
+    if not classes or any(KEY not in c for c in classes):
         return None
     devices = sum(c["devices"] for c in classes)
-    return sum(c["tokens_per_s"] * c["devices"] for c in classes) / devices
+    return sum(c[KEY] * c["devices"] for c in classes) / devices
 
 
 def run(
@@ -320,8 +324,7 @@ def render(
     ]
     if no_speed:
         lines += [
-            "Deployed tokens/s: '-' because summary.json `classes` carries no `tokens_per_s` "
-            "yet (FedSpine does not measure its deployed models' inference speed).",
+            f"Deployed tokens/s: '-' because no row's summary.json `classes` carries `{KEY}`.",
             "",
         ]
     lines += [
