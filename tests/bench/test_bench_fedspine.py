@@ -35,7 +35,9 @@ def test_every_row_shares_the_setting_and_uniform_pruning_takes_the_given_sparsi
     uniform = args["uniform"]
     assert "spine.policy=uniform" in uniform
     assert uniform[uniform.index("--target-sparsity") + 1] == "0.2700"
-    assert args["fedspine"][args["fedspine"].index("--target-sparsity") + 1] == "0.3"
+    assert args["fedspine"][args["fedspine"].index("--target-sparsity") + 1] == str(
+        bench.TARGET_SPARSITY
+    )
     assert "spine.policy=random" in args["random"] and "fed.ranks=device" in args["hetlora"]
     assert args["fedit"][args["fedit"].index("--algorithm") + 1] == "fedit"
     small = bench.federate_args(rows["fedit"], "m", 2, seed=0, eval_size=8, train_size=50)

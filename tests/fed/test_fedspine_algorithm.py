@@ -59,7 +59,7 @@ def test_a_zo_trace_replays_into_the_delta_the_device_computed(spine):
     plan = _plan(fed, algo, 1)[0]
     assert plan.ratio and plan.ratio > 0 and plan.rank
     job = fed.job(0, 1, "zo")
-    payload = decode(encode(algo.configure(0, plan)))  # round 0 asks for no statistics
+    payload = decode(encode(algo.configure(1, plan)))  # round 1 asks for no statistics
     # Execute: the same local round as a trace and, asked for statistics, as a delta
     trace, _ = algo.client_update(fed.adapter, payload, job, None)
     payload.meta["stats"] = 1.0
@@ -76,19 +76,20 @@ def test_a_zo_trace_replays_into_the_delta_the_device_computed(spine):
 
 
 def test_statistics_reorder_the_units_and_hostile_ones_are_rejected(spine):
-    # Prepare: round 2 asks both devices for unit statistics; device 1's are negative
+    # Prepare: round 3 (0-based 2) asks both devices for unit statistics; device 1's are
+    # negative
     fed, algo = spine
     plans = _plan(fed, algo, 1)
     updates = []
     for client, plan in plans.items():
-        payload = decode(encode(algo.configure(1, plan)))
-        update, _ = algo.client_update(fed.adapter, payload, fed.job(client, 1, "zo"), None)
+        payload = decode(encode(algo.configure(2, plan)))
+        update, _ = algo.client_update(fed.adapter, payload, fed.job(client, 2, "zo"), None)
         updates.append((client, decode(encode(update))))
     updates[1][1].tensors[STATS[1]] = -updates[1][1].tensors[STATS[1]] - 1.0
     before = algo.order.state_dict()
     untouched = algo.state_dict()
     # Execute
-    result = algo.aggregate(1, updates, plans)
+    result = algo.aggregate(2, updates, plans)
     # Assert: device 0 aggregated and re-ordered the units; device 1 rejected, by reason
     assert result.accepted == [0] and "finite and >= 0" in result.rejected[1]
     assert result.stats["reordered"] > 0

@@ -7,7 +7,7 @@ same round budget and seed for every row. Each row is one `edgetune federate` pr
 with one torch thread (rows are compared on simulated seconds, not wall time):
 
   1. FedIT on the unpruned model;
-  2. FedSpine: a bandit per device class picks (pruning level, LoRA rank), 30 % target;
+  2. FedSpine: a bandit per device class picks (pruning level, LoRA rank), 20 % target;
   3. FedSpine with random arms (`spine.policy=random`), the ablation of the bandit;
   4. FedIT with uniform pruning (`spine.policy=uniform`) at row 2's average deployed
      sparsity, so it runs after row 2 of the same seed;
@@ -21,6 +21,7 @@ devices (summary.json `classes`; 0 for the FedIT rows).
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,10 @@ if TYPE_CHECKING:
 
 CLIENTS = 10
 FLEET = "mixed"
-TARGET_SPARSITY = 0.3
+# 0.2, not the 0.3 of the issue's example: `bench compress` measured SmolLM2-135M at 0.34
+# accuracy after pruning 30 % of its units (0.53 after distilled recovery), against 0.91
+# at 10 %, so a 0.3 target would compare rows that all end near chance.
+TARGET_SPARSITY = 0.2
 THREADS = 1  # per federate process; the rows run one after the other
 PLOT = "bench_fedspine.png"  # beside the Markdown file
 # Targets: FedSpine reaches the target accuracy this much sooner than uniform pruning.
@@ -127,6 +131,9 @@ def tokens_per_s(summary: dict[str, Any]) -> float | None:
     return sum(c[KEY] * c["devices"] for c in classes) / devices
 
 
+ARGS_FILE = "bench_args.json"  # the federate arguments a row's folder was run with
+
+
 def run(
     model: str,
     rounds: int,
@@ -148,8 +155,10 @@ def run(
             dirs[row.name] = out = Path(work) / str(seed) / row.name
             print(f"[bench fedspine] seed {seed}: {row.label}", flush=True)
             args = federate_args(row, model, rounds, seed, eval_size, train_size, sparsity)
-            # run_in_subprocess repeats --model and --overwrite, which args hold already
-            run_in_subprocess(out, model, args, quiet=True, command="federate")
+            if not _finished(out, args):
+                # run_in_subprocess repeats --model and --overwrite, which args hold already
+                run_in_subprocess(out, model, args, quiet=True, command="federate")
+                (out / ARGS_FILE).write_text(json.dumps(args))
             if row.name == SPINE:
                 sparsity = average_sparsity(summarise(out, 2.0)["summary"])
         results[seed] = summarise_seed(dirs)
@@ -159,6 +168,16 @@ def run(
     write_section(output, "fedspine", body)
     print(body)
     return body
+
+
+def _finished(out: Path, args: list[str]) -> bool:
+    """Whether `out` holds a finished run of exactly these federate arguments (such a row
+    is not rerun: seeds may run in parallel processes, then one call renders them all)."""
+    try:
+        same = json.loads((out / ARGS_FILE).read_text()) == args
+        return same and json.loads((out / "summary.json").read_text())["status"] == "done"
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def summarise_seed(dirs: dict[str, Path]) -> dict[str, dict]:

@@ -53,8 +53,9 @@ from edgetune.zo.seeds import Stream, generator, stream_seed
 
 CLIENT_STATE = "fleet.client."  # checkpoint key prefix of the simulated clients' states
 # What a client reports about its round beside its update (a planner reads them from
-# the history): its validation loss before and after local training (FedSpine).
-REPORTED = ("val_before", "val_after")
+# the history): its validation losses (FedSpine: the unpruned model with the global
+# slice, its sub-model before training, and after).
+REPORTED = ("val_before", "val_pruned", "val_after")
 
 
 @dataclass

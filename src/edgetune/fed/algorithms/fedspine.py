@@ -6,8 +6,9 @@ pick each device's pruning ratio and LoRA rank. The paper's score, arms, reward 
 aggregation are not public; this is edgetune's design:
 
 - **One global ordering of units** (MLP channels and key/value head groups per layer,
-  `spine/order.py`), kept by the server. It starts from weight magnitudes; every
-  `spine.reorder_every` rounds the round's devices also return forward-only importance
+  `spine/order.py`), kept by the server. It starts from weight magnitudes; in the first
+  round (before the ramp prunes anything) and every `spine.reorder_every` rounds after,
+  the round's devices also return forward-only importance
   statistics of the units they hold (activation norms, so zeroth-order devices
   contribute too; the bytes are counted) and the server re-orders. A device at ratio p
   keeps each layer's top 1 - p of that ordering, so every device's model is a sub-model
@@ -18,8 +19,9 @@ aggregation are not public; this is edgetune's design:
 - **The payload**: the global adapter gathered to the device's kept channels and rank
   prefix (an `IndexMap`, `fed/shapes.py`) and the kept units as bit masks. The device
   prunes its own copy of the base model to those units (`spine/submodel.py`), loads the
-  slice, scores `spine.val_rows` of its rows before and after its local steps (the
-  bandit's reward), and returns its delta (first-order) or its seed trace (zeroth-order;
+  slice, scores `spine.val_rows` of its rows (held out of its training) on the unpruned
+  model with the slice and on its trained sub-model (the bandit's reward: what the round
+  bought net of what pruning cost), and returns its delta (first-order) or its seed trace (zeroth-order;
   the server replays it in the same shapes), plus its unit statistics in re-ordering
   rounds (then zeroth-order devices send their delta, as a trace cannot carry them).
 - **Aggregation** is FedIT's (this class extends it): each update is validated against
@@ -53,7 +55,7 @@ from edgetune.fed.algorithms.fedit import FedIT, seed_trace
 from edgetune.fed.hetlora import at_rank, tensors_rank
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import ClientState, LoraDelta
-from edgetune.fed.shapes import IndexMap, gather
+from edgetune.fed.shapes import IndexMap, gather, scatter
 from edgetune.fed.spine.order import (
     UnitOrder,
     index_map,
@@ -127,9 +129,11 @@ class FedSpine(FedIT):
         return index_map(self.kept(plan.ratio), self.config, self.axes, self.state, plan.rank)
 
     def reorder_round(self, rnd: int) -> bool:
-        """Whether devices return unit statistics in round `rnd` (0-based)."""
+        """Whether devices return unit statistics in round `rnd` (0-based): the first
+        round (on the unpruned model, before the ramp prunes anything) and every
+        `spine.reorder_every` rounds after it."""
         every = self.spine.reorder_every
-        return every > 0 and (rnd + 1) % every == 0
+        return every > 0 and rnd % every == 0
 
     def configure(self, rnd: int, plan: Any) -> LoraDelta:
         """The device's slice of the global adapter and its kept units."""
@@ -141,19 +145,32 @@ class FedSpine(FedIT):
     def client_update(
         self, adapter: Adapter, payload: Any, job: ClientJob, state: ClientState | None
     ) -> tuple[Any, ClientState | None]:
-        """Prune a copy of the base to the sent units, train the sent slice on it."""
-        del adapter, state  # the device trains its own pruned copy; it keeps no state
+        """Prune a copy of the base to the sent units, train the sent slice on it.
+
+        The device scores its held-out rows three times (the bandit's reward, meta):
+        `val_before`, the unpruned model with the sent slice (zero elsewhere), forward
+        only; `val_pruned`, its sub-model with the slice, before training; `val_after`,
+        after training. `val_before - val_after` is what the round bought, net of what
+        pruning cost, so an arm that prunes a device into a worse model is not rewarded
+        for then repairing part of the damage.
+        """
+        del state  # the device keeps no state between rounds
         kept = unpack_kept(payload.tensors)
         tensors = {k: v for k, v in payload.tensors.items() if not k.startswith("spine.")}
-        sub = self.submodels.get(kept)
         val, job = _hold_out(job, self.spine.val_rows)
-        with at_rank(sub, tensors_rank(tensors)):
+        rank = tensors_rank(tensors)
+        full = {k: torch.zeros_like(v) for k, v in self.state.items()}
+        scatter(full, tensors, index_map(kept, self.config, self.axes, self.state, rank))
+        load_trainable(adapter, full)
+        before = _val_loss(adapter, job.task, val)
+        sub = self.submodels.get(kept)
+        with at_rank(sub, rank):
             load_trainable(sub, tensors)
-            before = _val_loss(sub, job.task, val)
+            pruned = _val_loss(sub, job.task, val)
             results = job.run(sub)
             after = _val_loss(sub, job.task, val)
             loss = sum(r.loss for r in results) / max(len(results), 1)
-            meta = {"loss": loss, "val_before": before, "val_after": after}
+            meta = {"loss": loss, "val_before": before, "val_pruned": pruned, "val_after": after}
             stats = payload.meta.get("stats", 0.0) == 1.0
             if job.method != "fo" and not stats:
                 trace = seed_trace(results, job.lr, len(job.rows), loss)

@@ -15,8 +15,10 @@ pool; each round's credits apply in client order).
 
 The reward of a device's round, credited when the next round is planned from the
 round's client entries (the history every planner receives), is its local
-validation-loss improvement (`val_before - val_after`, scored by the device on
-`spine.val_rows` of its own rows) per second of effective round time, where the
+validation-loss improvement per second of effective round time: `val_before -
+val_after`, scored by the device on `spine.val_rows` of its own rows held out of its
+training, where `val_before` is the unpruned model with the global slice it received and
+`val_after` its trained sub-model (so what pruning cost counts against the arm). The
 effective time is the device's own time or the round's median, whichever is larger: a
 synchronous round waits for its slow devices, so a device already faster than the
 median gains nothing by pruning harder, while a straggler that prunes shortens the
