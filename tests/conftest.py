@@ -50,6 +50,58 @@ def onnx_lora_export(tmp_path_factory, stories260k_path) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def federate_args(stories260k_path, shared_data):
+    """`make(out, *extra, algorithm, rounds, fleet)`: the arguments of a seconds-long
+    `edgetune federate` of 5 stories260K clients on 100 SST-2 sentences."""
+    del shared_data
+
+    def make(out, *extra, algorithm="fedit", rounds=2, fleet="jetsons"):
+        return [
+            "federate",
+            "--model",
+            str(stories260k_path),
+            "--dataset",
+            "sst2",
+            "--algorithm",
+            algorithm,
+            "--clients",
+            "5",
+            "--participation",
+            "0.6",
+            "--fleet",
+            fleet,
+            "--rounds",
+            str(rounds),
+            "--local-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "data.train_size=100",
+            "data.eval_size=16",
+            "data.max_length=32",
+            *extra,
+        ]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def fedspine_args(federate_args):
+    """`make(out, *extra, rounds)`: `federate_args` for FedSpine on the mixed fleet, the
+    sparsity ramping to 0.5 over the first half of the rounds, statistics every round."""
+
+    def make(out, *extra, rounds=2):
+        spine = ["--target-sparsity", "0.5", "spine.ramp=0.5", "spine.reorder_every=1"]
+        return federate_args(
+            out, *spine, *extra, algorithm="fedspine", rounds=rounds, fleet="mixed"
+        )
+
+    return make
+
+
 @pytest.fixture
 def cli():
     """Run the CLI in-process; returns the exit status."""

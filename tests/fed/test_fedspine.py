@@ -18,50 +18,9 @@ from edgetune.runs import RunDir
 from peft import PeftModel
 
 
-@pytest.fixture
-def spine_args(stories260k_path, shared_data):
-    """A seconds-long FedSpine federation of 5 clients on 100 SST-2 sentences."""
-    del shared_data
-
-    def make(out: Path, *extra: str, rounds: int = 2) -> list[str]:
-        return [
-            "federate",
-            "--model",
-            str(stories260k_path),
-            "--dataset",
-            "sst2",
-            "--algorithm",
-            "fedspine",
-            "--target-sparsity",
-            "0.5",
-            "--clients",
-            "5",
-            "--participation",
-            "0.6",
-            "--fleet",
-            "mixed",
-            "--rounds",
-            str(rounds),
-            "--local-steps",
-            "3",
-            "--batch-size",
-            "4",
-            "--out",
-            str(out),
-            "data.train_size=100",
-            "data.eval_size=16",
-            "data.max_length=32",
-            "spine.ramp=0.5",
-            "spine.reorder_every=1",
-            *extra,
-        ]
-
-    return make
-
-
-def test_a_two_round_fedspine_run_satisfies_the_run_directory_contract(tmp_path, spine_args):
+def test_a_two_round_fedspine_run_satisfies_the_run_directory_contract(tmp_path, fedspine_args):
     out = tmp_path / "run"
-    assert main(spine_args(out)) == 0
+    assert main(fedspine_args(out)) == 0
     run = RunDir(out, resume=True)
     rows = run.read_metrics()
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -86,10 +45,10 @@ def test_a_two_round_fedspine_run_satisfies_the_run_directory_contract(tmp_path,
 
 
 def test_fedspine_killed_in_round_3_and_resumed_ends_like_an_uninterrupted_run(
-    tmp_path, spine_args, monkeypatch
+    tmp_path, fedspine_args, monkeypatch
 ):
     # Prepare: a 4-round reference, and the same run killed in round 3
-    assert main(spine_args(tmp_path / "straight", rounds=4)) == 0
+    assert main(fedspine_args(tmp_path / "straight", rounds=4)) == 0
     import edgetune.fed.rounds as rounds
 
     original = rounds.play_round
@@ -101,7 +60,7 @@ def test_fedspine_killed_in_round_3_and_resumed_ends_like_an_uninterrupted_run(
 
     monkeypatch.setattr(rounds, "play_round", die_in_round_3)
     with pytest.raises(KeyboardInterrupt):
-        main(spine_args(tmp_path / "killed", rounds=4))
+        main(fedspine_args(tmp_path / "killed", rounds=4))
     monkeypatch.setattr(rounds, "play_round", original)
     # Execute
     assert main(["federate", "--resume", str(tmp_path / "killed")]) == 0
@@ -130,29 +89,31 @@ def test_fedspine_killed_in_round_3_and_resumed_ends_like_an_uninterrupted_run(
         (["fed.fleet=FLEET"], "no device of the fleet fits any FedSpine arm"),
     ],
 )
-def test_bad_fedspine_settings_exit_2_naming_the_fix(tmp_path, spine_args, capsys, extra, message):
+def test_bad_fedspine_settings_exit_2_naming_the_fix(
+    tmp_path, fedspine_args, capsys, extra, message
+):
     fleet = tmp_path / "fleet.yaml"  # a device far too small for any sub-model
     fleet.write_text(
         "fleet:\n  - {name: dust, memory_mb: 0.01, gflops: 1, up_mbps: 1, down_mbps: 1}\n"
     )
     extra = [e.replace("FLEET", str(fleet)) for e in extra]
-    assert main([*spine_args(tmp_path / "bad"), *extra]) == 2
+    assert main([*fedspine_args(tmp_path / "bad"), *extra]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_spine_settings_are_refused_with_another_algorithm(tmp_path, spine_args, capsys):
-    args = spine_args(tmp_path / "bad")
+def test_spine_settings_are_refused_with_another_algorithm(tmp_path, fedspine_args, capsys):
+    args = fedspine_args(tmp_path / "bad")
     args[args.index("fedspine")] = "fedit"
     assert main(args) == 2
     assert "read only by fed.algorithm=fedspine" in capsys.readouterr().err
 
 
-def test_a_device_class_deploys_through_gguf_into_llama_cpp(tmp_path, spine_args):
+def test_a_device_class_deploys_through_gguf_into_llama_cpp(tmp_path, fedspine_args):
     if os.environ.get("CI") != "true":  # CI installs it and must run this
         pytest.importorskip("llama_cpp")
     # Prepare: a FedSpine run and the deployable of its most pruned class
     out = tmp_path / "run"
-    assert main(spine_args(out)) == 0
+    assert main(fedspine_args(out)) == 0
     classes = json.loads((out / "summary.json").read_text())["classes"]
     name = max(classes, key=lambda c: classes[c]["ratio"])
     folder = Path(classes[name]["folder"])

@@ -45,3 +45,40 @@ def federate_run(tmp_path_factory, stories260k_path, shared_data) -> Path:
     args += ["--local-steps", "3", "--batch-size", "4", "--out", str(out), "data.train_size=100"]
     assert main([*args, *DATA]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def spine_run(tmp_path_factory, fedspine_args) -> Path:
+    """FedSpine over 5 clients of the mixed fleet, 2 rounds, sparsity ramping to 0.5."""
+    out = tmp_path_factory.mktemp("runs") / "fedspine"
+    assert main(fedspine_args(out)) == 0
+    return out
+
+
+@pytest.fixture
+def report():
+    """`report(run_dir)`: render the run's report.md and return its text."""
+
+    def render(run_dir: Path) -> str:
+        assert main(["report", str(run_dir)]) == 0
+        return (run_dir / "report.md").read_text()
+
+    return render
+
+
+@pytest.fixture
+def md_table():
+    """`md_table(text, header_start)`: the cells of the Markdown table whose header line
+    starts with `header_start`."""
+
+    def cells(text: str, header_start: str) -> list[list[str]]:
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+        rows = []
+        for line in lines[start:]:
+            if not line.startswith("|"):
+                break
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        return rows
+
+    return cells

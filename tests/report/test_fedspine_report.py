@@ -6,61 +6,24 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
-import pytest
-
-from edgetune.cli import main
 from edgetune.report import federated, fedspine
 from edgetune.report.run_info import load_run
 from edgetune.runs import RunDir
 
 
-@pytest.fixture(scope="module")
-def spine_run(tmp_path_factory, stories260k_path, shared_data) -> Path:
-    """FedSpine over 5 clients of the mixed fleet, 2 rounds, sparsity ramping to 0.5
-    (the arguments of tests/fed/test_fedspine.py's `spine_args`)."""
-    del shared_data
-    out = tmp_path_factory.mktemp("runs") / "fedspine"
-    args = ["federate", "--model", str(stories260k_path), "--dataset", "sst2"]
-    args += ["--algorithm", "fedspine", "--target-sparsity", "0.5", "--clients", "5"]
-    args += ["--participation", "0.6", "--fleet", "mixed", "--rounds", "2"]
-    args += ["--local-steps", "3", "--batch-size", "4", "--out", str(out)]
-    args += ["data.train_size=100", "data.eval_size=16", "data.max_length=32"]
-    args += ["spine.ramp=0.5", "spine.reorder_every=1"]
-    assert main(args) == 0
-    return out
-
-
-def _report(run_dir: Path) -> str:
-    assert main(["report", str(run_dir)]) == 0
-    return (run_dir / "report.md").read_text()
-
-
-def _table(text: str, header_start: str) -> list[list[str]]:
-    """The cells of the Markdown table whose header starts with `header_start`."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip("|").split("|")])
-    return rows
-
-
-def test_fedspine_report_lists_every_deployed_class_and_plots_the_arms(spine_run):
+def test_fedspine_report_lists_every_deployed_class_and_plots_the_arms(spine_run, report, md_table):
     # Prepare
     classes = json.loads((spine_run / "summary.json").read_text())["classes"]
     rows = RunDir(spine_run, resume=True).read_metrics()
     clients = RunDir(spine_run, resume=True).read_metrics("clients.jsonl")
     # Execute
-    text = _report(spine_run)
+    text = report(spine_run)
     # Assert: the arm plot is written and captioned like the others
     assert "![pruning ratio (share of units pruned) against round](arm_choices.png)" in text
     assert (spine_run / "arm_choices.png").read_bytes()[:4] == b"\x89PNG"
     # every class from summary.json, with its arm, ratio, rank and params
-    deployed = _table(text, "| device class |")
+    deployed = md_table(text, "| device class |")
     head = ["device class", "devices", "arm", "pruning ratio", "rank", "params"]
     assert deployed[0][:6] == head
     assert "held-out accuracy" in deployed[0]  # the deployables were scored, and timed
@@ -75,14 +38,14 @@ def test_fedspine_report_lists_every_deployed_class_and_plots_the_arms(spine_run
         for name, c in classes.items()
     }
     # the rounds table adds the scheduled sparsity and the evaluated sub-model's size
-    rounds = _table(text, "| round |")
+    rounds = md_table(text, "| round |")
     assert rounds[0][3:5] == ["sparsity", "evaluated params"]
     assert [r[3:5] for r in rounds[2:]] == [
         [f"{r['sparsity']:.3f}", f"{r['params']:,.0f}"] for r in rows
     ]
     assert rounds[-1][3] == "0.500"  # the last round is evaluated at the target
     # the device table: the mean ratio each class trained at (clients that finished)
-    devices = _table(text, "| device |")
+    devices = md_table(text, "| device |")
     assert devices[0][2] == "mean pruning ratio (ok)"
     for row in devices[2:]:
         ok = [c["ratio"] for c in clients if c["device"] == row[0] and c["status"] == "ok"]
@@ -138,18 +101,20 @@ def test_deployed_table_adds_further_numeric_keys_and_dashes_missing_ones():
     ]
 
 
-def test_an_unfinished_fedspine_run_says_the_classes_are_not_recorded_yet(spine_run, tmp_path):
+def test_an_unfinished_fedspine_run_says_the_classes_are_not_recorded_yet(
+    spine_run, tmp_path, report
+):
     run = tmp_path / "killed"
     shutil.copytree(spine_run, run)
     (run / "summary.json").unlink()
-    text = _report(run)
+    text = report(run)
     assert "## Deployed per device class\n\nNot recorded yet" in text
     assert "| device class |" not in text and "](arm_choices.png)" in text
 
 
-def test_a_fedit_report_has_no_arm_plot_and_no_spine_columns(federate_run):
-    text = _report(federate_run)
+def test_a_fedit_report_has_no_arm_plot_and_no_spine_columns(federate_run, report, md_table):
+    text = report(federate_run)
     assert "arm_choices.png" not in text and not (federate_run / "arm_choices.png").exists()
     assert "Deployed per device class" not in text
-    assert "sparsity" not in _table(text, "| round |")[0]
-    assert "mean pruning ratio (ok)" not in _table(text, "| device |")[0]
+    assert "sparsity" not in md_table(text, "| round |")[0]
+    assert "mean pruning ratio (ok)" not in md_table(text, "| device |")[0]

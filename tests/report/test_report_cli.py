@@ -14,25 +14,10 @@ from edgetune.report.run_info import load_run
 from edgetune.runs import RunDir
 
 
-def _report(run_dir) -> str:
-    assert main(["report", str(run_dir)]) == 0
-    return (run_dir / "report.md").read_text()
-
-
-def _table(text: str, header_start: str) -> list[list[str]]:
-    """The cells of the Markdown table whose header starts with `header_start`."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip("|").split("|")])
-    return rows
-
-
-def test_finetune_report_opens_with_what_was_run_and_rounds_its_numbers(finetune_run):
-    text = _report(finetune_run)
+def test_finetune_report_opens_with_what_was_run_and_rounds_its_numbers(
+    finetune_run, report, md_table
+):
+    text = report(finetune_run)
     rows = RunDir(finetune_run, resume=True).read_metrics()
     evals = [r for r in rows if "eval/accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
@@ -48,14 +33,14 @@ def test_finetune_report_opens_with_what_was_run_and_rounds_its_numbers(finetune
         "- **seed**: 0",
     ):
         assert bullet in head
-    table = _table(text, "| metric |")
+    table = md_table(text, "| metric |")
     assert table[0] == ["metric", "step 0 (zero-shot)", "step 4 (last)"]
     assert table[2] == [
         "held-out accuracy",
         f"{evals[0]['eval/accuracy']:.3f}",
         f"{evals[-1]['eval/accuracy']:.3f}",
     ]
-    every = _table(text, "| step | training loss |")
+    every = md_table(text, "| step | training loss |")
     loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert [c[:2] for c in every[2:]] == [
         ["0", "-"],
@@ -91,17 +76,17 @@ def test_finetune_figures_name_model_data_method_and_start_at_step_0(finetune_ru
     ]
 
 
-def test_eval_run_report_is_one_column_without_plots(eval_run):
-    text = _report(eval_run)
+def test_eval_run_report_is_one_column_without_plots(eval_run, report, md_table):
+    text = report(eval_run)
     value = json.loads((eval_run / "summary.json").read_text())["eval/accuracy"]
     assert text.startswith("# stories260K on sst2: evaluation, zero-shot\n")
     assert "- **adapter evaluated**: none (zero-shot)" in text
-    assert _table(text, "| metric |")[2] == ["held-out accuracy", f"{value:.3f}"]
+    assert md_table(text, "| metric |")[2] == ["held-out accuracy", f"{value:.3f}"]
     assert "![" not in text and not list(eval_run.glob("*.png"))
 
 
-def test_federated_report_says_what_ran_and_labels_memory_honestly(federate_run):
-    text = _report(federate_run)
+def test_federated_report_says_what_ran_and_labels_memory_honestly(federate_run, report, md_table):
+    text = report(federate_run)
     assert text.startswith(
         "# stories260K on sst2: fedit, lora, the cheapest method that fits each device\n"
     )
@@ -118,11 +103,11 @@ def test_federated_report_says_what_ran_and_labels_memory_honestly(federate_run)
         in head
     )
     rows = RunDir(federate_run, resume=True).read_metrics()
-    rounds = _table(text, "| round |")
+    rounds = md_table(text, "| round |")
     assert [r[0] for r in rounds[2:]] == ["0", "1", "2"]  # round 0: the zero-shot evaluation
     assert rounds[3][2] == f"{rows[1]['eval/accuracy']:.3f}"
     assert rounds[3][3] == f"{rows[1]['bytes_up']:,}"
-    devices = _table(text, "| device |")
+    devices = md_table(text, "| device |")
     assert devices[0][-2:] == [
         "memory estimate per device (MB)",
         "simulator process peak RSS during the client's work (MB)",
@@ -153,11 +138,11 @@ def test_federated_figures_from_round_0_with_worded_axes(federate_run):
         assert fig.axes[0].lines[0].get_xdata()[0] == 0  # round 0 at 0 s and 0 bytes
 
 
-def test_unfinished_run_is_reported_from_its_lines(finetune_run, tmp_path):
+def test_unfinished_run_is_reported_from_its_lines(finetune_run, tmp_path, report):
     run = tmp_path / "killed"
     shutil.copytree(finetune_run, run)
     (run / "summary.json").unlink()
-    text = _report(run)
+    text = report(run)
     assert "(status: unfinished, no summary.json yet)" in text
     assert "The run has not finished" in text
 
