@@ -14,41 +14,8 @@ from edgetune.runs import RunDir
 
 
 @pytest.fixture
-def fed_args(stories260k_path, shared_data):
-    del shared_data
-
-    def make(out, *extra, algorithm="fedit", rounds=2):
-        return [
-            "federate",
-            "--model",
-            str(stories260k_path),
-            "--dataset",
-            "sst2",
-            "--algorithm",
-            algorithm,
-            "--clients",
-            "5",
-            "--participation",
-            "0.6",
-            "--partition",
-            "dirichlet:0.5",
-            "--fleet",
-            "jetsons",
-            "--rounds",
-            str(rounds),
-            "--local-steps",
-            "3",
-            "--batch-size",
-            "4",
-            "--out",
-            str(out),
-            "data.train_size=100",
-            "data.eval_size=16",
-            "data.max_length=32",
-            *extra,
-        ]
-
-    return make
+def fed_args(federate_args):
+    return federate_args
 
 
 @pytest.mark.parametrize(
@@ -90,23 +57,13 @@ def test_same_seed_same_federated_metrics(tmp_path, fed_args):
 
 
 @pytest.mark.parametrize("algorithm", ["fedit", "fedkseed"])
-def test_resume_equals_uninterrupted(tmp_path, fed_args, monkeypatch, algorithm):
+def test_resume_equals_uninterrupted(tmp_path, fed_args, killed_in_round_3, algorithm):
     assert (
         main(fed_args(tmp_path / "straight", "--method", "zo", algorithm=algorithm, rounds=3)) == 0
     )
-    import edgetune.fed.rounds as rounds
-
-    original = rounds.play_round
-
-    def die_in_round_3(fed, algo, transport, planner, rnd, history):
-        if rnd == 2:
-            raise KeyboardInterrupt
-        return original(fed, algo, transport, planner, rnd, history)
-
-    monkeypatch.setattr(rounds, "play_round", die_in_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(fed_args(tmp_path / "killed", "--method", "zo", algorithm=algorithm, rounds=3))
-    monkeypatch.setattr(rounds, "play_round", original)
+    killed_in_round_3(
+        fed_args(tmp_path / "killed", "--method", "zo", algorithm=algorithm, rounds=3)
+    )
     assert main(["federate", "--resume", str(tmp_path / "killed")]) == 0
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")

@@ -18,40 +18,11 @@ from edgetune.runs import RunDir
 
 
 @pytest.fixture
-def fed_args(stories260k_path, shared_data):
+def fed_args(federate_args):
     """A seconds-long FedIT federation of 5 ZO clients on 100 SST-2 sentences."""
-    del shared_data
 
     def make(out: Path, *extra: str, rounds: int = 2) -> list[str]:
-        return [
-            "federate",
-            "--model",
-            str(stories260k_path),
-            "--dataset",
-            "sst2",
-            "--algorithm",
-            "fedit",
-            "--method",
-            "zo",
-            "--clients",
-            "5",
-            "--participation",
-            "0.6",
-            "--fleet",
-            "jetsons",
-            "--rounds",
-            str(rounds),
-            "--local-steps",
-            "3",
-            "--batch-size",
-            "4",
-            "--out",
-            str(out),
-            "data.train_size=100",
-            "data.eval_size=16",
-            "data.max_length=32",
-            *extra,
-        ]
+        return federate_args(out, "--method", "zo", *extra, rounds=rounds)
 
     return make
 

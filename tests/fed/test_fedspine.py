@@ -45,23 +45,11 @@ def test_a_two_round_fedspine_run_satisfies_the_run_directory_contract(tmp_path,
 
 
 def test_fedspine_killed_in_round_3_and_resumed_ends_like_an_uninterrupted_run(
-    tmp_path, fedspine_args, monkeypatch
+    tmp_path, fedspine_args, killed_in_round_3
 ):
     # Prepare: a 4-round reference, and the same run killed in round 3
     assert main(fedspine_args(tmp_path / "straight", rounds=4)) == 0
-    import edgetune.fed.rounds as rounds
-
-    original = rounds.play_round
-
-    def die_in_round_3(fed, algo, transport, planner, rnd, history):
-        if rnd == 2:
-            raise KeyboardInterrupt
-        return original(fed, algo, transport, planner, rnd, history)
-
-    monkeypatch.setattr(rounds, "play_round", die_in_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(fedspine_args(tmp_path / "killed", rounds=4))
-    monkeypatch.setattr(rounds, "play_round", original)
+    killed_in_round_3(fedspine_args(tmp_path / "killed", rounds=4))
     # Execute
     assert main(["federate", "--resume", str(tmp_path / "killed")]) == 0
     # Assert: same adapter, metrics and arms (the ordering and the bandits were restored)
