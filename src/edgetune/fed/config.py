@@ -254,7 +254,9 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
                     f"spine.{field.name}={value!r} is read only by fed.algorithm=fedspine, not "
                     f"by {cfg.fed.algorithm}; drop it or use --algorithm fedspine"
                 )
-    elif cfg.fed.export:
+    else:
+        _check_spine_read(cfg)
+    if cfg.fed.algorithm == "fedspine" and cfg.fed.export:
         raise ConfigError(
             "fed.algorithm=fedspine trains pruned sub-models in PyTorch, and an exported "
             f"graph (fed.export={cfg.fed.export}) is the full model; drop fed.export and the "
@@ -273,6 +275,24 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
                 f"fed.{name}={value!r} is not read by fed.algorithm={cfg.fed.algorithm} "
                 f"with fed.aggregator={cfg.fed.aggregator} (it is read with {used}); drop it"
             )
+
+
+def _check_spine_read(cfg: FederateConfig) -> None:
+    """Refuse the spine settings FedSpine's policy (or a run without a deadline) ignores."""
+    policy = cfg.spine.policy
+    unread: dict[str, str] = {}
+    if not cfg.fed.deadline_s:
+        unread["deadline_penalty"] = "no round has a deadline (fed.deadline_s=0)"
+    if policy != "bandit":
+        for name in ("bandit_per", "discount", "exploration", "deadline_penalty"):
+            unread[name] = f"spine.policy={policy} plays no bandit"
+    if policy == "uniform":
+        for name in ("levels", "ranks"):
+            unread[name] = "spine.policy=uniform plays level 1 at the global rank"
+    for name, why in unread.items():
+        value = _given(cfg, f"spine.{name}")
+        if value is not None:
+            raise ConfigError(f"spine.{name}={value!r} is not read: {why}; drop it")
 
 
 # fed settings that only some algorithms (or aggregators) read.
