@@ -48,10 +48,10 @@ def test_average_sparsity_weighs_each_class_by_its_devices():
     summary = _summary(phone=(0.45, 4), agx=(0.15, 2))
     assert bench.average_sparsity(summary) == pytest.approx((0.45 * 4 + 0.15 * 2) / 6)
     assert bench.average_sparsity({"bytes_up": 1}) == 0.0  # FedIT: no classes
-    assert bench.tokens_per_s(summary) is None
-    summary["classes"]["phone"][bench.KEY] = 10.0
-    summary["classes"]["agx"][bench.KEY] = 40.0
-    assert bench.tokens_per_s(summary) == pytest.approx(20.0)
+    assert bench.deployed_speed({"bytes_up": 1}, {}) is None  # FedIT: the unpruned model
+    summary["classes"]["phone"]["folder"] = "p"
+    summary["classes"]["agx"]["folder"] = "a"
+    assert bench.deployed_speed(summary, {"p": 10.0, "a": 40.0}) == pytest.approx(20.0)
 
 
 def test_targets_pass_or_miss_with_the_measured_ratio():
