@@ -48,8 +48,9 @@ def test_fedspine_killed_in_round_3_and_resumed_ends_like_an_uninterrupted_run(
     tmp_path, fedspine_args, killed_in_round_3
 ):
     # Prepare: a 4-round reference, and the same run killed in round 3
-    assert main(fedspine_args(tmp_path / "straight", rounds=4)) == 0
-    killed_in_round_3(fedspine_args(tmp_path / "killed", rounds=4))
+    heads = "spine.units=mlp,heads"  # key/value head groups pruned too
+    assert main(fedspine_args(tmp_path / "straight", heads, rounds=4)) == 0
+    killed_in_round_3(fedspine_args(tmp_path / "killed", heads, rounds=4))
     # Execute
     assert main(["federate", "--resume", str(tmp_path / "killed")]) == 0
     # Assert: same adapter, metrics and arms (the ordering and the bandits were restored)

@@ -6,7 +6,7 @@ pick each device's pruning ratio and LoRA rank. The paper's score, arms, reward 
 aggregation are not public; this is edgetune's design:
 
 - **One global ordering of units** (MLP channels and key/value head groups per layer,
-  `spine/order.py`), kept by the server. It starts from weight magnitudes; in the first
+  `spine/order.py`; `spine.units` says which kinds are pruned), kept by the server. It starts from weight magnitudes; in the first
   round (before the ramp prunes anything) and every `spine.reorder_every` rounds after,
   the round's devices also return forward-only importance
   statistics of the units they hold (activation norms, so zeroth-order devices
@@ -94,7 +94,9 @@ class FedSpine(FedIT):
         self.spine = cfg.spine
         base = adapter.model.get_base_model()
         self.config = copy.deepcopy(base.config)  # the unpruned shapes
-        self.order = UnitOrder.from_scores(magnitude_scores(base), cfg.spine.ranking)
+        self.order = UnitOrder.from_scores(
+            magnitude_scores(base), cfg.spine.ranking, cfg.spine.unit_kinds()
+        )
         # the round's few ratios and the evaluated one, so a round rebuilds none twice
         self.submodels = SubModels(adapter, cfg.peft, cfg.seed, keep=4)
         self.num_params = num_params

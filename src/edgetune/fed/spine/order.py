@@ -58,15 +58,19 @@ class UnitOrder:
         kv: key/value group scores [num_layers, num_key_value_heads].
         loadable_kv: group counts stock transformers can load (`UnitScores.loadable_kv_counts`).
         ranking: where units compete in `select_kept`: "layer" or "global".
+        units: the unit kinds pruned ("mlp", "heads"); the other kind keeps every unit.
     """
 
     mlp: torch.Tensor
     kv: torch.Tensor
     loadable_kv: tuple[int, ...]
     ranking: str = "layer"
+    units: tuple[str, ...] = ("mlp", "heads")
 
     @classmethod
-    def from_scores(cls, scores: UnitScores, ranking: str = "layer") -> UnitOrder:
+    def from_scores(
+        cls, scores: UnitScores, ranking: str = "layer", units: tuple[str, ...] = ("mlp", "heads")
+    ) -> UnitOrder:
         """The ordering of `scores` (of the UNPRUNED model), each layer normalized to mean 1.
 
         Raises:
@@ -79,7 +83,7 @@ class UnitOrder:
             stacked = torch.stack([t.detach().double().flatten().cpu() for t in per_layer])
             _check_scores(what, stacked)
             rows.append(_mean_one(stacked))
-        return cls(rows[0], rows[1], tuple(scores.loadable_kv_counts), ranking)
+        return cls(rows[0], rows[1], tuple(scores.loadable_kv_counts), ranking, tuple(units))
 
     @property
     def num_layers(self) -> int:
@@ -97,7 +101,7 @@ class UnitOrder:
             kv_groups=tuple(self.kv.unbind(0)),
             loadable_kv_counts=self.loadable_kv,
         )
-        return select_kept(scores, ratio, units=("mlp", "heads"), ranking=self.ranking)
+        return select_kept(scores, ratio, units=self.units, ranking=self.ranking)
 
     def update(self, reports: Sequence[Report]) -> int:
         """Average the clients' normalized scores into the ordering (see the module docstring).
