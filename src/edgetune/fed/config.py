@@ -101,7 +101,7 @@ class FedConfig:
         check_choice("fed", "aggregator", self.aggregator, AGGREGATORS)
         check_choice("fed", "method", self.method, CLIENT_METHODS)
         check_choice("fed", "rank_aggregation", self.rank_aggregation, RANK_AGGREGATIONS)
-        if self.ranks and self.algorithm not in ("fedit", "fwdllm"):
+        if self.ranks and self.algorithm.startswith("fedkseed"):
             raise ConfigError(
                 f"fed.ranks: heterogeneous LoRA ranks need an adapter-averaging algorithm "
                 f"(fedit or fwdllm); {self.algorithm} replays one shared seed pool, so every "
