@@ -44,6 +44,7 @@ class ClientJob:
     zo: ZOConfig
     grad_accum: int = 1
     runtime: RuntimeLink | None = None  # the exported graph it runs (None: PyTorch)
+    trunk: str = "auto"  # train.trunk: frozen bottom blocks run once per batch
 
     def stepper(self, adapter: Adapter | RuntimeAdapter, estimator: Any = None) -> Any:
         """The stepper for this client's method (`train/factory.py`, as `finetune`
@@ -62,6 +63,7 @@ class ClientJob:
             exact_restore=True,
             estimator=estimator,
             copies=copies,
+            trunk=self.trunk,
         )
 
     def run(self, adapter: Adapter, estimator: Any = None) -> list[StepResult]:

@@ -237,10 +237,16 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     return ", ".join(parts)
 
 
-def work_flops(job: ClientJob, num_params: int, tokens: int) -> float:
-    """FLOPs of a client's local round: rows per step x tokens x 2N, x3 with backprop."""
+def work_flops(job: ClientJob, num_params: int, tokens: int, trunk_share: float = 0.0) -> float:
+    """FLOPs of a client's local round: rows per step x tokens x 2N, x3 with backprop.
+
+    With a shared trunk (`trunk_share` of the blocks run once per batch, forward only),
+    only the rest of the network sees every pass; a runtime device runs whole graphs.
+    """
     rows = job.batch_size * (3 if job.method == "fo" else 2 * job.zo.queries)
-    return job.steps * rows * tokens * 2.0 * num_params
+    share = trunk_share if job.runtime is None else 0.0
+    per_step = share * job.batch_size + (1.0 - share) * rows
+    return job.steps * per_step * tokens * 2.0 * num_params
 
 
 class InProcessFleet:
@@ -308,7 +314,7 @@ class InProcessFleet:
             up = encode(update)
             seconds = round_seconds(
                 plan.device,
-                work_flops(job, plan.params or fed.num_params, cfg.data.max_length)
+                work_flops(job, plan.params or fed.num_params, cfg.data.max_length, fed.trunk_share)
                 / 1e9
                 / cfg.fed.host_gflops,
                 len(down),

@@ -32,6 +32,7 @@ from edgetune.models.builtin import base_model_id
 from edgetune.peft import Adapter
 from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
+from edgetune.train.trunk import resolve_trunk
 from edgetune.zo.seeds import Stream, stream_seed
 
 
@@ -47,6 +48,7 @@ class Federation:
     eval_rows: list[dict]
     num_params: int
     runtimes: list[RuntimeLink | None]  # each client's exported graph (None: PyTorch)
+    trunk_share: float = 0.0  # fraction of the blocks a PyTorch client runs once per batch
 
     def job(self, client: int, rnd: int, method: str) -> ClientJob:
         """The local round of `client` in round `rnd` (batches and seeds derive from
@@ -67,6 +69,7 @@ class Federation:
             zo=cfg.zo,
             grad_accum=cfg.train.grad_accum,
             runtime=self.runtimes[client],
+            trunk=cfg.train.trunk,
         )
 
     def evaluate(self, progress: bool = False) -> dict[str, float]:
@@ -121,6 +124,10 @@ def setup(cfg: FederateConfig) -> Federation:
     resolved = dataclasses.replace(
         cfg, data=data, fed=dataclasses.replace(cfg.fed, partition=scheme)
     )
+    runtimes = runtime_links(cfg, fleet, adapter, task.name)
+    if any(link is not None for link in runtimes):
+        resolve_trunk(cfg.train.trunk, adapter.model, runtime=True)  # refuses a set cut
+    trunk = resolve_trunk(cfg.train.trunk, adapter.model)
     return Federation(
         cfg=resolved,
         task=task,
@@ -129,7 +136,8 @@ def setup(cfg: FederateConfig) -> Federation:
         partitions=[[train_rows[i] for i in p] for p in parts],
         eval_rows=task.prepare_rows(splits.eval),
         num_params=num_params,
-        runtimes=runtime_links(cfg, fleet, adapter, task.name),
+        runtimes=runtimes,
+        trunk_share=trunk.cut / trunk.layers if trunk.shared else 0.0,
     )
 
 

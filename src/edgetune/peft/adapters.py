@@ -150,12 +150,23 @@ def _lora(model: torch.nn.Module, cfg: PeftConfig, freeze_a: bool = False) -> to
             f"peft.target_modules: {unknown} not found in this model; its linear layers are "
             f"{sorted(present)}"
         )
+    placed: dict[str, Any] = {}
+    top = cfg.top_layers()
+    if top is not None:
+        count = len(_decoder_layers(model))
+        if top > count:
+            raise ConfigError(f"peft.layers=top:{top} but the model has {count} layers")
+        placed = {
+            "layers_to_transform": list(range(count - top, count)),
+            "layers_pattern": "layers",
+        }
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         task_type="CAUSAL_LM",
+        **placed,
     )
     wrapped = get_peft_model(model, lora)
     if freeze_a:
@@ -209,7 +220,7 @@ def _decoder_layers(model: torch.nn.Module) -> Any:
     for name, module in model.named_modules():
         if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
             return module
-    raise ConfigError("peft.method=last-n: cannot find the model's list of transformer blocks")
+    raise ConfigError("cannot find this model's list of transformer blocks (last-n, peft.layers)")
 
 
 def _full(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:

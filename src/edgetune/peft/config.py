@@ -24,6 +24,9 @@ class PeftConfig:
     )
     virtual_tokens: int = option(8, "prompt tuning: number of soft-prompt tokens")
     last_layers: int = option(2, "last-n: how many final transformer blocks train")
+    layers: str = option(
+        "all", "lora / lora-fa: which transformer blocks get adapters: all | top:K (the last K)"
+    )
 
     def __post_init__(self) -> None:
         check_choice("peft", "method", self.method, PEFT_METHODS)
@@ -33,5 +36,23 @@ class PeftConfig:
         check_positive("peft", "last_layers", self.last_layers)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"peft.dropout: expected a value in [0, 1), got {self.dropout!r}")
+        if self.layers != "all":
+            if self.method not in ("lora", "lora-fa"):
+                raise ConfigError(
+                    f"peft.layers={self.layers} places LoRA adapters, but peft.method is "
+                    f"{self.method!r}; drop peft.layers (last-n: use peft.last_layers)"
+                )
+            self.top_layers()
         if not self.target_modules:
             raise ConfigError("peft.target_modules: give at least one module name, e.g. q_proj")
+
+    def top_layers(self) -> int | None:
+        """K of `layers=top:K`; None for all blocks."""
+        if self.layers == "all":
+            return None
+        kind, _, count = self.layers.partition(":")
+        if kind != "top" or not count.isdigit() or int(count) < 1:
+            raise ConfigError(
+                f"peft.layers: expected all or top:K with K >= 1 (e.g. top:6), got {self.layers!r}"
+            )
+        return int(count)

@@ -98,6 +98,7 @@ def make_stepper(cfg: FinetuneConfig, adapter: Any, task: Any) -> Any:
         cfg.train.grad_accum,
         cfg.seed,
         exact_restore=exact_restore,
+        trunk=cfg.train.trunk,
     )
 
 
@@ -252,6 +253,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
         "method": cfg.train.method,
         "peft": cfg.peft.method,
         "trainable_params": parts["adapter"].num_trainable(),
+        "trunk_blocks": parts["stepper"].trunk.cut,  # bottom blocks run once per batch
         "train_examples": len(parts["train_rows"]),
         "eval_examples": len(parts["eval_rows"]),
     }

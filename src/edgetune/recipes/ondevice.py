@@ -191,4 +191,5 @@ def _stepper(cfg: OnDeviceConfig, adapter: Any, task: Any) -> Any:
         cfg.seed,
         exact_restore=str(cfg.zo.exact_restore).lower() != "false",
         copies=adapter.model.copies,
+        trunk=cfg.train.trunk,
     )

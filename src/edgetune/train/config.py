@@ -56,6 +56,11 @@ class TrainConfig:
         20.0, "stop when the loss exceeds this multiple of the first step's loss"
     )
     progress: bool = option(True, "show a progress bar")
+    trunk: str = option(
+        "auto",
+        "shared trunk: run the frozen bottom blocks once per batch: auto (below the lowest "
+        "trainable block) | off | N (blocks 0..N-1)",
+    )
 
     def __post_init__(self) -> None:
         check_choice("train", "method", self.method, TRAIN_METHODS)
@@ -64,9 +69,15 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             check_positive("train", name, getattr(self, name), allow_zero=True)
         check_positive("train", "explode_factor", self.explode_factor)
+        # YAML reads `off` as false (a str field gets "False") and `3` as an int.
+        self.trunk = str(self.trunk)
+        if self.trunk.lower() in ("false", "off", "no"):
+            self.trunk = "off"
+        if self.trunk not in ("auto", "off") and not self.trunk.isdigit():
+            raise ConfigError(
+                f"train.trunk: expected auto, off or a block count N, got {self.trunk!r}"
+            )
         if self.batch_size % self.grad_accum:
-            from edgetune.errors import ConfigError
-
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by "
                 f"train.grad_accum={self.grad_accum}"

@@ -17,6 +17,7 @@ from typing import Any
 
 from edgetune.train.config import OptimConfig
 from edgetune.train.steps import FirstOrderStepper, PRGEStepper, ZOStepper
+from edgetune.train.trunk import resolve_trunk
 from edgetune.zo.config import ZOConfig
 from edgetune.zo.fwdgrad import ForwardGradientEstimator
 from edgetune.zo.mezo import MeZOEstimator
@@ -36,6 +37,7 @@ def build_stepper(
     exact_restore: bool,
     estimator: Any = None,
     copies: Callable[..., Any] | None = None,
+    trunk: str = "auto",
 ) -> Any:
     """The stepper for `method` (fo | zo | prge).
 
@@ -44,14 +46,17 @@ def build_stepper(
             replay) instead of by subtraction.
         estimator: replaces the ZO / P-RGE estimator the settings describe.
         copies: P-RGE only: the context that runs C adapter copies (default: PEFT
-            multi-copy LoRA).
+            multi-copy LoRA); given, the forward passes run in an exported graph.
+        trunk: `train.trunk`, the frozen bottom blocks run once per batch
+            (`train/trunk.py`).
     """
+    shared = resolve_trunk(trunk, adapter.model, runtime=copies is not None)
     if method == "fo":
-        return FirstOrderStepper(adapter, task, optim, grad_accum, seed)
+        return FirstOrderStepper(adapter, task, optim, grad_accum, seed, shared)
     optimizer = make_zo_optimizer(zo, optim.weight_decay)
     if method == "prge":
         prge = estimator or PRGEEstimator(zo.eps, zo.queries, zo.parallel_inner)
-        return PRGEStepper(adapter, task, prge, optimizer, grad_accum, seed, copies)
+        return PRGEStepper(adapter, task, prge, optimizer, grad_accum, seed, copies, shared)
     if estimator is None and zo.estimator == "fwdgrad":
         estimator = ForwardGradientEstimator(
             zo.eps,
@@ -63,4 +68,4 @@ def build_stepper(
     elif estimator is None:
         one_sided = zo.estimator == "one-sided"
         estimator = MeZOEstimator(zo.eps, zo.queries, one_sided, exact_restore)
-    return ZOStepper(adapter, task, estimator, optimizer, grad_accum, seed)
+    return ZOStepper(adapter, task, estimator, optimizer, grad_accum, seed, shared)

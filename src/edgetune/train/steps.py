@@ -3,7 +3,8 @@
 A stepper owns its optimizer state and exposes `step(rows, step, lr) -> StepResult`,
 `state_dict()` and `load_state_dict()`, so the loop and checkpoints treat both alike.
 Batches are split into `grad_accum` micro-batches; the loss of a step is the mean
-per-example loss over the whole batch either way.
+per-example loss over the whole batch either way. With a shared `Trunk` the frozen bottom
+blocks run once per micro-batch and every forward pass of the step runs only the top.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from edgetune.peft import Adapter
 from edgetune.peft.multicopy import multi_copy, repeat_batch
+from edgetune.train.trunk import FULL_DEPTH, Trunk
 from edgetune.zo import Estimator, ZOEstimate
 from edgetune.zo.optimizers import ZOOptimizer
 from edgetune.zo.prge import PRGEEstimator
@@ -49,8 +51,17 @@ def micro_batches(rows: Sequence[dict], parts: int) -> list[Sequence[dict]]:
 class FirstOrderStepper:
     """Backprop through the adapter with AdamW or SGD, grad accumulation and clipping."""
 
-    def __init__(self, adapter: Adapter, task: Any, optim: Any, grad_accum: int, seed: int):
+    def __init__(
+        self,
+        adapter: Adapter,
+        task: Any,
+        optim: Any,
+        grad_accum: int,
+        seed: int,
+        trunk: Trunk = FULL_DEPTH,
+    ):
         self.adapter, self.task, self.grad_accum, self.seed = adapter, task, grad_accum, seed
+        self.trunk = trunk
         self.grad_clip = optim.grad_clip
         params = adapter.trainable()
         if optim.name == "adamw":
@@ -74,7 +85,9 @@ class FirstOrderStepper:
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(self.seed, step))
             for chunk in micro_batches(rows, self.grad_accum):
-                losses = self.task.example_losses(model, self.task.collate(chunk))
+                batch = self.task.collate(chunk)
+                with self.trunk.top(self.trunk.hidden(batch)):
+                    losses = self.task.example_losses(model, batch)
                 loss = losses.mean() / self.grad_accum
                 loss.backward()
                 total += float(loss.detach())
@@ -109,17 +122,28 @@ class ZOStepper:
         optimizer: ZOOptimizer,
         grad_accum: int,
         seed: int,
+        trunk: Trunk = FULL_DEPTH,
     ):
         self.adapter, self.task, self.estimator = adapter, task, estimator
         self.optimizer, self.grad_accum, self.seed = optimizer, grad_accum, seed
+        self.trunk = trunk
+
+    def batches(self, rows: Sequence[dict]) -> list[tuple[dict, torch.Tensor | None]]:
+        """Each micro-batch of `rows` with its trunk hidden states (None at full depth),
+        computed once for every forward pass of the step."""
+        batches = [self.task.collate(chunk) for chunk in micro_batches(rows, self.grad_accum)]
+        return [(b, self.trunk.hidden(b)) for b in batches]
 
     def loss_fn(self, rows: Sequence[dict]) -> Any:
         """A closure returning the mean per-example loss of `rows` at the current params."""
-        batches = [self.task.collate(chunk) for chunk in micro_batches(rows, self.grad_accum)]
+        batches = self.batches(rows)
 
         @torch.no_grad()
         def loss() -> float:
-            values = [self.task.example_losses(self.adapter.model, b).mean() for b in batches]
+            values = []
+            for batch, hidden in batches:
+                with self.trunk.top(hidden):
+                    values.append(self.task.example_losses(self.adapter.model, batch).mean())
             return float(torch.stack(values).mean())
 
         return loss
@@ -159,26 +183,27 @@ class PRGEStepper(ZOStepper):
         grad_accum: int,
         seed: int,
         copies: Callable[[dict[int, torch.Tensor], int], AbstractContextManager] | None = None,
+        trunk: Trunk = FULL_DEPTH,
     ):
         """`copies(copies, C)` is the context in which the model runs C adapter copies on
-        a C-times repeated batch; default: PEFT multi-copy LoRA (`peft/multicopy.py`)."""
-        super().__init__(adapter, task, estimator, optimizer, grad_accum, seed)
+        a C-times repeated batch; default: PEFT multi-copy LoRA (`peft/multicopy.py`).
+        With a shared trunk the C-times repetition starts at the cut."""
+        super().__init__(adapter, task, estimator, optimizer, grad_accum, seed, trunk)
         self.copies = copies or (lambda c, n: multi_copy(self.adapter.model, c, n))
 
     def copy_losses(self, rows: Sequence[dict]) -> Any:
         """A closure (copies, C) -> mean loss of each copy over `rows`, shape [C]."""
-        batches = [self.task.collate(chunk) for chunk in micro_batches(rows, self.grad_accum)]
+        batches = self.batches(rows)
         model = self.adapter.model
 
         @torch.no_grad()
         def losses(copies: dict[int, torch.Tensor], num_copies: int) -> torch.Tensor:
+            per_batch = []
             with self.copies(copies, num_copies):
-                per_batch = [
-                    self.task.example_losses(model, repeat_batch(b, num_copies))
-                    .view(num_copies, -1)
-                    .mean(1)
-                    for b in batches
-                ]
+                for batch, hidden in batches:
+                    with self.trunk.top(hidden):
+                        each = self.task.example_losses(model, repeat_batch(batch, num_copies))
+                    per_batch.append(each.view(num_copies, -1).mean(1))
             return torch.stack(per_batch).mean(0)
 
         return losses
