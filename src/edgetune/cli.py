@@ -342,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--tta-steps",
         type=at_least(0),
-        default=40,
-        help="zo: ZO steps of the time-to-accuracy runs (0 = skip)",
+        default=60,
+        help="zo: ZO steps of the time-to-accuracy runs, as many as the demo's (0 = skip)",
     )
     bench.add_argument("--plot", default="docs/bench_zo_time_to_accuracy.png")
     bench.add_argument(

@@ -18,8 +18,14 @@ def test_memory_and_zo_headers_give_the_childrens_threads():
     text = memory.render(rows, "m", 8, 128, 3, "a machine")
     assert "Threads: 1 in each measuring process" in text.splitlines()[4]
     step = {"step_s": 1.0, "peak_mb": 10.0, "threads": 2}
-    results = {("inference", r): step for r in (1, 2, 4, 8, 16, 32)}
-    results |= {(m, q): step for m in zo.METHODS for q in zo.QUERIES}
+    results = {("inference", r, zo.BLOCKS): step for r in (1, 2, 4, 8, 16, 32)}
+    results |= {(m, q, zo.BLOCKS): step for m in zo.METHODS for q in zo.QUERIES}
+    results |= {
+        (m, q, k): step
+        for m in ("mezo", "prge", "floor")
+        for q in zo.QUERIES
+        for k in zo.TRUNK_TOPS
+    }
     text = zo.render(results, {}, "m", "lora", 3, 0, "p.png", "B.md", "a machine")
     assert "Threads: 2 in each measuring process" in text.splitlines()[4]
 

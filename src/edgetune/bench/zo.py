@@ -1,13 +1,18 @@
-"""`edgetune bench zo`: P-RGE against sequential MeZO on SmolLM2-135M, same machine, one run.
+"""`edgetune bench zo`: ZO step time with and without the shared trunk, on SmolLM2-135M.
 
-With q * b held at 16 (q in 1, 2, 4, 8; b = 16 / q), on real demo-task batches:
-  - step time of sequential MeZO (2q passes of b rows), P-RGE outer-only (2 passes of q*b
-    rows) and P-RGE outer+inner (1 pass of 2q*b rows), as ratios;
-  - P-RGE step time over ONE inference forward of 2q*b rows (the floor);
-  - peak memory of each vs plain inference over the rows of one of its passes;
-  - time-to-accuracy on the demo task: held-out accuracy against training seconds for
-    MeZO q=1, P-RGE q=4 and first-order LoRA (PNG).
-Every measurement runs in its own child process (peak RSS is per process).
+Same machine, one run, every measurement in its own child process (peak RSS is per
+process). With q * b held at 16 (q in 1, 2, 4, 8; b = 16 / q), on real demo-task batches:
+  - full depth (LoRA on all 30 blocks): sequential MeZO (2q passes of b rows), P-RGE
+    outer-only (2 passes of q*b rows) and outer+inner (1 pass of 2q*b rows), and one
+    inference forward by rows (the floor);
+  - shared trunk: LoRA on the top k blocks (k in `TRUNK_TOPS`; 30 = full depth), MeZO and
+    P-RGE with the bottom 30 - k blocks run once per step, and beside each its floor: one
+    forward over the rows that must run (the trunk over b rows, the top k blocks over
+    2q*b rows);
+  - peak memory of each;
+  - time-to-accuracy on the demo task (`TTA_RUNS`): held-out accuracy against training
+    seconds (PNG), and the seconds each run takes to reach the accuracy that the demo's
+    MeZO setting ends at.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from edgetune.recipes.finetune import run_in_subprocess
 TOTAL = 16  # q * b
 QUERIES = (1, 2, 4, 8)
 METHODS = ("mezo", "prge-outer", "prge")
+BLOCKS = 30  # SmolLM2-135M's transformer blocks
+TRUNK_TOPS = (2, 4, 6, 10, BLOCKS)  # blocks that train; the rest is the shared trunk
 DATA = [
     "--dataset",
     "bbc-news",
@@ -35,17 +42,42 @@ DATA = [
     "--seed",
     "0",
 ]
+# The time-to-accuracy runs: label -> (arguments, steps as a multiple of --tta-steps). The
+# first is the demo's MeZO setting (`recipes/demo.py`). The shared-trunk runs train LoRA on
+# the last k blocks only; a step costs a third to a half of a full-depth one, so they get
+# twice the steps (their accuracy at equal steps is read off the same curve). Their step
+# size: on top-6 LoRA, ZO-SGD at lr 1e-2 and above diverged within 60 steps here (MeZO q=1
+# by step 30, P-RGE q=4 by step 60, after 0.793 at step 30); 5e-3 did not.
+MEZO = ["--method", "zo", "--batch-size", "16"]
+PRGE = ["--method", "prge", "--queries", "4", "--batch-size", "4"]
+TTA_RUNS: dict[str, tuple[list[str], float]] = {
+    "MeZO q=1 (b=16), all blocks (demo)": ([*MEZO, "--lr", "2e-3"], 1.0),
+    "P-RGE q=4 (b=4), all blocks": ([*PRGE, "--lr", "2e-3"], 1.0),
+    "P-RGE q=4 (b=4), top 6, trunk shared": ([*PRGE, "--lr", "5e-3", "peft.layers=top:6"], 2.0),
+    "P-RGE q=4 (b=4), top 10, trunk shared": (
+        [*PRGE, "--lr", "5e-3", "peft.layers=top:10"],
+        2.0,
+    ),
+    "first-order LoRA (b=8), all blocks": (
+        ["--method", "fo", "--batch-size", "8", "--lr", "5e-4"],
+        0.5,
+    ),
+}
 
 
-def child(mode: str, q: int, rows: int, model_spec: str, peft: str, steps: int) -> dict:
-    """Measure one mode in this process: `inference` over `rows` rows, or a ZO step with q
+def child(mode: str, q: int, rows: int, model_spec: str, peft: str, steps: int, top: int) -> dict:
+    """Measure one mode in this process, LoRA on the top `top` blocks with the trunk below
+    them shared: `inference` (full depth) over `rows` rows, `floor` (the trunk over `rows`
+    rows, the top over 2q x `rows`), or a ZO step (`mezo`, `prge-outer`, `prge`) with q
     queries and b = `rows` examples."""
     import torch
 
     from edgetune import models
     from edgetune.data import DataConfig, build_task, load_splits
     from edgetune.peft import PeftConfig, attach
+    from edgetune.peft.multicopy import repeat_batch
     from edgetune.train.steps import PRGEStepper, ZOStepper
+    from edgetune.train.trunk import resolve_trunk
     from edgetune.zo import ZOSGD, MeZOEstimator
     from edgetune.zo.prge import PRGEEstimator
 
@@ -54,21 +86,24 @@ def child(mode: str, q: int, rows: int, model_spec: str, peft: str, steps: int) 
     splits = load_splits(cfg, 0)
     task = build_task(splits, cfg, tokenizer)
     data = task.prepare_rows(splits.train)
-    adapter = attach(model, PeftConfig(method=peft), seed=0)
-    if mode == "inference":
+    layers = "all" if top >= BLOCKS else f"top:{top}"
+    adapter = attach(model, PeftConfig(method=peft, layers=layers), seed=0)
+    trunk = resolve_trunk("auto", adapter.model)
+    if mode in ("inference", "floor"):
         batch = task.collate(data[:rows])
+        repeated = batch if mode == "inference" else repeat_batch(batch, 2 * q)
 
         def step(i: int) -> None:
-            with torch.no_grad():
-                task.example_losses(adapter.model, batch)
+            with torch.no_grad(), trunk.top(trunk.hidden(batch) if mode == "floor" else None):
+                task.example_losses(adapter.model, repeated)
+
     else:
         if mode == "mezo":
-            stepper: Any = ZOStepper(
-                adapter, task, MeZOEstimator(1e-3, q, exact_restore=True), ZOSGD(), 1, 0
-            )
+            estimator = MeZOEstimator(1e-3, q, exact_restore=True)
+            stepper: Any = ZOStepper(adapter, task, estimator, ZOSGD(), 1, 0, trunk)
         else:
             prge = PRGEEstimator(1e-3, q, parallel_inner=mode == "prge")
-            stepper = PRGEStepper(adapter, task, prge, ZOSGD(), 1, 0)
+            stepper = PRGEStepper(adapter, task, prge, ZOSGD(), 1, 0, trunk=trunk)
 
         def step(i: int) -> None:
             stepper.step(data[i * rows : (i + 1) * rows], i, 1e-4)
@@ -78,83 +113,77 @@ def child(mode: str, q: int, rows: int, model_spec: str, peft: str, steps: int) 
         "mode": mode,
         "q": q,
         "rows": rows,
+        "top": top,
+        "trunk_blocks": trunk.cut,
         "step_s": step_s,
         "peak_mb": peak_mb,
         "threads": torch.get_num_threads(),
     }
 
 
-def _spawn(mode: str, q: int, rows: int, model: str, peft: str, steps: int) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgetune.bench.zo",
-        mode,
-        str(q),
-        str(rows),
-        model,
-        peft,
-        str(steps),
-    ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+def _spawn(mode: str, q: int, rows: int, model: str, peft: str, steps: int, top: int) -> dict:
+    cmd = [sys.executable, "-m", "edgetune.bench.zo", mode, str(q), str(rows), model, peft]
+    out = subprocess.run([*cmd, str(steps), str(top)], check=True, capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"[bench zo] {result}", flush=True)
     return result
 
 
 def measure_steps(model: str, peft: str, steps: int) -> dict[tuple, dict]:
-    """All step-time / memory measurements, keyed by (mode, q) or ("inference", rows)."""
+    """All step-time / memory measurements, keyed by (mode, q, top) or
+    ("inference", rows, BLOCKS)."""
     results: dict[tuple, dict] = {}
     for rows in sorted({TOTAL // q for q in QUERIES} | {TOTAL, 2 * TOTAL}):
-        results[("inference", rows)] = _spawn("inference", 1, rows, model, peft, steps)
+        results[("inference", rows, BLOCKS)] = _spawn(
+            "inference", 1, rows, model, peft, steps, BLOCKS
+        )
     for q in QUERIES:
-        for mode in METHODS:
-            results[(mode, q)] = _spawn(mode, q, TOTAL // q, model, peft, steps)
+        results[("prge-outer", q, BLOCKS)] = _spawn(
+            "prge-outer", q, TOTAL // q, model, peft, steps, BLOCKS
+        )
+        for top in TRUNK_TOPS:
+            for mode in ("mezo", "prge", "floor"):
+                results[(mode, q, top)] = _spawn(mode, q, TOTAL // q, model, peft, steps, top)
     return results
 
 
+def cached_steps(path: Path, model: str, peft: str, steps: int) -> dict[tuple, dict]:
+    """`measure_steps`, or the measurements a previous run with the same arguments saved
+    in `path` (the step-time grid takes about 15 minutes; the time-to-accuracy runs can
+    then be redone alone). Delete the file to measure again."""
+    args = {"model": model, "peft": peft, "steps": steps, "tops": list(TRUNK_TOPS)}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("args") == args:
+            print(f"[bench zo] step times from {path} (delete it to measure again)", flush=True)
+            return {_key(r): r for r in saved["results"]}
+    results = measure_steps(model, peft, steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"args": args, "results": list(results.values())}, indent=1))
+    return results
+
+
+def _key(result: dict) -> tuple:
+    if result["mode"] == "inference":
+        return ("inference", result["rows"], BLOCKS)
+    return (result["mode"], result["q"], result["top"])
+
+
 def time_to_accuracy(model: str, out: Path, steps: int) -> dict[str, Path]:
-    """Fine-tune MeZO q=1, P-RGE q=4 and FO LoRA on the demo task; return their run dirs."""
-    runs = {
-        "MeZO q=1 (b=16)": [
-            "--method",
-            "zo",
-            "--batch-size",
-            "16",
-            "--lr",
-            "2e-3",
-            "--steps",
-            str(steps),
-        ],
-        "P-RGE q=4 (b=4)": [
-            "--method",
-            "prge",
-            "--queries",
-            "4",
-            "--batch-size",
-            "4",
-            "--lr",
-            "2e-3",
-            "--steps",
-            str(steps),
-        ],
-        "first-order LoRA (b=8)": [
-            "--method",
-            "fo",
-            "--batch-size",
-            "8",
-            "--lr",
-            "5e-4",
-            "--steps",
-            str(max(steps // 2, 1)),
-        ],
-    }
+    """Fine-tune each of `TTA_RUNS` on the demo task, evaluating 6 times; return their run
+    directories."""
     dirs = {}
-    for i, (label, args) in enumerate(runs.items()):
+    for i, (label, (args, factor)) in enumerate(TTA_RUNS.items()):
         target = out / f"tta-{i}"
-        every = max(int(args[args.index("--steps") + 1]) // 4, 1)
+        count = max(int(steps * factor), 1)
+        every = max(count // 6, 1)
         print(f"[bench zo] time-to-accuracy: {label}", flush=True)
-        run_in_subprocess(target, model, [*DATA, *args, f"train.eval_every={every}"], quiet=True)
+        run_in_subprocess(
+            target,
+            model,
+            [*DATA, *args, "--steps", str(count), f"train.eval_every={every}"],
+            quiet=True,
+        )
         dirs[label] = target
     return dirs
 
@@ -166,7 +195,7 @@ def _accuracy_vs_seconds(run: Path) -> list[dict[str, float]]:
     seconds = {r["step"]: r["train_s"] for r in rd.read_metrics("timing.jsonl")}
     seconds[0] = 0.0
     return [
-        {"train_s": seconds[r["step"]], "eval/accuracy": r["eval/accuracy"]}
+        {"step": r["step"], "train_s": seconds[r["step"]], "eval/accuracy": r["eval/accuracy"]}
         for r in rd.read_metrics()
         if "eval/accuracy" in r
     ]
@@ -177,8 +206,8 @@ def run(model: str, peft: str, steps: int, tta_steps: int, output: str, plot: st
     from edgetune.bench.markdown import machine_line, write_section
     from edgetune.report.plots import plot_metric
 
-    results = measure_steps(model, peft, steps)
     work = Path("runs") / "bench-zo"
+    results = cached_steps(work / "steps.json", model, peft, steps)
     dirs = time_to_accuracy(model, work, tta_steps) if tta_steps else {}
     curves = {label: _accuracy_vs_seconds(d) for label, d in dirs.items()}
     if curves:
@@ -206,16 +235,18 @@ def render(
     machine: str,
 ) -> str:
     """The Markdown section."""
-    inf = {rows: r for (mode, rows), r in results.items() if mode == "inference"}
+    inf = {rows: r for (mode, rows, _), r in results.items() if mode == "inference"}
     lines = [
-        "## P-RGE vs sequential MeZO (`edgetune bench zo`)",
+        "## ZO step time: P-RGE, sequential MeZO and the shared trunk (`edgetune bench zo`)",
         "",
         f"Command: `edgetune bench zo --model {model} --peft {peft} --steps {steps} "
         f"--tta-steps {tta_steps}`  ",
         f"Machine: {machine}  ",
         threads_line([r.get("threads", 0) for r in results.values()], "measuring process"),
-        f"q x b = {TOTAL} examples per step, 64-token BBC News prompts, LoRA ({peft}) on all "
-        "projections; median of the timed steps after a warm-up step, each in its own process.",
+        f"q x b = {TOTAL} examples per step, 64-token BBC News prompts; median of the timed "
+        "steps after a warm-up step, each configuration in its own process.",
+        "",
+        f"### Full depth: LoRA ({peft}) on all {BLOCKS} blocks",
         "",
         "| q | b | MeZO (s) | P-RGE outer (s) | P-RGE outer+inner (s) | speed-up outer | "
         "speed-up outer+inner | P-RGE / 1 fwd of 2qb | peak MB MeZO / outer / both | "
@@ -224,7 +255,7 @@ def render(
     ]
     for q in QUERIES:
         b = TOTAL // q
-        m, o, p = (results[(mode, q)] for mode in METHODS)
+        m, o, p = (results[(mode, q, BLOCKS)] for mode in METHODS)
         floor = inf[2 * TOTAL]["step_s"]
         ratios = (
             m["peak_mb"] / inf[b]["peak_mb"],
@@ -244,26 +275,94 @@ def render(
             f"{rows} rows {r['step_s']:.2f} s / {r['peak_mb']:.0f} MB"
             for rows, r in sorted(inf.items())
         ),
+        "",
+        *render_trunk(results),
     ]
     if curves:
-        rel = (
-            Path(plot).resolve().relative_to(Path(output).resolve().parent)
-            if Path(plot).resolve().is_relative_to(Path(output).resolve().parent)
-            else Path(plot)
-        )
-        lines += [
-            "",
-            "Time to accuracy (held-out accuracy, 150 articles, against cumulative "
-            "training seconds, evaluation excluded):",
-            "",
-        ]
-        for label, points in curves.items():
-            trail = ", ".join(f"{pt['train_s']:.0f}s: {pt['eval/accuracy']:.3f}" for pt in points)
-            lines.append(f"- {label}: {trail}")
-        lines += ["", f"![time to accuracy]({rel})"]
+        lines += ["", *render_curves(curves, plot, output)]
     return "\n".join(lines)
 
 
+def render_trunk(results: dict) -> list[str]:
+    """The shared-trunk table and its headline against sequential MeZO at full depth."""
+    lines = [
+        "### Shared trunk: LoRA on the top k blocks, the other 30 - k run once per step",
+        "",
+        "Floor: one forward over the rows that must run (the trunk over b rows, the top k "
+        "blocks over 2q*b rows). Speed-ups are against sequential MeZO at the same q on "
+        "all 30 blocks (the table above).",
+        "",
+        "| q | b | top k | MeZO (s) | P-RGE (s) | floor (s) | P-RGE / floor | "
+        "speed-up MeZO | speed-up P-RGE | peak MB MeZO / P-RGE |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for q in QUERIES:
+        base = results[("mezo", q, BLOCKS)]["step_s"]
+        for top in TRUNK_TOPS:
+            m, p, f = (results[(mode, q, top)] for mode in ("mezo", "prge", "floor"))
+            lines.append(
+                f"| {q} | {TOTAL // q} | {top} | {m['step_s']:.2f} | {p['step_s']:.2f} | "
+                f"{f['step_s']:.2f} | {p['step_s'] / f['step_s']:.2f} | "
+                f"{base / m['step_s']:.2f}x | {base / p['step_s']:.2f}x | "
+                f"{m['peak_mb']:.0f} / {p['peak_mb']:.0f} |"
+            )
+    if 4 in QUERIES:
+        base = results[("mezo", 4, BLOCKS)]["step_s"]
+        best = min(
+            (t for t in TRUNK_TOPS if t < BLOCKS), key=lambda t: results[("prge", 4, t)]["step_s"]
+        )
+        fastest = results[("prge", 4, best)]["step_s"]
+        six = results[("prge", 4, 6)]["step_s"] if 6 in TRUNK_TOPS else fastest
+        lines += [
+            "",
+            f"P-RGE with the trunk shared at q = 4: {base / six:.2f}x faster per step than "
+            f"sequential MeZO at q = 4 on all blocks with k = 6 ({six:.2f} s against "
+            f"{base:.2f} s), {base / fastest:.2f}x at k = {best} (target: at least 2x).",
+        ]
+    return lines
+
+
+def reached(points: list[dict[str, float]], accuracy: float) -> float | None:
+    """Training seconds at the first evaluation at or above `accuracy` (None: never)."""
+    return next((p["train_s"] for p in points if p["eval/accuracy"] >= accuracy), None)
+
+
+def render_curves(curves: dict, plot: str, output: str) -> list[str]:
+    """Each run's accuracy trail and its time to the demo setting's final accuracy."""
+    rel = (
+        Path(plot).resolve().relative_to(Path(output).resolve().parent)
+        if Path(plot).resolve().is_relative_to(Path(output).resolve().parent)
+        else Path(plot)
+    )
+    demo_label = next(iter(curves))
+    demo = curves[demo_label]
+    target = demo[-1]["eval/accuracy"]
+    demo_s = reached(demo, target)
+    lines = [
+        "Time to accuracy (held-out accuracy, 150 articles, against cumulative training "
+        f"seconds, evaluation excluded). Target: the accuracy the first run ends at, "
+        f"{target:.3f}.",
+        "",
+        "| run | steps | final accuracy | training s | s to reach "
+        f"{target:.3f} | faster than the demo setting |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, points in curves.items():
+        seconds = reached(points, target)
+        ratio = f"{demo_s / seconds:.2f}x" if seconds and demo_s else "-"
+        lines.append(
+            f"| {label} | {points[-1]['step']} | {points[-1]['eval/accuracy']:.3f} | "
+            f"{points[-1]['train_s']:.0f} | {f'{seconds:.0f}' if seconds is not None else 'not reached'} "
+            f"| {ratio} |"
+        )
+    lines.append("")
+    for label, points in curves.items():
+        trail = ", ".join(f"{pt['train_s']:.0f}s: {pt['eval/accuracy']:.3f}" for pt in points)
+        lines.append(f"- {label}: {trail}")
+    lines += ["", f"![time to accuracy]({rel})"]
+    return lines
+
+
 if __name__ == "__main__":
-    mode, q, rows, spec, peft, n = sys.argv[1:7]
-    print(json.dumps(child(mode, int(q), int(rows), spec, peft, int(n))))
+    mode, q, rows, spec, peft, n, top = sys.argv[1:8]
+    print(json.dumps(child(mode, int(q), int(rows), spec, peft, int(n), int(top))))

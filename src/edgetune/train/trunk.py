@@ -7,7 +7,8 @@ feed them the same rows through the same frozen weights. So a step runs those bl
 over its b rows (under no_grad), keeps the hidden states (b x T x hidden, fp32), and each
 loss evaluation runs only the top K blocks, the final norm and the head. P-RGE's batch
 repetition moves from the input to the cut: the cached states are repeated 2q times. A
-first-order step gets the same cut: no forward graph and no backward through frozen blocks.
+first-order step takes the same path, which changes nothing in its cost: it runs each block
+once per row either way, and autograd records nothing below the lowest trainable tensor.
 
 The split reuses the model's own forward for both halves, so the attention mask, the
 position ids and the rotary embeddings are computed exactly as in a full pass:
