@@ -316,9 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="tiny settings (for tests)")
     demo.add_argument(
         "--zo",
-        choices=["zo", "prge"],
-        default="zo",
-        help="zeroth-order method of the demo: sequential MeZO or P-RGE",
+        choices=["prge-top6", "mezo", "prge"],
+        default="prge-top6",
+        help="the demo's zeroth-order run: P-RGE q=4 on the top 6 blocks (the frozen trunk "
+        "below runs once per step), sequential MeZO on all blocks, or P-RGE on all blocks",
     )
     _add_threads_flag(demo)
 

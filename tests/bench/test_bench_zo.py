@@ -1,5 +1,5 @@
 """`edgetune bench zo`'s arithmetic: speed-ups against sequential MeZO at full depth and
-the seconds each run takes to reach the demo setting's final accuracy."""
+the seconds each run takes to reach the reference run's final accuracy."""
 
 from __future__ import annotations
 

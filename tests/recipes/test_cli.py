@@ -113,8 +113,13 @@ def test_generate_continues_a_story(cli, capsys, stories260k_path):
     assert len(text.split()) >= 3
 
 
-@pytest.mark.parametrize("zo, label", [("zo", "ZO LoRA (MeZO)"), ("prge", "ZO LoRA (P-RGE, q=4)")])
-def test_quick_demo_writes_report_and_plot(tmp_path, cli, stories260k_path, shared_data, zo, label):
+@pytest.mark.parametrize(
+    "zo, label, method",
+    [("prge-top6", "ZO LoRA (P-RGE q=4, top 6 blocks)", "prge"), ("mezo", "ZO LoRA (MeZO)", "zo")],
+)
+def test_quick_demo_writes_report_and_plot(
+    tmp_path, cli, stories260k_path, shared_data, zo, label, method
+):
     del shared_data
     args = ["demo", "--quick", "--zo", zo, "--model", str(stories260k_path), "--out", str(tmp_path)]
     assert cli(args) == 0
@@ -123,7 +128,11 @@ def test_quick_demo_writes_report_and_plot(tmp_path, cli, stories260k_path, shar
     assert "## Federated: FedIT over a mixed fleet" in report and "| device |" in report
     assert (tmp_path / "fed" / "report.md").exists()
     config = (tmp_path / "zo" / "config.yaml").read_text()
-    assert f"method: {zo}" in config
+    assert f"method: {method}" in config
+    # the default runs LoRA on the top blocks only (2 of 5 here), the 3 below as the trunk
+    trunk = json.loads((tmp_path / "zo" / "summary.json").read_text())["trunk_blocks"]
+    assert trunk == (3 if zo == "prge-top6" else 0)
+    assert ("on the top 2 blocks" in report) == (zo == "prge-top6")
     assert "| first-order LoRA |" in report
     png = (tmp_path / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
