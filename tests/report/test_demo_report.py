@@ -18,7 +18,7 @@ def test_demo_report_opens_with_the_settings_of_each_run(finetune_run):
         "eval/accuracy",
         str(config["model"]),
         12.34,
-        demo.LABELS,
+        {"zo": demo.ZO_LABELS["mezo"], **demo.LABELS},  # the fixture is a MeZO run
         configs,
     )
     lines = text.splitlines()
