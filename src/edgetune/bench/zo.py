@@ -25,6 +25,7 @@ from typing import Any
 
 from edgetune.bench.markdown import threads_line
 from edgetune.bench.memory import timed_steps
+from edgetune.recipes.demo import PRGE
 from edgetune.recipes.finetune import run_in_subprocess
 
 TOTAL = 16  # q * b
@@ -50,7 +51,6 @@ DATA = [
 # size: on top-6 LoRA, ZO-SGD at lr 1e-2 and above diverged within 60 steps here (MeZO q=1
 # by step 30, P-RGE q=4 by step 60, after 0.793 at step 30); 5e-3 did not.
 MEZO = ["--method", "zo", "--batch-size", "16"]
-PRGE = ["--method", "prge", "--queries", "4", "--batch-size", "4"]
 TTA_RUNS: dict[str, tuple[list[str], float]] = {
     "MeZO q=1 (b=16), all blocks (reference)": ([*MEZO, "--lr", "2e-3"], 1.0),
     "P-RGE q=4 (b=4), all blocks": ([*PRGE, "--lr", "2e-3"], 1.0),
