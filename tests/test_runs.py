@@ -39,3 +39,17 @@ def test_existing_run_is_never_silently_overwritten(tmp_path):
 def test_resume_of_a_missing_run_says_so(tmp_path):
     with pytest.raises(EdgetuneError, match="cannot resume"):
         RunDir(tmp_path / "nothing", resume=True)
+
+
+def test_peak_rss_keeps_the_peak_from_before_a_reset():
+    import torch
+
+    from edgetune.runs import peak_rss_mb, reset_peak_rss, status_mb
+
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+    with_block = status_mb("VmRSS")
+    del block  # a large block is unmapped: resident size falls
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not allow resetting the peak mark")
+    assert status_mb("VmHWM") < with_block - 32  # the kernel's mark forgot the block
+    assert peak_rss_mb() >= with_block  # the process's peak did not

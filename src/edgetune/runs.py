@@ -40,23 +40,31 @@ RUN_FILES = (
 RUN_FOLDERS = ("checkpoints", "state", "state.tmp", "adapter", "model")
 
 
-_peak_before_reset = 0.0
+# The largest resident size this process has seen: kernel marks from before any
+# `reset_peak_rss`, and every `status_mb` reading. The kernel's own mark (VmHWM, which
+# ru_maxrss also reads) is not raised when reclaim drops mapped file pages, so a VmRSS
+# reading taken earlier can exceed the mark read later; both count toward the peak.
+_peak_seen = 0.0
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (Linux reports KB), including
-    peaks from before any `reset_peak_rss`."""
+    peaks from before any `reset_peak_rss` and every `status_mb` reading."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return max(own, _peak_before_reset)
+    return max(own, _peak_seen)
 
 
 def status_mb(field: str) -> float:
     """A memory field of /proc/self/status (VmHWM = peak RSS, VmRSS = current), in MB."""
+    global _peak_seen
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
                 if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
+                    mb = int(line.split()[1]) / 1024.0
+                    if field in ("VmRSS", "VmHWM"):
+                        _peak_seen = max(_peak_seen, mb)
+                    return mb
     except OSError:
         pass
     return float("nan")
@@ -65,8 +73,8 @@ def status_mb(field: str) -> float:
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so the next
     `status_mb("VmHWM")` measures only what follows. False where Linux does not allow it."""
-    global _peak_before_reset
-    _peak_before_reset = max(_peak_before_reset, peak_rss_mb(), status_mb("VmHWM"))
+    global _peak_seen
+    _peak_seen = max(_peak_seen, peak_rss_mb(), status_mb("VmHWM"))
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")

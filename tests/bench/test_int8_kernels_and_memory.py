@@ -32,12 +32,11 @@ def test_kernel_timings_rows(stories260k_path):
 def test_int8_zo_memory_child_runs_mezo_steps(stories260k_path):
     row = child("int8-zo-inprocess", str(stories260k_path), batch=2, seq=8, steps=1)
     assert row["mode"] == "int8-zo-inprocess"
-    # Resident size is not monotonic (the kernel may drop clean file pages between two
-    # readings), so each reading is bounded by the process's lifetime peak, not by the next;
-    # the kernel's two peak counters (VmHWM, ru_maxrss) may differ by its batched page counts.
-    slack = 1.0
-    assert 0 < row["runtime_mb"] <= row["after_load_mb"] <= row["process_peak_mb"] + slack
-    assert 0 < row["steps_peak_mb"] <= row["process_peak_mb"] + slack
+    # Resident size is not monotonic (reclaim may drop mapped file pages between two
+    # readings without raising the kernel's peak mark), so each reading is bounded by the
+    # process's lifetime peak, which counts every reading the process took, not by the next.
+    for reading in ("runtime_mb", "after_load_mb", "steps_peak_mb"):
+        assert 0 < row[reading] <= row["process_peak_mb"], reading
     assert row["step_s"] > 0 and row["threads"] == torch.get_num_threads()
 
 
