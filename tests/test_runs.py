@@ -42,13 +42,18 @@ def test_resume_of_a_missing_run_says_so(tmp_path):
 
 
 def test_peak_rss_keeps_the_peak_from_before_a_reset():
-    import torch
+    import mmap
 
     from edgetune.runs import peak_rss_mb, reset_peak_rss, status_mb
 
-    block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+    # An anonymous mapping, not an allocator's block: the allocator may reuse resident
+    # memory or keep it after a free, the kernel unmaps this one on close.
+    size = 64 * 2**20
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1  # touch every page: resident
     with_block = status_mb("VmRSS")
-    del block  # a large block is unmapped: resident size falls
+    block.close()
     if not reset_peak_rss():
         pytest.skip("this kernel does not allow resetting the peak mark")
     assert status_mb("VmHWM") < with_block - 32  # the kernel's mark forgot the block
