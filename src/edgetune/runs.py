@@ -74,7 +74,7 @@ def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so the next
     `status_mb("VmHWM")` measures only what follows. False where Linux does not allow it."""
     global _peak_seen
-    _peak_seen = max(_peak_seen, peak_rss_mb(), status_mb("VmHWM"))
+    _peak_seen = max(peak_rss_mb(), status_mb("VmHWM"))  # the first holds _peak_seen
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
