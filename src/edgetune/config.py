@@ -25,13 +25,16 @@ from edgetune.errors import ConfigError
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with help text (mutable defaults are copied per instance)."""
+def option(default: Any, help: str, **metadata: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with help text (mutable defaults are copied per instance).
+
+    `metadata` tells the code that reads the field more about it; a section may declare
+    its own (`simulator_only` in `fed/config.py`).
+    """
+    meta = {"help": help, **metadata}
     if isinstance(default, list | dict):
-        return dataclasses.field(
-            default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs
-        )
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def check_choice(section: str, name: str, value: Any, choices: typing.Iterable[str]) -> None:

@@ -7,7 +7,8 @@ learning rate; the first-order optimizer) and the `zo` settings its algorithm's
 estimator reads; everything else in those sections belongs to a single-device run, and
 `check_read_by_federation` refuses it when given (differs from its default), as it does
 the `fed` settings of other algorithms (each algorithm lists the ones it reads, beside
-its module: `FED_SETTINGS`).
+its module: `FED_SETTINGS`). A `fed` setting marked `simulator_only` (the simulated clock,
+attacks) is refused on Flower by `check_read_by_flower`.
 """
 
 from __future__ import annotations
@@ -71,8 +72,19 @@ class FedConfig:
     min_clients: int = option(
         1, "aggregate a round only if this many updates arrived; else the model stays"
     )
-    deadline_s: float = option(0.0, "simulated round deadline in seconds (0 = none)")
-    host_gflops: float = option(140.0, "this machine's sustained GFLOP/s, to scale work")
+    deadline_s: float = option(
+        0.0,
+        "simulated round deadline in seconds (0 = none)",
+        simulator_only="a Flower round takes real time, and ends when the replies are in "
+        "or --round-timeout passes; there is no simulated clock to miss a deadline on, so "
+        "FedSpine's spine.deadline_penalty would never apply either",
+    )
+    host_gflops: float = option(
+        140.0,
+        "this machine's sustained GFLOP/s, to scale work",
+        simulator_only="it scales this machine's compute time to the simulated devices' "
+        "speeds; a Flower device trains at its own speed and its time is measured",
+    )
     server_optimizer: str = option("fedavg", "fedit: fedavg | fedavgm | fedadam | fedyogi")
     server_lr: float = option(1.0, "server learning rate applied to the aggregated delta")
     server_momentum: float = option(0.9, "fedavgm momentum / fedadam beta1")
@@ -93,6 +105,8 @@ class FedConfig:
         "",
         "simulator only: KIND:FRACTION malicious clients, KIND = signflip | scale | noise | "
         "nan | lie-count | big-scalar (fedkseed), e.g. signflip:0.2 ('' = none)",
+        simulator_only="a Flower federation's devices are real, and the server does not "
+        "make their updates malicious",
     )
 
     def __post_init__(self) -> None:
@@ -274,6 +288,24 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
             raise ConfigError(
                 f"fed.{name}={value!r} is not read by fed.algorithm={cfg.fed.algorithm} "
                 f"with fed.aggregator={cfg.fed.aggregator} (it is read with {used}); drop it"
+            )
+
+
+def check_read_by_flower(cfg: FederateConfig) -> None:
+    """Refuse the settings only the in-process simulator honours (`simulator_only` on the
+    field) when the rounds run on Flower; `edgetune flower run` calls it before launching.
+
+    Raises:
+        ConfigError: names the setting, why Flower cannot honour it, and the fix.
+    """
+    for field in dataclasses.fields(FedConfig):
+        why = field.metadata.get("simulator_only")
+        value = _given(cfg, f"fed.{field.name}") if why else None
+        if value is not None:
+            raise ConfigError(
+                f"fed.{field.name}={value!r} is a simulator setting that Flower cannot "
+                f"honour ({why}); drop it, or run the simulated federation with "
+                "`edgetune federate`"
             )
 
 

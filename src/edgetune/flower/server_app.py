@@ -29,7 +29,6 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from edgetune.errors import ConfigError
 from edgetune.fed.payloads import PayloadError
 from edgetune.flower.client_app import CONTROL
 from edgetune.flower.codec import carried_bytes, from_records, payload_bytes, to_records
@@ -224,18 +223,14 @@ def serve(grid: Grid, run_dir: Path, resume: bool, timeout: float, wait_s: float
     from edgetune.config import config_from_run
     from edgetune.fed.algorithms import build_algorithm, roles
     from edgetune.fed.checkpoint import load_round
-    from edgetune.fed.config import FederateConfig
+    from edgetune.fed.config import FederateConfig, check_read_by_flower
     from edgetune.fed.rounds import run_rounds
     from edgetune.fed.session import config_text, setup, summarize
     from edgetune.runs import RunDir
 
     start = time.perf_counter()
     cfg = config_from_run(FederateConfig, run_dir, [])
-    if cfg.fed.attack:
-        raise ConfigError(
-            f"fed.attack={cfg.fed.attack} is a simulator option (edgetune federate); a "
-            "Flower federation's devices are real: drop fed.attack"
-        )
+    check_read_by_flower(cfg)  # `flower run` refused these before launch; `flwr run` did not
     run = RunDir(run_dir, resume=True)
     fed = setup(cfg)
     algo = build_algorithm(fed.cfg, fed)

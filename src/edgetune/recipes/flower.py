@@ -4,6 +4,8 @@
 `run` writes the same run directory as `edgetune federate` (config.yaml first, then the
 ServerApp fills metrics.jsonl, clients.jsonl, state/, adapter/, summary.json) and renders
 the report; `--local N` brings up N SuperNodes for the run and stops them afterwards.
+Settings only the simulator honours (the simulated clock, attacks) are refused before
+anything starts.
 Both start with TLS and SuperNode authentication (keys in HOME/certs) unless `--insecure`,
 and share the command's `--threads` among the SuperNodes.
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 from edgetune.config import to_dict
 from edgetune.errors import EdgetuneError
+from edgetune.fed.config import check_read_by_flower
 from edgetune.fed.session import resume_point
 from edgetune.runs import RunDir
 
@@ -86,6 +89,7 @@ def run(cfg: Any, args: Any) -> dict:
     from edgetune.report.federated import render
 
     _refuse_local_flags_without_local(args)
+    check_read_by_flower(cfg)
     resume = bool(args.resume)
     rundir = RunDir(cfg.out, resume=resume, overwrite=args.overwrite)
     if resume:
