@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edgetune.config import build, describe, parse_override, resolve_config
+from edgetune.config import absolute_paths, build, describe, parse_override, resolve_config
 from edgetune.errors import ConfigError
+from edgetune.fed.config import FederateConfig
 from edgetune.recipes.finetune import FinetuneConfig
 
 
@@ -68,3 +69,24 @@ def test_every_leaf_key_has_help():
     rows = describe(FinetuneConfig)
     assert {"train.steps", "peft.rank", "zo.queries", "data.dataset"} <= {k for k, _, _ in rows}
     assert all(help_text for _, _, help_text in rows), [k for k, _, h in rows if not h]
+
+
+def test_absolute_paths_resolves_local_paths_and_keeps_names(tmp_path, monkeypatch):
+    # Prepare: a data file and a fleet file here, a folder that shadows a built-in name
+    (tmp_path / "d.csv").write_text("sentence,label\na,good\n")
+    (tmp_path / "f.yaml").write_text("fleet: []\n")
+    (tmp_path / "sst2").mkdir()
+    monkeypatch.chdir(tmp_path)
+    flags = {"data.dataset": "d.csv", "fed.fleet": "f.yaml", "model": "tiny-missing"}
+    cfg = resolve_config(FederateConfig, None, ["data.eval_split=sst2"], flags)
+    # Execute
+    resolved = absolute_paths(cfg)
+    # Assert: existing paths are absolute; a missing path and an unset one are as given
+    assert resolved.data.dataset == str(tmp_path / "d.csv")
+    assert resolved.fed.fleet == str(tmp_path / "f.yaml")
+    assert resolved.data.eval_split == str(tmp_path / "sst2")
+    assert resolved.model == "tiny-missing" and resolved.fed.export == ""
+    # ... and a built-in name stays a name even where a folder of that name exists
+    builtin = absolute_paths(resolve_config(FederateConfig, None, [], {"data.dataset": "sst2"}))
+    assert builtin.data.dataset == "sst2"
+    assert cfg.data.dataset == "d.csv"  # the config given is left as it was

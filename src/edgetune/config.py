@@ -28,8 +28,10 @@ T = TypeVar("T")
 def option(default: Any, help: str, **metadata: Any) -> Any:  # noqa: A002 - mirrors argparse
     """A dataclass field with help text (mutable defaults are copied per instance).
 
-    `metadata` tells the code that reads the field more about it; a section may declare
-    its own (`simulator_only` in `fed/config.py`).
+    `metadata` tells the code that reads the field more about it: `path=NAMES` marks a
+    local file or folder, NAMES being the values that are not paths (built-in names,
+    which the loader tries first; `()` for none), see `absolute_paths`; a section may
+    declare its own (`simulator_only` in `fed/config.py`).
     """
     meta = {"help": help, **metadata}
     if isinstance(default, list | dict):
@@ -199,6 +201,24 @@ def resolve_config(
     for text in overrides:
         set_dotted(tree, *parse_override(text))
     return build(cls, tree)
+
+
+def absolute_paths(cfg: T) -> T:
+    """`cfg` with every `path` setting that names an existing local file or folder made
+    absolute, so a process started in another working directory (Flower's ServerApp and
+    ClientApps) reads the same files. Built-in names, hub ids and paths that do not exist
+    here are kept as given (the loader reports them).
+    """
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = absolute_paths(value)
+        elif "path" in f.metadata and isinstance(value, str) and value:
+            path = Path(value).expanduser()
+            if value not in f.metadata["path"] and path.exists():
+                changes[f.name] = str(path.resolve())
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import string
 from dataclasses import dataclass
 
 from edgetune.config import option
+from edgetune.data.builtin import BUILTIN_DATASETS
 from edgetune.errors import ConfigError
 
 TASK_NAMES = ("classification", "instruction", "lm")
@@ -44,7 +45,11 @@ class DataConfig:
             held-out slice of the training data.
     """
 
-    dataset: str = option("bbc-news", "built-in name, data file (.tsv/.csv/.jsonl/.txt) or hub id")
+    dataset: str = option(
+        "bbc-news",
+        "built-in name, data file (.tsv/.csv/.jsonl/.txt) or hub id",
+        path=BUILTIN_DATASETS,
+    )
     task: str | None = option(None, "classification | instruction | lm (default: inferred)")
     text_fields: list[str] | None = option(None, "text column(s), e.g. title,description")
     label_field: str | None = option(None, "classification label column")
@@ -57,7 +62,7 @@ class DataConfig:
     eval_size: int = option(200, "held-out evaluation examples (0 = none)")
     train_size: int | None = option(None, "cap on training examples")
     max_new_tokens: int = option(32, "generated tokens per instruction eval example")
-    eval_split: str | None = option(None, "file or split name to evaluate on instead")
+    eval_split: str | None = option(None, "file or split name to evaluate on instead", path=())
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset.strip():

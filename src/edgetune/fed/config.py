@@ -24,8 +24,10 @@ from edgetune.errors import ConfigError
 from edgetune.fed.aggregate import AGGREGATORS
 from edgetune.fed.algorithms import ALGORITHMS
 from edgetune.fed.attacks import parse_attack
+from edgetune.fed.fleet import BUILTIN_FLEETS, BUILTIN_PROFILES
 from edgetune.fed.hetlora import RANK_AGGREGATIONS
 from edgetune.fed.spine.config import SpineConfig
+from edgetune.models.builtin import BUILTIN_MODELS
 from edgetune.peft import PeftConfig
 from edgetune.train import OptimConfig, TrainConfig
 from edgetune.zo import ZOConfig
@@ -60,11 +62,16 @@ class FedConfig:
         "auto (dirichlet:0.5 for classification, else iid) | iid | dirichlet:A | shards:K "
         "| quantity:A",
     )
-    fleet: str = option("mixed", "built-in fleet or profile name, or a YAML file")
+    fleet: str = option(
+        "mixed",
+        "built-in fleet or profile name, or a YAML file",
+        path=BUILTIN_FLEETS.keys() | BUILTIN_PROFILES.keys(),
+    )
     export: str = option(
         "",
         "export folder (edgetune export --lora-rank R, or --adapter) whose graph the fleet's "
         "devices with a runtime (ort | executorch) train through ('' = none)",
+        path=(),
     )
     rounds: int = option(5, "federated rounds")
     local_steps: int = option(5, "local steps per client per round")
@@ -170,7 +177,9 @@ class FedConfig:
 class FederateConfig:
     """Everything a federated run needs (YAML sections = the nested fields)."""
 
-    model: str = option("smollm2-135m", "built-in name, HF folder, .gguf file or hub id")
+    model: str = option(
+        "smollm2-135m", "built-in name, HF folder, .gguf file or hub id", path=BUILTIN_MODELS
+    )
     seed: int = option(0, "run seed: split, partition, selection, adapter init, seeds")
     out: str = option("runs/federate", "run directory")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

@@ -20,7 +20,9 @@ a budget of torch threads (`edgetune.threads`); the SuperLink (whose ServerApp e
 while the nodes wait) gets all of it, each SuperNode an equal share.
 
 `launch` runs `flwr run` on edgetune's Flower app for a run directory whose config.yaml
-is already written, streams the server's log, and returns when the run ends.
+is already written, streams the server's log, and returns when the run ends. `flwr run`
+exits 0 even when the ServerApp raised, so the ServerApp leaves its error in
+`RUN/SERVER_ERROR` and `launch` raises it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 # fixed in Flower 1.41.)
 FAST_POLLING = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 WORKER_START_S = 60.0
+SERVER_ERROR = "server-error.txt"  # in the run directory: why the ServerApp stopped
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -404,17 +407,25 @@ def launch(
     wait for the run to end.
 
     Raises:
-        EdgetuneError: the run did not finish (no summary.json); names the logs to read.
+        EdgetuneError: the run did not finish (no summary.json): the ServerApp's own error
+            first if it left one, and the logs to read.
     """
     run_config = (
         f'run-dir="{Path(run_dir).resolve()}" resume={str(resume).lower()} '
         f"round-timeout={float(round_timeout)} wait-nodes={float(wait_nodes)}"
     )
-    summary = Path(run_dir) / "summary.json"
+    summary, error = Path(run_dir) / "summary.json", Path(run_dir) / SERVER_ERROR
     summary.unlink(missing_ok=True)
+    error.unlink(missing_ok=True)
     argv = ["flwr", "run", str(APP_DIR), *([connection] if connection else [])]
     argv += ["--run-config", run_config, "--stream"]
     done = subprocess.run(argv, env=flower_env(Path(home).resolve()), check=False)
+    if error.exists():
+        raise EdgetuneError(
+            f"the Flower ServerApp stopped: {error.read_text().strip()}\n(flwr run exited "
+            f"with {done.returncode}; its output is above, and the SuperLink's log is in "
+            f"{Path(home) / 'logs'})"
+        )
     if done.returncode != 0 or not summary.exists():
         raise EdgetuneError(
             f"the Flower run did not finish (flwr run exited with {done.returncode}); its "

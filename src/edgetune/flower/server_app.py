@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from edgetune.errors import EdgetuneError
 from edgetune.fed.payloads import PayloadError
 from edgetune.flower.client_app import CONTROL
 from edgetune.flower.codec import carried_bytes, from_records, payload_bytes, to_records
+from edgetune.flower.local import SERVER_ERROR
 
 app = ServerApp()
 
@@ -40,13 +43,27 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls on the SuperLink side."""
     rc = context.run_config
-    serve(
-        grid,
-        Path(str(rc["run-dir"])),
-        bool(rc.get("resume", False)),
-        float(rc.get("round-timeout", 600.0)),
-        float(rc.get("wait-nodes", 120.0)),
-    )
+    run_dir = Path(str(rc["run-dir"]))
+    try:
+        serve(
+            grid,
+            run_dir,
+            bool(rc.get("resume", False)),
+            float(rc.get("round-timeout", 600.0)),
+            float(rc.get("wait-nodes", 120.0)),
+        )
+    except Exception as exc:
+        leave_error(run_dir, exc)
+        raise
+
+
+def leave_error(run_dir: Path, exc: Exception) -> None:
+    """Write why the ServerApp stopped into the run directory, where `launch` reads it
+    (`flwr run` itself exits 0): a user's error as its message, a bug with its traceback."""
+    user = isinstance(exc, EdgetuneError)
+    text = str(exc) if user else "".join(traceback.format_exception(exc))
+    if run_dir.is_dir():
+        (run_dir / SERVER_ERROR).write_text(text)
 
 
 # How often the server asks the SuperLink for replies. Flower's own send_and_receive

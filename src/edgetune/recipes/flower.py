@@ -1,11 +1,11 @@
 """`edgetune flower up|run`: real federations on Flower.
 
 `up` starts a SuperLink and N SuperNodes on 127.0.0.1 and keeps them until Ctrl-C.
-`run` writes the same run directory as `edgetune federate` (config.yaml first, then the
-ServerApp fills metrics.jsonl, clients.jsonl, state/, adapter/, summary.json) and renders
-the report; `--local N` brings up N SuperNodes for the run and stops them afterwards.
-Settings only the simulator honours (the simulated clock, attacks) are refused before
-anything starts.
+`run` writes the same run directory as `edgetune federate` (config.yaml first, its local
+paths made absolute, then the ServerApp fills metrics.jsonl, clients.jsonl, state/,
+adapter/, summary.json) and renders the report; `--local N` brings up N SuperNodes for
+the run and stops them afterwards. Settings only the simulator honours (the simulated
+clock, attacks) are refused before anything starts.
 Both start with TLS and SuperNode authentication (keys in HOME/certs) unless `--insecure`,
 and share the command's `--threads` among the SuperNodes.
 """
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgetune.config import to_dict
+from edgetune.config import absolute_paths, to_dict
 from edgetune.errors import EdgetuneError
 from edgetune.fed.config import check_read_by_flower
 from edgetune.fed.session import resume_point
@@ -94,7 +94,8 @@ def run(cfg: Any, args: Any) -> dict:
     rundir = RunDir(cfg.out, resume=resume, overwrite=args.overwrite)
     if resume:
         resume_point(rundir, cfg)  # refuse before anything starts; the ServerApp restores
-    rundir.write_config(to_dict(cfg))
+    # The ServerApp and the ClientApps start in other working directories.
+    rundir.write_config(to_dict(absolute_paths(cfg)))
     options = {
         "resume": resume,
         "round_timeout": args.round_timeout,
