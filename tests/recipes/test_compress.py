@@ -110,6 +110,51 @@ def test_compress_maps_the_adapter(cli, tiny_args, stories260k_path, shared_data
     assert before["eval/loss"] != pytest.approx(run_eval["initial_eval"]["eval/loss"], rel=1e-5)
 
 
+@pytest.fixture
+def verdict_run(cli, tiny_args, tmp_path):
+    """A fo run on SST-2 whose adapter learned its own verbalizer and template."""
+    finetuned = tmp_path / "ft"
+    task = ["data.verbalizer=[bad,good]", "data.template=Film: {sentence} Verdict:"]
+    assert cli(tiny_args(finetuned, *task, method="fo", steps=2)) == 0
+    return finetuned
+
+
+def test_compress_scores_the_adapter_on_the_task_its_run_recorded(
+    cli, verdict_run, stories260k_path, tmp_path
+):
+    # Prepare: neither the dataset nor the task named, only the adapter
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.5")
+    args = [a for a in args if a not in ("--dataset", "sst2")]
+    # Execute
+    assert cli([*args, "--adapter", str(verdict_run / "adapter")]) == 0
+    # Assert: the run's dataset, verbalizer and template were used and recorded, so the
+    # score before compression is the run's own final evaluation
+    data = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    assert data["dataset"] == "sst2" and data["verbalizer"] == ["bad", "good"]
+    assert data["template"] == "Film: {sentence} Verdict:"
+    run_eval = json.loads((verdict_run / "summary.json").read_text())
+    before = json.loads((out / "summary.json").read_text())["before"]["metrics"]
+    assert before["eval/loss"] == pytest.approx(run_eval["eval/loss"], rel=1e-5)
+    assert before["eval/accuracy"] == pytest.approx(run_eval["eval/accuracy"])
+
+
+def test_compress_refuses_a_task_that_contradicts_the_adapters_run(
+    cli, verdict_run, stories260k_path, tmp_path, capsys
+):
+    # Prepare
+    out = tmp_path / "run"
+    args = compress_args(stories260k_path, out, "--prune", "0.5", "data.verbalizer=[poor,fine]")
+    # Execute
+    status = cli([*args, "--adapter", str(verdict_run / "adapter")])
+    # Assert
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert "data.verbalizer=['poor', 'fine'] contradicts the task adapter" in err
+    assert "records data.verbalizer=['bad', 'good']); drop it" in err
+    assert not out.exists()
+
+
 def test_compress_with_taylor_importance(cli, stories260k_path, shared_data, tmp_path):
     out = tmp_path / "run"
     args = compress_args(stories260k_path, out, "--prune", "0.5", "--importance", "taylor")

@@ -55,6 +55,7 @@ from edgetune.compress.smooth import activation_maxima, smooth
 from edgetune.compress.speed import measure_speed, prefill_ids
 from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
+from edgetune.data.recorded import with_recorded_task
 from edgetune.errors import ConfigError
 from edgetune.recipes.evaluate import load_adapter
 from edgetune.recipes.recover import RecoverConfig, load_teacher, recover, teacher_logits
@@ -240,16 +241,22 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     """Prune, recover and/or quantize `cfg.model`, write the run directory `cfg.out`;
     returns the summary.
 
+    With `cfg.adapter` from a finetune or federate run, the task settings left at their
+    defaults (dataset, labels, verbalizer, template...) are the run's (`data.recorded`).
+
     Raises:
         EdgetuneError: --out holds a run, too few calibration rows, an unsupported
-            architecture, a model that is already int8, a ratio that empties a layer, or an
-            adapter of another model; all before the run folder is created.
+            architecture, a model that is already int8, a ratio that empties a layer, an
+            adapter of another model, or a task setting that contradicts the adapter's
+            run; all before the run folder is created.
     """
     start = time.perf_counter()
     if (Path(cfg.out) / "metrics.jsonl").exists():
         raise ConfigError(
             f"{cfg.out} already holds a run; pass another --out (compress never replaces a run)"
         )
+    if cfg.adapter:  # scored with the labels, verbalizer and template it was trained on
+        cfg = dataclasses.replace(cfg, data=with_recorded_task(cfg.data, cfg.adapter))
     console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.progress)
     model, tokenizer = models.load(cfg.model)
     llama_layers(model)  # an unsupported architecture stops here, before DIR exists

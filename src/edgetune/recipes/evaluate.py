@@ -30,6 +30,7 @@ from edgetune.config import (
     set_dotted,
     to_dict,
 )
+from edgetune.data.recorded import run_of_adapter
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.models.builtin import builtin_for_base_model
 from edgetune.models.loader import check_adapter_fits
@@ -100,8 +101,8 @@ def run_of(target: str | None, adapter: str | None) -> Path | None:
                 f"was given too; pass one of them"
             )
         return run
-    parent = Path(adapter).parent if adapter else None
-    if parent is None or not (parent / "config.yaml").is_file():
+    parent = run_of_adapter(adapter) if adapter else None
+    if parent is None:
         return None
     # a compress run's adapter has no training settings to replay: it is evaluated from
     # the flags, like any adapter folder
