@@ -9,6 +9,7 @@ TinyStories tokens (perplexity 3.796 vs 3.801), q4_0 on 84.5 % (perplexity 4.117
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,12 @@ import torch
 
 from edgetune.errors import ConfigError
 from edgetune.export.gguf import GGUF_TYPES, export_gguf
-from edgetune.export.llama_cpp import gguf_quality, llama_cpp_generate, llama_cpp_logits
+from edgetune.export.llama_cpp import (
+    gguf_parity,
+    gguf_quality,
+    llama_cpp_generate,
+    llama_cpp_logits,
+)
 from edgetune.models import load
 from edgetune.peft import attach
 from edgetune.peft.config import PeftConfig
@@ -199,6 +205,59 @@ def test_quantized_gguf_stays_close_to_f32(
     assert quality["top1_agreement"] >= min_agreement
     assert quality["ppl_quant"] / quality["ppl_f32"] < max_ppl_ratio
     assert 2.0 < quality["ppl_f32"] < 8.0  # a pretrained model on its own domain
+
+
+def test_gguf_export_checks_llama_cpp_against_pytorch(
+    llama_cpp, lora, stories260k_path, cli, tmp_path, capsys
+):
+    # Prepare: the random LoRA's folder, exported unmerged beside the base
+    _, folder = lora
+    out = tmp_path / "gguf"
+    args = ["export", "--model", str(stories260k_path), "--adapter", str(folder)]
+    # Execute
+    status = cli([*args, "--format", "gguf", "--out", str(out)])
+    # Assert: base + adapter in llama.cpp gave PEFT's logits, in the summary and manifest
+    assert status == 0
+    summary = json.loads(capsys.readouterr().out)
+    manifest = json.loads((out / "export.json").read_text())
+    assert 0.0 < summary["parity_max_abs"] < LOGIT_TOL
+    assert summary["parity_top1_agreement"] == 1.0
+    assert manifest["facts"]["parity_max_abs"] == summary["parity_max_abs"]
+
+
+def test_gguf_export_without_llama_cpp_says_the_check_was_skipped(
+    stories260k_path, cli, tmp_path, capsys, monkeypatch
+):
+    # Prepare
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
+    out = tmp_path / "gguf"
+    # Execute
+    status = cli(
+        ["export", "--model", str(stories260k_path), "--format", "gguf", "--out", str(out)]
+    )
+    # Assert: one line says so, and the manifest records why
+    captured = capsys.readouterr()
+    assert status == 0
+    skipped = [line for line in captured.err.splitlines() if "parity check skipped" in line]
+    assert skipped == [
+        "edgetune: GGUF parity check skipped: llama.cpp's Python binding is not installed "
+        "(pip install 'edgetune[llama]')"
+    ]
+    facts = json.loads((out / "export.json").read_text())["facts"]
+    assert facts["parity_max_abs"] is None and "not installed" in facts["parity_skipped"]
+
+
+def test_an_f32_gguf_far_from_pytorch_is_an_error(llama_cpp, stories, exported):
+    # Prepare: PyTorch's logits, one of them moved by 0.5
+    model, tokenizer = stories
+    ids = _prompt_ids(tokenizer)[0].tolist()
+    expected = _torch_logits(model, tokenizer)
+    expected[3, 7] += 0.5
+    # Execute / Assert: refused against the moved logits, accepted against the true ones
+    with pytest.raises(ConfigError, match=r"differ from PyTorch's by up to 0\.5"):
+        gguf_parity(exported["f32"], ids, expected, "f32")
+    near = gguf_parity(exported["f32"], ids, _torch_logits(model, tokenizer), "f32")
+    assert near["parity_max_abs"] < LOGIT_TOL and near["parity_top1_agreement"] == 1.0
 
 
 # --- bad input ------------------------------------------------------------------------

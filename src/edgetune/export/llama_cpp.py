@@ -1,7 +1,8 @@
 """Running a GGUF file through llama.cpp's Python binding (llama-cpp-python).
 
 What an export is checked with, and what the benchmark measures: greedy text, the logits
-at every position (with or without a LoRA adapter GGUF applied), and the quality of a
+at every position (with or without a LoRA adapter GGUF applied), the parity of a written
+file with PyTorch (`gguf_parity`, run by `edgetune export`), and the quality of a
 quantized file against its F32 twin (`gguf_quality`: top-1 agreement and perplexity over
 one token sequence).
 
@@ -31,6 +32,52 @@ MISSING = (
     "llama.cpp's Python binding is not installed: pip install 'edgetune[llama]' (builds "
     "llama.cpp, about 6 minutes once), or make setup-test"
 )
+# Max |llama.cpp - PyTorch| logit an F32 file may show, per unit of the largest |logit|:
+# stories260K measures 1.5e-5 at logits up to 20.5 (about 1e-6 of it) with the F32 KV
+# cache. Quantized files differ by their rounding, so only F32 has a bound; for those the
+# figures are recorded.
+F32_TOLERANCE = 1e-4
+
+
+def binding_available() -> bool:
+    """Whether llama.cpp's Python binding imports."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gguf_parity(
+    model_path: Path,
+    token_ids: list[int],
+    expected: np.ndarray,
+    quant: str,
+    adapter_path: Path | None = None,
+    threads: int = 1,
+) -> dict[str, float]:
+    """How far llama.cpp's logits on `token_ids` are from PyTorch's `expected` [T, V].
+
+    Returns:
+        `parity_max_abs` (the largest |difference|) and `parity_top1_agreement` (the share
+        of positions where both predict the same next token).
+
+    Raises:
+        ConfigError: an F32 file is further from PyTorch than `F32_TOLERANCE` allows
+            (the file does not hold the model), or llama.cpp cannot load it.
+    """
+    got = llama_cpp_logits(model_path, token_ids, adapter_path, threads)
+    worst = float(np.abs(got - expected).max())
+    bound = F32_TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    if quant == "f32" and not worst <= bound:
+        raise ConfigError(
+            f"llama.cpp's logits from {model_path.name} differ from PyTorch's by up to "
+            f"{worst:.3g} (allowed: {bound:.3g}), so the file does not compute this model; "
+            "nothing was written. Please report it with the model and the llama-cpp-python "
+            "version"
+        )
+    agreement = float(np.mean(got.argmax(-1) == expected.argmax(-1)))
+    return {"parity_max_abs": worst, "parity_top1_agreement": agreement}
 
 
 def llama_cpp_generate(

@@ -5,7 +5,10 @@ adapter's shapes, or `--lora-rank` for on-device training from scratch), merged 
 weights (`--merge`), or a plain base graph -> the format's writer -> a parity check of the
 real runtime against PyTorch on a small batch -> tokenizer, starting adapter and
 `export.json` (`export/manifest.py`). GGUF writes llama.cpp's base model (f32 / q8_0 /
-q4_0, tokenizer embedded) and LoRA adapter files (`export/gguf.py`).
+q4_0, tokenizer embedded) and LoRA adapter files (`export/gguf.py`), then, when
+llama.cpp's Python binding is installed, compares its logits on a short prompt with
+PyTorch's (`export/llama_cpp.py`: an F32 file must match; a quantized one's figures are
+recorded); without the binding it says the check was skipped, and records why.
 
 Everything is written into a temporary sibling of --out and renamed at the end, so a
 failed export leaves nothing behind; an existing --out is never replaced.
@@ -45,6 +48,8 @@ ARCHITECTURES = ("llama",)  # what the exporters and their tests cover
 # An ExecuTorch program runs at exactly its limits (export/executorch.py): one copy (MeZO,
 # inference) by default; P-RGE needs --max-copies 2q.
 PTE_DEFAULTS = {"max_copies": 1, "max_batch": 16, "max_seq": 128}
+# What a GGUF export is checked on in llama.cpp (tokenized with BOS, as llama.cpp runs it).
+GGUF_CHECK_PROMPT = "Once upon a time, there was a little girl named Lily."
 
 
 @dataclass
@@ -267,20 +272,41 @@ def _export_gguf(
     from edgetune.export.gguf import export_gguf
 
     adapter = Path(cfg.adapter) if cfg.adapter else None
-    if adapter is not None:
-        load_adapter(model, cfg.adapter).unload()  # refuses an adapter of another base
+    ids = tokenizer(GGUF_CHECK_PROMPT).input_ids
+    with torch.no_grad():
+        if adapter is not None:  # refuses an adapter of another base
+            wrapped = load_adapter(model, cfg.adapter)
+            expected = wrapped(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+            wrapped.unload()
+        else:
+            expected = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
     console.status(f"writing GGUF ({cfg.gguf_type})")
     written = export_gguf(model, tokenizer, tmp, cfg.gguf_type, adapter, cfg.merge)
     files = {"model": written.model.name}
     if written.adapter is not None:
         files["adapter"] = written.adapter.name
+    facts = {"gguf_type": cfg.gguf_type, "bytes": written.bytes}
     return ExportManifest(
         format="gguf",
         files=files,
         base_model=base,
         merged_adapter=str(adapter.resolve()) if adapter and cfg.merge else None,
-        facts={"gguf_type": cfg.gguf_type, "bytes": written.bytes},
+        facts={**facts, **_gguf_parity(cfg, written, ids, expected)},
     )
+
+
+def _gguf_parity(cfg: ExportConfig, written: Any, ids: list[int], expected: Any) -> dict:
+    """llama.cpp's logits on GGUF_CHECK_PROMPT against PyTorch's (`gguf_parity`), or why
+    the check was skipped: the binding is an optional extra."""
+    from edgetune.export.llama_cpp import binding_available, gguf_parity
+
+    if not binding_available():
+        why = "llama.cpp's Python binding is not installed (pip install 'edgetune[llama]')"
+        console.status(f"GGUF parity check skipped: {why}")
+        return {"parity_max_abs": None, "parity_skipped": why}
+    console.status("checking the GGUF's logits in llama.cpp against PyTorch")
+    threads = max(cfg.threads, 1)
+    return gguf_parity(written.model, ids, expected, cfg.gguf_type, written.adapter, threads)
 
 
 def _adapter_config(adapter: Path, base: str) -> dict[str, Any]:
