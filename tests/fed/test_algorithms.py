@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgetune.fed import algorithms
 from edgetune.fed.algorithms import FedIT, FedKSeed
 from edgetune.fed.algorithms.base import load_trainable, trainable_state
 from edgetune.fed.algorithms.fedkseed import replay
@@ -224,3 +225,7 @@ def test_seed_trace_replay_rebuilds_the_zo_client_exactly(stories260k_path, shar
         assert all(
             torch.allclose(algo.state[n] + delta.tensors[n], local[n], atol=1e-7) for n in names
         )
+
+
+def test_every_name_in_all_exists_so_a_star_import_works():
+    assert [name for name in algorithms.__all__ if not hasattr(algorithms, name)] == []

@@ -61,6 +61,6 @@ __all__ = [
     "FedSpine",
     "FwdLLM",
     "build_algorithm",
-    "deployed",
+    "deploy",
     "roles",
 ]
