@@ -238,7 +238,8 @@ def test_a_diverged_run_recovers_with_the_lower_lr_its_error_suggests(
 ):
     # Prepare: a run that diverges, keeping its last good checkpoint
     run = tmp_path / "boom"
-    assert cli(tiny_args(run, "--lr", "1e6", "train.checkpoint_every=1", steps=6)) == 2
+    args = ("--lr", "1e6", "train.checkpoint_every=1", "train.guard=false")
+    assert cli(tiny_args(run, *args, steps=6)) == 2
     assert "--resume" in capsys.readouterr().err
     # Execute: what the error says: lower optim.lr and resume
     assert cli(["finetune", "--resume", str(run), "--lr", "1e-3"]) == 0
@@ -257,7 +258,7 @@ def test_a_diverged_run_resumes_from_the_checkpoint_before_the_diverged_paramete
 ):
     # Prepare: seed 3's loss first exceeds 1.05 x its first loss at step 8 (1.142 > 1.072),
     # so the checkpoint of step 7 holds the parameters whose loss diverged
-    extra = ("--seed", "3", "train.checkpoint_every=1")
+    extra = ("--seed", "3", "train.checkpoint_every=1", "train.guard=false")
     assert cli(tiny_args(tmp_path / "straight", *extra, steps=8)) == 0
     run = tmp_path / "run"
     assert cli(tiny_args(run, *extra, "train.explode_factor=1.05", steps=8)) == 2

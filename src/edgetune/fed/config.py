@@ -30,6 +30,7 @@ from edgetune.fed.spine.config import SpineConfig
 from edgetune.models.builtin import BUILTIN_MODELS
 from edgetune.peft import PeftConfig
 from edgetune.train import OptimConfig, TrainConfig
+from edgetune.train.config import GUARD_SETTINGS
 from edgetune.zo import ZOConfig
 
 FED_ALGORITHMS = tuple(ALGORITHMS)  # the registry, beside the algorithms' modules
@@ -214,6 +215,12 @@ _NOT_READ = {
     "train.checkpoint_every": "the server state is saved after every round",
     "train.keep_checkpoints": "the two newest rounds are kept",
     "train.explode_factor": "robust aggregation (fed.aggregator) guards the global model",
+    "train.guard": "robust aggregation (fed.aggregator) guards the global model",
+    **{
+        f"train.{name}": "robust aggregation (fed.aggregator) guards the global model"
+        for name in GUARD_SETTINGS
+    },
+    "train.keep": "the global adapter after the last round is the result",
     "optim.schedule": "every local round runs at optim.lr",
     "optim.warmup_steps": "every local round runs at optim.lr",
     "zo.optimizer": "ZO clients send seeds and scalars that others replay as ZO-SGD steps",

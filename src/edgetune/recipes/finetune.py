@@ -33,6 +33,8 @@ from edgetune.train.checkpoint import (
     warn,
 )
 from edgetune.train.config import DEFAULT_LR, check_optim_read_by
+from edgetune.train.loop import keeps_best
+from edgetune.train.outcome import outcome, report_outcome
 from edgetune.zo import ZOConfig
 
 
@@ -228,9 +230,7 @@ def restore(point: ResumePoint, parts: dict[str, Any]) -> Any:
     adapter_state, stepper_state, loop = point.checkpoint
     parts["adapter"].load_state_dict(adapter_state)
     parts["stepper"].load_state_dict(stepper_state)
-    return LoopState(
-        loop["step"], loop.get("first_loss"), loop.get("last_eval", {}), loop.get("train_s", 0.0)
-    )
+    return LoopState.from_checkpoint(adapter_state, stepper_state, loop)
 
 
 def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -281,13 +281,12 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
             }
         )
         raise
-    evals = [r for r in rundir.read_metrics() if any(k.startswith("eval/") for k in r)]
-    final = {k: v for k, v in (evals[-1] if evals else {}).items() if k != "step"}
-    # Only a step-0 evaluation is the zero-shot baseline (train.eval_at_start).
-    initial = [{k: v for k, v in r.items() if k != "step"} for r in evals if r["step"] == 0]
+    result = outcome(state, keeps_best(cfg.train, parts["eval_rows"]))
+    final = {k: v for k, v in result.items() if k.startswith("eval/")}
     method = f"edgetune finetune, train.method={cfg.train.method}, {state.step} steps"
     card = ModelCard.for_run(cfg, "finetune", method, final)
     saved = parts["adapter"].save(rundir.path, base_model_id(cfg.model), card)
+    report_outcome(result, cfg.train.progress)
     summary.update(
         {
             "status": "done",
@@ -295,8 +294,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
             "final_loss": next(
                 (r["loss"] for r in reversed(rundir.read_metrics()) if "loss" in r), None
             ),
-            **final,
-            **({"initial_eval": initial[0]} if initial else {}),
+            **result,
             "saved": str(saved),
             "wall_s": time.perf_counter() - start,
             "peak_rss_mb": peak_rss_mb(),

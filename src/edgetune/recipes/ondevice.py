@@ -33,6 +33,8 @@ from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import OptimConfig, TrainConfig, fit
 from edgetune.train.config import DEFAULT_LR, check_optim_read_by
 from edgetune.train.factory import build_stepper
+from edgetune.train.loop import keeps_best
+from edgetune.train.outcome import outcome, report_outcome
 from edgetune.zo import ZOConfig
 
 METHODS = ("zo", "prge")
@@ -145,13 +147,14 @@ def run(cfg: OnDeviceConfig, *, overwrite: bool = False) -> dict[str, Any]:
         run_dir,
         cfg.seed,
     )
-    evals = [r for r in run_dir.read_metrics() if any(k.startswith("eval/") for k in r)]
-    final = {k: v for k, v in (evals[-1] if evals else {}).items() if k != "step"}
+    result = outcome(state, keeps_best(cfg.train, eval_rows))
+    final = {k: v for k, v in result.items() if k.startswith("eval/")}
     method = (
         f"edgetune ondevice, {cfg.runtime}, train.method={cfg.train.method}, {state.step} steps"
     )
     card = ModelCard.for_run(cfg, "ondevice", method, final)
     saved = adapter.save(run_dir.path, manifest.base_model, card)
+    report_outcome(result, cfg.train.progress)
     summary = {
         "command": "ondevice",
         "runtime": cfg.runtime,
@@ -164,7 +167,7 @@ def run(cfg: OnDeviceConfig, *, overwrite: bool = False) -> dict[str, Any]:
         "final_loss": next(
             (r["loss"] for r in reversed(run_dir.read_metrics()) if "loss" in r), None
         ),
-        **final,
+        **result,
         "step_s": state.train_s / max(state.step, 1),
         "saved": str(saved),
         "wall_s": time.perf_counter() - start,

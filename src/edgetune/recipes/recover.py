@@ -152,6 +152,9 @@ def recover(
         batch_size=cfg.batch_size,
         eval_every=0,
         eval_at_start=False,
+        # recovery has no held-out rows to judge by and no checkpoints to resume: a
+        # diverging loss stops it with recover.lr's fix, as before the guard
+        guard=False,
         progress=progress,
     )
     console.status(f"recovering: {cfg.steps} {cfg.method} steps", progress)

@@ -2,6 +2,9 @@
 
     DIR/checkpoints/step-NNNNNN/adapter.safetensors   Adapter.state_dict()
     DIR/checkpoints/step-NNNNNN/optimizer.pt           stepper state (loaded weights_only)
+    DIR/checkpoints/step-NNNNNN/kept.pt                snapshots the loop keeps (optional):
+                                                       the guard's rollback target, the best
+                                                       evaluation's adapter
     DIR/checkpoints/step-NNNNNN/state.json             {"step": N, ...loop state, "sha256"}
 
 A checkpoint is written to `step-NNNNNN.tmp` and renamed into place, so a run killed while
@@ -29,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from edgetune.errors import EdgetuneError
 
 HASHED_FILES = ("adapter.safetensors", "optimizer.pt")
+KEPT_FILE = "kept.pt"
 
 
 class CheckpointError(EdgetuneError):
@@ -66,15 +70,21 @@ def save_checkpoint(
     stepper_state: dict[str, Any],
     loop_state: dict[str, Any],
     keep: int,
+    kept: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint for `step` and keep only the `keep` most recent."""
+    """Write the checkpoint for `step` and keep only the `keep` most recent; `kept` (the
+    loop's snapshots, tensors and plain values) goes to kept.pt."""
     target = checkpoint_dir(run, step)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in adapter_state.items()}, tmp / "adapter.safetensors")
     torch.save(stepper_state, tmp / "optimizer.pt")
-    digests = {name: sha256(tmp / name) for name in HASHED_FILES}
+    names = HASHED_FILES
+    if kept is not None:
+        torch.save(kept, tmp / KEPT_FILE)
+        names = (*names, KEPT_FILE)
+    digests = {name: sha256(tmp / name) for name in names}
     (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state, "sha256": digests}))
     swap_into_place(tmp, target)
     for old in list_checkpoints(run)[:-keep]:
@@ -92,7 +102,8 @@ def list_checkpoints(run: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(adapter state, stepper state, loop state) of a checkpoint folder, verified.
+    """(adapter state, stepper state, loop state) of a checkpoint folder, verified; the
+    loop state holds kept.pt's snapshots under "kept" when the checkpoint has them.
 
     Raises:
         CheckpointError: a file is missing, fails its checksum or does not parse.
@@ -106,6 +117,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     try:
         adapter = load_file(path / "adapter.safetensors")
         stepper = torch.load(path / "optimizer.pt", weights_only=True)
+        if (path / KEPT_FILE).is_file():
+            loop["kept"] = torch.load(path / KEPT_FILE, weights_only=True)
     except (OSError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{path} does not load: {type(exc).__name__}: {exc}") from None
     return adapter, stepper, loop

@@ -10,6 +10,15 @@ from edgetune.errors import ConfigError
 TRAIN_METHODS = ("fo", "zo", "prge")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
+KEEP = ("auto", "best", "last")
+# The guard's tuning, read only while train.guard is on.
+GUARD_SETTINGS = (
+    "guard_window",
+    "guard_margin",
+    "guard_drop",
+    "guard_rollbacks",
+    "guard_backoff",
+)
 # Learning rates that work for LoRA on small Llama models when the user gives none.
 DEFAULT_LR = {"fo": 1e-3, "zo": 1e-3, "prge": 1e-3}
 
@@ -55,6 +64,24 @@ class TrainConfig:
     explode_factor: float = option(
         20.0, "stop when the loss exceeds this multiple of the first step's loss"
     )
+    guard: bool = option(
+        True,
+        "divergence guard: roll back to the last good point and lower the step size when "
+        "the loss rises for guard_window steps or the held-out metric drops",
+    )
+    guard_window: int = option(10, "guard: steps in the loss average and of a sustained rise")
+    guard_margin: float = option(
+        0.5, "guard: a rise is the smoothed loss above (1 + margin) x its best"
+    )
+    guard_drop: float = option(
+        0.25, "guard: roll back when the held-out metric falls this fraction below its best"
+    )
+    guard_rollbacks: int = option(3, "guard: rollbacks before the run stops as diverged")
+    guard_backoff: float = option(0.5, "guard: step-size factor applied at each rollback")
+    keep: str = option(
+        "auto",
+        "the saved adapter: best (of the evaluations) | last | auto (best when the run evaluates)",
+    )
     progress: bool = option(True, "show a progress bar")
     trunk: str = option(
         "auto",
@@ -69,6 +96,21 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             check_positive("train", name, getattr(self, name), allow_zero=True)
         check_positive("train", "explode_factor", self.explode_factor)
+        check_choice("train", "keep", self.keep, KEEP)
+        for name in ("guard_window", "guard_rollbacks", "guard_drop", "guard_margin"):
+            check_positive("train", name, getattr(self, name), allow_zero=name == "guard_rollbacks")
+        if not 0.0 < self.guard_backoff < 1.0:
+            raise ConfigError(
+                f"train.guard_backoff: expected a factor in (0, 1) that lowers the step size, "
+                f"got {self.guard_backoff!r}"
+            )
+        if not self.guard:
+            for name in GUARD_SETTINGS:
+                if getattr(self, name) != getattr(TrainConfig, name):
+                    raise ConfigError(
+                        f"train.{name}={getattr(self, name)!r} is not read with "
+                        f"train.guard=false: drop it, or turn the guard on"
+                    )
         # YAML reads `off` as false (a str field gets "False") and `3` as an int.
         self.trunk = str(self.trunk)
         if self.trunk.lower() in ("false", "off", "no"):
