@@ -114,6 +114,14 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
+def _name_list(text: str) -> list[str]:
+    """`--tasks sst2,ag-news` as a list of names (argparse type)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names like a,b, got {text!r}")
+    return names
+
+
 def at_least(low: int) -> Any:
     """An argparse `type=` for integers >= `low`: a bad value exits 2 with a message
     naming it and the range, before the command starts anything."""
@@ -328,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "which",
         choices=[
             "memory", "zo", "fed", "fedspine", "flower", "robust", "threads", "compress",
-            "ondevice",
+            "ondevice", "tasks",
         ],
     )  # fmt: skip
     bench.add_argument(
@@ -367,6 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
         "seeds of every row",
     )
     bench.add_argument("--adapter", help="compress: the task adapter (default: fine-tune one)")
+    bench.add_argument(
+        "--tasks",
+        type=_name_list,
+        default=["sst2", "ag-news", "bbc-news", "dolly-openqa", "tinystories"],
+        help="tasks: comma-separated datasets",
+    )
+    bench.add_argument(
+        "--rows",
+        type=_name_list,
+        default=["fo", "fo-top6", "zo-mezo", "zo-prge", "zo-prge-raw"],
+        help="tasks: comma-separated rows (fo, fo-top6, zo-mezo, zo-prge, zo-prge-raw)",
+    )
     bench.add_argument(
         "--work",
         help="compress / ondevice / fedspine: run folders (default runs/bench-<which>)",
@@ -706,6 +726,7 @@ BENCH_READS = {
     "robust": ("rounds", "clients"),
     "threads": ("batch_size", "seq_len", "steps"),
     "compress": ("quick", "seeds", "adapter", "work"),
+    "tasks": ("quick", "seeds", "work", "tasks", "rows"),
     "ondevice": ("steps", "seeds", "work"),
 }
 
@@ -728,7 +749,7 @@ def _check_bench_flags(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     _check_bench_flags(args)
-    small = args.which == "robust" or (args.which == "compress" and args.quick)
+    small = args.which == "robust" or (args.which in ("compress", "tasks") and args.quick)
     model = args.model or ("stories260k" if small else "smollm2-135m")
     args.model = model
     args.steps = args.steps or (20 if args.which == "ondevice" else 3)
@@ -778,6 +799,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compress.run(
             model, args.output, args.work, args.quick, args.threads, args.seeds, args.adapter
         )
+        return 0
+    if args.which == "tasks":
+        from edgetune.bench import tasks
+
+        tasks.check(args.tasks, args.rows, args.quick)
+        tasks.run(model, args.tasks, args.seeds, args.rows, args.output, args.work, args.quick)
         return 0
     if args.which == "zo":
         from edgetune.bench import zo

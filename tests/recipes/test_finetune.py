@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from edgetune.runs import RunDir
+from edgetune.train.config import RECIPE_LR
 
 
 @pytest.mark.parametrize("method", ["zo", "fo", "prge"])
@@ -20,7 +21,10 @@ def test_run_directory_contract(tmp_path, tiny_args, cli, method, stories260k_pa
     assert cli(tiny_args(out, *extra, method=method)) == 0
     # config.yaml is the resolved config
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["train"]["method"] == method and config["optim"]["lr"] == 1e-3
+    assert config["train"]["method"] == method
+    # no --lr: first-order's default step size, or the default ZO recipe's
+    recipe = (1e-3, "auto") if method == "fo" else (RECIPE_LR, "rms")
+    assert (config["optim"]["lr"], config["zo"]["scale"]) == recipe
     # metrics.jsonl: training lines with step + loss, eval lines with eval/*
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]

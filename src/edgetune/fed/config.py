@@ -228,6 +228,7 @@ _NOT_READ = {
     "zo.beta2": "ZO clients run ZO-SGD (their steps are replayed from seeds)",
     "zo.estimator": "the algorithm sets the estimator (MeZO, the seed pool, or fwdgrad)",
     "zo.exact_restore": "federated ZO clients always restore exactly, so traces replay",
+    "zo.scale": "federated ZO clients send raw scalars (the default recipe is single-device)",
 }
 # zo settings read only by FwdLLM's forward-gradient clients.
 _FWDGRAD = ("zo.max_queries", "zo.var_threshold")

@@ -32,7 +32,7 @@ from edgetune.train.checkpoint import (
     newest_intact,
     warn,
 )
-from edgetune.train.config import DEFAULT_LR, check_optim_read_by
+from edgetune.train.config import check_optim_read_by, resolve_step_size
 from edgetune.train.loop import keeps_best
 from edgetune.train.outcome import outcome, report_outcome
 from edgetune.zo import ZOConfig
@@ -58,8 +58,7 @@ class FinetuneConfig:
         threads.check(self.threads, "threads")
         self.zo.check_read_by(self.train.method)
         check_optim_read_by(self.optim, self.train.method)
-        if self.optim.lr is None:
-            self.optim.lr = DEFAULT_LR[self.train.method]
+        resolve_step_size(self.optim, self.zo, self.train.method)
 
 
 def setup(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from edgetune.ondevice.runtime import RUNTIMES, RuntimeLM, open_session
 from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import OptimConfig, TrainConfig, fit
-from edgetune.train.config import DEFAULT_LR, check_optim_read_by
+from edgetune.train.config import check_optim_read_by, resolve_step_size
 from edgetune.train.factory import build_stepper
 from edgetune.train.loop import keeps_best
 from edgetune.train.outcome import outcome, report_outcome
@@ -80,8 +80,7 @@ class OnDeviceConfig:
                 "runtime does not compute; use zo.estimator=central or one-sided"
             )
         check_optim_read_by(self.optim, self.train.method)
-        if self.optim.lr is None:
-            self.optim.lr = DEFAULT_LR[self.train.method]
+        resolve_step_size(self.optim, self.zo, self.train.method)
 
 
 def run(cfg: OnDeviceConfig, *, overwrite: bool = False) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from edgetune.config import check_choice, check_positive, option
 from edgetune.errors import ConfigError
@@ -21,6 +22,10 @@ GUARD_SETTINGS = (
 )
 # Learning rates that work for LoRA on small Llama models when the user gives none.
 DEFAULT_LR = {"fo": 1e-3, "zo": 1e-3, "prge": 1e-3}
+# The default ZO recipe, used when the step size is not given: scalars divided by their
+# running RMS (zo.scale=rms) at this step size, with the divergence guard and the best
+# evaluated adapter kept (on by default). Chosen by `edgetune bench tasks`; see README.
+RECIPE_LR = 5e-3
 
 
 @dataclass
@@ -142,3 +147,14 @@ def check_optim_read_by(optim: OptimConfig, method: str) -> None:
                 f"optim.{name}={value!r} is not used by train.method={method!r} "
                 f"(optim.name={optim.name!r}): drop it, or use {fix}"
             )
+
+
+def resolve_step_size(optim: OptimConfig, zo: Any, method: str) -> None:
+    """Fill in the step size the user left out. A ZO method without one gets the default
+    recipe (RECIPE_LR with zo.scale=rms); with one, zo.scale=auto means raw scalars, so a
+    step size tuned before the recipe existed keeps its meaning."""
+    zeroth = method in ("zo", "prge")
+    if zeroth and zo.scale == "auto":
+        zo.scale = "rms" if optim.lr is None else "none"
+    if optim.lr is None:
+        optim.lr = RECIPE_LR if zeroth and zo.scale == "rms" else DEFAULT_LR[method]

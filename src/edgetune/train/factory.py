@@ -5,7 +5,8 @@ and every federated client build their steppers here.
     prge  -> PRGEStepper (all 2q perturbed copies in one batched pass)
     zo    -> ZOStepper (MeZO central / one-sided, or FwdLLM's forward gradient)
 
-with the ZO update rule `zo.optimizer`. A caller may supply the estimator (FedKSeed's
+with the ZO update rule `zo.optimizer`, after the scalars are divided by their running
+RMS when `zo.scale=rms` (the default recipe, `train/recipe.py`). A caller may supply the estimator (FedKSeed's
 seed pool, FwdLLM's steered forward gradient) and, for P-RGE, how the copies run (an
 exported graph's copy axis on a device runtime).
 """
@@ -21,6 +22,7 @@ from edgetune.train.trunk import resolve_trunk
 from edgetune.zo.config import ZOConfig
 from edgetune.zo.fwdgrad import ForwardGradientEstimator
 from edgetune.zo.mezo import MeZOEstimator
+from edgetune.zo.normalize import RMSNormalizer
 from edgetune.zo.optimizers import make_zo_optimizer
 from edgetune.zo.prge import PRGEEstimator
 
@@ -54,9 +56,12 @@ def build_stepper(
     if method == "fo":
         return FirstOrderStepper(adapter, task, optim, grad_accum, seed, shared)
     optimizer = make_zo_optimizer(zo, optim.weight_decay)
+    normalizer = RMSNormalizer() if zo.scale == "rms" else None
     if method == "prge":
         prge = estimator or PRGEEstimator(zo.eps, zo.queries, zo.parallel_inner)
-        return PRGEStepper(adapter, task, prge, optimizer, grad_accum, seed, copies, shared)
+        return PRGEStepper(
+            adapter, task, prge, optimizer, grad_accum, seed, copies, shared, normalizer
+        )
     if estimator is None and zo.estimator == "fwdgrad":
         estimator = ForwardGradientEstimator(
             zo.eps,
@@ -68,4 +73,4 @@ def build_stepper(
     elif estimator is None:
         one_sided = zo.estimator == "one-sided"
         estimator = MeZOEstimator(zo.eps, zo.queries, one_sided, exact_restore)
-    return ZOStepper(adapter, task, estimator, optimizer, grad_accum, seed, shared)
+    return ZOStepper(adapter, task, estimator, optimizer, grad_accum, seed, shared, normalizer)

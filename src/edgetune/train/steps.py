@@ -20,6 +20,7 @@ from edgetune.peft import Adapter
 from edgetune.peft.multicopy import multi_copy, repeat_batch
 from edgetune.train.trunk import FULL_DEPTH, Trunk
 from edgetune.zo import Estimator, ZOEstimate
+from edgetune.zo.normalize import RMSNormalizer
 from edgetune.zo.optimizers import ZOOptimizer
 from edgetune.zo.prge import PRGEEstimator
 from edgetune.zo.seeds import derive_seed
@@ -123,10 +124,14 @@ class ZOStepper:
         grad_accum: int,
         seed: int,
         trunk: Trunk = FULL_DEPTH,
+        normalizer: RMSNormalizer | None = None,
     ):
+        """`normalizer` (zo.scale=rms) divides each step's scalars by their running RMS
+        before the update (`zo/normalize.py`)."""
         self.adapter, self.task, self.estimator = adapter, task, estimator
         self.optimizer, self.grad_accum, self.seed = optimizer, grad_accum, seed
         self.trunk = trunk
+        self.normalizer = normalizer
 
     def batches(self, rows: Sequence[dict]) -> list[tuple[dict, torch.Tensor | None]]:
         """Each micro-batch of `rows` with its trunk hidden states (None at full depth),
@@ -153,16 +158,27 @@ class ZOStepper:
         self.adapter.model.eval()
         params = self.adapter.trainable()
         estimate = self.estimator.estimate(self.loss_fn(rows), params, derive_seed(self.seed, step))
+        return self.apply(params, estimate, lr)
+
+    def apply(self, params: list[torch.Tensor], estimate: ZOEstimate, lr: float) -> StepResult:
+        """Normalise the estimate's scalars (zo.scale=rms), then update in place."""
+        if self.normalizer is not None:
+            estimate = self.normalizer(estimate)
         self.optimizer.step(params, estimate, lr)
         return StepResult(estimate.loss, estimate)
 
     def state_dict(self) -> dict[str, Any]:
-        """The ZO optimizer's state (empty for ZO-SGD)."""
-        return {"optimizer": self.optimizer.state_dict()}
+        """The ZO optimizer's state (empty for ZO-SGD) and the scalars' running RMS."""
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.normalizer is not None:
+            state["normalizer"] = self.normalizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the ZO optimizer's state."""
+        """Restore the ZO optimizer's state (and the scalars' running RMS)."""
         self.optimizer.load_state_dict(state.get("optimizer", {}))
+        if self.normalizer is not None:
+            self.normalizer.load_state_dict(state.get("normalizer", {}))
 
 
 class PRGEStepper(ZOStepper):
@@ -184,11 +200,12 @@ class PRGEStepper(ZOStepper):
         seed: int,
         copies: Callable[[dict[int, torch.Tensor], int], AbstractContextManager] | None = None,
         trunk: Trunk = FULL_DEPTH,
+        normalizer: RMSNormalizer | None = None,
     ):
         """`copies(copies, C)` is the context in which the model runs C adapter copies on
         a C-times repeated batch; default: PEFT multi-copy LoRA (`peft/multicopy.py`).
         With a shared trunk the C-times repetition starts at the cut."""
-        super().__init__(adapter, task, estimator, optimizer, grad_accum, seed, trunk)
+        super().__init__(adapter, task, estimator, optimizer, grad_accum, seed, trunk, normalizer)
         self.copies = copies or (lambda c, n: multi_copy(self.adapter.model, c, n))
 
     def copy_losses(self, rows: Sequence[dict]) -> Any:
@@ -215,5 +232,4 @@ class PRGEStepper(ZOStepper):
         estimate = self.estimator.estimate(
             self.copy_losses(rows), params, derive_seed(self.seed, step)
         )
-        self.optimizer.step(params, estimate, lr)
-        return StepResult(estimate.loss, estimate)
+        return self.apply(params, estimate, lr)

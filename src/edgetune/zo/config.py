@@ -9,9 +9,10 @@ from edgetune.errors import ConfigError
 
 ZO_ESTIMATORS = ("central", "one-sided", "fwdgrad")
 ZO_OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "sign")
+ZO_SCALES = ("auto", "rms", "none")
 
 # The zo settings each training method reads (fwdgrad-only ones only with that estimator).
-_UPDATE = ("eps", "queries", "optimizer", "beta1", "beta2")
+_UPDATE = ("eps", "queries", "optimizer", "beta1", "beta2", "scale")
 READ_BY_METHOD = {
     "fo": (),
     "zo": (*_UPDATE, "estimator", "exact_restore"),
@@ -40,6 +41,11 @@ class ZOConfig:
         "restore theta after a perturbation from a copy (bit-exact replay) instead of by "
         "subtraction: auto (on for PEFT adapters, off for full/last-n) | true | false",
     )
+    scale: str = option(
+        "auto",
+        "divide each step's projected gradients by their running RMS: rms | none | auto "
+        "(rms when the step size is not given: the default recipe)",
+    )
     parallel_inner: bool = option(
         True, "prge: +eps and -eps copies in the same pass (False: two passes, + then -)"
     )
@@ -54,6 +60,7 @@ class ZOConfig:
             "zo", "exact_restore", str(self.exact_restore).lower(), ("auto", "true", "false")
         )
         check_choice("zo", "optimizer", self.optimizer, ZO_OPTIMIZER_NAMES)
+        check_choice("zo", "scale", self.scale, ZO_SCALES)
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
