@@ -21,6 +21,8 @@ Notable choices:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +178,30 @@ def _perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
     return math.exp(nll)
 
 
+@contextmanager
+def _no_weight_repacking() -> Iterator[None]:
+    """Load with llama.cpp's weight repacking off. llama.cpp repacks Q4_0 weights into
+    interleaved CPU layouts ("extra buffer types"); on an AVX-512 machine that path killed
+    the process with a segmentation fault on stories260K's q4_0 file (8 or 200 tokens),
+    and with the switch off the same file evaluates. llama-cpp-python's `Llama` does not
+    expose the switch, so the default model parameters it reads are wrapped while it loads.
+    """
+    from llama_cpp import llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def params() -> Any:
+        chosen = default()
+        chosen.use_extra_bufts = False
+        return chosen
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
 def _open(model_path: Path, adapter_path: Path | None, threads: int, n_ctx: int) -> Any:
     """A llama.cpp model with every position's logits kept, after checking the files."""
     try:
@@ -186,17 +212,18 @@ def _open(model_path: Path, adapter_path: Path | None, threads: int, n_ctx: int)
     if adapter_path is not None:
         _check_file(Path(adapter_path), "LoRA adapter")
     try:
-        return Llama(
-            model_path=str(model_path),
-            lora_path=str(adapter_path) if adapter_path is not None else None,
-            n_ctx=max(n_ctx, 16),
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=True,
-            type_k=GGML_TYPE_F32,
-            type_v=GGML_TYPE_F32,
-            verbose=False,
-        )
+        with _no_weight_repacking():
+            return Llama(
+                model_path=str(model_path),
+                lora_path=str(adapter_path) if adapter_path is not None else None,
+                n_ctx=max(n_ctx, 16),
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=True,
+                type_k=GGML_TYPE_F32,
+                type_v=GGML_TYPE_F32,
+                verbose=False,
+            )
     except ValueError as exc:
         what = f"{model_path}" + (f" with adapter {adapter_path}" if adapter_path else "")
         raise ConfigError(
