@@ -17,7 +17,7 @@ from edgetune.train.guard import better
 
 # Seed 3's loss first exceeds 1.05x its first loss at step 8 (see test_resume.py): a
 # controlled trigger for the guard, which rolls back instead of stopping.
-ROLLING = ("--seed", "3", "train.checkpoint_every=1", "train.explode_factor=1.05")
+ROLLING = ("--seed", "3", "--lr", "1e-3", "train.checkpoint_every=1", "train.explode_factor=1.05")
 
 
 def _rows(run: Path) -> list[dict]:
@@ -130,3 +130,25 @@ def test_guard_tuning_with_the_guard_off_is_refused(tmp_path, tiny_args, cli, ca
     run = tmp_path / "run"
     assert cli(tiny_args(run, "train.guard=false", "train.guard_window=5")) == 2
     assert "not read with train.guard=false" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_a_run_that_ends_below_its_start_warns_and_says_so_in_its_summary(
+    tmp_path, tiny_args, cli, capsys, keep
+):
+    # Prepare: seed 1 at lr 2e-2 without the guard goes 0.4375 -> 0.4375 -> 0.375
+    run = tmp_path / "run"
+    extra = ("--lr", "2e-2", "--seed", "1", "train.guard=false", "train.eval_every=4")
+    # Execute
+    assert cli(tiny_args(run, *extra, f"train.keep={keep}", steps=8)) == 0
+    # Assert
+    err = capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["last_eval"]["eval/accuracy"] < summary["initial_eval"]["eval/accuracy"]
+    assert "is below the one before training" in err and "--lr" in err
+    assert summary["warnings"] and "is below the one before training" in summary["warnings"][0]
+    if keep == "best":  # the kept adapter is no worse than the start
+        assert summary["eval/accuracy"] >= summary["initial_eval"]["eval/accuracy"]
+        assert summary["kept"]["step"] < 8
+    else:
+        assert summary["eval/accuracy"] == summary["last_eval"]["eval/accuracy"]

@@ -57,7 +57,7 @@ def test_resuming_with_more_steps_equals_a_longer_uninterrupted_run(
 def test_a_new_learning_rate_on_resume_applies_from_the_restored_step(tmp_path, tiny_args, cli):
     # Prepare
     run = tmp_path / "run"
-    assert cli(tiny_args(run, steps=4)) == 0
+    assert cli(tiny_args(run, "--lr", "1e-3", steps=4)) == 0
     # Execute: the recovery the divergence error suggests, as a named flag and as key=value
     assert cli(["finetune", "--resume", str(run), "--steps", "6", "--lr", "5e-4"]) == 0
     assert cli(["finetune", "--resume", str(run), "train.steps=8", "zo.eps=0.01"]) == 0
@@ -258,7 +258,7 @@ def test_a_diverged_run_resumes_from_the_checkpoint_before_the_diverged_paramete
 ):
     # Prepare: seed 3's loss first exceeds 1.05 x its first loss at step 8 (1.142 > 1.072),
     # so the checkpoint of step 7 holds the parameters whose loss diverged
-    extra = ("--seed", "3", "train.checkpoint_every=1", "train.guard=false")
+    extra = ("--seed", "3", "--lr", "1e-3", "train.checkpoint_every=1", "train.guard=false")
     assert cli(tiny_args(tmp_path / "straight", *extra, steps=8)) == 0
     run = tmp_path / "run"
     assert cli(tiny_args(run, *extra, "train.explode_factor=1.05", steps=8)) == 2

@@ -14,7 +14,7 @@ from typing import Any
 
 from edgetune import console
 from edgetune.train.checkpoint import warn
-from edgetune.train.guard import better, headline
+from edgetune.train.guard import headline
 from edgetune.train.loop import LoopState
 
 ADVICE = (
@@ -47,9 +47,11 @@ def ended_worse(state: LoopState, kept_step: int) -> str | None:
     """The warning for a last evaluation below the one before training, or None."""
     first, last = state.first_eval, state.last_eval
     head = headline(last)
-    if not first or head is None or not better(first, last):
+    if not first or head is None or head[0] not in first:
         return None
-    key = head[0]
+    key, up = head
+    if not (last[key] < first[key] if up else last[key] > first[key]):
+        return None
     kept = (
         f"the adapter of step {kept_step} ({key} {state.best_eval[key]:.4g}) is kept as the result"
         if kept_step != state.step
