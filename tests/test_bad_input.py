@@ -144,12 +144,18 @@ CASES = [
     Case("bool-word", ft("train.progress=maybe"), r"train\.progress.*true or false"),
     Case("list-for-int", ft("train.steps=[1,2]"), r"train\.steps.*integer"),
     # --- names: unknown keys, choices, misspelt flags ----------------------------
-    Case("unknown-key", ft("train.stpes=3"), r"unknown config key.*did you mean 'steps'"),
+    Case("unknown-key", ft("train.stpes=3"), r"unknown config key.*did you mean 'train.steps'"),
     Case("unknown-section", ft("trian.steps=3"), r"unknown config key 'trian'"),
     Case("method-choice", ft("--method", "sgd"), r"train\.method.*not one of"),
     Case("peft-choice", ft("--peft", "lorra"), r"peft\.method.*did you mean 'lora'"),
     Case("task-choice", ft("--task", "regression"), r"data\.task.*not one of"),
     Case("misspelt-flag", ft("--stpes", "5"), r"did you mean --steps\?"),
+    Case(
+        "abbreviated-flag",
+        ft("--step", "5"),
+        r"unrecognized arguments: --step.*did you mean --steps",
+    ),
+    Case("sectionless-key", ft("steps=5"), r"'steps' \(did you mean 'train.steps'\?\)"),
     Case("misspelt-flag-eval", ev("--adaptr", "x"), r"did you mean --adapter\?"),
     Case("override-without-equals", ft("steps"), r"override 'steps' is not of the form key=value"),
     Case("section-as-value", ft("train=5"), r"train.*mapping"),
@@ -165,7 +171,7 @@ CASES = [
     Case(
         "config-unknown-key",
         ft("--config", "{tmp}/c.yaml"),
-        r"did you mean 'lr'",
+        r"did you mean 'optim.lr'",
         {"c.yaml": "optim:\n  lrr: 0.1\n"},
     ),
     Case("config-is-folder", ft("--config", "{tmp}"), r"is a folder; pass a YAML file"),

@@ -30,8 +30,12 @@ def test_precedence_defaults_file_flags_overrides(tmp_path):
 
 
 def test_unknown_key_suggests_the_closest_valid_key():
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.step'.*did you mean 'steps'"):
+    match = r"unknown config key 'train.step'.*did you mean 'train.steps'"
+    with pytest.raises(ConfigError, match=match):
         resolve_config(FinetuneConfig, overrides=["train.step=3"])
+    # a section's field given without its section: the dotted key
+    with pytest.raises(ConfigError, match=r"'steps'.*did you mean 'train.steps'"):
+        resolve_config(FinetuneConfig, overrides=["steps=5"])
     with pytest.raises(ConfigError, match=r"'pef'.*did you mean 'peft'"):
         build(FinetuneConfig, {"pef": {"rank": 2}})
 

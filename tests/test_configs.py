@@ -59,7 +59,7 @@ def test_an_unknown_key_in_a_config_fails_and_names_the_closest(tmp_path):
     bad = tmp_path / "finetune-bad.yaml"
     bad.write_text((CONFIGS / "finetune-prge.yaml").read_text().replace("queries:", "querys:"))
     with pytest.raises(
-        ConfigError, match=r"unknown config key 'zo.querys' \(did you mean 'queries'"
+        ConfigError, match=r"unknown config key 'zo.querys' \(did you mean 'zo.queries'"
     ):
         resolve_config(FinetuneConfig, bad)
 

@@ -9,6 +9,7 @@ message (no traceback) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import sys
@@ -91,16 +92,30 @@ def _add_threads_flag(p: argparse.ArgumentParser) -> None:
 
 def _add_training_flags(p: argparse.ArgumentParser, methods: str, pefts: str) -> Any:
     """The named flags of a command that trains one model (finetune, ondevice)."""
+    from edgetune.train.config import DEFAULT_LR, RECIPE_LR, TrainConfig
+    from edgetune.zo.config import ZOConfig
+
     g = p.add_argument_group("training")
     g.add_argument("--method", help=methods)
     g.add_argument("--peft", help=pefts)
-    g.add_argument("--steps", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--queries", type=int, help="ZO directions per step")
+    g.add_argument("--steps", type=int, help=_setting_help(TrainConfig, "train", "steps"))
+    g.add_argument("--batch-size", type=int, help=_setting_help(TrainConfig, "train", "batch_size"))
+    g.add_argument(
+        "--lr",
+        type=float,
+        help=f"optim.lr: peak step size (default {DEFAULT_LR['fo']:g} for fo; for zo / prge "
+        f"the default ZO recipe: {RECIPE_LR:g} with zo.scale=rms)",
+    )
+    g.add_argument("--queries", type=int, help=_setting_help(ZOConfig, "zo", "queries"))
     g.add_argument("--out", help="run directory")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     return g
+
+
+def _setting_help(cls: type, section: str, name: str) -> str:
+    """A flag's help from the config field it sets: its key, its help, its default."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
+    return f"{section}.{name}: {field.metadata['help']} (default {field.default})"
 
 
 def _seed_list(text: str) -> list[int]:
@@ -399,7 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
+    _no_prefix_matching(parser)
     return parser
+
+
+def _no_prefix_matching(parser: argparse.ArgumentParser) -> None:
+    """Refuse abbreviated flags in every (sub)command: `--step 5` must not become --steps
+    (nor, after a new --step-size flag, silently something else)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _no_prefix_matching(command)
 
 
 def _add_federate_flags(fd: argparse.ArgumentParser) -> None:

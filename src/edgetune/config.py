@@ -62,6 +62,28 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable key of dataclass `cls`, dotted (sections and their fields)."""
+    keys = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        keys.append(f"{prefix}{f.name}")
+        kind = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(kind):
+            keys += _dotted_keys(kind, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+    return keys
+
+
+def _suggest_dotted(key: str, cls: type, prefix: str) -> str:
+    """The closest valid dotted key to `prefix + key`: a section's field of that exact
+    name first (`steps` -> `train.steps`), else the closest spelling (`train.stpes`)."""
+    keys = _dotted_keys(cls, prefix)
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == key]
+    if same_name:
+        return f" (did you mean {same_name[0]!r}?)"
+    close = difflib.get_close_matches(f"{prefix}{key}", keys, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
     """Coerce a YAML/CLI value to a field's annotated type, or raise ConfigError."""
     origin = typing.get_origin(annotation)
@@ -130,7 +152,7 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
         if key not in fields:
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'"
-                + _suggest(key, fields)
+                + _suggest_dotted(key, cls, prefix)
                 + f"; valid keys under {prefix.rstrip('.') or 'the root'}: {', '.join(fields)}"
             )
         kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])

@@ -36,7 +36,7 @@ def _write(path, text):
         ("missing_column", "sentense"),
         ("unknown_label", "maybe"),
         ("empty", "empty"),
-        ("unknown_key", "did you mean 'steps'"),
+        ("unknown_key", "did you mean 'train.steps'"),
         ("bad_value", "train.steps: expected an integer"),
         ("bad_model", "cannot find model"),
     ],
