@@ -14,9 +14,11 @@ loss never fired). The guard watches three signals after every step and evaluati
 When one fires, the loop restores the last good point (adapter and optimizer state, never
 the step counter: steps, batches and seeds keep counting forward) and multiplies the step
 size by `train.guard_backoff`, at most `train.guard_rollbacks` times; then it stops as it
-always did. A good point is the state at an evaluation or checkpoint step (and at step 0)
-that the next step's loss confirms healthy: the loss of step s is measured on the
-parameters after s - 1 updates, so a snapshot is trusted only once a step has run on it.
+always did. A good point is the state at step 0, or at the step where the smoothed loss
+last reached a new best, once the next step's loss confirms it healthy: the loss of step s
+is measured on the parameters after s - 1 updates, so a snapshot is trusted only once a
+step has run on it. (Snapshots taken at evaluation steps instead sent a BBC News run back
+to step 0 three times: the loss was already rising at each evaluation.)
 
 Every decision is a pure function of the losses and metrics seen, and the guard's state
 (`GuardState`) travels in the checkpoint, so a run resumed across a rollback ends as the
@@ -80,6 +82,7 @@ class Guard:
         self.cfg = cfg
         self.state = state or GuardState()
         self.beta = 1.0 - 2.0 / (cfg.guard_window + 1)  # EMA with a ~window-step memory
+        self.improved = False  # the last observed loss set a new best average
 
     def exploded(self, loss: float, first_loss: float | None) -> str | None:
         """Why `loss` ends the run at once (non-finite, or explode_factor x the first)."""
@@ -91,6 +94,7 @@ class Guard:
     def observe_loss(self, loss: float) -> str | None:
         """Fold a finite training loss into the average; the reason to roll back, if any."""
         s = self.state
+        self.improved = False
         s.seen += 1
         s.ema_raw = self.beta * s.ema_raw + (1.0 - self.beta) * loss
         s.ema = s.ema_raw / (1.0 - self.beta**s.seen)
@@ -98,6 +102,7 @@ class Guard:
             return None
         if s.best_ema is None or s.ema < s.best_ema:
             s.best_ema = s.ema
+            self.improved = True
         s.rising = s.rising + 1 if s.ema > (1.0 + self.cfg.guard_margin) * s.best_ema else 0
         if s.rising < self.cfg.guard_window:
             return None
@@ -121,10 +126,6 @@ class Guard:
             f"best {best[key]:.4g} (step {best.get('step', 0):g})"
         )
 
-    def healthy(self) -> bool:
-        """No sign of trouble right now (a snapshot taken now may become a good point)."""
-        return self.state.rising == 0
-
     def can_roll_back(self) -> bool:
         return self.cfg.guard and self.state.rollbacks < self.cfg.guard_rollbacks
 
@@ -132,6 +133,7 @@ class Guard:
         """Count a rollback, lower the step size, and forget the bad stretch's averages
         (the restored parameters start a fresh average; the bests are kept)."""
         s = self.state
+        self.improved = False
         s.rollbacks += 1
         s.lr_scale *= self.cfg.guard_backoff
         s.ema, s.ema_raw, s.seen, s.rising = None, 0.0, 0, 0

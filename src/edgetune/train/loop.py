@@ -156,7 +156,7 @@ def fit(
         if reason is not None:
             _roll_back(reason, state, guard, adapter, stepper, run)
         due_checkpoint = checkpoints and _due(state.step, cfg.checkpoint_every, cfg.steps)
-        if cfg.guard and reason is None and guard.healthy() and (due_eval or due_checkpoint):
+        if cfg.guard and reason is None and guard.improved:
             state.pending = Snapshot.take(state.step, adapter, stepper)
         if due_checkpoint:
             loop, kept = state.to_checkpoint()
