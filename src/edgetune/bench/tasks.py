@@ -158,7 +158,12 @@ def run(
                 results[(name, seed, row)] = run_one(
                     model, task, row, table[row], seed, folder / row
                 )
-    body = render(model, tasks, seeds, rows, results, quick)
+    flags = " --quick" if quick else ""
+    command = (
+        f"edgetune bench tasks --model {model} --tasks {','.join(tasks)} --seeds "
+        f"{','.join(map(str, seeds))} --rows {','.join(rows)}{flags}"
+    )
+    body = render(command, tasks, seeds, rows, results)
     picture = Path(output).parent / "bench_tasks.png"
     plot(tasks, seeds[0], rows, results, picture)
     write_section(output, "tasks", f"{body}\n![metric against training seconds]({picture.name})\n")
@@ -191,21 +196,13 @@ def plot(tasks: list[str], seed: int, rows: list[str], results: dict, path: Path
     plt.close(fig)
 
 
-def render(
-    model: str,
-    tasks: list[str],
-    seeds: list[int],
-    rows: list[str],
-    results: dict,
-    quick: bool,
-) -> str:
-    """The Markdown section: one table per task (rows x seeds), then the targets."""
-    flags = " --quick" if quick else ""
+def render(command: str, tasks: list[str], seeds: list[int], rows: list[str], results: dict) -> str:
+    """The Markdown section: one table per task (rows x seeds; a row a task did not run is
+    left out)."""
     lines = [
         "## Fine-tuning across tasks: the default recipes (`edgetune bench tasks`)",
         "",
-        f"Command: `edgetune bench tasks --model {model} --tasks {','.join(tasks)} --seeds "
-        f"{','.join(map(str, seeds))} --rows {','.join(rows)}{flags}`  ",
+        f"Command: `{command}`  ",
         f"Machine: {machine_line()}  ",
         "Each row is its own process. metric = the saved adapter's held-out metric (the "
         "best evaluation's under the ZO recipe), last = the last evaluation's; s = training "
@@ -236,6 +233,8 @@ def _task_table(name: str, seeds: list[int], rows: list[str], results: dict) -> 
             f"{zero['peak_rss_mb']:.0f} | 1.00x |"
         )
         for row in rows:
+            if (name, seed, row) not in results:
+                continue
             r = results[(name, seed, row)]
             reach = seconds_to(r["curve"], target, up) if target is not None else None
             lines.append(
