@@ -146,8 +146,13 @@ def test_a_runtime_step_equals_the_pytorch_step(onnx_lora_export, stories260k_pa
     assert want.estimate.seeds == got.estimate.seeds
     for x, y in zip(want.estimate.scalars, got.estimate.scalars, strict=True):
         assert x == pytest.approx(y, rel=1e-3, abs=1e-3)
+    # the updates differ only through the scalars: by at most lr * |scalar gap| * |z| per
+    # element (|z| < 6 among these few thousand Gaussian draws; ONNX Runtime's kernels on
+    # an AVX-512 CPU put the scalars ~1e-4 apart, more than a fixed 1e-5 allowed)
+    pairs = zip(want.estimate.scalars, got.estimate.scalars, strict=True)
+    bound = 1e-2 * max(abs(x - y) for x, y in pairs) * 6.0 + 1e-6
     for name, value in tensors.items():
-        assert torch.allclose(params[name].detach(), value, atol=1e-5)
+        assert torch.allclose(params[name].detach(), value, atol=bound)
 
 
 def _edited_copy(tmp_path, export, **changes):

@@ -6,6 +6,7 @@ import json
 
 from edgetune.recipes import demo
 from edgetune.runs import RunDir
+from edgetune.train.config import RECIPE_LR
 
 
 def test_demo_report_opens_with_the_settings_of_each_run(finetune_run):
@@ -26,7 +27,9 @@ def test_demo_report_opens_with_the_settings_of_each_run(finetune_run):
     assert lines[2] == (
         "- **data**: sst2, 64 training examples, 16 held-out, at most 32 tokens each; seed 0"
     )
-    assert lines[3] == "- **ZO LoRA (MeZO)**: lora rank 8, 4 steps of batch 4, learning rate 0.001"
+    # no --lr in the quick ZO run: the default ZO recipe's step size
+    zo_line = f"- **ZO LoRA (MeZO)**: lora rank 8, 4 steps of batch 4, learning rate {RECIPE_LR:g}"
+    assert lines[3] == zo_line
     row = next(x for x in lines if x.startswith("| ZO LoRA (MeZO) |"))
     assert row.endswith(f"| {summary['wall_s']:.1f} |")
     assert lines[-1].endswith("total demo time 12.3 s.")

@@ -12,6 +12,7 @@ from edgetune.cli import main
 from edgetune.report import federated, single
 from edgetune.report.run_info import load_run
 from edgetune.runs import RunDir
+from edgetune.train.config import RECIPE_LR
 
 
 def test_finetune_report_opens_with_what_was_run_and_rounds_its_numbers(
@@ -29,7 +30,7 @@ def test_finetune_report_opens_with_what_was_run_and_rounds_its_numbers(
         "- **task**: classification",
         "- **adapter**: lora (rank 8, alpha 16.0)",
         "- **method**: MeZO (zeroth-order)",
-        "- **steps**: 4 of batch 4, learning rate 0.001, evaluated every 2",
+        f"- **steps**: 4 of batch 4, learning rate {RECIPE_LR:g}, evaluated every 2",
         "- **seed**: 0",
     ):
         assert bullet in head
