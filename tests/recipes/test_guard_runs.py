@@ -154,3 +154,20 @@ def test_a_run_that_ends_below_its_start_warns_and_says_so_in_its_summary(
         assert summary["kept"]["step"] < 8
     else:
         assert summary["eval/accuracy"] == summary["last_eval"]["eval/accuracy"]
+
+
+def test_a_rollback_on_the_last_step_scores_the_restored_adapter(tmp_path, tiny_args, cli):
+    # Prepare: a hair-trigger guard with rollbacks to spare fires on the last step
+    run = tmp_path / "run"
+    extra = ("train.guard_window=1", "train.guard_margin=0.01", "train.guard_rollbacks=20")
+    # Execute
+    assert cli(tiny_args(run, *extra, "train.keep=last", steps=5)) == 0
+    # Assert: after the last rollback comes an evaluation of what was restored (step 0's
+    # adapter here, so it scores as the zero-shot one), and the summary reports it
+    rows = _rows(run)
+    assert "rollback" in rows[-2] and rows[-2]["step"] == 5
+    assert rows[-2]["rollback"]["to_step"] == 0
+    last = rows[-1]
+    assert last["step"] == 5 and last["eval/loss"] == rows[0]["eval/loss"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval/loss"] == last["eval/loss"]

@@ -155,6 +155,8 @@ def fit(
             reason = guard.observe_eval(state.last_eval, state.best_eval) if cfg.guard else None
         if reason is not None:
             _roll_back(reason, state, guard, adapter, stepper, run)
+            if state.step == cfg.steps and eval_rows:  # the restored state is the result
+                _evaluate(adapter, task, eval_rows, cfg, run, state, keep_best)
         due_checkpoint = checkpoints and _due(state.step, cfg.checkpoint_every, cfg.steps)
         if cfg.guard and reason is None and guard.improved:
             state.pending = Snapshot.take(state.step, adapter, stepper)
