@@ -182,14 +182,15 @@ def plot(tasks: list[str], seed: int, rows: list[str], results: dict, path: Path
     for ax, name in zip(axes[0], tasks, strict=True):
         zero = results[(name, seed, "zero-shot")]
         ax.axhline(zero["kept"], color="grey", linestyle="--", label="zero-shot")
-        for row in rows:
-            curve = results[(name, seed, row)]["curve"]
+        for i, row in enumerate(rows):  # one colour per row in every panel
+            curve = results.get((name, seed, row), {}).get("curve")
             if curve:
-                ax.plot(*zip(*curve, strict=True), marker="o", markersize=3, label=row)
+                xy = zip(*curve, strict=True)
+                ax.plot(*xy, marker="o", markersize=3, label=row, color=f"C{i}")
         ax.set_title(f"{name} (seed {seed})")
         ax.set_xlabel("training seconds")
         ax.set_ylabel(zero["key"] or "metric")
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
