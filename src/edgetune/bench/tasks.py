@@ -205,8 +205,9 @@ def render(command: str, tasks: list[str], seeds: list[int], rows: list[str], re
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine_line()}  ",
-        "Each row is its own process. metric = the saved adapter's held-out metric (the "
-        "best evaluation's under the ZO recipe), last = the last evaluation's; s = training "
+        "Each row is its own process. metric = the saved adapter's held-out metric (every "
+        "row evaluates, so keeps its best evaluation: train.keep=auto), last = the last "
+        "evaluation's; s = training "
         "seconds, evaluation excluded; to 80 % = training seconds until an evaluation "
         "reached zero-shot + 80 % of first-order's gain.",
         "",
