@@ -129,12 +129,11 @@ def fit(
     keep_best = keeps_best(cfg, eval_rows)
     state = state or LoopState()
     guard = Guard(cfg, state.guard)
-    if state.step == 0:
-        if cfg.eval_at_start and eval_rows:
-            _evaluate(adapter, task, eval_rows, cfg, run, state, keep_best)
-            state.first_eval = dict(state.last_eval)
-        if cfg.guard:
-            state.good = Snapshot.take(0, adapter, stepper)
+    if state.step == 0 and cfg.eval_at_start and eval_rows:
+        _evaluate(adapter, task, eval_rows, cfg, run, state, keep_best)
+        state.first_eval = dict(state.last_eval)
+    if cfg.guard and state.good is None:  # step 0, or a checkpoint from before the guard
+        state.good = Snapshot.take(state.step, adapter, stepper)
     bar = _progress(cfg, state.step)
     for step in range(state.step, cfg.steps):
         rows = [train_rows[i] for i in batch_indices(step, len(train_rows), cfg.batch_size, seed)]
