@@ -24,7 +24,9 @@ GUARD_SETTINGS = (
 DEFAULT_LR = {"fo": 1e-3, "zo": 1e-3, "prge": 1e-3}
 # The default ZO recipe, used when the step size is not given: scalars divided by their
 # running RMS (zo.scale=rms) at this step size, with the divergence guard and the best
-# evaluated adapter kept (on by default). Chosen by `edgetune bench tasks`; see README.
+# evaluated adapter kept (on by default). 5e-3 was the demo's raw P-RGE step; normalised,
+# `edgetune bench tasks` measured it on AG News, BBC News (unstable there: the guard
+# halved it) and SST-2 (not tuned on); docs/BENCHMARKS.md, "Fine-tuning across tasks".
 RECIPE_LR = 5e-3
 
 
@@ -67,7 +69,9 @@ class TrainConfig:
     checkpoint_every: int = option(50, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
     explode_factor: float = option(
-        20.0, "stop when the loss exceeds this multiple of the first step's loss"
+        20.0,
+        "a loss above this multiple of the first step's is a divergence: the guard rolls "
+        "back, or with no rollback left (or train.guard=false) the run stops",
     )
     guard: bool = option(
         True,
