@@ -7,9 +7,9 @@ and every federated client build their steppers here.
 
 with the ZO update rule `zo.optimizer`, after the scalars are divided by their running
 RMS when `zo.scale=rms` (the default ZO recipe: `train.config.resolve_step_size`).
-A caller may supply the estimator (FedKSeed's
-seed pool, FwdLLM's steered forward gradient) and, for P-RGE, how the copies run (an
-exported graph's copy axis on a device runtime).
+A caller may supply the estimator (FedKSeed's seed pool, FwdLLM's steered forward
+gradient) and, for P-RGE, how the copies run (an exported graph's copy axis on a device
+runtime).
 """
 
 from __future__ import annotations
