@@ -55,20 +55,22 @@ def _refuse_local_flags_without_local(args: Any) -> None:
 def up(args: Any) -> int:
     """Start the local federation and keep it until Ctrl-C (or SIGTERM)."""
     fed = _federation(args, args.clients).start()
-    security = (
-        "INSECURE (no TLS, no SuperNode authentication)"
-        if fed.insecure
-        else f"TLS with {fed.tls / 'ca.crt'}, SuperNode keys in {fed.auth}"
-    )
-    print(
-        f"SuperLink on {fed.address} with {args.clients} SuperNodes; FLWR_HOME={fed.home} "
-        f"(connection {'edgetune-local'!r}, logs in {fed.home / 'logs'}).\n"
-        f"Security: {security}. Threads: {fed.node_threads} per SuperNode.\n"
-        f"Run: edgetune flower run --home {args.home} ...   Stop: Ctrl-C",
-        flush=True,
-    )
+    # before the banner: a SIGTERM sent as soon as the banner is read (a supervisor, the
+    # test suite under load) must stop the processes, not kill this one and orphan them
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        security = (
+            "INSECURE (no TLS, no SuperNode authentication)"
+            if fed.insecure
+            else f"TLS with {fed.tls / 'ca.crt'}, SuperNode keys in {fed.auth}"
+        )
+        print(
+            f"SuperLink on {fed.address} with {args.clients} SuperNodes; FLWR_HOME={fed.home} "
+            f"(connection {'edgetune-local'!r}, logs in {fed.home / 'logs'}).\n"
+            f"Security: {security}. Threads: {fed.node_threads} per SuperNode.\n"
+            f"Run: edgetune flower run --home {args.home} ...   Stop: Ctrl-C",
+            flush=True,
+        )
         while all(p.poll() is None for p in fed.procs.values()):
             time.sleep(1.0)
         print("a Flower process exited; stopping the others", flush=True)
