@@ -84,9 +84,13 @@ class Guard:
         self.beta = 1.0 - 2.0 / (cfg.guard_window + 1)  # EMA with a ~window-step memory
         self.improved = False  # the last observed loss set a new best average
 
+    def limit(self, first_loss: float | None) -> float:
+        """The loss above which a step counts as exploded (explode_factor x the first)."""
+        return self.cfg.explode_factor * max(abs(first_loss or 0.0), 1e-3)
+
     def exploded(self, loss: float, first_loss: float | None) -> str | None:
         """Why `loss` ends the run at once (non-finite, or explode_factor x the first)."""
-        limit = self.cfg.explode_factor * max(abs(first_loss or 0.0), 1e-3)
+        limit = self.limit(first_loss)
         if math.isfinite(loss) and loss <= limit:
             return None
         return f"loss {loss} above {limit:.3g} ({self.cfg.explode_factor:g}x the first loss)"

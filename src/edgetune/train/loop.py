@@ -246,7 +246,7 @@ def _check_loss(loss: float, state: LoopState, guard: Guard, run: RunDir) -> str
         return guard.observe_loss(loss) if guard.cfg.guard else None
     if guard.can_roll_back():
         return exploded
-    limit = guard.cfg.explode_factor * max(abs(state.first_loss or 0.0), 1e-3)
+    limit = guard.limit(state.first_loss)
     run.log({"step": state.step, "loss": loss, "diverged": True})
     raise TrainingDivergedError(
         f"loss {loss} at step {state.step} (first loss {state.first_loss}, limit {limit:.3g}): "
