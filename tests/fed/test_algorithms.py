@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from edgetune.fed import algorithms
-from edgetune.fed.algorithms import FedIT, FedKSeed
 from edgetune.fed.algorithms.base import load_trainable, trainable_state
-from edgetune.fed.algorithms.fedkseed import replay
+from edgetune.fed.algorithms.fedit import FedIT
+from edgetune.fed.algorithms.fedkseed import FedKSeed, replay
 from edgetune.fed.config import FedConfig
 from edgetune.fed.fleet import BUILTIN_PROFILES
 from edgetune.fed.payloads import LoraDelta, SeedScalars, ZOTrace, decode, encode
@@ -34,7 +34,7 @@ def _delta(state, scale, n, seed):
 def test_fedavg_equals_a_hand_computed_weighted_average():
     # Prepare: three clients with 1, 2 and 5 examples
     adapter = _adapter()
-    algo = FedIT(FedConfig(), adapter, seed=0, lr=0.01)
+    algo = FedIT(FedConfig(), adapter)
     before = {k: v.clone() for k, v in algo.state.items()}
     updates = [(c, _delta(before, 0.01, n, c)) for c, n in enumerate([1, 2, 5])]
     # Execute
@@ -50,7 +50,7 @@ def test_fedavg_equals_a_hand_computed_weighted_average():
 @pytest.mark.parametrize("opt", ["fedavgm", "fedadam", "fedyogi"])
 def test_server_optimizers_move_along_the_mean_delta(opt):
     adapter = _adapter()
-    algo = FedIT(FedConfig(server_optimizer=opt, server_lr=0.01), adapter, seed=0, lr=0.01)
+    algo = FedIT(FedConfig(server_optimizer=opt, server_lr=0.01), adapter)
     before = {k: v.clone() for k, v in algo.state.items()}
     update = _delta(before, 0.01, 4, 1)
     algo.aggregate(0, [(0, update)])
@@ -85,7 +85,7 @@ def test_fedkseed_replay_on_two_clients_gives_identical_models():
 
 def test_malicious_fedit_updates_are_rejected_and_the_model_stays_close():
     adapter = _adapter()
-    algo = FedIT(FedConfig(max_update_norm=1.0), adapter, seed=0, lr=0.01)
+    algo = FedIT(FedConfig(max_update_norm=1.0), adapter)
     state = {k: v.clone() for k, v in algo.state.items()}
     honest = [(c, _delta(state, 0.001, 10, c)) for c in range(3)]
     nan = _delta(state, 0.001, 10, 9)
@@ -99,7 +99,7 @@ def test_malicious_fedit_updates_are_rejected_and_the_model_stays_close():
     assert "non-finite" in result.rejected[3]
     assert "got (3, 3) torch.float32, expected (2, 32)" in result.rejected[4]
     assert "exceeds the bound" in result.rejected[5]
-    reference = FedIT(FedConfig(), _adapter(), seed=0, lr=0.01)
+    reference = FedIT(FedConfig(), _adapter())
     reference.aggregate(0, honest)
     assert all(torch.equal(algo.state[k], reference.state[k]) for k in state)
 
@@ -107,13 +107,14 @@ def test_malicious_fedit_updates_are_rejected_and_the_model_stays_close():
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean", "clip-mean"])
 def test_robust_rules_neutralise_a_scaled_update_within_the_norm_bound(rule):
     adapter = _adapter()
-    cfg = FedConfig(aggregator=rule, trim=0.25, clip=0.05, max_update_norm=50.0)
-    algo = FedIT(cfg, adapter, seed=0, lr=0.01)
+    tuning = {"trimmed-mean": {"trim": 0.25}, "clip-mean": {"clip": 0.05}}.get(rule, {})
+    cfg = FedConfig(aggregator=rule, max_update_norm=50.0, **tuning)
+    algo = FedIT(cfg, adapter)
     state = {k: v.clone() for k, v in algo.state.items()}
     honest = [(c, _delta(state, 0.001, 10, c)) for c in range(4)]
     attack = _delta(state, 0.1, 10, 99)  # 100x larger, still under the hard bound
     algo.aggregate(0, [*honest, (4, attack)])
-    plain = FedIT(FedConfig(max_update_norm=50.0), _adapter(), seed=0, lr=0.01)
+    plain = FedIT(FedConfig(max_update_norm=50.0), _adapter())
     plain.aggregate(0, [*honest, (4, attack)])
     moved = sum(float((algo.state[k] - state[k]).norm()) for k in state)
     moved_plain = sum(float((plain.state[k] - state[k]).norm()) for k in state)
@@ -195,7 +196,7 @@ def test_seed_trace_replay_rebuilds_the_zo_client_exactly(stories260k_path, shar
     cfg = DataConfig(dataset="sst2", train_size=32, eval_size=8, max_length=32)
     splits = load_splits(cfg, 0)
     task = build_task(splits, cfg, tokenizer)
-    algo = FedIT(FedConfig(), adapter, seed=0, lr=0.01)
+    algo = FedIT(FedConfig(), adapter)
     for method in ("zo", "prge"):
         job = ClientJob(
             0,
@@ -220,7 +221,7 @@ def test_seed_trace_replay_rebuilds_the_zo_client_exactly(stories260k_path, shar
             add_direction(params, seed, -coef)
         assert len(trace.seeds) == 6
         assert all(torch.equal(p, local[n]) for n, p in zip(names, params, strict=True))
-        delta = algo._as_delta(trace, algo.shapes(_plan(0, method)))
+        delta = algo.server.as_delta(trace, algo.server.shapes(_plan(0, method)))
         assert delta.meta["replayed"] == 1.0
         assert all(
             torch.allclose(algo.state[n] + delta.tensors[n], local[n], atol=1e-7) for n in names

@@ -129,13 +129,13 @@ def fedit(stories260k_path, shared_data):
     """A FedIT server (real algorithm on a real stories260K LoRA adapter)."""
     del shared_data
     from edgetune import models
-    from edgetune.fed.algorithms import ALGORITHMS
+    from edgetune.fed.algorithms.fedit import FedIT
     from edgetune.fed.config import FedConfig
     from edgetune.peft import PeftConfig, attach
 
     model, _ = models.load(str(stories260k_path))
     adapter = attach(model, PeftConfig(), seed=0)
-    return ALGORITHMS["fedit"](FedConfig(), adapter, 0, 1e-3), adapter
+    return FedIT(FedConfig(), adapter), adapter
 
 
 def _at_round(algo, value: float) -> None:

@@ -42,14 +42,14 @@ def spine(stories260k_path, shared_data, tmp_path):
     }
     overrides = ["data.train_size=40", "data.eval_size=8", "data.max_length=32"]
     fed = setup(resolve_config(FederateConfig, None, overrides, flags))
-    algo = build_algorithm(fed.cfg, fed)
+    algo = build_algorithm(fed)
     torch.manual_seed(0)  # a non-zero global adapter, so a slice differs from zeros
-    algo.state = {k: v + 0.01 * torch.randn_like(v) for k, v in algo.state.items()}
+    algo.server.state = {k: v + 0.01 * torch.randn_like(v) for k, v in algo.state.items()}
     return fed, algo
 
 
 def _plan(fed, algo, rnd):
-    plans = algo.planner.plan(rnd, [0, 1], fed.fleet, [])
+    plans = algo.planner(fed).plan(rnd, [0, 1], fed.fleet, [])
     return {c: dataclasses.replace(p, method="zo") for c, p in plans.items()}
 
 
@@ -66,7 +66,7 @@ def test_a_zo_trace_replays_into_the_delta_the_device_computed(spine):
     delta, _ = algo.client_update(fed.adapter, payload, job, None)
     # Assert: the server's replay in the plan's shapes is the device's own delta
     assert isinstance(trace, SeedTrace) and isinstance(delta, LoraDelta)
-    replayed = algo._as_delta(trace, algo.shapes(plan))
+    replayed = algo.server.as_delta(trace, algo.shapes(plan))
     names = [n for n in delta.tensors if n not in STATS]
     assert set(replayed.tensors) == set(names)
     assert all(torch.equal(replayed.tensors[n], delta.tensors[n]) for n in names)

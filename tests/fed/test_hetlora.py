@@ -8,8 +8,8 @@ import torch
 
 from edgetune.errors import ConfigError
 from edgetune.fed.aggregate import weighted_mean
-from edgetune.fed.algorithms import FedIT
 from edgetune.fed.algorithms.base import load_trainable
+from edgetune.fed.algorithms.fedit import FedIT
 from edgetune.fed.config import FedConfig
 from edgetune.fed.fleet import BUILTIN_PROFILES
 from edgetune.fed.hetlora import (
@@ -102,7 +102,7 @@ def test_rank_view_runs_the_first_components_and_restores_the_full_adapter():
 
 def test_fedit_with_equal_ranks_is_plain_fedavg_of_the_deltas():
     adapter = _adapter()
-    algo = FedIT(FedConfig(), adapter, seed=0, lr=0.01)
+    algo = FedIT(FedConfig(), adapter)
     start = {n: t.clone() for n, t in algo.state.items()}
     deltas = [_random_delta(start, None, s) for s in range(3)]
     counts = [1, 2, 5]
@@ -114,7 +114,7 @@ def test_fedit_with_equal_ranks_is_plain_fedavg_of_the_deltas():
 
 def test_fedit_mixed_ranks_pads_each_component_over_its_clients():
     adapter = _adapter(rank=4)
-    algo = FedIT(FedConfig(), adapter, seed=0, lr=0.01)
+    algo = FedIT(FedConfig(), adapter)
     start = {n: t.clone() for n, t in algo.state.items()}
     # the server hands each client its own rank
     plans = {0: _plan(0, 2), 1: _plan(1, None)}
@@ -146,7 +146,7 @@ def test_fedit_mixed_ranks_pads_each_component_over_its_clients():
 
 def test_svd_aggregation_keeps_the_mean_product_of_mixed_rank_clients():
     adapter = _adapter(rank=4)
-    algo = FedIT(FedConfig(rank_aggregation="svd"), adapter, seed=0, lr=0.01)
+    algo = FedIT(FedConfig(rank_aggregation="svd"), adapter)
     start = {n: t.clone() for n, t in algo.state.items()}
     deltas = [_random_delta(start, 1, 0, 0.1), _random_delta(start, 2, 1, 0.1)]
     plans = {0: _plan(0, 1), 1: _plan(1, 2)}

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from edgetune.cli import main
 from edgetune.errors import ConfigError
 from edgetune.fed.aggregate import clip_scale, norm_outliers
-from edgetune.fed.algorithms import FedIT, FedKSeed
+from edgetune.fed.algorithms.fedit import FedIT
+from edgetune.fed.algorithms.fedkseed import FedKSeed
 from edgetune.fed.attacks import LIE, SCALE, Attack, attackers, corrupt, parse_attack
 from edgetune.fed.config import FedConfig
 from edgetune.fed.payloads import LoraDelta, SeedTrace, ZOTrace, decode, encode
@@ -110,7 +111,7 @@ def test_norm_outliers_spare_honest_spread_and_small_rounds():
 def test_a_claimed_example_count_cannot_buy_influence_in_fedit():
     # Prepare: 4 honest deltas of 10 examples and a sign-flipped one claiming 10^9
     adapter = _adapter()
-    algo = FedIT(FedConfig(), adapter, seed=0, lr=LR)
+    algo = FedIT(FedConfig(), adapter)
     state = {k: v.clone() for k, v in algo.state.items()}
     gen = torch.Generator().manual_seed(0)
     honest = [
@@ -139,7 +140,7 @@ def test_a_nan_bound_never_switches_validation_off():
     adapter = _adapter()
     cfg = FedConfig()
     cfg.max_update_norm = math.nan
-    algo = FedIT(cfg, adapter, seed=0, lr=LR)
+    algo = FedIT(cfg, adapter)
     big = LoraDelta({k: torch.full_like(v, 1e4) for k, v in algo.state.items()}, 10)
     # Execute / Assert: every check raises instead of accepting
     with pytest.raises(ConfigError, match="max_update_norm: expected a finite number > 0"):
@@ -173,7 +174,7 @@ def test_attack_settings_are_checked(spec, algorithm, message):
 
 
 def test_attackers_are_a_seeded_subset():
-    attack = parse_attack("noise:0.2", "fedit")
+    attack = parse_attack("noise:0.2")
     assert attack == Attack("noise", 0.2)
     chosen = attackers(attack, 10, seed=3)
     assert len(chosen) == 2 and chosen == attackers(attack, 10, seed=3)

@@ -11,7 +11,7 @@ import torch
 
 from edgetune.config import resolve_config, to_dict
 from edgetune.errors import ConfigError
-from edgetune.fed.algorithms import ALGORITHMS
+from edgetune.fed.algorithms import build_algorithm
 from edgetune.fed.algorithms.base import trainable_state
 from edgetune.fed.checkpoint import load_round
 from edgetune.fed.config import FederateConfig
@@ -71,12 +71,12 @@ def test_a_planner_may_change_a_clients_rank_between_rounds(config, tmp_path):
     # Prepare: FedIT fo clients planned at rank 2, then client 0 at the global rank 4
     cfg = config(**{"fed.method": "fo", "optim.lr": 5e-3})
     fed = setup(cfg)
-    algo = ALGORITHMS["fedit"](fed.cfg.fed, fed.adapter, cfg.seed, 5e-3)
+    algo = build_algorithm(fed)
     axes = lora_axes(fed.adapter)
     lora = [n for n in axes if "rank" in axes[n]]
     start = trainable_state(fed.adapter)
     run = RunDir(tmp_path / "run", overwrite=True)
-    planner = RankRamp(StaticPlanner(fed.cfg, fed.num_params))
+    planner = RankRamp(StaticPlanner(fed.cfg.fed, fed.cfg.peft.rank, fed.num_params, False))
     fleet = InProcessFleet(fed, algo)
     # Execute: the first round only
     fed.cfg = dataclasses.replace(fed.cfg, fed=dataclasses.replace(fed.cfg.fed, rounds=1))
@@ -111,7 +111,7 @@ def test_a_planner_may_change_a_clients_rank_between_rounds(config, tmp_path):
 def test_an_update_of_other_shapes_than_planned_is_rejected(config):
     cfg = config(**{"fed.method": "fo"})
     fed = setup(cfg)
-    algo = ALGORITHMS["fedit"](fed.cfg.fed, fed.adapter, cfg.seed, 1e-3)
+    algo = build_algorithm(fed)
     profile = fed.fleet[0]
     full = algo.configure(0, ClientPlan(0, profile, "fo", None))
     full.num_examples = 4
@@ -124,12 +124,12 @@ def test_simulated_clients_keep_their_state_through_the_checkpoint(config, tmp_p
     # Prepare / Execute: two FedKSeed rounds, then a fresh fleet restored from round 2
     cfg = config(**{"fed.algorithm": "fedkseed", "fed.method": "zo", "fed.pool_size": 64})
     fed = setup(cfg)
-    algo = ALGORITHMS["fedkseed"](fed.cfg.fed, fed.adapter, cfg.seed, 1e-3)
+    algo = build_algorithm(fed)
     fleet = InProcessFleet(fed, algo)
     run = RunDir(tmp_path / "run", overwrite=True)
     run.write_config(to_dict(fed.cfg))
     run_rounds(fed, algo, fleet, run)
-    restored_algo = ALGORITHMS["fedkseed"](fed.cfg.fed, fed.adapter, cfg.seed, 1e-3)
+    restored_algo = build_algorithm(fed)
     restored = InProcessFleet(fed, restored_algo)
     done = load_round(RunDir(tmp_path / "run", resume=True), restored_algo, fed.adapter, restored)
     # Assert: both clients' held models (caught up to round 1) and rounds came back
@@ -150,7 +150,7 @@ def test_simulated_clients_keep_their_state_through_the_checkpoint(config, tmp_p
         ({"fed.pool_size": 64}, "fed.pool_size=64 is not read by fed.algorithm=fedit"),
         (
             {"fed.server_optimizer": "fedadam", "fed.algorithm": "fedkseed"},
-            "read with fed.algorithm=fedit | fwdllm",
+            "read with fed.algorithm=fedit | fedspine | fwdllm",
         ),
         ({"fed.trim": 0.2}, "fed.trim=0.2 is not read"),
         ({"zo.max_queries": 4}, "read only by fwdllm"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from edgetune.report import federated, fedspine
+from edgetune.report import federated, pruned
 from edgetune.report.run_info import load_run
 from edgetune.runs import RunDir
 
@@ -58,7 +58,7 @@ def test_arm_plot_has_a_marker_per_client_with_a_ratio_and_the_schedule(spine_ru
     rows = federated.round_rows(run)
     with_ratio = [c for c in run.clients if c.get("ratio") is not None]
     # Execute
-    ax = fedspine.figures(run, rows)["arm_choices.png"].axes[0]
+    ax = pruned.figures(run, rows)["arm_choices.png"].axes[0]
     # Assert: one marker per entry; hollow for a client that was asked but did not train
     markers = [line for line in ax.lines if len(line.get_xdata()) == 1]
     assert sorted(float(m.get_ydata()[0]) for m in markers) == sorted(
@@ -90,7 +90,7 @@ def test_deployed_table_adds_further_numeric_keys_and_dashes_missing_ones():
             "folder": "deploy/jetson",  # not a number: left out
         },
     }
-    header, _, *rows = fedspine.deployed_table(classes)
+    header, _, *rows = pruned.deployed_table(classes)
     assert header == (
         "| device class | devices | arm | pruning ratio | rank | params | held-out accuracy | "
         "tokens per s |"

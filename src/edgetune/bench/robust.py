@@ -28,9 +28,9 @@ from typing import Any
 from edgetune.bench.markdown import machine_line, write_section
 from edgetune.data import DataConfig
 from edgetune.fed.aggregate import AGGREGATORS
-from edgetune.fed.algorithms import ALGORITHMS
+from edgetune.fed.algorithms import build_algorithm
 from edgetune.fed.algorithms.base import load_trainable, trainable_state
-from edgetune.fed.attacks import APPLIES
+from edgetune.fed.attacks import TARGETS, applies
 from edgetune.fed.config import FedConfig, FederateConfig
 from edgetune.fed.rounds import InProcessFleet, run_rounds
 from edgetune.fed.session import Federation, setup
@@ -76,7 +76,7 @@ def cell(base: Federation, initial: dict, rule: str, attack: str, out: Path) -> 
     cfg = dataclasses.replace(base.cfg, fed=fed_cfg)
     fed = dataclasses.replace(base, cfg=cfg)
     load_trainable(fed.adapter, initial)
-    algo = ALGORITHMS[fed_cfg.algorithm](fed_cfg, fed.adapter, cfg.seed, float(cfg.optim.lr))
+    algo = build_algorithm(fed)
     run = RunDir(out, overwrite=True)
     run_rounds(fed, algo, InProcessFleet(fed, algo), run)
     bad = [c for c in run.read_metrics("clients.jsonl") if "attack" in c]
@@ -99,7 +99,7 @@ def run(model: str, rounds: int, clients: int, output: str) -> None:
             base = config(model, algorithm, rounds, clients, work / "fleet.yaml")
             fed = setup(base)
             initial = trainable_state(fed.adapter)
-            attacks = [k for k, algos in APPLIES.items() if algorithm in algos]
+            attacks = [k for k in TARGETS if applies(k, fed.algorithm.uploads)]
             results[algorithm] = {}
             for rule in AGGREGATORS:
                 results[algorithm][rule] = {}

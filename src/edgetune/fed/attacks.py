@@ -25,19 +25,19 @@ from dataclasses import dataclass
 import torch
 
 from edgetune.errors import ConfigError
-from edgetune.fed.algorithms import ALGORITHMS
 from edgetune.fed.payloads import LoraDelta, Payload, SeedTrace, ZOTrace
 from edgetune.zo.seeds import Stream, generator, stream_seed
 
 SCALE, NOISE, LIE = 100.0, 10.0, 10**9
-ALL = tuple(ALGORITHMS)
-APPLIES: dict[str, tuple[str, ...]] = {
-    "signflip": ALL,
-    "scale": ALL,
-    "noise": ALL,
-    "nan": ALL,
-    "lie-count": ALL,
-    "big-scalar": tuple(n for n, cls in ALGORITHMS.items() if cls.__name__ == "FedKSeed"),
+ANY = (LoraDelta, ZOTrace, SeedTrace)
+# kind -> the update kinds it corrupts (it applies to the algorithms whose clients upload one)
+TARGETS: dict[str, tuple[type, ...]] = {
+    "signflip": ANY,
+    "scale": ANY,
+    "noise": ANY,
+    "nan": ANY,
+    "lie-count": ANY,
+    "big-scalar": (ZOTrace,),
 }
 
 
@@ -49,19 +49,18 @@ class Attack:
     fraction: float
 
 
-def parse_attack(spec: str, algorithm: str) -> Attack | None:
+def parse_attack(spec: str) -> Attack | None:
     """`KIND:FRACTION` as an Attack ('' = none).
 
     Raises:
-        ConfigError: unknown kind, a fraction outside (0, 1), or a kind that does not
-            apply to `algorithm`.
+        ConfigError: unknown kind, or a fraction outside (0, 1).
     """
     if not spec:
         return None
     kind, _, fraction = spec.partition(":")
-    if kind not in APPLIES:
+    if kind not in TARGETS:
         raise ConfigError(
-            f"fed.attack: unknown attack {kind!r}; use one of {', '.join(APPLIES)} "
+            f"fed.attack: unknown attack {kind!r}; use one of {', '.join(TARGETS)} "
             "as KIND:FRACTION, e.g. signflip:0.2"
         )
     try:
@@ -73,13 +72,33 @@ def parse_attack(spec: str, algorithm: str) -> Attack | None:
             f"fed.attack: expected KIND:FRACTION with a fraction in (0, 1), got {spec!r} "
             "(e.g. signflip:0.2)"
         )
-    if algorithm not in APPLIES[kind]:
-        raise ConfigError(
-            f"fed.attack={kind} sends seed scalars just under fed.max_abs_scalar, which "
-            f"only {' and '.join(APPLIES[kind])} upload; {algorithm} clients send tensors "
-            "or seed coefficients: use scale"
-        )
     return Attack(kind, share)
+
+
+def applies(kind: str, uploads: tuple[type, ...]) -> bool:
+    """Whether attack `kind` corrupts any of the update kinds an algorithm uploads."""
+    return any(u in TARGETS[kind] for u in uploads)
+
+
+def check_applies(
+    attack: Attack, algorithm: str, uploads: tuple[type, ...], senders: list[str]
+) -> None:
+    """Refuse an attack on an algorithm whose clients never send what it corrupts.
+
+    Args:
+        senders: the algorithms whose clients do (for the message).
+
+    Raises:
+        ConfigError: names the attack, what it corrupts, who sends that, and the fix.
+    """
+    if applies(attack.kind, uploads):
+        return
+    corrupts = " or ".join(kind.__name__ for kind in TARGETS[attack.kind])
+    raise ConfigError(
+        f"fed.attack={attack.kind} corrupts a {corrupts} (seed-pool scalars just under "
+        f"fed.max_abs_scalar), which only {' and '.join(senders)} upload; {algorithm} "
+        "clients send tensors or seed coefficients: use scale"
+    )
 
 
 def attackers(attack: Attack | None, clients: int, seed: int) -> set[int]:

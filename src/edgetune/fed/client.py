@@ -33,7 +33,7 @@ class ClientSession:
         start = time.perf_counter()
         cfg = build(FederateConfig, yaml.safe_load(config_text))
         self.fed = setup(cfg)
-        self.algo = build_algorithm(self.fed.cfg, self.fed)
+        self.algo = build_algorithm(self.fed)
         self.setup_s = time.perf_counter() - start
 
     def train(

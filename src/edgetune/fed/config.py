@@ -6,9 +6,11 @@ round reads `train.batch_size`, `train.grad_accum` (first-order clients), `optim
 learning rate; the first-order optimizer) and the `zo` settings its algorithm's
 estimator reads; everything else in those sections belongs to a single-device run, and
 `check_read_by_federation` refuses it when given (differs from its default), as it does
-the `fed` settings of other algorithms (each algorithm lists the ones it reads, beside
-its module: `FED_SETTINGS`). A `fed` setting marked `simulator_only` (the simulated clock,
-attacks) is refused on Flower by `check_read_by_flower`.
+the settings only other algorithms read: each algorithm declares what it reads in its
+registered spec (`fed/algorithms/registry.py`: its `fed` settings, dotted settings of
+other sections, its own section) and may check combinations only it can judge. A `fed`
+setting marked `simulator_only` (the simulated clock, attacks) is refused on Flower by
+`check_read_by_flower`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from edgetune.config import check_choice, check_positive, option
 from edgetune.data import DataConfig
 from edgetune.errors import ConfigError
 from edgetune.fed.aggregate import AGGREGATORS
-from edgetune.fed.algorithms import ALGORITHMS
-from edgetune.fed.attacks import parse_attack
+from edgetune.fed.algorithms import ALGORITHMS, AlgorithmSpec, algorithm_spec
+from edgetune.fed.algorithms.registry import readers
+from edgetune.fed.attacks import applies, check_applies, parse_attack
 from edgetune.fed.fleet import BUILTIN_FLEETS, BUILTIN_PROFILES
 from edgetune.fed.hetlora import RANK_AGGREGATIONS
 from edgetune.fed.spine.config import SpineConfig
@@ -33,8 +36,7 @@ from edgetune.train import OptimConfig, TrainConfig
 from edgetune.train.config import GUARD_SETTINGS
 from edgetune.zo import ZOConfig
 
-FED_ALGORITHMS = tuple(ALGORITHMS)  # the registry, beside the algorithms' modules
-FORWARD_ONLY = tuple(n for n, cls in ALGORITHMS.items() if cls.FORWARD_ONLY)
+FED_ALGORITHMS = tuple(ALGORITHMS)  # the built-in ones (the registry may grow)
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 CLIENT_METHODS = ("fo", "zo", "prge", "auto")
 AUTO_PARTITION = "auto"  # resolved by the recipe once the task is known
@@ -118,17 +120,11 @@ class FedConfig:
     )
 
     def __post_init__(self) -> None:
-        check_choice("fed", "algorithm", self.algorithm, FED_ALGORITHMS)
+        spec = algorithm_spec(self.algorithm)
         check_choice("fed", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         check_choice("fed", "aggregator", self.aggregator, AGGREGATORS)
         check_choice("fed", "method", self.method, CLIENT_METHODS)
         check_choice("fed", "rank_aggregation", self.rank_aggregation, RANK_AGGREGATIONS)
-        if self.ranks and self.algorithm.startswith("fedkseed"):
-            raise ConfigError(
-                f"fed.ranks: heterogeneous LoRA ranks need an adapter-averaging algorithm "
-                f"(fedit or fwdllm); {self.algorithm} replays one shared seed pool, so every "
-                "client must train the same tensors. Drop fed.ranks"
-            )
         if self.rank_aggregation == "svd" and (
             self.server_optimizer != "fedavg" or self.aggregator not in ("mean", "clip-mean")
         ):
@@ -153,7 +149,10 @@ class FedConfig:
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ConfigError(f"fed.{name}: expected a finite number, got {value!r}")
-        parse_attack(self.attack, self.algorithm)
+        attack = parse_attack(self.attack)
+        if attack is not None:
+            senders = [n for n, s in ALGORITHMS.items() if applies(attack.kind, s.uploads)]
+            check_applies(attack, self.algorithm, spec.uploads, senders)
         if not 0.0 < self.participation <= 1.0:
             raise ConfigError(f"fed.participation: expected (0, 1], got {self.participation}")
         # The simulator and the Flower server select this many clients per round.
@@ -167,11 +166,29 @@ class FedConfig:
             )
         if not 0.0 <= self.trim < 0.5:
             raise ConfigError(f"fed.trim: expected [0, 0.5), got {self.trim}")
-        if self.algorithm in FORWARD_ONLY and self.method == "fo":
+        if spec.forward_only and self.method == "fo":
             raise ConfigError(
                 f"fed.method=fo: {self.algorithm} clients train with forward passes only; "
                 "use zo or auto"
             )
+        self._refuse_unread(spec)
+
+    def _refuse_unread(self, spec: AlgorithmSpec) -> None:
+        """Refuse a `fed` setting that only other algorithms (or aggregators) read."""
+        read = set(spec.settings)
+        read |= {"trim"} if self.aggregator == "trimmed-mean" else set()
+        read |= {"clip"} if self.aggregator == "clip-mean" else set()
+        shared = {"trim", "clip"}.union(*(other.settings for other in ALGORITHMS.values()))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # all plain values
+        for name in sorted(shared - read):
+            value = getattr(self, name)
+            if value != defaults[name]:
+                users = readers(name)
+                used = f"fed.algorithm={' | '.join(users)}" if users else "another fed.aggregator"
+                raise ConfigError(
+                    f"fed.{name}={value!r} is not read by fed.algorithm={spec.name} "
+                    f"with fed.aggregator={self.aggregator} (it is read with {used}); drop it"
+                )
 
 
 @dataclass
@@ -230,8 +247,6 @@ _NOT_READ = {
     "zo.exact_restore": "federated ZO clients always restore exactly, so traces replay",
     "zo.scale": "federated ZO clients send raw scalars (the default recipe is single-device)",
 }
-# zo settings read only by FwdLLM's forward-gradient clients.
-_FWDGRAD = ("zo.max_queries", "zo.var_threshold")
 
 
 def _given(cfg: FederateConfig, dotted: str) -> object | None:
@@ -253,15 +268,11 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
         value = _given(cfg, dotted)
         if value is not None:
             raise ConfigError(f"{dotted}={value!r} is not read by a federated run ({why}); drop it")
-    if cfg.fed.algorithm != "fwdllm":
-        for dotted in _FWDGRAD:
-            value = _given(cfg, dotted)
-            if value is not None:
-                raise ConfigError(
-                    f"{dotted}={value!r} is read only by fwdllm's forward-gradient clients, "
-                    f"not by fed.algorithm={cfg.fed.algorithm}; drop it"
-                )
-    if cfg.fed.algorithm in FORWARD_ONLY or cfg.fed.method in ("zo", "prge"):
+    spec = algorithm_spec(cfg.fed.algorithm)
+    if spec.check is not None:
+        spec.check(cfg)
+    _check_algorithm_settings(cfg, spec)
+    if spec.forward_only or cfg.fed.method in ("zo", "prge"):
         for name in ("name", "momentum", "grad_clip"):
             value = _given(cfg, f"optim.{name}")
             if value is not None:
@@ -277,34 +288,34 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
             "steps travel as seeds and scalars, replayed without decay); use it with "
             "fed.method=fo, or drop it"
         )
-    if cfg.fed.algorithm != "fedspine":
-        for field in dataclasses.fields(SpineConfig):
-            value = _given(cfg, f"spine.{field.name}")
+
+
+def _check_algorithm_settings(cfg: FederateConfig, spec: AlgorithmSpec) -> None:
+    """Refuse what only other algorithms read: a dotted setting of a shared section, or a
+    setting of another algorithm's own section (`FedConfig` refuses `fed` settings).
+
+    Raises:
+        ConfigError: names the setting, the algorithms that read it, and the fix.
+    """
+    for other in ALGORITHMS.values():
+        if other.section is None or other.section == spec.section:
+            continue
+        section = getattr(cfg, other.section)
+        for field in dataclasses.fields(section):
+            value = _given(cfg, f"{other.section}.{field.name}")
             if value is not None:
                 raise ConfigError(
-                    f"spine.{field.name}={value!r} is read only by fed.algorithm=fedspine, not "
-                    f"by {cfg.fed.algorithm}; drop it or use --algorithm fedspine"
+                    f"{other.section}.{field.name}={value!r} is read only by "
+                    f"fed.algorithm={other.name}, not by {spec.name}; drop it or use "
+                    f"--algorithm {other.name}"
                 )
-    else:
-        _check_spine_read(cfg)
-    if cfg.fed.algorithm == "fedspine" and cfg.fed.export:
-        raise ConfigError(
-            "fed.algorithm=fedspine trains pruned sub-models in PyTorch, and an exported "
-            f"graph (fed.export={cfg.fed.export}) is the full model; drop fed.export and the "
-            "fleet's runtime devices"
-        )
-    read = set(ALGORITHMS[cfg.fed.algorithm].FED_SETTINGS)
-    read |= {"trim"} if cfg.fed.aggregator == "trimmed-mean" else set()
-    read |= {"clip"} if cfg.fed.aggregator == "clip-mean" else set()
-    default = FedConfig()
-    for name in sorted(_ALGORITHM_SETTINGS - read):
-        value = getattr(cfg.fed, name)
-        if value != getattr(default, name):
-            users = [a for a, cls in ALGORITHMS.items() if name in cls.FED_SETTINGS]
-            used = f"fed.algorithm={' | '.join(users)}" if users else "another fed.aggregator"
+    dotted = {key for other in ALGORITHMS.values() for key in other.reads}
+    for key in sorted(dotted - set(spec.reads)):
+        value = _given(cfg, key)
+        if value is not None:
             raise ConfigError(
-                f"fed.{name}={value!r} is not read by fed.algorithm={cfg.fed.algorithm} "
-                f"with fed.aggregator={cfg.fed.aggregator} (it is read with {used}); drop it"
+                f"{key}={value!r} is read only by {' | '.join(readers(key))}, not by "
+                f"fed.algorithm={spec.name}; drop it"
             )
 
 
@@ -324,25 +335,3 @@ def check_read_by_flower(cfg: FederateConfig) -> None:
                 f"honour ({why}); drop it, or run the simulated federation with "
                 "`edgetune federate`"
             )
-
-
-def _check_spine_read(cfg: FederateConfig) -> None:
-    """Refuse the spine settings FedSpine's policy (or a run without a deadline) ignores."""
-    policy = cfg.spine.policy
-    unread: dict[str, str] = {}
-    if not cfg.fed.deadline_s:
-        unread["deadline_penalty"] = "no round has a deadline (fed.deadline_s=0)"
-    if policy != "bandit":
-        for name in ("bandit_per", "discount", "exploration", "deadline_penalty"):
-            unread[name] = f"spine.policy={policy} plays no bandit"
-    if policy == "uniform":
-        for name in ("levels", "ranks"):
-            unread[name] = "spine.policy=uniform plays level 1 at the global rank"
-    for name, why in unread.items():
-        value = _given(cfg, f"spine.{name}")
-        if value is not None:
-            raise ConfigError(f"spine.{name}={value!r} is not read: {why}; drop it")
-
-
-# fed settings that only some algorithms (or aggregators) read.
-_ALGORITHM_SETTINGS = {"trim", "clip"}.union(*(cls.FED_SETTINGS for cls in ALGORITHMS.values()))

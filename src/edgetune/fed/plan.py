@@ -17,12 +17,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from enum import StrEnum
+from typing import Any, Protocol
 
 from edgetune.fed.fleet import DeviceProfile, choose_method, client_ranks, method_memory_mb
 
-if TYPE_CHECKING:  # fed.config imports the algorithms, and FedSpine's planner this module
-    from edgetune.fed.config import FederateConfig
+
+class Outcome(StrEnum):
+    """How a planned client's round ended: the `status` of its clients.jsonl entry, which
+    planners read back from the history (a rejected update's status adds the reason)."""
+
+    OK = "ok"
+    NO_METHOD = "no method fits its memory"
+    UNAVAILABLE = "unavailable"
+    DROPPED = "dropped mid-round"
+    LATE = "missed the deadline"
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,11 @@ class Planner(Protocol):
 class StaticPlanner:
     """Today's rule, the same every round: method by memory, rank by profile or list."""
 
-    def __init__(self, cfg: FederateConfig, num_params: int):
-        self.cfg, self.num_params = cfg, num_params
+    def __init__(self, fed: Any, global_rank: int, num_params: int, forward_only: bool):
+        """`fed` is the run's `fed` section (method, ranks); `forward_only`: the
+        algorithm's clients never backpropagate, so a device that fits gets zo."""
+        self.fed, self.global_rank = fed, global_rank
+        self.num_params, self.forward_only = num_params, forward_only
 
     def plan(
         self,
@@ -79,15 +91,12 @@ class StaticPlanner:
     ) -> dict[int, ClientPlan]:
         """Each client's method (the cheapest that fits its memory under `fed.method`)
         and LoRA rank (`fed.ranks`)."""
-        from edgetune.fed.config import FORWARD_ONLY
-
         del rnd, history
-        fed = self.cfg.fed
-        ranks = client_ranks(fed.ranks, list(profiles), self.cfg.peft.rank)
+        ranks = client_ranks(self.fed.ranks, list(profiles), self.global_rank)
         plans = {}
         for client in clients:
-            method = choose_method(profiles[client], self.num_params, fed.method)
-            if method is not None and fed.algorithm in FORWARD_ONLY:
+            method = choose_method(profiles[client], self.num_params, self.fed.method)
+            if method is not None and self.forward_only:
                 method = "zo"
             plans[client] = ClientPlan(client, profiles[client], method, ranks[client])
         return plans

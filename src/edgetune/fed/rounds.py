@@ -45,7 +45,7 @@ from edgetune.fed.checkpoint import save_round
 from edgetune.fed.fleet import DeviceProfile, round_seconds
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import ClientState, Payload, decode, encode
-from edgetune.fed.plan import ClientPlan, Planner, StaticPlanner, plan_memory_mb
+from edgetune.fed.plan import ClientPlan, Outcome, Planner, plan_memory_mb
 from edgetune.fed.session import Federation
 from edgetune.fed.validate import cap_examples
 from edgetune.runs import RunDir, reset_peak_rss, status_mb
@@ -114,11 +114,11 @@ def run_rounds(
     progress: bool = False,
 ) -> dict[str, float]:
     """Rounds `start`..fed.rounds-1 (see the module docstring); returns the totals.
-    `evaluate(progress)` scores the global state after each round (default: the global
-    adapter on the held-out rows, `Federation.evaluate`)."""
+    The planner and `evaluate(progress)`, which scores the global state after each
+    round, are the algorithm's unless given."""
     cfg = fed.cfg
-    planner = planner or StaticPlanner(cfg, fed.num_params)
-    evaluate = evaluate or fed.evaluate
+    planner = planner or algo.planner(fed)
+    evaluate = evaluate or (lambda progress: algo.evaluate(fed, progress))
     totals = {"bytes_up": 0.0, "bytes_down": 0.0, "sim_s": 0.0}
     for r in run.read_metrics():
         for key in totals:
@@ -183,7 +183,7 @@ def play_round(
         if link is not None:
             entry["runtime"] = link.runtime
         if plan.method is None:
-            entry["status"] = "no method fits its memory"
+            entry["status"] = Outcome.NO_METHOD
             continue
         sends.append(Send(plan, algo.configure(rnd, plan)))
     arrived = sorted(transport.exchange(rnd, sends, entries), key=lambda u: u[0])
@@ -219,7 +219,7 @@ def enough(updates: list, min_clients: int, entries: list[dict]) -> list:
     if len(updates) >= min_clients:
         return updates
     for entry in entries:
-        if entry.get("status") == "ok":
+        if entry.get("status") == Outcome.OK:
             entry["status"] = f"not aggregated: {len(updates)} updates < min_clients={min_clients}"
     return []
 
@@ -270,7 +270,7 @@ class InProcessFleet:
     def __init__(self, fed: Federation, algo: FedAlgorithm):
         self.fed, self.algo = fed, algo
         cfg = fed.cfg
-        self.attack = parse_attack(cfg.fed.attack, cfg.fed.algorithm)
+        self.attack = parse_attack(cfg.fed.attack)
         self.malicious = attackers(self.attack, cfg.fed.clients, cfg.seed)
         self.states: dict[int, ClientState] = {}
 
@@ -297,7 +297,7 @@ class InProcessFleet:
             if self.attack is not None and client in self.malicious:
                 entry["attack"] = self.attack.kind
             if fate[0] > plan.device.availability:
-                entry["status"] = "unavailable"
+                entry["status"] = Outcome.UNAVAILABLE
                 continue
             assert plan.method is not None  # the loop sends only planned methods
             job = fed.job(client, rnd, plan.method)
@@ -321,16 +321,16 @@ class InProcessFleet:
                 len(up),
                 cfg.fed.host_gflops,
             )
-            status = "ok"
+            status = Outcome.OK
             if fate[1] < plan.device.dropout:
-                status = "dropped mid-round"
+                status = Outcome.DROPPED
             elif cfg.fed.deadline_s and seconds > cfg.fed.deadline_s:
-                status = "missed the deadline"
+                status = Outcome.LATE
             else:
                 arrived.append((client, decode(up)))
             entry.update(
                 status=status,
-                bytes_up=len(up) if status == "ok" else 0,
+                bytes_up=len(up) if status == Outcome.OK else 0,
                 bytes_down=len(down),
                 sim_s=seconds,
                 peak_rss_mb=round(peak, 1),
@@ -340,7 +340,7 @@ class InProcessFleet:
     def round_seconds(self, entries: dict[int, dict[str, Any]]) -> float:
         """The slowest arrived client's time, or the deadline if any client missed it."""
         deadline = self.fed.cfg.fed.deadline_s
-        if deadline and any(e.get("status") == "missed the deadline" for e in entries.values()):
+        if deadline and any(e.get("status") == Outcome.LATE for e in entries.values()):
             return deadline
         arrived = [e["sim_s"] for e in entries.values() if e.get("bytes_up")]
         return max(arrived, default=0.0)

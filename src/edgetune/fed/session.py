@@ -23,10 +23,12 @@ from edgetune import console
 from edgetune.config import to_dict
 from edgetune.data import DataConfig
 from edgetune.errors import ConfigError
+from edgetune.fed.algorithms.registry import AlgorithmSpec, algorithm_spec
 from edgetune.fed.checkpoint import SavedRound, newest_round
 from edgetune.fed.config import AUTO_PARTITION, FederateConfig
 from edgetune.fed.fleet import DeviceProfile, client_ranks
 from edgetune.fed.local import ClientJob
+from edgetune.fed.plan import StaticPlanner
 from edgetune.fed.runtime_client import RuntimeLink, open_link, runtime_threads
 from edgetune.models.builtin import base_model_id
 from edgetune.peft import Adapter
@@ -49,6 +51,11 @@ class Federation:
     num_params: int
     runtimes: list[RuntimeLink | None]  # each client's exported graph (None: PyTorch)
     trunk_share: float = 0.0  # fraction of the blocks a PyTorch client runs once per batch
+
+    @property
+    def algorithm(self) -> AlgorithmSpec:
+        """The registered spec of the run's algorithm."""
+        return algorithm_spec(self.cfg.fed.algorithm)
 
     def job(self, client: int, rnd: int, method: str) -> ClientJob:
         """The local round of `client` in round `rnd` (batches and seeds derive from
@@ -94,7 +101,6 @@ def setup(cfg: FederateConfig) -> Federation:
     from edgetune.data import build_task, load_splits, partition
     from edgetune.data.splits import resolved_data
     from edgetune.fed.fleet import load_fleet
-    from edgetune.fed.plan import StaticPlanner
     from edgetune.peft import attach
 
     fleet = load_fleet(cfg.fed.fleet, cfg.fed.clients)
@@ -107,8 +113,10 @@ def setup(cfg: FederateConfig) -> Federation:
     console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.train.progress)
     model, tokenizer = models.load(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
-    pruned = cfg.fed.algorithm == "fedspine"  # its planner checks what pruning makes fit
-    if not pruned and all(m is None for m in StaticPlanner(cfg, num_params).methods(fleet)):
+    spec = algorithm_spec(cfg.fed.algorithm)
+    static = StaticPlanner(cfg.fed, cfg.peft.rank, num_params, spec.forward_only)
+    # An algorithm that prunes its clients' models checks what pruning makes fit itself.
+    if not spec.prunes and all(m is None for m in static.methods(fleet)):
         raise ConfigError(
             f"no device in fleet {cfg.fed.fleet!r} can fine-tune this model with "
             f"fed.method={cfg.fed.method}; use a smaller model or a larger fleet"
@@ -225,8 +233,6 @@ def summarize(
 ) -> dict:
     """Save the global adapter and write summary.json (the simulator's and Flower's);
     with FedSpine, `classes` says what each device class deploys."""
-    from edgetune.fed.algorithms import deploy
-
     cfg = fed.cfg
     last = rundir.read_metrics()[-1]
     final = {k: v for k, v in last.items() if k.startswith("eval/")}
@@ -252,7 +258,7 @@ def summarize(
         "wall_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
-    classes = deploy(algo, fed, rundir.path / "classes", saved) if algo is not None else {}
+    classes = algo.deploy(fed, rundir.path / "classes", saved) if algo is not None else {}
     if classes:
         summary["classes"] = classes
     rundir.write_summary(summary)

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from edgetune.errors import EdgetuneError
 from edgetune.fed.payloads import PayloadError
+from edgetune.fed.plan import Outcome
 from edgetune.flower.client_app import CONTROL
 from edgetune.flower.codec import carried_bytes, from_records, payload_bytes, to_records
 from edgetune.flower.local import SERVER_ERROR
@@ -225,7 +226,7 @@ def receive(reply: Message, entry: dict[str, Any]) -> Any:
         entry["status"] = f"rejected: {exc}"
         return None
     entry.update(
-        status="ok", bytes_up=payload_bytes(reply.content), carried_up=carried_bytes(reply)
+        status=Outcome.OK, bytes_up=payload_bytes(reply.content), carried_up=carried_bytes(reply)
     )
     metrics = reply.content.metric_records.get("edgetune.metrics")
     for key, digits in (("peak_rss_mb", 1), ("train_s", 3), ("setup_s", 3), ("handler_s", 3)):
@@ -238,7 +239,7 @@ def receive(reply: Message, entry: dict[str, Any]) -> Any:
 def serve(grid: Grid, run_dir: Path, resume: bool, timeout: float, wait_s: float) -> dict:
     """Every remaining round of the run in `run_dir` on `grid`; returns the summary."""
     from edgetune.config import config_from_run
-    from edgetune.fed.algorithms import build_algorithm, roles
+    from edgetune.fed.algorithms import build_algorithm
     from edgetune.fed.checkpoint import load_round
     from edgetune.fed.config import FederateConfig, check_read_by_flower
     from edgetune.fed.rounds import run_rounds
@@ -250,11 +251,11 @@ def serve(grid: Grid, run_dir: Path, resume: bool, timeout: float, wait_s: float
     check_read_by_flower(cfg)  # `flower run` refused these before launch; `flwr run` did not
     run = RunDir(run_dir, resume=True)
     fed = setup(cfg)
-    algo = build_algorithm(fed.cfg, fed)
+    algo = build_algorithm(fed)
     transport = FlowerTransport(grid, fed, config_text(cfg), timeout, wait_s)
     done = load_round(run, algo, fed.adapter, transport) if resume else 0
-    planner, evaluate = roles(fed, algo)
-    totals = run_rounds(fed, algo, transport, run, planner=planner, evaluate=evaluate, start=done)
+    planner = algo.planner(fed)
+    totals = run_rounds(fed, algo, transport, run, planner=planner, start=done)
     totals.setdefault("sim_s", 0.0)
     methods = planner.methods(transport.profiles())
     return summarize(fed, run, totals, methods, start, command="flower run", algo=algo)

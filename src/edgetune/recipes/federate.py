@@ -25,7 +25,7 @@ __all__ = ["RESUME_MAY_CHANGE", "FederateConfig", "partition_for", "run"]
 
 def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Federate and write the run directory; returns the summary."""
-    from edgetune.fed.algorithms import build_algorithm, roles
+    from edgetune.fed.algorithms import build_algorithm
     from edgetune.fed.checkpoint import restore_round
     from edgetune.fed.rounds import InProcessFleet, run_rounds
 
@@ -36,18 +36,11 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     fed = setup(cfg)
     rundir.write_config(to_dict(fed.cfg))  # says which partition `auto` chose, labels used...
     cfg = fed.cfg
-    algo = build_algorithm(cfg, fed)
+    algo = build_algorithm(fed)
     fleet = InProcessFleet(fed, algo)
     done = restore_round(rundir, saved, algo, fed.adapter, fleet) if saved is not None else 0
-    planner, evaluate = roles(fed, algo)
+    planner = algo.planner(fed)
     totals = run_rounds(
-        fed,
-        algo,
-        fleet,
-        rundir,
-        planner=planner,
-        evaluate=evaluate,
-        start=done,
-        progress=cfg.train.progress,
+        fed, algo, fleet, rundir, planner=planner, start=done, progress=cfg.train.progress
     )
     return summarize(fed, rundir, totals, planner.methods(fed.fleet), start, algo=algo)

@@ -1,6 +1,6 @@
 """Reports: `report.md` and PNG plots of a run directory.
 
 render.py picks the report by the run's command: single.py (finetune, eval) or
-federated.py (federate, flower run), which adds fedspine.py's sections for a FedSpine run.
+federated.py (federate, flower run), which adds pruned.py's sections for a run whose devices train pruned sub-models (FedSpine).
 run_info.py reads the run and writes what was run; plots.py draws; numbers.py rounds.
 """

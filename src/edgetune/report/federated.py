@@ -6,7 +6,7 @@ class: the clients' methods, rounds taken part, bytes up/down, simulated seconds
 happened to the others (unavailable, dropped, late, lost, rejected) and memory. Plots:
 held-out metric against rounds, simulated seconds and cumulative uploaded bytes.
 A FedSpine run adds its sparsity and sub-model size by round, the mean pruning ratio per
-device class, the arm plot and what each class deploys (see fedspine.py).
+device class, the arm plot and what each class deploys (see pruned.py).
 
 Memory, honestly labelled: `memory_mb` is the per-device estimate the method choice
 uses. In the simulator every client trains inside one process, so the measured
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgetune.errors import EdgetuneError
-from edgetune.report import fedspine, numbers
+from edgetune.report import numbers, pruned
 from edgetune.report.plots import METRIC_LABELS, metric_figure, save_all
 from edgetune.report.run_info import RunRecord, load_run, plot_title, what_was_run
 
@@ -131,7 +131,7 @@ def figures(run: RunRecord, rows: list[dict[str, Any]], key: str) -> dict[str, F
     uploaded bytes (log scale), round 0 (zero-shot) included; for FedSpine also the arm
     plot (`arm_choices.png`)."""
     series, title = {str(run.config.get("fed", {}).get("algorithm")): rows}, plot_title(run)
-    spine = fedspine.figures(run, rows) if fedspine.is_fedspine(run) else {}
+    spine = pruned.figures(run, rows) if pruned.trains_pruned(run) else {}
     return {
         "metric_vs_rounds.png": metric_figure(series, key, title=title, x="round"),
         "metric_vs_time.png": metric_figure(series, key, title=title, x="total_sim_s"),
@@ -177,7 +177,7 @@ def write(run: RunRecord) -> Path:
     """Write RUN/report.md and its plots for a federated run; returns the report path."""
     rows = round_rows(run)
     key = _metric_key(rows)
-    spine = fedspine.is_fedspine(run)
+    spine = pruned.trains_pruned(run)
     images = save_all(figures(run, rows, key), run.path)
     first, last = rows[0], rows[-1]
     measured = MEASURED_MEMORY.get(run.command, MEASURED_MEMORY["federate"])
@@ -199,9 +199,7 @@ def write(run: RunRecord) -> Path:
         "",
         "## Devices",
         "",
-        *device_table(
-            run.clients, run.command, fedspine.mean_ratios(run.clients) if spine else None
-        ),
+        *device_table(run.clients, run.command, pruned.mean_ratios(run.clients) if spine else None),
         "",
         f"Memory: the estimate is what the method choice assumes a device needs; the "
         f"{measured.split(' (')[0]} is measured"
@@ -212,7 +210,7 @@ def write(run: RunRecord) -> Path:
             else "."
         ),
         "",
-        *(fedspine.section(run) if spine else []),
+        *(pruned.section(run) if spine else []),
         *images,
     ]
     out = run.path / "report.md"

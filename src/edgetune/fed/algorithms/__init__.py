@@ -1,66 +1,78 @@
-"""Federated algorithms: one module each, registered by name.
+"""Federated algorithms: one module each, registered once by name (`registry.py`).
 
-`build_algorithm(cfg, fed)` makes the run's algorithm object; `roles(fed, algo)` gives
-the planner and the evaluation the round loop uses with it (FedSpine plans with its
-bandits and evaluates its pruned sub-model; the others use the static planner and the
-global adapter on the full model).
+Importing this package registers every built-in algorithm (the import line below is an
+algorithm's one registry line) and every installed plugin: a package that declares an
+entry point in the `edgetune.algorithms` group names a module that registers its
+algorithms when imported, so the simulator, the Flower server and every device that has
+the package installed know them. `build_algorithm(fed)` makes the run's algorithm from
+its spec and its own sections of the config; the round loop, the session, the attacks
+and the report then use only the `FedAlgorithm` protocol (`base.py`) and the spec.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from importlib.metadata import entry_points
 from typing import Any
 
-from edgetune.fed.algorithms.fedit import FedIT
-from edgetune.fed.algorithms.fedkseed import FedKSeed
-from edgetune.fed.algorithms.fedspine import FedSpine
-from edgetune.fed.algorithms.fwdllm import FwdLLM
+from edgetune.errors import EdgetuneError
+from edgetune.fed.algorithms import fedit, fedkseed, fedspine, fwdllm  # noqa: F401 (register)
+from edgetune.fed.algorithms.base import FedAlgorithm
+from edgetune.fed.algorithms.registry import (
+    ALGORITHMS,
+    AlgorithmSetup,
+    AlgorithmSpec,
+    algorithm_spec,
+    register,
+)
 
-ALGORITHMS: dict[str, Any] = {  # name -> class (a FedAlgorithm)
-    "fedit": FedIT,
-    "fedkseed": FedKSeed,
-    "fedkseed-pro": FedKSeed,
-    "fwdllm": FwdLLM,
-    "fedspine": FedSpine,
-}
+PLUGIN_GROUP = "edgetune.algorithms"
 
 
-def build_algorithm(cfg: Any, fed: Any) -> Any:
-    """The algorithm of `cfg.fed.algorithm` over the federation `fed`'s adapter."""
-    if cfg.fed.algorithm == "fedspine":
-        spine = FedSpine(cfg, fed.adapter, fed.num_params)
-        spine.planner.check_fleet(fed.fleet)
-        return spine
-    return ALGORITHMS[cfg.fed.algorithm](
-        cfg.fed, fed.adapter, cfg.seed, float(cfg.optim.lr or 1e-3)
+def load_plugins() -> None:
+    """Import every installed algorithm plugin (entry point group `PLUGIN_GROUP`).
+
+    Raises:
+        EdgetuneError: a plugin failed to import; names it and the fix.
+    """
+    for point in entry_points(group=PLUGIN_GROUP):
+        try:
+            point.load()
+        except Exception as err:  # a third-party module: any error is the plugin's
+            raise EdgetuneError(
+                f"the federated algorithm plugin {point.name!r} ({point.value}) failed to "
+                f"import: {type(err).__name__}: {err}; fix or uninstall the package that "
+                "provides it"
+            ) from err
+
+
+load_plugins()
+
+
+def build_algorithm(fed: Any) -> FedAlgorithm:
+    """The algorithm of `fed.cfg.fed.algorithm` over the federation `fed` (a
+    `Federation`: its adapter, fleet and parameter count)."""
+    cfg = fed.cfg
+    spec = algorithm_spec(cfg.fed.algorithm)
+    setup = AlgorithmSetup(
+        fed=cfg.fed,
+        section=getattr(cfg, spec.section) if spec.section else None,
+        peft=cfg.peft,
+        seed=cfg.seed,
+        lr=float(cfg.optim.lr),
+        adapter=fed.adapter,
+        num_params=fed.num_params,
+        fleet=fed.fleet,
     )
-
-
-def roles(fed: Any, algo: Any) -> tuple[Any, Callable[[bool], dict[str, float]]]:
-    """(planner, evaluate(progress)) for `algo`'s rounds."""
-    from edgetune.fed.plan import StaticPlanner
-
-    if isinstance(algo, FedSpine):
-        return algo.planner, lambda progress: algo.evaluate(fed, progress)
-    return StaticPlanner(fed.cfg, fed.num_params), fed.evaluate
-
-
-def deploy(algo: Any, fed: Any, out: Path, adapter_dir: Path) -> dict[str, dict[str, Any]]:
-    """Per device class, the pruned model it deploys, written under `out` (FedSpine);
-    {} for the others (they deploy the global adapter on the full model)."""
-    if not isinstance(algo, FedSpine):
-        return {}
-    return algo.deploy(fed, out, adapter_dir, fed.cfg.train.progress)
+    return spec.build(setup)
 
 
 __all__ = [
     "ALGORITHMS",
-    "FedIT",
-    "FedKSeed",
-    "FedSpine",
-    "FwdLLM",
+    "AlgorithmSetup",
+    "AlgorithmSpec",
+    "FedAlgorithm",
+    "algorithm_spec",
     "build_algorithm",
-    "deploy",
-    "roles",
+    "load_plugins",
+    "register",
 ]

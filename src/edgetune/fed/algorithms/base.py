@@ -6,6 +6,9 @@ devices call only this.
     aggregate(round, [(client, update)], plans)    -> AggregateResult (new global inside)
     forget(client)                                 -> the server no longer knows what
                                                       this client holds (it restarted)
+    planner(fed) / evaluate(fed, progress)         -> how its rounds are planned and its
+                                                      global state scored
+    deploy(fed, out, adapter_dir)                  -> what each device class deploys
 
 A client's `state` is what its device keeps between rounds (`ClientState`, or None):
 the simulator keeps it in a dict (and its checkpoint), a Flower SuperNode in its context.
@@ -14,22 +17,25 @@ against the shapes its own plan gave it. Algorithms hold the server's global ada
 tensors. Payloads and updates are the typed values of `edgetune.fed.payloads`;
 transports serialize them with `encode`.
 
-Each algorithm lists the `fed` settings it reads in `FED_SETTINGS` (beside the shared
-ones: fleet, rounds, selection, aggregator); the others are refused when given.
-`FORWARD_ONLY` says its clients never backpropagate (the planner gives them zo). The
-registry (`edgetune.fed.algorithms.ALGORITHMS`) is the one list of algorithms.
+`StandardRoles` gives the last three their usual meaning (the static planner, the
+global adapter on the full model, nothing to deploy beyond the adapter); an algorithm
+that plans or evaluates otherwise (FedSpine) defines its own. What the rest of edgetune
+knows about an algorithm (its settings, whether its clients backpropagate, what they
+upload) is its `AlgorithmSpec` in `registry.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import ClientState, Payload
+from edgetune.fed.plan import Planner, StaticPlanner
 from edgetune.peft import Adapter
 
 
@@ -45,10 +51,10 @@ class AggregateResult:
 class FedAlgorithm(Protocol):
     """A transport-agnostic federated algorithm."""
 
-    name: str
-    state: dict[str, torch.Tensor]
-    FED_SETTINGS: ClassVar[tuple[str, ...]]
-    FORWARD_ONLY: ClassVar[bool]
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The global adapter tensors (what the round loop loads into the adapter)."""
+        ...
 
     def configure(self, rnd: int, plan: Any) -> Payload: ...
 
@@ -65,6 +71,32 @@ class FedAlgorithm(Protocol):
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def planner(self, fed: Any) -> Planner: ...
+
+    def evaluate(self, fed: Any, progress: bool = False) -> dict[str, float]: ...
+
+    def deploy(self, fed: Any, out: Path, adapter_dir: Path) -> dict[str, dict[str, Any]]: ...
+
+
+class StandardRoles:
+    """The usual planner, evaluation and deployment (see the module docstring)."""
+
+    def planner(self, fed: Any) -> Planner:
+        """Method by memory (zo for a forward-only algorithm's clients), rank by profile
+        or list, the same every round."""
+        cfg = fed.cfg
+        forward_only = fed.algorithm.forward_only
+        return StaticPlanner(cfg.fed, cfg.peft.rank, fed.num_params, forward_only)
+
+    def evaluate(self, fed: Any, progress: bool = False) -> dict[str, float]:
+        """The global adapter (as loaded in `fed.adapter`) on the held-out rows."""
+        return fed.evaluate(progress)
+
+    def deploy(self, fed: Any, out: Path, adapter_dir: Path) -> dict[str, dict[str, Any]]:
+        """Nothing beyond the global adapter, which every device deploys."""
+        del fed, out, adapter_dir
+        return {}
 
 
 def screen(

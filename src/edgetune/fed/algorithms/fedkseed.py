@@ -48,9 +48,9 @@ floor, so every seed stays possible): seeds that moved the model more are tried 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -58,10 +58,12 @@ from edgetune.errors import EdgetuneError
 from edgetune.fed.aggregate import check_bound, median_clip, norm_outliers
 from edgetune.fed.algorithms.base import (
     AggregateResult,
+    StandardRoles,
     load_trainable,
     screen,
     trainable_state,
 )
+from edgetune.fed.algorithms.registry import AlgorithmSetup, AlgorithmSpec, register
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import ClientState, SeedScalars, ZOTrace
 from edgetune.fed.validate import check_trace
@@ -136,17 +138,16 @@ class HeldModel:
         )
 
 
-class FedKSeed:
+class FedKSeed(StandardRoles):
     """Seed-pool federated ZO (see the module docstring)."""
 
-    FORWARD_ONLY: ClassVar[bool] = True  # clients never backpropagate
-    FED_SETTINGS: ClassVar[tuple[str, ...]] = ("pool_size", "max_abs_scalar")
-
-    def __init__(self, cfg: Any, adapter: Adapter, seed: int, lr: float):
-        self.cfg = cfg
-        self.name = cfg.algorithm
+    def __init__(self, fed: Any, adapter: Adapter, seed: int, lr: float, pro: bool = False):
+        """`fed` is the run's `fed` section, `seed` the run seed (the pool), `lr` the
+        clients' learning rate; `pro` samples seeds by their past magnitude."""
+        self.cfg = fed
+        self.pro = pro
         self.lr = lr  # the run's client lr: the server's, whatever a trace reports
-        self.pool = seed_pool(seed, cfg.pool_size)
+        self.pool = seed_pool(seed, fed.pool_size)
         self.state = trainable_state(adapter)
         self.initial = {k: v.clone() for k, v in self.state.items()}
         self.history: list[list[float]] = []  # a of every aggregated round
@@ -184,7 +185,7 @@ class FedKSeed:
 
     def probabilities(self, magnitude: torch.Tensor) -> torch.Tensor | None:
         """Pro: sampling probabilities from past |a_k| (None = uniform)."""
-        if self.name != "fedkseed-pro" or not magnitude.any():
+        if not self.pro or not magnitude.any():
             return None
         weights = magnitude + magnitude[magnitude > 0].mean() * 0.1
         return (weights / weights.sum()).float()
@@ -281,3 +282,25 @@ class FedKSeed:
         self.initial = {k: state[f"initial.{k}"].clone() for k in self.state}
         self.history = state["history"].tolist()
         self.synced = {int(c): int(r) for c, r in state["synced"].tolist()}
+
+
+def _builder(pro: bool) -> Callable[[AlgorithmSetup], FedKSeed]:
+    def build(setup: AlgorithmSetup) -> FedKSeed:
+        return FedKSeed(setup.fed, setup.adapter, setup.seed, setup.lr, pro)
+
+    return build
+
+
+for _name, _pro in (("fedkseed", False), ("fedkseed-pro", True)):
+    register(
+        AlgorithmSpec(
+            name=_name,
+            build=_builder(_pro),
+            help="ZO clients over K shared seeds"
+            + (", sampled by past magnitude" if _pro else "")
+            + "; a few bytes a step up and down",
+            settings=("pool_size", "max_abs_scalar"),
+            forward_only=True,
+            uploads=(ZOTrace,),
+        )
+    )

@@ -24,7 +24,7 @@ aggregation are not public; this is edgetune's design:
   bought net of what pruning cost), and returns its delta (first-order) or its seed trace (zeroth-order;
   the server replays it in the same shapes), plus its unit statistics in re-ordering
   rounds (then zeroth-order devices send their delta, as a trace cannot carry them).
-- **Aggregation** is FedIT's (this class extends it): each update is validated against
+- **Aggregation** is FedIT's (a `DeltaServer` whose shapes are the kept units): each update is validated against
   its own plan's shapes, scattered to global coordinates, and every coordinate is
   combined over the devices that hold it (`scatter_combine`, so robust aggregators work
   per coordinate); coordinates no device held stay as they were.
@@ -43,7 +43,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -51,10 +51,11 @@ from edgetune.compress.prune import KeptIndices, magnitude_scores
 from edgetune.data.tasks.base import evaluating
 from edgetune.errors import ConfigError
 from edgetune.fed.algorithms.base import AggregateResult, load_trainable, trainable_state
-from edgetune.fed.algorithms.fedit import FedIT, seed_trace
+from edgetune.fed.algorithms.deltas import DeltaAlgorithm, seed_trace
+from edgetune.fed.algorithms.registry import AlgorithmSetup, AlgorithmSpec, register
 from edgetune.fed.hetlora import at_rank, tensors_rank
 from edgetune.fed.local import ClientJob
-from edgetune.fed.payloads import ClientState, LoraDelta
+from edgetune.fed.payloads import ClientState, LoraDelta, SeedTrace
 from edgetune.fed.shapes import IndexMap, gather, scatter
 from edgetune.fed.spine.order import (
     UnitOrder,
@@ -71,44 +72,36 @@ STATS = ("spine.mlp_scores", "spine.kv_scores")  # a device's unit statistics
 SPEED_REPEATS = 3  # median of this many runs per speed figure
 
 
-class FedSpine(FedIT):
+class FedSpine(DeltaAlgorithm):
     """FedIT aggregation over nested pruned sub-models planned by per-device bandits."""
 
-    name = "fedspine"
-    FORWARD_ONLY: ClassVar[bool] = False
-    FED_SETTINGS: ClassVar[tuple[str, ...]] = (
-        "server_optimizer",
-        "server_lr",
-        "server_momentum",
-        "max_update_norm",
-    )
+    def __init__(self, setup: AlgorithmSetup):
+        """From the run's `fed`, `spine` (`setup.section`) and `peft` sections.
 
-    def __init__(self, cfg: Any, adapter: Adapter, num_params: int):
-        """`cfg` is the whole `FederateConfig` (FedSpine reads `spine`, `peft`, `fed`)."""
-        super().__init__(cfg.fed, adapter, cfg.seed, float(cfg.optim.lr or 1e-3))
-        if cfg.peft.method not in ("lora", "lora-fa"):
-            raise ConfigError(
-                f"fed.algorithm=fedspine trains LoRA on pruned sub-models, not "
-                f"peft.method={cfg.peft.method}; use --peft lora"
-            )
-        self.spine = cfg.spine
-        base = adapter.model.get_base_model()
+        Raises:
+            ConfigError: no device of the fleet fits any arm.
+        """
+        super().__init__(setup.fed, setup.adapter)
+        self.server.shapes = self.shapes  # each plan holds its kept units
+        spine = self.spine = setup.section
+        model: Any = setup.adapter.model
+        base = model.get_base_model()
         self.config = copy.deepcopy(base.config)  # the unpruned shapes
         self.order = UnitOrder.from_scores(
-            magnitude_scores(base), cfg.spine.ranking, cfg.spine.unit_kinds()
+            magnitude_scores(base), spine.ranking, spine.unit_kinds()
         )
         # the round's few ratios and the evaluated one, so a round rebuilds none twice
-        self.submodels = SubModels(adapter, cfg.peft, cfg.seed, keep=4)
-        self.num_params = num_params
-        self.planner = SpinePlanner(
-            cfg.spine,
-            cfg.fed.rounds,
-            cfg.fed.method,
-            cfg.peft.rank,
-            cfg.seed,
-            self.params,
-        )
+        self.submodels = SubModels(setup.adapter, setup.peft, setup.seed, keep=4)
+        self.num_params = setup.num_params
         self._kept: dict[float, KeptIndices] = {}  # this ordering's sub-models by ratio
+        self.bandits = SpinePlanner(
+            spine, setup.fed.rounds, setup.fed.method, setup.peft.rank, setup.seed, self.params
+        )
+        self.bandits.check_fleet(setup.fleet)
+
+    def planner(self, fed: Any) -> SpinePlanner:
+        """Its bandits plan every round (checkpointed with the algorithm)."""
+        return self.bandits
 
     # ---- server: the sub-model of a ratio under the current ordering -----------------
     def kept(self, ratio: float | None) -> KeptIndices:
@@ -128,7 +121,9 @@ class FedSpine(FedIT):
         """The kept channels and rank prefix of the global adapter `plan` gives."""
         if plan is None:
             return IndexMap.full()
-        return index_map(self.kept(plan.ratio), self.config, self.axes, self.state, plan.rank)
+        return index_map(
+            self.kept(plan.ratio), self.config, self.server.axes, self.state, plan.rank
+        )
 
     def reorder_round(self, rnd: int) -> bool:
         """Whether devices return unit statistics in round `rnd` (0-based): the first
@@ -162,7 +157,7 @@ class FedSpine(FedIT):
         val, job = _hold_out(job, self.spine.val_rows)
         rank = tensors_rank(tensors)
         full = {k: torch.zeros_like(v) for k, v in self.state.items()}
-        scatter(full, tensors, index_map(kept, self.config, self.axes, self.state, rank))
+        scatter(full, tensors, index_map(kept, self.config, self.server.axes, self.state, rank))
         load_trainable(adapter, full)
         before = _val_loss(adapter, job.task, val)
         sub = self.submodels.get(kept)
@@ -235,13 +230,13 @@ class FedSpine(FedIT):
         (with `sparsity` and the sub-model's parameter count beside the scores)."""
         from edgetune.train.loop import evaluate_model
 
-        ratio = self.planner.sparsity
+        ratio = self.bandits.sparsity
         if not fed.eval_rows:
             return {}
         if ratio:
             kept = self.kept(ratio)
             sub = self.submodels.get(kept)
-            imap = index_map(kept, self.config, self.axes, self.state, None)
+            imap = index_map(kept, self.config, self.server.axes, self.state, None)
             load_trainable(sub, gather(self.state, imap))
             model = sub.model
         else:
@@ -257,18 +252,18 @@ class FedSpine(FedIT):
         target = self.spine.target_sparsity
         votes: dict[str, dict[int, int]] = {}
         for client, profile in enumerate(profiles):
-            allowed = self.planner.allowed(profile, target)
+            allowed = self.bandits.allowed(profile, target)
             if any(allowed):
-                arm = self.planner.deployed_arm(client, profile, allowed)
+                arm = self.bandits.deployed_arm(client, profile, allowed)
                 per = votes.setdefault(profile.name, {})
                 per[arm] = per.get(arm, 0) + 1
         out = {}
         for name, per in sorted(votes.items()):
             arm = max(sorted(per), key=lambda a: per[a])
-            level, rank = self.planner.arms[arm]
+            level, rank = self.bandits.arms[arm]
             ratio = self.spine.ratio(level, target)
             out[name] = {
-                "arm": self.planner.arm_names()[arm],
+                "arm": self.bandits.arm_names()[arm],
                 "ratio": ratio,
                 "rank": rank,
                 "params": self.params(ratio),
@@ -276,9 +271,7 @@ class FedSpine(FedIT):
             }
         return out
 
-    def deploy(
-        self, fed: Any, out: Path, adapter_dir: Path, progress: bool = False
-    ) -> dict[str, dict[str, Any]]:
+    def deploy(self, fed: Any, out: Path, adapter_dir: Path) -> dict[str, dict[str, Any]]:
         """Write each device class's deployable model and score it.
 
         Per class (`deployed`): `out/<class>/model`, the base pruned to the class's units
@@ -306,9 +299,10 @@ class FedSpine(FedIT):
                 adapter_dir, folder / "adapter", kept, self.config, base_model=folder / "model"
             )
             sub = self.submodels.get(kept)
-            imap = index_map(kept, self.config, self.axes, self.state, None)
+            imap = index_map(kept, self.config, self.server.axes, self.state, None)
             load_trainable(sub, gather(self.state, imap))
             batch = fed.cfg.train.eval_batch_size
+            progress = fed.cfg.train.progress
             scores = evaluate_model(sub.model, fed.task, fed.eval_rows, batch, progress)
             speed = measure_speed(model, ids, SPEED_REPEATS)
             entry.update(
@@ -324,14 +318,14 @@ class FedSpine(FedIT):
         """FedIT's state, the unit ordering and every device's bandit."""
         out = super().state_dict()
         out.update({f"order.{k}": v for k, v in self.order.state_dict().items()})
-        out.update({f"planner.{k}": v for k, v in self.planner.state_dict().items()})
+        out.update({f"planner.{k}": v for k, v in self.bandits.state_dict().items()})
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from `state_dict`."""
         super().load_state_dict(state)
         self.order.load_state_dict(_under(state, "order."))
-        self.planner.load_state_dict(_under(state, "planner."))
+        self.bandits.load_state_dict(_under(state, "planner."))
         self._kept = {}
 
 
@@ -360,3 +354,38 @@ def _val_loss(adapter: Adapter, task: Any, rows: Sequence[dict]) -> float:
     with evaluating(adapter.model):
         losses = task.example_losses(adapter.model, task.collate(rows))
     return float(losses.mean())
+
+
+def check(cfg: Any) -> None:
+    """What FedSpine cannot honour, refused before anything loads.
+
+    Raises:
+        ConfigError: a PEFT method other than LoRA, an exported graph, or a `spine`
+            setting its policy (or a run without a deadline) ignores.
+    """
+    if cfg.peft.method not in ("lora", "lora-fa"):
+        raise ConfigError(
+            f"fed.algorithm=fedspine trains LoRA on pruned sub-models, not "
+            f"peft.method={cfg.peft.method}; use --peft lora"
+        )
+    if cfg.fed.export:
+        raise ConfigError(
+            "fed.algorithm=fedspine trains pruned sub-models in PyTorch, and an exported "
+            f"graph (fed.export={cfg.fed.export}) is the full model; drop fed.export and the "
+            "fleet's runtime devices"
+        )
+    cfg.spine.check_read(deadline=bool(cfg.fed.deadline_s))
+
+
+register(
+    AlgorithmSpec(
+        name="fedspine",
+        build=FedSpine,
+        help="prune-and-tune: a bandit per device picks its pruning ratio and LoRA rank",
+        settings=("server_optimizer", "server_lr", "server_momentum", "max_update_norm"),
+        section="spine",
+        uploads=(LoraDelta, SeedTrace),
+        prunes=True,
+        check=check,
+    )
+)

@@ -16,23 +16,25 @@ without a prior.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from edgetune.fed.algorithms.fedit import FedIT
+from edgetune.fed.algorithms.deltas import SERVER_SETTINGS, DeltaAlgorithm, train_delta
+from edgetune.fed.algorithms.registry import AlgorithmSpec, register
 from edgetune.fed.local import ClientJob
-from edgetune.fed.payloads import ClientState
+from edgetune.fed.payloads import ClientState, SeedTrace
 from edgetune.peft import Adapter
 from edgetune.zo.fwdgrad import ForwardGradientEstimator
 
 
-class FwdLLM(FedIT):
-    """FedIT's server with forward-gradient clients."""
+class FwdLLM(DeltaAlgorithm):
+    """FedIT's server (a `DeltaServer`) with forward-gradient clients."""
 
-    name = "fwdllm"
-    FORWARD_ONLY: ClassVar[bool] = True  # clients never backpropagate
-    FED_SETTINGS: ClassVar[tuple[str, ...]] = (*FedIT.FED_SETTINGS, "fwd_candidates")
+    def __init__(self, fed: Any, adapter: Adapter):
+        """`fed` is the run's `fed` section (`fwd_candidates` and the server's)."""
+        super().__init__(fed, adapter)
+        self.candidates = fed.fwd_candidates
 
     def client_update(
         self, adapter: Adapter, payload: Any, job: ClientJob, state: ClientState | None
@@ -43,7 +45,7 @@ class FwdLLM(FedIT):
         if state is not None and state.values.get("round") == job.round - 1:
             held = state.tensors
         estimator = self.local_estimator(job, prior(payload.tensors, held))
-        update = self.train(adapter, payload, job, estimator)
+        update = train_delta(adapter, payload, job, estimator)
         return update, ClientState(dict(payload.tensors), {"round": float(job.round)})
 
     def local_estimator(
@@ -55,7 +57,7 @@ class FwdLLM(FedIT):
             min_queries=max(2, job.zo.queries),
             max_queries=max(job.zo.max_queries, job.zo.queries),
             threshold=job.zo.var_threshold,
-            candidates=self.cfg.fwd_candidates,
+            candidates=self.candidates,
             prior=steer,
             exact_restore=True,
         )
@@ -72,3 +74,16 @@ def prior(
         return None
     step = torch.cat([(t - held[k]).flatten() for k, t in tensors.items()])
     return step if step.norm() > 0 else None
+
+
+register(
+    AlgorithmSpec(
+        name="fwdllm",
+        build=lambda setup: FwdLLM(setup.fed, setup.adapter),
+        help="forward-gradient clients with variance control, FedAvg server",
+        settings=(*SERVER_SETTINGS, "fwd_candidates"),
+        reads=("zo.max_queries", "zo.var_threshold"),
+        forward_only=True,
+        uploads=(SeedTrace,),
+    )
+)

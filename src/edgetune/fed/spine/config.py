@@ -109,6 +109,27 @@ class SpineConfig:
         if self.ranks:
             parse_list("ranks", self.ranks, int)
 
+    def check_read(self, deadline: bool) -> None:
+        """Refuse the settings the policy (or a run without a deadline) ignores.
+
+        Raises:
+            ConfigError: names the setting and why it is not read.
+        """
+        unread: dict[str, str] = {}
+        if not deadline:
+            unread["deadline_penalty"] = "no round has a deadline (fed.deadline_s=0)"
+        if self.policy != "bandit":
+            for name in ("bandit_per", "discount", "exploration", "deadline_penalty"):
+                unread[name] = f"spine.policy={self.policy} plays no bandit"
+        if self.policy == "uniform":
+            for name in ("levels", "ranks"):
+                unread[name] = "spine.policy=uniform plays level 1 at the global rank"
+        default = SpineConfig()
+        for name, why in unread.items():
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                raise ConfigError(f"spine.{name}={value!r} is not read: {why}; drop it")
+
     def unit_kinds(self) -> tuple[str, ...]:
         """The unit kinds `select_kept` prunes."""
         return tuple(self.units.split(","))

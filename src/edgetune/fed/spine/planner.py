@@ -41,7 +41,7 @@ import torch
 
 from edgetune.errors import ConfigError
 from edgetune.fed.fleet import DeviceProfile, choose_method
-from edgetune.fed.plan import ClientPlan
+from edgetune.fed.plan import ClientPlan, Outcome
 from edgetune.fed.spine.bandit import DiscountedUCB, random_arm
 from edgetune.fed.spine.config import SpineConfig
 from edgetune.fed.spine.order import schedule
@@ -105,7 +105,7 @@ class SpinePlanner:
     def methods(self, profiles: Sequence[DeviceProfile]) -> list[str | None]:
         """Each device's method at the target sparsity on its deployed arm (the summary)."""
         target = self.spine.target_sparsity
-        out = []
+        out: list[str | None] = []
         for client, profile in enumerate(profiles):
             allowed = self.allowed(profile, target)
             if not any(allowed):
@@ -171,15 +171,15 @@ class SpinePlanner:
         if self.spine.policy != "bandit":
             return
         rates: dict[int, float] = {}
-        times = [_seconds(e) for e in entries if e.get("status") == "ok" and _seconds(e)]
+        times = [_seconds(e) for e in entries if e.get("status") == Outcome.OK and _seconds(e)]
         median = statistics.median(times) if times else 0.0
         penalized = []
         for e in entries:
             if e.get("arm") is None:
                 continue
-            if e.get("status") == "missed the deadline":
+            if e.get("status") == Outcome.LATE:
                 penalized.append(e)
-            elif e.get("status") == "ok" and "val_after" in e and _seconds(e) > 0:
+            elif e.get("status") == Outcome.OK and "val_after" in e and _seconds(e) > 0:
                 gain = float(e["val_before"]) - float(e["val_after"])
                 if math.isfinite(gain):
                     rates[int(e["client"])] = gain / max(_seconds(e), median)

@@ -1,8 +1,8 @@
-"""What a FedSpine report adds to a federated one (`fed.algorithm: fedspine`).
+"""What a report adds for a federation whose devices train pruned sub-models (FedSpine).
 
-FedSpine trains nested pruned sub-models: each round a per-class bandit picks an arm
+Such a run's devices train nested pruned sub-models: each round a planner picks an arm
 (pruning level, LoRA rank) for every asked client, and the global model is evaluated at
-the scheduled sparsity. The report shows those choices (the arm plot), the sparsity and
+the scheduled sparsity (clients.jsonl entries carry `ratio`, metrics.jsonl `sparsity`). The report shows those choices (the arm plot), the sparsity and
 sub-model size by round, the mean ratio each device class trained at, and what each
 class deploys at the end (summary.json `classes`).
 """
@@ -18,7 +18,6 @@ from edgetune.report.run_info import RunRecord, plot_title
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ALGORITHM = "fedspine"
 # Columns every deployed class has, in this order; any further numeric key follows.
 DEPLOYED_COLUMNS = {
     "devices": "devices",
@@ -29,9 +28,9 @@ DEPLOYED_COLUMNS = {
 }
 
 
-def is_fedspine(run: RunRecord) -> bool:
-    """Whether the run federated with FedSpine (its resolved config says so)."""
-    return run.config.get("fed", {}).get("algorithm") == ALGORITHM
+def trains_pruned(run: RunRecord) -> bool:
+    """Whether the run's devices trained pruned sub-models (its logs say so)."""
+    return any("sparsity" in r for r in run.metrics) or any("ratio" in c for c in run.clients)
 
 
 def figures(run: RunRecord, rows: list[dict[str, Any]]) -> dict[str, Figure]:
