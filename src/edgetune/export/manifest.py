@@ -19,7 +19,6 @@ from edgetune.errors import ConfigError
 from edgetune.export.graph import LoraSlot
 
 MANIFEST = "export.json"
-FORMATS = ("onnx", "executorch", "gguf")
 
 
 @dataclass

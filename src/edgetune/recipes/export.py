@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from edgetune.export.graph import (
     slots_for,
     slots_from_peft,
 )
-from edgetune.export.manifest import FORMATS, ExportManifest, write_manifest
+from edgetune.export.manifest import ExportManifest, write_manifest
 from edgetune.models.builtin import base_model_id
 from edgetune.peft.config import LLAMA_PROJECTIONS
 from edgetune.recipes.evaluate import load_adapter
@@ -79,7 +80,7 @@ class ExportConfig:
     threads: int = option(0, "threads (0 = chosen at start from the free cores)")
 
     def __post_init__(self) -> None:
-        check_choice("export", "format", self.format, FORMATS)
+        check_choice("export", "format", self.format, FORMATS)  # the registry, below
         check_choice("export", "logits", self.logits, LOGITS_MODES)
         check_choice("export", "gguf_type", self.gguf_type, GGUF_TYPES)
         threads.check(self.threads, "threads")
@@ -92,16 +93,10 @@ class ExportConfig:
         """A setting this export would not read is an error (the message says why)."""
         given = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _default(f)}
         unused: dict[str, str] = {}
-        if self.format != "gguf" and "gguf_type" in given:
-            unused["gguf_type"] = "only --format gguf reads it"
-        if self.format != "executorch":
-            for name in PTE_DEFAULTS:
-                if name in given:
-                    unused[name] = "only --format executorch has memory limits"
-        if self.format == "gguf":
-            for name in ("logits", "lora_rank"):
-                if name in given:
-                    unused[name] = "a GGUF holds weights, not a graph with inputs"
+        for name in sorted(given - set(FORMATS[self.format].reads)):
+            readers = [f for f, fmt in FORMATS.items() if name in fmt.reads]
+            if readers:
+                unused[name] = f"only --format {' | '.join(readers)} reads it"
         if self.merge and not self.adapter:
             unused["merge"] = "there is no --adapter to merge"
         if self.adapter and "lora_rank" in given:
@@ -171,8 +166,13 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
 def _export(cfg: ExportConfig, model: Any, tokenizer: Any, tmp: Path) -> ExportManifest:
     base = base_model_id(cfg.model)
     tokenizer.save_pretrained(tmp / "tokenizer")
-    if cfg.format == "gguf":
-        return _export_gguf(cfg, model, tokenizer, tmp, base)
+    return FORMATS[cfg.format].export(cfg, model, tokenizer, tmp, base)
+
+
+def _export_graph(
+    cfg: ExportConfig, model: Any, tokenizer: Any, tmp: Path, base: str
+) -> ExportManifest:
+    """A graph with the adapter's inputs (or merged, or plain), checked in its runtime."""
     slots, start, peft_config = [], None, None
     if cfg.adapter:
         wrapped = load_adapter(model, cfg.adapter)
@@ -196,7 +196,7 @@ def _export(cfg: ExportConfig, model: Any, tokenizer: Any, tmp: Path) -> ExportM
     copies, rows = (min(2, cfg.max_copies), min(2, cfg.max_batch)) if pte else (2, 2)
     args = _example_args(slots, start, tokenizer, copies, rows, cfg.max_seq if pte else 10)
     console.status(f"exporting to {cfg.format} (a minute for a 135M model)")
-    graph, facts = _write_graph(cfg, module, args, tmp)
+    graph, facts = FORMATS[cfg.format].write_graph(cfg, module, args, tmp)
     facts["parity_max_abs"] = _parity(cfg, module, args, tmp / graph)
     files = {"graph": graph}
     if (tmp / f"{graph}.data").exists():  # weights the exporter stored beside the graph
@@ -214,14 +214,18 @@ def _export(cfg: ExportConfig, model: Any, tokenizer: Any, tmp: Path) -> ExportM
     )
 
 
-def _write_graph(
+def _write_onnx(
     cfg: ExportConfig, module: torch.nn.Module, args: tuple, tmp: Path
 ) -> tuple[str, dict[str, Any]]:
-    if cfg.format == "onnx":
-        from edgetune.export.onnx import export_onnx
+    from edgetune.export.onnx import export_onnx
 
-        export_onnx(module, args, tmp / "model.onnx")
-        return "model.onnx", {}
+    export_onnx(module, args, tmp / "model.onnx")
+    return "model.onnx", {}
+
+
+def _write_pte(
+    cfg: ExportConfig, module: torch.nn.Module, args: tuple, tmp: Path
+) -> tuple[str, dict[str, Any]]:
     from edgetune.export.executorch import PteLimits, export_pte
 
     limits = PteLimits(cfg.max_copies, cfg.max_batch, cfg.max_seq)
@@ -329,3 +333,21 @@ def _new_lora_config(cfg: ExportConfig, base: str) -> dict[str, Any]:
     return json.loads(
         json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
     )
+
+
+@dataclass(frozen=True)
+class Format:
+    """An export format: how it exports, and the settings only it (among the formats)
+    reads; `write_graph` writes a graph format's file (None: it holds weights only)."""
+
+    export: Callable[[ExportConfig, Any, Any, Path, str], ExportManifest]
+    reads: tuple[str, ...]
+    write_graph: Callable[..., tuple[str, dict[str, Any]]] | None = None
+
+
+GRAPH_SETTINGS = ("logits", "lora_rank", "lora_alpha", "lora_targets")
+FORMATS: dict[str, Format] = {  # every format is dispatched from here, none by default
+    "onnx": Format(_export_graph, GRAPH_SETTINGS, _write_onnx),
+    "executorch": Format(_export_graph, (*GRAPH_SETTINGS, *PTE_DEFAULTS), _write_pte),
+    "gguf": Format(_export_gguf, ("gguf_type",)),
+}
