@@ -325,3 +325,20 @@ def test_a_resume_killed_while_rewriting_its_logs_loses_nothing(
     assert (run / "metrics.jsonl").read_bytes() == (
         tmp_path / "straight" / "metrics.jsonl"
     ).read_bytes()
+
+
+def test_a_damaged_line_before_the_last_is_a_clear_error(tmp_path, tiny_args, cli, capsys):
+    # Prepare: a finished run whose metrics.jsonl was edited in the middle
+    run = tmp_path / "run"
+    assert cli(tiny_args(run, "--threads", "1")) == 0
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(b"".join([lines[0], b'{"step": 1, "lo\n', *lines[1:]]))
+    before = _snapshot(run)
+    capsys.readouterr()
+    # Execute
+    status = cli(["finetune", "--resume", str(run), "--steps", "6", "--threads", "1"])
+    # Assert: exit 2 naming the file, the line and the fix; nothing written
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert f"{run / 'metrics.jsonl'} line 2 is damaged" in err and "Delete line 2" in err
+    assert _snapshot(run) == before
