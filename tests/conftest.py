@@ -7,6 +7,7 @@ folder is a failure (CI must never silently skip the real-model tests).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -108,3 +109,34 @@ def cli():
     from edgetune.cli import main
 
     return main
+
+
+class _Killed(Exception):
+    """Stands for the process dying (a crash, a kill, a full disk)."""
+
+
+@pytest.fixture
+def run_torn(monkeypatch):
+    """`run_torn(argv, file, key, at)`: run the CLI in-process and kill it half-way
+    through appending the `file` line whose `key` is `at`, leaving half that line at the
+    end of the file; asserts that it died there."""
+    from edgetune.cli import main
+    from edgetune.runs import RunDir
+
+    original = RunDir.log
+
+    def run(argv: list[str], target: str, key: str, at: int) -> None:
+        def log_torn(self, record, file="metrics.jsonl"):
+            if file == target and record.get(key) == at:
+                line = json.dumps(record)
+                with open(self.path / file, "a") as fh:
+                    fh.write(line[: len(line) // 2])
+                raise _Killed
+            original(self, record, file)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(RunDir, "log", log_torn)
+            with pytest.raises(_Killed):
+                main(argv)
+
+    return run

@@ -13,6 +13,7 @@ real subprocess. The real stories260K model and tiny data keep the whole table f
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -301,6 +302,24 @@ CASES = [
     ),
     Case("txt-empty", ft("--dataset", "{tmp}/d.txt"), r"is empty", {"d.txt": "\n\n  \n"}),
     Case(
+        "jsonl-lone-surrogate",
+        ft("--dataset", "{tmp}/d.jsonl", "--task", "lm"),
+        r"d\.jsonl: line 3, column 'text'.*\\ud83d alone.*write the whole pair",
+        {"d.jsonl": '{"text": "a fine film"}\n' * 2 + '{"text": "cut \\ud83d"}\n' * 4},
+    ),
+    Case(
+        "json-lone-low-surrogate",
+        ft("--dataset", "{tmp}/d.json", "--task", "lm"),
+        r"d\.json: item 1, column 'text'.*\\ude00 alone",
+        {"d.json": '[{"text": "ok \\ud83d\\ude00"}, {"text": "cut \\ude00 here"}]'},
+    ),
+    Case(
+        "csv-bom-label-field-missing",  # the BOM is not part of the column names shown
+        ft("--dataset", "{tmp}/d.csv", "--label-field", "stars"),
+        r"column 'stars' not found.*columns are: sentence, label",
+        {"d.csv": b"\xef\xbb\xbf" + (HEADER + ROWS).encode()},
+    ),
+    Case(
         "instruction-empty-response",
         ft("--dataset", "{tmp}/d.jsonl", "--task", "instruction"),
         r"empty",
@@ -575,6 +594,38 @@ def test_bad_input_exits_2_with_a_message(case, tmp_path, capfd, stories260k_pat
 def test_the_table_is_broad():
     assert len(CASES) >= 50
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Excel and Notepad write first
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"d.csv": BOM + (HEADER + ROWS).encode()},
+        {"d.tsv": BOM + (HEADER + ROWS).replace(",", "\t").encode()},
+    ],
+    ids=["csv-bom", "tsv-bom"],
+)
+def test_a_byte_order_mark_trains_like_the_plain_file(files, tmp_path, capfd, stories260k_path):
+    # Prepare: the same rows with and without the mark
+    name, body = next(iter(files.items()))
+    for kind, content in (("bom", body), ("plain", body[len(BOM) :])):
+        (tmp_path / kind).mkdir()
+        _write_files(tmp_path / kind, {name: content})
+    summaries = {}
+    for kind in ("bom", "plain"):
+        argv = [
+            a.replace("{model}", str(stories260k_path)).replace("{tmp}", str(tmp_path / kind))
+            for a in ft("--dataset", "{tmp}/" + name, "--threads", "1")
+        ]
+        # Execute
+        status, output = _run_in_process(argv, capfd)
+        assert status == 0, output[-1000:]
+        summaries[kind] = json.loads((tmp_path / kind / "run" / "summary.json").read_text())
+    # Assert: the "sentence" column was found, and the runs are the same
+    assert summaries["bom"]["train_examples"] == summaries["plain"]["train_examples"] == 8
+    assert summaries["bom"]["final_loss"] == summaries["plain"]["final_loss"]
 
 
 @pytest.mark.parametrize(

@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--batch-size", type=int, help="evaluation and calibration batch size")
     g.add_argument("--out", help="run directory")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     r = cp.add_argument_group("recovery (LoRA training of the pruned model)")
     r.add_argument("--recover", help="none | fo | zo | prge")
     r.add_argument("--recover-steps", type=int, help="recovery steps (recover.steps)")
@@ -666,7 +667,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     )
     cfg = resolve_config(compress.CompressConfig, args.config, args.overrides, flags)
     _start_threads(args, cfg)
-    summary = compress.run(cfg)
+    summary = compress.run(cfg, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -22,6 +22,11 @@ _DEPRECATING_MODULES = r"(transformers|peft|accelerate|torch)(\.|$)"
 _CHATTY_MODULES = r"(transformers|peft)(\.|$)"
 
 
+def warn(message: str) -> None:
+    """A visible warning `edgetune: warning: MESSAGE` on stderr (the run goes on)."""
+    print(f"edgetune: warning: {message}", file=sys.stderr, flush=True)
+
+
 def status(message: str, enabled: bool = True) -> None:
     """Print one progress line `edgetune: MESSAGE` to stderr (when `enabled`)."""
     if enabled:

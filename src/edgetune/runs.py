@@ -9,8 +9,16 @@ DIR/timing.jsonl     wall-clock per step (`step_s`, cumulative `train_s`), kept 
 DIR/summary.json     final figures: wall_s, peak_rss_mb, last eval/* values, status
 DIR/adapter/         the trained PEFT adapter (or DIR/model/ for selective/full)
 DIR/checkpoints/     step-NNNNNN/ folders for --resume
-DIR/resumes.jsonl    one line per --resume: the step continued from, damaged checkpoints
-                     dropped, settings changed
+DIR/resumes.jsonl    one line per --resume: the step (or federated round) continued from,
+                     damaged checkpoints dropped, settings changed
+
+Every `*.jsonl` log is read through `read_jsonl` and rewritten through `write_atomic`.
+A run killed mid-append (a crash, a full disk) leaves half a line at the end: that line
+is dropped with a warning and everything before it kept, since the run resumes from a
+checkpoint that predates it anyway. A damaged line before the last was not left by an
+interrupted append, so it is refused with its line number. Rewrites (resume trims the
+lines after its checkpoint) go to a temporary sibling that replaces the file only once
+it is complete on disk, so a kill during the rewrite loses nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from edgetune.console import warn
 from edgetune.errors import EdgetuneError
 
 RUN_FILES = (
@@ -38,6 +47,11 @@ RUN_FILES = (
     "resumes.jsonl",
 )
 RUN_FOLDERS = ("checkpoints", "state", "state.tmp", "adapter", "model")
+TMP_SUFFIX = ".tmp"  # `write_atomic`'s temporary sibling
+
+
+class RunFileError(EdgetuneError):
+    """A run-folder log is damaged somewhere other than a torn last line."""
 
 
 # The largest resident size this process has seen: kernel marks from before any
@@ -89,6 +103,92 @@ def _clean(value: Any) -> Any:
     return value
 
 
+# Torn lines already reported, so a resume that reads a log several times before it
+# rewrites it warns once: (file, the dropped bytes).
+_reported: set[tuple[str, bytes]] = set()
+
+
+def _parse(raw: bytes) -> dict[str, Any] | str:
+    """One log line as a dict, or why it is not one."""
+    try:
+        row = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError from bytes
+        return f"not JSON: {exc}"
+    return row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+
+
+def _drop_torn(path: Path, number: int, raw: bytes) -> None:
+    """Warn (once per file and content) that the torn last line `raw` is dropped."""
+    if (str(path), raw) in _reported:
+        return
+    _reported.add((str(path), raw))
+    shown = raw[:80].decode("utf-8", "replace") + ("..." if len(raw) > 80 else "")
+    warn(
+        f"{path}: dropped its last line (line {number}, {len(raw)} bytes), cut short by an "
+        f"interrupted write: {shown!r}; the lines before it are kept"
+    )
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a run-folder log, one per line (empty if absent or empty).
+
+    A damaged last line is what a killed append leaves: it is dropped with a warning.
+
+    Raises:
+        RunFileError: a line before the last is not a JSON object.
+    """
+    if not path.is_file():
+        return []
+    lines = [(n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), 1) if raw.strip()]
+    rows = []
+    for index, (number, raw) in enumerate(lines):
+        row = _parse(raw)
+        if isinstance(row, dict):
+            rows.append(row)
+        elif index == len(lines) - 1:
+            _drop_torn(path, number, raw)
+        else:
+            raise RunFileError(
+                f"{path} line {number} is damaged ({row}); only a last line can be cut "
+                f"short by an interrupted run, so this file was changed by something else. "
+                f"Delete line {number} (or restore the file from a copy of the run) and run "
+                f"the command again"
+            )
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` with no instant at which the file is partly written:
+    write a temporary sibling, fsync it, `os.replace` it over `path`, fsync the folder."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    try:  # the rename itself is durable only once the folder is synced
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the replace is still atomic
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """True if `path` is non-empty and its last byte is not a newline (a torn append)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
 class RunDir:
     """Reads and writes one run directory."""
 
@@ -109,6 +209,7 @@ class RunDir:
             # checkpoint a later --resume would pick up) mixes into the new one.
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
+                (self.path / (name + TMP_SUFFIX)).unlink(missing_ok=True)
             for name in RUN_FOLDERS:
                 shutil.rmtree(self.path / name, ignore_errors=True)
         if self.path.exists() and not self.path.is_dir():
@@ -155,21 +256,43 @@ class RunDir:
 
     def log(self, record: dict[str, Any], file: str = "metrics.jsonl") -> None:
         """Append one JSON line (flushed, so a killed run keeps every line written)."""
+        path = self.path / file
+        if _ends_mid_line(path):
+            # a line appended to a torn one would glue onto it and damage the file mid-way
+            self.rewrite(file, read_jsonl(path))
         line = json.dumps({k: _clean(v) for k, v in record.items()})
-        with open(self.path / file, "a") as fh:
+        with open(path, "a") as fh:
             fh.write(line + "\n")
 
     def read_metrics(self, file: str = "metrics.jsonl") -> list[dict[str, Any]]:
-        """All lines of a JSONL file (empty if absent)."""
-        path = self.path / file
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """All lines of a JSONL file of the run (`read_jsonl`: a torn last line dropped).
 
-    def truncate_after(self, step: int, file: str = "metrics.jsonl") -> None:
-        """Drop lines logged after `step` (used when resuming from a checkpoint)."""
-        kept = [r for r in self.read_metrics(file) if r.get("step", 0) <= step]
-        (self.path / file).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        Raises:
+            RunFileError: a line before the last is damaged.
+        """
+        return read_jsonl(self.path / file)
+
+    def rewrite(self, file: str, rows: list[dict[str, Any]]) -> None:
+        """Replace a JSONL file of the run by `rows`, atomically (`write_atomic`)."""
+        write_atomic(self.path / file, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def truncate_after(self, last: int, file: str = "metrics.jsonl", key: str = "step") -> None:
+        """Drop lines whose `key` (`step`, or `round` for federated logs) is after `last`
+        (resuming from a checkpoint); `last=-1` drops them all."""
+        self.rewrite(file, [r for r in self.read_metrics(file) if r.get(key, 0) <= last])
+
+    def log_resume(
+        self, at: dict[str, int], dropped: list[str], changed: dict[str, tuple[Any, Any]]
+    ) -> None:
+        """One resumes.jsonl line for a --resume of any command.
+
+        Args:
+            at: where the run continues from: `{"step": N}`, or `{"round": R}` federated.
+            dropped: names of the damaged or diverged checkpoints removed.
+            changed: dotted setting -> (value before, value now) for what this resume changed.
+        """
+        changes = {k: list(v) for k, v in changed.items()}
+        self.log({**at, "dropped": dropped, "changed": changes}, file="resumes.jsonl")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write summary.json."""

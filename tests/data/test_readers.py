@@ -133,3 +133,45 @@ def test_unknown_name_that_is_not_a_hub_id_lists_the_builtins():
 
     message = str(info.value)
     assert "no-such-dataset" in message and "tinystories" in message and "owner/name" in message
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("d.csv", "sentence,label\ngood,1\n"),
+        ("d.tsv", "sentence\tlabel\ngood\t1\n"),
+        ("d.jsonl", '{"sentence": "good", "label": "1"}\n'),
+        ("d.json", '[{"sentence": "good", "label": "1"}]'),
+    ],
+)
+def test_a_byte_order_mark_is_not_part_of_the_first_column(make_file, name, text):
+    assert read_rows(make_file(name, BOM + text)) == [{"sentence": "good", "label": "1"}]
+
+
+def test_a_byte_order_mark_is_not_part_of_a_txt_text(make_file):
+    assert read_rows(make_file("d.txt", BOM + "Once.\n")) == [{"text": "Once.\n"}]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("d.jsonl", '{"text": "ok"}\n{"text": "cut \\ud83d"}\n', r"line 2, column 'text'"),
+        ("d.jsonl", '{"messages": [{"content": "\\udfff"}]}\n', r"line 1, column 'messages'"),
+        ("d.json", '[{"prompt": "a", "response": "\\ud800 b"}]', r"item 0, column 'response'"),
+    ],
+    ids=["high-half", "nested", "json-list"],
+)
+def test_a_lone_surrogate_is_refused_with_its_line_and_the_fix(make_file, name, text, where):
+    path = make_file(name, text)
+
+    with pytest.raises(DataError, match=rf"{name}: {where}.*alone.*write the whole pair"):
+        read_rows(path)
+
+
+def test_a_whole_surrogate_pair_is_text(make_file):
+    path = make_file("d.jsonl", '{"text": "smile \\ud83d\\ude00"}\n')
+
+    assert read_rows(path) == [{"text": "smile \U0001f600"}]

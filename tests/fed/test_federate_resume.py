@@ -54,6 +54,45 @@ def test_a_copied_run_resumes_in_the_copy_and_more_rounds_equal_a_longer_run(tmp
     assert json.loads((copy / "summary.json").read_text())["rounds"] == 3
 
 
+def _reproducible(clients: Path) -> list[dict]:
+    """clients.jsonl without the measured peak memory (not reproducible)."""
+    rows = RunDir(clients.parent, resume=True).read_metrics(clients.name)
+    return [{k: v for k, v in row.items() if k != "peak_rss_mb"} for row in rows]
+
+
+def test_a_torn_log_line_resumes_to_the_uninterrupted_federation(
+    tmp_path, fed_args, capsys, run_torn
+):
+    # Prepare: a 3-round reference, and a federation killed half-way through logging
+    # round 3 (round 2 is its newest saved state)
+    assert main(fed_args(tmp_path / "straight", "--threads", "1", rounds=3)) == 0
+    run = tmp_path / "torn"
+    run_torn(fed_args(run, "--threads", "1", rounds=3), "metrics.jsonl", "round", 3)
+    capsys.readouterr()
+    # Execute
+    assert main(["federate", "--resume", str(run), "--threads", "1"]) == 0
+    # Assert: the torn line reported and dropped; the result is the uninterrupted run's
+    err = capsys.readouterr().err
+    assert f"{run / 'metrics.jsonl'}: dropped its last line" in err
+    assert _adapter(run) == _adapter(tmp_path / "straight")
+    assert (run / "metrics.jsonl").read_bytes() == (
+        tmp_path / "straight" / "metrics.jsonl"
+    ).read_bytes()
+    assert _reproducible(run / "clients.jsonl") == _reproducible(
+        tmp_path / "straight" / "clients.jsonl"
+    )
+    resumes = RunDir(run, resume=True).read_metrics("resumes.jsonl")
+    assert resumes == [{"round": 2, "dropped": [], "changed": {}}]
+
+
+def test_a_resume_that_changes_the_rounds_is_logged_like_finetunes(tmp_path, fed_args):
+    run = tmp_path / "run"
+    assert main(fed_args(run, "--threads", "1")) == 0
+    assert main(["federate", "--resume", str(run), "--rounds", "3", "--threads", "1"]) == 0
+    resumes = RunDir(run, resume=True).read_metrics("resumes.jsonl")
+    assert resumes == [{"round": 2, "dropped": [], "changed": {"fed.rounds": [2, 3]}}]
+
+
 REFUSED = [
     (["fed.clients=6"], "fed.clients"),
     (["--clients", "6"], "fed.clients"),

@@ -253,6 +253,8 @@ def test_server_restarted_from_its_last_round_ends_like_an_uninterrupted_run(tmp
     assert 1 <= interrupted < 3
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert [r["round"] for r in run.read_metrics()] == [0, 1, 2, 3]
+    resumes = run.read_metrics("resumes.jsonl")  # logged as finetune logs its resumes
+    assert [(r["round"], r["dropped"]) for r in resumes] == [(interrupted, [])]
 
 
 def test_by_default_tls_and_supernode_auth_admit_only_trusted_registered_nodes(

@@ -232,8 +232,31 @@ def test_compress_refuses_an_out_holding_a_run(
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"stage": "before"}\n')
     assert cli(compress_args(stories260k_path, out, "--prune", "0.3")) == 2
-    assert "already holds a run; pass another --out" in capsys.readouterr().err
+    assert "already holds a run (finished or interrupted); pass --overwrite" in (
+        capsys.readouterr().err
+    )
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+
+
+def test_an_interrupted_compress_restarts_with_overwrite(
+    cli, stories260k_path, shared_data, tmp_path, capsys, run_torn
+):
+    # Prepare: a reference, and a run killed while logging its after-prune stage (DIR/model
+    # is already written), which a plain rerun refuses
+    args = ("--prune", "0.3", "--recover", "fo", "--recover-steps", "2", "--threads", "1")
+    assert cli(compress_args(stories260k_path, tmp_path / "straight", *args)) == 0
+    out = tmp_path / "run"
+    run_torn(compress_args(stories260k_path, out, *args), "metrics.jsonl", "stage", "after-prune")
+    assert (out / "model").is_dir() and not (out / "summary.json").exists()
+    assert cli(compress_args(stories260k_path, out, *args)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # Execute
+    assert cli(compress_args(stories260k_path, out, *args, "--overwrite")) == 0
+    # Assert: the same run as the uninterrupted one, nothing of the killed one left
+    for name in ("metrics.jsonl", "adapter/adapter_model.safetensors", "model/model.safetensors"):
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (out, tmp_path / "straight")]
+    assert summaries[0]["params_after"] == summaries[1]["params_after"]
 
 
 def test_compress_help_lists_the_prune_keys(cli, capsys):

@@ -277,3 +277,68 @@ def test_a_diverged_run_resumes_from_the_checkpoint_before_the_diverged_paramete
     assert (run / "metrics.jsonl").read_bytes() == (
         tmp_path / "straight" / "metrics.jsonl"
     ).read_bytes()
+
+
+def test_a_torn_metrics_line_resumes_to_the_uninterrupted_run(
+    tmp_path, tiny_args, cli, capsys, run_torn
+):
+    # Prepare: the reference, and a run killed half-way through writing step 5's line
+    assert cli(tiny_args(tmp_path / "straight", "--threads", "1", steps=6)) == 0
+    run = tmp_path / "torn"
+    run_torn(tiny_args(run, "--threads", "1", steps=6), "metrics.jsonl", "step", 5)
+    assert not (run / "metrics.jsonl").read_bytes().endswith(b"\n")
+    capsys.readouterr()
+    # Execute
+    assert cli(["finetune", "--resume", str(run), "--threads", "1"]) == 0
+    # Assert: the torn line reported and dropped; the result is the uninterrupted run's
+    err = capsys.readouterr().err
+    assert f"{run / 'metrics.jsonl'}: dropped its last line" in err
+    assert _adapter(run) == _adapter(tmp_path / "straight")
+    for name in ("metrics.jsonl", "trace.jsonl"):
+        assert (run / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    resumes = RunDir(run, resume=True).read_metrics("resumes.jsonl")
+    assert resumes == [{"step": 4, "dropped": [], "changed": {}}]
+
+
+def test_a_resume_killed_while_rewriting_its_logs_loses_nothing(
+    tmp_path, tiny_args, cli, monkeypatch
+):
+    # Prepare: a finished 4-step run, resumed to 6 but killed at its first log rewrite
+    import edgetune.runs as runs
+
+    assert cli(tiny_args(tmp_path / "straight", "--threads", "1", steps=6)) == 0
+    run = tmp_path / "run"
+    assert cli(tiny_args(run, "--threads", "1")) == 0
+    metrics = (run / "metrics.jsonl").read_bytes()
+
+    def die(src, dst):
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs.os, "replace", die)
+        with pytest.raises(_Killed):
+            cli(["finetune", "--resume", str(run), "--steps", "6", "--threads", "1"])
+    # Assert: the log is whole; the next resume ends as the uninterrupted run
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert cli(["finetune", "--resume", str(run), "--steps", "6", "--threads", "1"]) == 0
+    assert _adapter(run) == _adapter(tmp_path / "straight")
+    assert (run / "metrics.jsonl").read_bytes() == (
+        tmp_path / "straight" / "metrics.jsonl"
+    ).read_bytes()
+
+
+def test_a_damaged_line_before_the_last_is_a_clear_error(tmp_path, tiny_args, cli, capsys):
+    # Prepare: a finished run whose metrics.jsonl was edited in the middle
+    run = tmp_path / "run"
+    assert cli(tiny_args(run, "--threads", "1")) == 0
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(b"".join([lines[0], b'{"step": 1, "lo\n', *lines[1:]]))
+    before = _snapshot(run)
+    capsys.readouterr()
+    # Execute
+    status = cli(["finetune", "--resume", str(run), "--steps", "6", "--threads", "1"])
+    # Assert: exit 2 naming the file, the line and the fix; nothing written
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert f"{run / 'metrics.jsonl'} line 2 is damaged" in err and "Delete line 2" in err
+    assert _snapshot(run) == before

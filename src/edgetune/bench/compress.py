@@ -47,6 +47,7 @@ from edgetune.bench.markdown import machine_line, write_section
 from edgetune.errors import ConfigError
 from edgetune.recipes.demo import COMMON, FULL, QUICK, QUICK_COMMON, compress_data, stage_speed
 from edgetune.recipes.finetune import run_in_subprocess
+from edgetune.runs import read_jsonl
 
 RATIOS = (0.1, 0.2, 0.3, 0.5)
 SEEDED_RATIO = 0.3  # the rows of the target get every --seeds value
@@ -194,7 +195,7 @@ def final_perplexity(s: Settings, run: Path, out: Path) -> dict[str, float]:
 def row_values(run: Path, stage: str) -> dict[str, Any]:
     """Accuracy, parameters, file size and speed of one stage of a compress run."""
     summary = json.loads((run / "summary.json").read_text())
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+    lines = read_jsonl(run / "metrics.jsonl")
     metrics = next(m for m in lines if m.get("stage") == stage)
     before = stage == "before"
     speed = stage_speed(summary, stage)

@@ -31,6 +31,7 @@ from typing import Any
 from edgetune.bench.markdown import machine_line, write_section
 from edgetune.export.gguf import GGUF_TYPES
 from edgetune.recipes.finetune import run_in_subprocess
+from edgetune.runs import read_jsonl
 
 DATA = [
     "--dataset",
@@ -119,9 +120,7 @@ def timed_export(out: Path, model: str, args: list[str], threads: int) -> dict[s
 def run_figures(folder: Path) -> dict[str, float]:
     """Mean step time after the first step, peak RSS and final held-out accuracy."""
     summary = json.loads((folder / "summary.json").read_text())
-    timing = [
-        json.loads(line)["step_s"] for line in (folder / "timing.jsonl").read_text().splitlines()
-    ]
+    timing = [row["step_s"] for row in read_jsonl(folder / "timing.jsonl")]
     return {
         "step_s": statistics.mean(timing[1:]),
         "peak_rss_mb": summary["peak_rss_mb"],

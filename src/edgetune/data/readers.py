@@ -10,12 +10,19 @@ Formats are chosen by extension (an explicit dict, `READERS`):
 Every value is kept as read (strings for tsv/csv); the task-specific checks and label
 mapping happen in `edgetune.data.normalize`. Problems raise `DataError` naming the path
 and the fix.
+
+Text that is valid but unusual: a UTF-8 byte-order mark (what Excel and Notepad write
+first) is dropped, so it does not become part of the first column's name or the first
+line. A lone UTF-16 surrogate in JSON text (`"\\ud83d"`, half of an emoji cut in two) is
+refused with its line rather than replaced: no UTF-8 tokenizer can encode it, and
+replacing it would silently train on text the file does not hold.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +31,9 @@ from typing import Any, Literal
 from edgetune.errors import DataError
 
 SEPARATORS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+# "utf-8-sig" reads plain UTF-8 too, and drops a byte-order mark at the start.
+ENCODING = "utf-8-sig"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _check_separator(path: Path, header: list[str], delimiter: str) -> None:
@@ -47,7 +57,7 @@ def _check_separator(path: Path, header: list[str], delimiter: str) -> None:
 def _read_delimited(path: Path, delimiter: str, quoted: bool) -> list[dict[str, Any]]:
     # The default 128 KB cell limit is too small for user files holding whole documents.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding=ENCODING, newline="") as f:
         quoting: Literal[0, 3] = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
         reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
         if reader.fieldnames is None:
@@ -77,7 +87,7 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding=ENCODING) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -93,7 +103,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding=ENCODING)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -111,11 +121,32 @@ def _as_object(path: Path, row: Any, where: str) -> dict[str, Any]:
             f"{path}: {where} is a {type(row).__name__}, not an object; write one "
             f'{{"column": value, ...}} object per example'
         )
+    for column, value in row.items():
+        _refuse_lone_surrogate(path, where, column, value)
     return row
 
 
+def _refuse_lone_surrogate(path: Path, where: str, column: str, value: Any) -> None:
+    """Raise if `value` (a string, or lists and objects of them) holds half a UTF-16
+    surrogate pair: JSON's `\\uXXXX` escapes can write one, UTF-8 cannot encode it."""
+    if isinstance(value, dict):
+        for inner in value.values():
+            _refuse_lone_surrogate(path, where, column, inner)
+    elif isinstance(value, list):
+        for inner in value:
+            _refuse_lone_surrogate(path, where, column, inner)
+    elif isinstance(value, str) and (found := _SURROGATE.search(value)):
+        escape = f"\\u{ord(found.group()):04x}"
+        raise DataError(
+            f"{path}: {where}, column {column!r}, holds the escape {escape} alone: half "
+            f"of a UTF-16 surrogate pair (an emoji or rare character cut in two), which is "
+            f"not text any tokenizer can encode. Delete it, or write the whole pair (e.g. "
+            f"\\ud83d\\ude00), or re-export the file from its source as UTF-8"
+        )
+
+
 def _read_txt(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding=ENCODING)
     return [{"text": text}] if text.strip() else []
 
 

@@ -9,8 +9,10 @@ Each round is written to `round-NNNNNN.tmp` and renamed into place; the two newe
 are kept, and an older one is removed only after the new one is in place, so a server
 killed at any instant keeps its last complete round. round.json, written last, holds the
 checksum of the tensors: resuming verifies it and falls back to the previous round when
-the newest is damaged, then drops log lines of rounds after the one restored. Runs written
-before this layout (DIR/state/{algorithm.safetensors,round.json}) still resume.
+the newest is damaged, then drops log lines of rounds after the one restored (each log
+rewritten atomically, `runs.write_atomic`); `log_resume` records the resume in
+resumes.jsonl. Runs written before this layout (DIR/state/{algorithm.safetensors,
+round.json}) still resume.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edgetune.config import build, config_diff
 from edgetune.fed.algorithms.base import load_trainable
 from edgetune.runs import RunDir
 from edgetune.train.checkpoint import CheckpointError, sha256, swap_into_place, warn
@@ -145,11 +148,17 @@ def restore_round(
             transport.load_state_dict(saved.state)
     for file in LOG_FILES:
         # round 0 is the pre-training evaluation; with no completed round, start afresh
-        rows = [
-            r for r in run.read_metrics(file) if saved.round and r.get("round", 0) <= saved.round
-        ]
-        (run.path / file).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run.truncate_after(saved.round or -1, file=file, key="round")
     return saved.round
+
+
+def log_resume(run: RunDir, saved: SavedRound, cfg: Any) -> None:
+    """Record a federated --resume in resumes.jsonl as finetune records its own (the
+    round continued from, the damaged round states dropped, the settings `cfg` changes).
+    Call it before the run's config.yaml is rewritten with `cfg`."""
+    before = build(type(cfg), run.read_config())
+    changed = {k: v for k, v in config_diff(before, cfg).items() if k != "out"}
+    run.log_resume({"round": saved.round}, [p.name for p in saved.broken], changed)
 
 
 def load_round(run: RunDir, algo: Any, adapter: Any, transport: Any = None) -> int:

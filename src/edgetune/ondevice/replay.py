@@ -19,7 +19,8 @@ import torch
 
 from edgetune import models
 from edgetune.config import build
-from edgetune.runs import RunDir
+from edgetune.errors import EdgetuneError
+from edgetune.runs import RunDir, read_jsonl
 from edgetune.zo.estimate import ZOEstimate
 from edgetune.zo.optimizers import make_zo_optimizer
 
@@ -50,10 +51,13 @@ def replay(run: Path, model: Any = None) -> Any:
         if ".lora_B." in n or (".lora_A." in n and cfg.peft.method == "lora")
     ]
     optimizer = make_zo_optimizer(cfg.zo, cfg.optim.weight_decay)
-    with (run / "trace.jsonl").open() as f:
-        for line in f:
-            step = json.loads(line)
-            estimate = ZOEstimate(step["seeds"], step["scalars"], 0.0)
-            with torch.no_grad():
-                optimizer.step(params, estimate, step["lr"])
+    trace = run / "trace.jsonl"
+    if not trace.is_file():  # read_jsonl would replay nothing and return adapter_init
+        raise EdgetuneError(
+            f"{run} has no trace.jsonl; pass the folder of an `edgetune ondevice` run"
+        )
+    for step in read_jsonl(trace):
+        estimate = ZOEstimate(step["seeds"], step["scalars"], 0.0)
+        with torch.no_grad():
+            optimizer.step(params, estimate, step["lr"])
     return peft

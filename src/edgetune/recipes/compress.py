@@ -14,7 +14,8 @@ DIR/model in the int8 folder format (`compress/int8_folder.py`) -> evaluate
 (`compress/int8_dynamic.py`) -> evaluate "after-quantize"]. A stage not requested is skipped; a run requesting nothing is refused.
 An fp32 DIR/model loads with stock transformers when every layer keeps the same widths,
 else with `edgetune.models.load` (per-layer widths; see `compress/prune/structured.py`).
-Every input is checked before DIR is created, so a refused request writes nothing.
+Every input is checked before DIR is created, so a refused request writes nothing; an
+existing run in DIR is refused unless `--overwrite`, which replaces it only then.
 metrics.jsonl holds one line per stage (recovery's step lines carry "step" instead);
 summary.json the parameter counts, size on disk, speed and memory of each stage.
 """
@@ -237,9 +238,11 @@ class CompressConfig:
             )
 
 
-def run(cfg: CompressConfig) -> dict[str, Any]:
+def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
     """Prune, recover and/or quantize `cfg.model`, write the run directory `cfg.out`;
-    returns the summary.
+    returns the summary. With `overwrite`, a run already in `cfg.out` (finished or
+    interrupted) is replaced, and only once every input has been checked. There is no
+    --resume: the stages keep no checkpoints, so an interrupted run starts over.
 
     With `cfg.adapter` from a finetune or federate run, the task settings left at their
     defaults (dataset, labels, verbalizer, template...) are the run's (`data.recorded`).
@@ -251,9 +254,10 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
             run; all before the run folder is created.
     """
     start = time.perf_counter()
-    if (Path(cfg.out) / "metrics.jsonl").exists():
+    if (Path(cfg.out) / "metrics.jsonl").exists() and not overwrite:
         raise ConfigError(
-            f"{cfg.out} already holds a run; pass another --out (compress never replaces a run)"
+            f"{cfg.out} already holds a run (finished or interrupted); pass --overwrite to "
+            f"replace it, or another --out"
         )
     if cfg.adapter:  # scored with the labels, verbalizer and template it was trained on
         cfg = dataclasses.replace(cfg, data=with_recorded_task(cfg.data, cfg.adapter))
@@ -278,7 +282,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     teacher = _teacher(cfg, scored, tokenizer, model.config.vocab_size)
     # a ratio too high stops here
     kept, rounded = _select(model, task, calib_rows, cfg) if pruning else (None, None)
-    rundir = RunDir(cfg.out)
+    rundir = RunDir(cfg.out, overwrite=overwrite)  # the old run goes only now
     rundir.write_config(to_dict(cfg))
 
     console.status("evaluating before compression", cfg.progress)

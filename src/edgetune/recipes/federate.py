@@ -8,7 +8,8 @@ Flower deployment runs; only the transport differs.
 Run directory: config.yaml, metrics.jsonl (one line per round: `round`, `loss`, bytes,
 simulated seconds, accepted/rejected, `eval/*`), clients.jsonl (per client per round:
 device, method, rank, status, bytes, simulated seconds), summary.json (`bytes_up`,
-`bytes_down`, `rounds`, `sim_s`, final `eval/*`), adapter/, and state/ for --resume.
+`bytes_down`, `rounds`, `sim_s`, final `eval/*`), adapter/, and state/ for --resume
+(resumes.jsonl: one line per --resume, as finetune writes).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ __all__ = ["RESUME_MAY_CHANGE", "FederateConfig", "partition_for", "run"]
 def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Federate and write the run directory; returns the summary."""
     from edgetune.fed.algorithms import build_algorithm
-    from edgetune.fed.checkpoint import restore_round
+    from edgetune.fed.checkpoint import log_resume, restore_round
     from edgetune.fed.rounds import InProcessFleet, run_rounds
 
     start = time.perf_counter()
     rundir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
     saved = resume_point(rundir, cfg) if resume else None
+    if saved is not None:
+        log_resume(rundir, saved, cfg)
     rundir.write_config(to_dict(cfg))
     fed = setup(cfg)
     rundir.write_config(to_dict(fed.cfg))  # says which partition `auto` chose, labels used...

@@ -211,14 +211,7 @@ def begin_resume(run: RunDir, point: ResumePoint) -> None:
     for file in ("metrics.jsonl", "trace.jsonl", "timing.jsonl"):
         # with no checkpoint even the step-0 evaluation is redone, so drop it too
         run.truncate_after(point.step if point.checkpoint else -1, file=file)
-    run.log(
-        {
-            "step": point.step,
-            "dropped": [p.name for p in dropped],
-            "changed": {k: list(v) for k, v in point.changed.items()},
-        },
-        file="resumes.jsonl",
-    )
+    run.log_resume({"step": point.step}, [p.name for p in dropped], point.changed)
 
 
 def restore(point: ResumePoint, parts: dict[str, Any]) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 
 from edgetune.config import absolute_paths, to_dict
 from edgetune.errors import EdgetuneError
+from edgetune.fed.checkpoint import log_resume
 from edgetune.fed.config import check_read_by_flower
 from edgetune.fed.session import resume_point
 from edgetune.runs import RunDir
@@ -95,7 +96,8 @@ def run(cfg: Any, args: Any) -> dict:
     resume = bool(args.resume)
     rundir = RunDir(cfg.out, resume=resume, overwrite=args.overwrite)
     if resume:
-        resume_point(rundir, cfg)  # refuse before anything starts; the ServerApp restores
+        # refuse before anything starts; the ServerApp restores the same round
+        log_resume(rundir, resume_point(rundir, cfg), absolute_paths(cfg))
     # The ServerApp and the ClientApps start in other working directories.
     rundir.write_config(to_dict(absolute_paths(cfg)))
     options = {

@@ -21,7 +21,6 @@ import hashlib
 import json
 import pickle
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edgetune.console import warn  # also imported from here by train/ and fed/
 from edgetune.errors import EdgetuneError
 
 HASHED_FILES = ("adapter.safetensors", "optimizer.pt")
@@ -171,8 +171,3 @@ def newest_intact(
             warn(f"checkpoint {path.name} is broken ({exc}); trying an older one")
             broken.append(path)
     return None, broken
-
-
-def warn(message: str) -> None:
-    """A visible warning on stderr (the run goes on)."""
-    print(f"edgetune: warning: {message}", file=sys.stderr, flush=True)
