@@ -75,3 +75,30 @@ def test_library_noise_is_hidden_unless_verbose(tmp_path, stories260k_path, shar
     # The same run with --verbose shows what was hidden (so the check above can fail).
     assert "Loading weights" in loud.stderr
     assert "is_gradient_checkpointing" in loud.stderr
+
+
+@pytest.mark.parametrize(
+    "command, flags, expect",
+    [
+        (["finetune"], ["--steps", "7", "--method", "zo", "zo.queries=2"], "steps: 7"),
+        (["federate"], ["--algorithm", "fedkseed", "--method", "zo", "--rounds", "3"], "rounds: 3"),
+        (["flower", "run"], ["--rounds", "4", "fed.clients=3"], "clients: 3"),
+        (["compress"], ["--prune", "0.3", "--recover", "zo"], "ratio: 0.3"),
+        (["export"], ["--format", "gguf", "--gguf-type", "q8_0"], "gguf_type: q8_0"),
+        (["ondevice"], ["--runtime", "ort", "--steps", "5"], "runtime: ort"),
+    ],
+)
+def test_print_config_loads_back_with_config_to_the_same_run(
+    tmp_path, capsys, monkeypatch, command, flags, expect
+):
+    monkeypatch.chdir(tmp_path)
+    # Execute: print the resolved config, then load it back and print again
+    assert main([*command, *flags, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    assert main([*command, "--config", str(saved), "--print-config"]) == 0
+    # Assert: the same config, with the flags in it, and nothing run or written
+    assert capsys.readouterr().out == printed
+    assert expect in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["printed.yaml"]

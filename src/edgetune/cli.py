@@ -9,7 +9,6 @@ message (no traceback) and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import json
 import sys
@@ -21,29 +20,7 @@ from edgetune import __version__
 from edgetune.console import quiet_third_party
 from edgetune.errors import ConfigError, EdgetuneError
 
-# Named flags -> dotted config keys (shared by every training/evaluation command).
-TRAIN_FLAGS = {
-    "model": "model",
-    "dataset": "data.dataset",
-    "task": "data.task",
-    "method": "train.method",
-    "peft": "peft.method",
-    "steps": "train.steps",
-    "seed": "seed",
-    "out": "out",
-    "batch_size": "train.batch_size",
-    "lr": "optim.lr",
-    "queries": "zo.queries",
-    "text_field": "data.text_fields",
-    "text_fields": "data.text_fields",
-    "label_field": "data.label_field",
-    "labels": "data.labels",
-    "verbalizer": "data.verbalizer",
-    "template": "data.template",
-    "max_length": "data.max_length",
-    "eval_size": "data.eval_size",
-    "train_size": "data.train_size",
-}
+CFG = "cfg:"  # argparse dest prefix of a flag that sets a config key (the rest is the key)
 
 
 def _config_epilog(cls: type) -> str:
@@ -56,27 +33,45 @@ def _config_epilog(cls: type) -> str:
     return "\n".join(lines)
 
 
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="built-in name (see `edgetune models`), folder, .gguf, hub id")
-    g.add_argument(
-        "--dataset",
-        help="built-in name (bbc-news, sst2, ag-news, dolly-openqa, "
-        "tinystories) or a .tsv/.csv/.jsonl/.txt file",
-    )
-    g.add_argument("--task", help="classification | instruction | lm")
-    g.add_argument("--text-field", help="the text column (one field)")
-    g.add_argument("--text-fields", help="text columns, comma-separated (e.g. title,description)")
-    g.add_argument("--label-field", help="the label column")
-    g.add_argument("--labels", help="class names in order, comma-separated")
-    g.add_argument("--verbalizer", help="one answer word per class, comma-separated")
-    g.add_argument("--template", help="classification prompt with {field} placeholders")
-    g.add_argument("--max-length", type=int, help="tokens per example")
-    g.add_argument("--eval-size", type=int, help="held-out examples")
-    g.add_argument("--train-size", type=int, help="cap on training examples")
-    g.add_argument("--seed", type=int, help="run seed")
-    g.add_argument("--config", help="YAML config file")
-    g.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+def _add_config_flags(p: argparse.ArgumentParser, cls: type, keep: Any = None) -> dict[str, Any]:
+    """A flag for every config field of `cls` that declares one (`option(..., flag=)`),
+    with the field's key, help and default; returns the argument groups by section.
+
+    The first field to claim a flag owns it (sections in the order `cls` declares them,
+    so `federate --method` is fed.method, not the refused train.method). `keep(key)`
+    limits the keys (eval: the model, the data and the seed).
+    """
+    from edgetune.config import flag_fields
+
+    groups: dict[str, Any] = {}
+    taken: set[str] = set()
+    for key, field, flags, kind in flag_fields(cls):
+        flags = tuple(f for f in flags if f not in taken)
+        if not flags or (keep is not None and not keep(key)):
+            continue
+        taken.update(flags)
+        section = key.rpartition(".")[0] or "run"
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section} settings")
+        default = field.default_factory() if callable(field.default_factory) else field.default
+        text = f"{key}: {field.metadata['help']}"
+        if "default" not in text:  # the field's help may say it better ("inferred")
+            text += f" (default {default})"
+        text = text.replace("%", "%%")
+        if kind is bool:
+            groups[section].add_argument(
+                *flags, dest=CFG + key, action="store_true", default=None, help=text
+            )
+        else:
+            metavar = flags[0].lstrip("-").upper().replace("-", "_")
+            groups[section].add_argument(*flags, dest=CFG + key, metavar=metavar, help=text)
+    return groups
+
+
+def _add_file_flags(p: argparse.ArgumentParser) -> None:
+    """--config FILE and the trailing key=value overrides."""
+    p.add_argument("--config", help="YAML config file (defaults < file < flags < key=value)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
 def _add_threads_flag(p: argparse.ArgumentParser) -> None:
@@ -90,32 +85,31 @@ def _add_threads_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_training_flags(p: argparse.ArgumentParser, methods: str, pefts: str) -> Any:
-    """The named flags of a command that trains one model (finetune, ondevice)."""
-    from edgetune.train.config import DEFAULT_LR, RECIPE_LR, TrainConfig
-    from edgetune.zo.config import ZOConfig
+def _add_run_flags(p: argparse.ArgumentParser, resume: str) -> None:
+    """--out's companions: --overwrite, --resume DIR (a non-empty `resume` help)."""
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    if resume:
+        p.add_argument("--resume", metavar="DIR", help=resume)
 
-    g = p.add_argument_group("training")
-    g.add_argument("--method", help=methods)
-    g.add_argument("--peft", help=pefts)
-    g.add_argument("--steps", type=int, help=_setting_help(TrainConfig, "train", "steps"))
-    g.add_argument("--batch-size", type=int, help=_setting_help(TrainConfig, "train", "batch_size"))
-    g.add_argument(
-        "--lr",
-        type=float,
-        help=f"optim.lr: peak step size (default {DEFAULT_LR['fo']:g} for fo; for zo / prge "
-        f"the default ZO recipe: {RECIPE_LR:g} with zo.scale=rms)",
+
+def _add_print_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML (ready for --config FILE) and exit",
     )
-    g.add_argument("--queries", type=int, help=_setting_help(ZOConfig, "zo", "queries"))
-    g.add_argument("--out", help="run directory")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    return g
 
 
-def _setting_help(cls: type, section: str, name: str) -> str:
-    """A flag's help from the config field it sets: its key, its help, its default."""
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
-    return f"{section}.{name}: {field.metadata['help']} (default {field.default})"
+def _printed(args: argparse.Namespace, cfg: Any) -> bool:
+    """With --print-config: print `cfg` as the YAML `--config` reads back, and say so."""
+    if not args.print_config:
+        return False
+    import yaml
+
+    from edgetune.config import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return True
 
 
 def _seed_list(text: str) -> list[int]:
@@ -182,43 +176,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    ft = sub.add_parser(
-        "finetune",
-        help="fine-tune on one device (fo or zo)",
-        epilog=_config_epilog(FinetuneConfig),
-        formatter_class=fmt,
-    )
-    _add_data_flags(ft)
-    _add_threads_flag(ft)
-    g = _add_training_flags(
-        ft,
-        "fo (backprop) | zo (MeZO) | prge (P-RGE)",
-        "lora | lora-fa | prompt | bitfit | last-n | full",
-    )
-    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
-
     from edgetune.fed.config import FederateConfig
+    from edgetune.recipes.compress import CompressConfig
+    from edgetune.recipes.export import ExportConfig
+    from edgetune.recipes.ondevice import OnDeviceConfig
 
-    fd = sub.add_parser(
-        "federate",
-        help="federated fine-tuning over a simulated fleet",
-        epilog=_config_epilog(FederateConfig),
-        formatter_class=fmt,
+    def config_command(where: Any, name: str, text: str, cls: type) -> argparse.ArgumentParser:
+        """A command run from a typed config: its flags, --config, key=value, --threads,
+        --print-config."""
+        cmd = where.add_parser(name, help=text, epilog=_config_epilog(cls), formatter_class=fmt)
+        _add_config_flags(cmd, cls)
+        _add_file_flags(cmd)
+        _add_threads_flag(cmd)
+        _add_print_config(cmd)
+        return cmd
+
+    ft = config_command(sub, "finetune", "fine-tune on one device (fo or zo)", FinetuneConfig)
+    _add_run_flags(ft, "continue the run in DIR from its checkpoint")
+    fd = config_command(
+        sub, "federate", "federated fine-tuning over a simulated fleet", FederateConfig
     )
-    _add_federate_flags(fd)
+    _add_run_flags(fd, "continue from the last completed round")
 
     fl = sub.add_parser("flower", help="real federations on Flower (SuperLink / SuperNodes)")
     flsub = fl.add_subparsers(dest="flower_command", required=True)
     up = flsub.add_parser("up", help="start a SuperLink and N SuperNodes on 127.0.0.1")
     _add_local_flags(up)
     _add_threads_flag(up)
-    frun = flsub.add_parser(
+    frun = config_command(
+        flsub,
         "run",
-        help="run `edgetune federate` on a Flower federation (same run directory)",
-        epilog=_config_epilog(FederateConfig),
-        formatter_class=fmt,
+        "run `edgetune federate` on a Flower federation (same run directory)",
+        FederateConfig,
     )
-    _add_federate_flags(frun)
+    _add_run_flags(frun, "continue from the last completed round")
     g = frun.add_argument_group("flower")
     g.add_argument(
         "--local", type=at_least(1), metavar="N", help="start N local SuperNodes for the run"
@@ -243,84 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
         "may change). Without RUN, the flags say what to evaluate.",
     )
     ev.add_argument("run", nargs="?", metavar="RUN", help="a finetune run directory")
-    _add_data_flags(ev)
+    _add_config_flags(
+        ev, FinetuneConfig, keep=lambda key: key in ("model", "seed") or key.startswith("data.")
+    )
+    _add_file_flags(ev)
     _add_threads_flag(ev)
     ev.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN/adapter)")
     ev.add_argument("--out", help="write a run directory with the metrics")
     ev.add_argument("--batch-size", type=at_least(1), default=16)
 
-    from edgetune.recipes.compress import CompressConfig
-
-    cp = sub.add_parser(
+    cp = config_command(
+        sub,
         "compress",
-        help="prune and/or int8-quantize a model (and its adapter); measure before and after",
-        epilog=_config_epilog(CompressConfig),
-        formatter_class=fmt,
+        "prune and/or int8-quantize a model (and its adapter); measure before and after",
+        CompressConfig,
     )
-    _add_data_flags(cp)
-    _add_threads_flag(cp)
-    g = cp.add_argument_group("compression")
-    g.add_argument("--adapter", help="PEFT adapter folder of --model, mapped onto the pruned model")
-    g.add_argument("--prune", type=float, help="fraction of units to remove per layer, in [0, 1)")
-    g.add_argument(
-        "--prune-units",
-        help="unit kinds, comma-separated: mlp, heads, layers (whole decoder layers)",
-    )
-    g.add_argument("--importance", help="activation | taylor | magnitude")
-    g.add_argument("--calib", type=int, help="calibration examples from the training split")
-    g.add_argument(
-        "--quantize",
-        help="none | int8: save the final model with int8 linear weights | int8-dynamic: "
-        "smoothed, int8 weights and activations (faster on CPU; fp32 file, int8 at load)",
-    )
-    g.add_argument("--batch-size", type=int, help="evaluation and calibration batch size")
-    g.add_argument("--out", help="run directory")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    r = cp.add_argument_group("recovery (LoRA training of the pruned model)")
-    r.add_argument("--recover", help="none | fo | zo | prge")
-    r.add_argument("--recover-steps", type=int, help="recovery steps (recover.steps)")
-    r.add_argument(
-        "--distill", action="store_true", default=None, help="distill from the unpruned model"
-    )
-    r.add_argument("--teacher", help="distillation teacher model (default: the unpruned model)")
-
-    from edgetune.recipes.export import ExportConfig
-
-    ex = sub.add_parser(
+    _add_run_flags(cp, "")
+    config_command(
+        sub,
         "export",
-        help="export a model (and adapter) to ONNX, ExecuTorch or GGUF (llama.cpp)",
-        epilog=_config_epilog(ExportConfig),
-        formatter_class=fmt,
+        "export a model (and adapter) to ONNX, ExecuTorch or GGUF (llama.cpp)",
+        ExportConfig,
     )
-    ex.add_argument("--model")
-    ex.add_argument("--adapter", help="PEFT LoRA folder trained on --model (e.g. RUN/adapter)")
-    ex.add_argument("--format", help="onnx | executorch | gguf")
-    ex.add_argument("--out", help="export folder (must not exist)")
-    ex.add_argument(
-        "--merge", action="store_true", default=None, help="fold the adapter into the weights"
-    )
-    ex.add_argument("--logits", help="onnx/executorch: all (every position) | last")
-    ex.add_argument("--lora-rank", type=int, help="without --adapter: LoRA inputs of rank R")
-    ex.add_argument("--gguf-type", help="gguf: f32 | q8_0 | q4_0")
-    ex.add_argument("--max-copies", type=int, help="executorch: copies per call (P-RGE: 2q)")
-    ex.add_argument("--max-batch", type=int, help="executorch: rows per copy")
-    ex.add_argument("--max-seq", type=int, help="executorch: tokens per row")
-    _add_threads_flag(ex)
-    ex.add_argument("--config", help="YAML config file")
-    ex.add_argument("overrides", nargs="*", metavar="key=value", default=[])
-
-    from edgetune.recipes.ondevice import OnDeviceConfig
-
-    od = sub.add_parser(
+    od = config_command(
+        sub,
         "ondevice",
-        help="ZO / P-RGE fine-tuning through an exported graph (ONNX Runtime, ExecuTorch)",
-        epilog=_config_epilog(OnDeviceConfig),
-        formatter_class=fmt,
+        "ZO / P-RGE fine-tuning through an exported graph (ONNX Runtime, ExecuTorch)",
+        OnDeviceConfig,
     )
-    _add_data_flags(od)
-    _add_threads_flag(od)
-    g = _add_training_flags(od, "zo (MeZO) | prge (P-RGE)", "lora | lora-fa")
-    g.add_argument("--runtime", help="ort | executorch")
+    _add_run_flags(od, "")
 
     gen = sub.add_parser("generate", help="greedy generation from a prompt")
     gen.add_argument("--model", default="smollm2-135m")
@@ -429,36 +371,6 @@ def _no_prefix_matching(parser: argparse.ArgumentParser) -> None:
                 _no_prefix_matching(command)
 
 
-def _add_federate_flags(fd: argparse.ArgumentParser) -> None:
-    _add_data_flags(fd)
-    _add_threads_flag(fd)
-    g = fd.add_argument_group("federation")
-    from edgetune.fed.config import FED_ALGORITHMS
-
-    g.add_argument("--algorithm", help=" | ".join(FED_ALGORITHMS))
-    g.add_argument("--clients", type=int)
-    g.add_argument("--participation", type=float, help="fraction of clients per round")
-    g.add_argument(
-        "--partition",
-        help="auto (label skew if classification, else iid) | iid | dirichlet:A | ...",
-    )
-    g.add_argument("--fleet", help="built-in fleet/profile name or YAML file")
-    g.add_argument("--rounds", type=int)
-    g.add_argument("--local-steps", type=int)
-    g.add_argument("--method", help="client training: fo | zo | prge | auto")
-    g.add_argument(
-        "--target-sparsity",
-        type=float,
-        help="fedspine: fraction of MLP channels and key/value heads pruned (spine.target_sparsity)",
-    )
-    g.add_argument("--peft", help="lora | lora-fa | ...")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--out", help="run directory")
-    g.add_argument("--resume", metavar="DIR", help="continue from the last completed round")
-    g.add_argument("--overwrite", action="store_true")
-
-
 def _add_local_flags(up: argparse.ArgumentParser) -> None:
     up.add_argument("--clients", type=int, required=True, help="number of SuperNodes")
     up.add_argument("--home", default="runs/flower-home", help="FLWR_HOME (config.toml, logs)")
@@ -488,12 +400,12 @@ def _add_security_flags(g: Any, prefix: str) -> None:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    out = {}
-    for name, key in TRAIN_FLAGS.items():
-        value = getattr(args, name, None)
-        if value is not None:
-            out[key] = value
-    return out
+    """The config keys the command's flags set (dotted key -> value)."""
+    return {
+        key[len(CFG) :]: value
+        for key, value in vars(args).items()
+        if key.startswith(CFG) and value is not None
+    }
 
 
 def _start_threads(args: argparse.Namespace, cfg: Any = None) -> int:
@@ -525,32 +437,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             _flags(args),
             finetune.RESUME_MAY_CHANGE,
         )
+        if _printed(args, cfg):
+            return 0
         _start_threads(args, cfg)
         summary = finetune.run(cfg, resume=True)
     else:
         cfg = resolve_config(finetune.FinetuneConfig, args.config, args.overrides, _flags(args))
+        if _printed(args, cfg):
+            return 0
         _start_threads(args, cfg)
         summary = finetune.run(cfg, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
 
-FED_FLAGS = {
-    "algorithm": "fed.algorithm",
-    "target_sparsity": "spine.target_sparsity",
-    "clients": "fed.clients",
-    "participation": "fed.participation",
-    "partition": "fed.partition",
-    "fleet": "fed.fleet",
-    "rounds": "fed.rounds",
-    "local_steps": "fed.local_steps",
-}
-
-
 def cmd_federate(args: argparse.Namespace) -> int:
     from edgetune.recipes import federate
 
     cfg = _federate_config(args)
+    if _printed(args, cfg):
+        return 0
     _start_threads(args, cfg)
     if args.resume:
         summary = federate.run(cfg, resume=True)
@@ -566,16 +472,6 @@ def _federate_config(args: argparse.Namespace) -> Any:
     from edgetune.recipes import federate
 
     flags = _flags(args)
-    flags.pop("train.method", None)
-    if args.method:
-        flags["fed.method"] = args.method
-    flags.update(
-        {
-            key: getattr(args, name)
-            for name, key in FED_FLAGS.items()
-            if getattr(args, name, None) is not None
-        }
-    )
     if args.resume:
         _check_resume_flags(args)
         return config_from_run(
@@ -621,6 +517,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
         _start_threads(args)
         return flower.up(args)
     cfg = _federate_config(args)
+    if _printed(args, cfg):
+        return 0
     _start_threads(args, cfg)
     summary = flower.run(cfg, args)
     print(json.dumps(summary, indent=2))
@@ -638,61 +536,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMPRESS_FLAGS = {
-    "adapter": "adapter",
-    "prune": "prune.ratio",
-    "prune_units": "prune.units",
-    "importance": "prune.importance",
-    "calib": "prune.calib",
-    "quantize": "quantize",
-    "batch_size": "batch_size",
-    "recover": "recover.method",
-    "recover_steps": "recover.steps",
-    "distill": "recover.distill",
-    "teacher": "recover.teacher",
-}
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     from edgetune.config import resolve_config
     from edgetune.recipes import compress
 
-    flags = {k: v for k, v in _flags(args).items() if k != "train.batch_size"}
-    flags.update(
-        {
-            key: getattr(args, name)
-            for name, key in COMPRESS_FLAGS.items()
-            if getattr(args, name, None) is not None
-        }
-    )
-    cfg = resolve_config(compress.CompressConfig, args.config, args.overrides, flags)
+    cfg = resolve_config(compress.CompressConfig, args.config, args.overrides, _flags(args))
+    if _printed(args, cfg):
+        return 0
     _start_threads(args, cfg)
     summary = compress.run(cfg, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
 
-EXPORT_FLAGS = (
-    "model",
-    "adapter",
-    "format",
-    "out",
-    "merge",
-    "logits",
-    "lora_rank",
-    "gguf_type",
-    "max_copies",
-    "max_batch",
-    "max_seq",
-)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from edgetune.config import resolve_config
     from edgetune.recipes import export
 
-    flags = {name: getattr(args, name) for name in EXPORT_FLAGS}
-    cfg = resolve_config(export.ExportConfig, args.config, args.overrides, flags)
+    cfg = resolve_config(export.ExportConfig, args.config, args.overrides, _flags(args))
+    if _printed(args, cfg):
+        return 0
     _start_threads(args, cfg)
     print(json.dumps(export.run(cfg), indent=2))
     return 0
@@ -702,8 +565,9 @@ def cmd_ondevice(args: argparse.Namespace) -> int:
     from edgetune.config import resolve_config
     from edgetune.recipes import ondevice
 
-    flags = {**_flags(args), "runtime": args.runtime}
-    cfg = resolve_config(ondevice.OnDeviceConfig, args.config, args.overrides, flags)
+    cfg = resolve_config(ondevice.OnDeviceConfig, args.config, args.overrides, _flags(args))
+    if _printed(args, cfg):
+        return 0
     _start_threads(args, cfg)
     print(json.dumps(ondevice.run(cfg, overwrite=args.overwrite), indent=2))
     return 0

@@ -267,6 +267,25 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     return rows
 
 
+def flag_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, tuple[str, ...], type]]:
+    """(dotted key, field, its CLI flags, bool or str) for every field of `cls` (sections
+    in declaration order) that declares flags: `option(..., flag="--x")` or a tuple whose
+    first flag is the one help shows. A bool is a switch; any other value is parsed as
+    the field's type when the config is built, so a bad value names its key."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows.extend(flag_fields(hint, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+            continue
+        flag = f.metadata.get("flag")
+        if flag:
+            flags = (flag,) if isinstance(flag, str) else tuple(flag)
+            rows.append((f"{prefix}{f.name}", f, flags, bool if hint is bool else str))
+    return rows
+
+
 def config_from_run(
     cls: type[T],
     run_dir: str | Path,

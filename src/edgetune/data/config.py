@@ -49,18 +49,25 @@ class DataConfig:
         "bbc-news",
         "built-in name, data file (.tsv/.csv/.jsonl/.txt) or hub id",
         path=BUILTIN_DATASETS,
+        flag="--dataset",
     )
-    task: str | None = option(None, "classification | instruction | lm (default: inferred)")
-    text_fields: list[str] | None = option(None, "text column(s), e.g. title,description")
-    label_field: str | None = option(None, "classification label column")
-    labels: list[str] | None = option(None, "class names in class-index order")
-    verbalizer: list[str] | None = option(None, "one answer word per class")
-    template: str | None = option(None, "classification prompt with {field} placeholders")
+    task: str | None = option(
+        None, "classification | instruction | lm (default: inferred)", flag="--task"
+    )
+    text_fields: list[str] | None = option(
+        None, "text column(s), e.g. title,description", flag=("--text-fields", "--text-field")
+    )
+    label_field: str | None = option(None, "classification label column", flag="--label-field")
+    labels: list[str] | None = option(None, "class names in class-index order", flag="--labels")
+    verbalizer: list[str] | None = option(None, "one answer word per class", flag="--verbalizer")
+    template: str | None = option(
+        None, "classification prompt with {field} placeholders", flag="--template"
+    )
     prompt_field: str | None = option(None, "instruction prompt column")
     response_field: str | None = option(None, "instruction response column")
-    max_length: int = option(128, "tokens per example")
-    eval_size: int = option(200, "held-out evaluation examples (0 = none)")
-    train_size: int | None = option(None, "cap on training examples")
+    max_length: int = option(128, "tokens per example", flag="--max-length")
+    eval_size: int = option(200, "held-out evaluation examples (0 = none)", flag="--eval-size")
+    train_size: int | None = option(None, "cap on training examples", flag="--train-size")
     max_new_tokens: int = option(32, "generated tokens per instruction eval example")
     eval_split: str | None = option(None, "file or split name to evaluate on instead", path=())
 

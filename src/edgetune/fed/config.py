@@ -57,18 +57,22 @@ _REAL_FIELDS = (
 class FedConfig:
     """How the federation runs."""
 
-    algorithm: str = option("fedit", " | ".join(FED_ALGORITHMS))
-    clients: int = option(10, "number of clients")
-    participation: float = option(0.5, "fraction of clients selected per round (0, 1]")
+    algorithm: str = option("fedit", " | ".join(FED_ALGORITHMS), flag="--algorithm")
+    clients: int = option(10, "number of clients", flag="--clients")
+    participation: float = option(
+        0.5, "fraction of clients selected per round (0, 1]", flag="--participation"
+    )
     partition: str = option(
         AUTO_PARTITION,
         "auto (dirichlet:0.5 for classification, else iid) | iid | dirichlet:A | shards:K "
         "| quantity:A",
+        flag="--partition",
     )
     fleet: str = option(
         "mixed",
         "built-in fleet or profile name, or a YAML file",
         path=BUILTIN_FLEETS.keys() | BUILTIN_PROFILES.keys(),
+        flag="--fleet",
     )
     export: str = option(
         "",
@@ -76,9 +80,11 @@ class FedConfig:
         "devices with a runtime (ort | executorch) train through ('' = none)",
         path=(),
     )
-    rounds: int = option(5, "federated rounds")
-    local_steps: int = option(5, "local steps per client per round")
-    method: str = option("auto", "client training: fo | zo | prge | auto (by device memory)")
+    rounds: int = option(5, "federated rounds", flag="--rounds")
+    local_steps: int = option(5, "local steps per client per round", flag="--local-steps")
+    method: str = option(
+        "auto", "client training: fo | zo | prge | auto (by device memory)", flag="--method"
+    )
     min_clients: int = option(
         1, "aggregate a round only if this many updates arrived; else the model stays"
     )
@@ -196,10 +202,15 @@ class FederateConfig:
     """Everything a federated run needs (YAML sections = the nested fields)."""
 
     model: str = option(
-        "smollm2-135m", "built-in name, HF folder, .gguf file or hub id", path=BUILTIN_MODELS
+        "smollm2-135m",
+        "built-in name, HF folder, .gguf file or hub id",
+        path=BUILTIN_MODELS,
+        flag="--model",
     )
-    seed: int = option(0, "run seed: split, partition, selection, adapter init, seeds")
-    out: str = option("runs/federate", "run directory")
+    seed: int = option(
+        0, "run seed: split, partition, selection, adapter init, seeds", flag="--seed"
+    )
+    out: str = option("runs/federate", "run directory", flag="--out")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     fed: FedConfig = dataclasses.field(default_factory=FedConfig)

@@ -15,7 +15,9 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 class PeftConfig:
     """What trains: a LoRA / LoRA-FA adapter, a soft prompt, selected parameters, or all."""
 
-    method: str = option("lora", "lora | lora-fa (A frozen) | prompt | bitfit | last-n | full")
+    method: str = option(
+        "lora", "lora | lora-fa (A frozen) | prompt | bitfit | last-n | full", flag="--peft"
+    )
     rank: int = option(8, "LoRA rank r")
     alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / rank)")
     dropout: float = option(0.0, "LoRA dropout on the adapter input")

@@ -78,10 +78,15 @@ class PruneConfig:
         0.0,
         "fraction of units to remove per layer, in [0, 1) (0 = no pruning); with "
         "prune.layer_ratios it sets only the fraction of whole layers removed",
+        flag="--prune",
     )
-    units: str = option("mlp,heads", "unit kinds to prune, comma-separated: mlp, heads, layers")
-    importance: str = option("activation", "activation | taylor | magnitude")
-    calib: int = option(32, "calibration examples from the training split")
+    units: str = option(
+        "mlp,heads",
+        "unit kinds to prune, comma-separated: mlp, heads, layers",
+        flag="--prune-units",
+    )
+    importance: str = option("activation", "activation | taylor | magnitude", flag="--importance")
+    calib: int = option(32, "calibration examples from the training split", flag="--calib")
     layer_ratios: list[float] | None = option(
         None,
         "one mlp/heads ratio per decoder layer, comma-separated (e.g. 0,0.2,0.4,0.4,0.6); "
@@ -177,11 +182,15 @@ class PruneConfig:
 class CompressConfig:
     """Everything `edgetune compress` needs (YAML sections = the nested fields)."""
 
-    model: str = option("smollm2-135m", "built-in name, HF folder, .gguf file or hub id")
-    adapter: str = option("", "PEFT adapter folder of the model, mapped onto the pruned one")
-    seed: int = option(0, "run seed: data split and calibration rows")
-    out: str = option("runs/compress", "run directory")
-    batch_size: int = option(16, "evaluation and calibration batch size")
+    model: str = option(
+        "smollm2-135m", "built-in name, HF folder, .gguf file or hub id", flag="--model"
+    )
+    adapter: str = option(
+        "", "PEFT adapter folder of the model, mapped onto the pruned one", flag="--adapter"
+    )
+    seed: int = option(0, "run seed: data split and calibration rows", flag="--seed")
+    out: str = option("runs/compress", "run directory", flag="--out")
+    batch_size: int = option(16, "evaluation and calibration batch size", flag="--batch-size")
     progress: bool = option(True, "progress lines on stderr")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
@@ -191,6 +200,7 @@ class CompressConfig:
         "none | int8: store the final model's linear weights in int8 | int8-dynamic: "
         "SmoothQuant smoothing (on prune.calib training rows) + fbgemm int8 weights and "
         "activations, faster on CPU; saved as the smoothed fp32 model, int8 at load",
+        flag="--quantize",
     )
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"

@@ -57,26 +57,43 @@ GGUF_CHECK_PROMPT = "Once upon a time, there was a little girl named Lily."
 class ExportConfig:
     """Everything `edgetune export` needs."""
 
-    model: str = option("smollm2-135m", "built-in name, HF folder, .gguf file or hub id")
-    adapter: str = option("", "PEFT LoRA adapter folder trained on --model (e.g. RUN/adapter)")
-    format: str = option("onnx", "onnx | executorch | gguf")
-    out: str = option("runs/export", "export folder (must not exist yet)")
-    merge: bool = option(False, "fold --adapter into the weights (a graph without adapter inputs)")
+    model: str = option(
+        "smollm2-135m", "built-in name, HF folder, .gguf file or hub id", flag="--model"
+    )
+    adapter: str = option(
+        "", "PEFT LoRA adapter folder trained on --model (e.g. RUN/adapter)", flag="--adapter"
+    )
+    format: str = option("onnx", "onnx | executorch | gguf", flag="--format")
+    out: str = option("runs/export", "export folder (must not exist yet)", flag="--out")
+    merge: bool = option(
+        False, "fold --adapter into the weights (a graph without adapter inputs)", flag="--merge"
+    )
     logits: str = option(
-        "all", "onnx/executorch: logits at every position (all) or only the last (last)"
+        "all",
+        "onnx/executorch: logits at every position (all) or only the last (last)",
+        flag="--logits",
     )
     lora_rank: int = option(
-        0, "onnx/executorch without --adapter: LoRA inputs of this rank (0: a plain graph)"
+        0,
+        "onnx/executorch without --adapter: LoRA inputs of this rank (0: a plain graph)",
+        flag="--lora-rank",
     )
     lora_alpha: float = option(16.0, "with lora_rank: LoRA alpha (scale = alpha / rank)")
     lora_targets: list[str] = option(LLAMA_PROJECTIONS, "with lora_rank: linear layers adapted")
-    gguf_type: str = option("f32", "gguf: weight type of the base model, f32 | q8_0 | q4_0")
+    gguf_type: str = option(
+        "f32", "gguf: weight type of the base model, f32 | q8_0 | q4_0", flag="--gguf-type"
+    )
     max_copies: int = option(
         PTE_DEFAULTS["max_copies"],
         "executorch: adapter copies per call (smaller calls are padded to it)",
+        flag="--max-copies",
     )
-    max_batch: int = option(PTE_DEFAULTS["max_batch"], "executorch: rows per copy (padded to it)")
-    max_seq: int = option(PTE_DEFAULTS["max_seq"], "executorch: tokens per row (left-padded to it)")
+    max_batch: int = option(
+        PTE_DEFAULTS["max_batch"], "executorch: rows per copy (padded to it)", flag="--max-batch"
+    )
+    max_seq: int = option(
+        PTE_DEFAULTS["max_seq"], "executorch: tokens per row (left-padded to it)", flag="--max-seq"
+    )
     threads: int = option(0, "threads (0 = chosen at start from the free cores)")
 
     def __post_init__(self) -> None:

@@ -42,9 +42,13 @@ from edgetune.zo import ZOConfig
 class FinetuneConfig:
     """Everything `edgetune finetune` needs (YAML sections = the nested fields)."""
 
-    model: str = option("smollm2-135m", "built-in name, HF folder, .gguf file or hub id")
-    seed: int = option(0, "run seed: data split, batch order, adapter init, ZO directions")
-    out: str = option("runs/finetune", "run directory")
+    model: str = option(
+        "smollm2-135m", "built-in name, HF folder, .gguf file or hub id", flag="--model"
+    )
+    seed: int = option(
+        0, "run seed: data split, batch order, adapter init, ZO directions", flag="--seed"
+    )
+    out: str = option("runs/finetune", "run directory", flag="--out")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -44,7 +44,7 @@ METHODS = ("zo", "prge")
 class OnDevicePeft:
     """What trains (the graph fixes the LoRA shapes: targets, rank, alpha)."""
 
-    method: str = option("lora", "lora | lora-fa (A frozen, only B trains)")
+    method: str = option("lora", "lora | lora-fa (A frozen, only B trains)", flag="--peft")
 
     def __post_init__(self) -> None:
         check_choice("peft", "method", self.method, LORA_METHODS)
@@ -54,10 +54,14 @@ class OnDevicePeft:
 class OnDeviceConfig:
     """Everything `edgetune ondevice` needs."""
 
-    model: str = option("runs/export", "export folder (edgetune export) with adapter inputs")
-    runtime: str = option("ort", "ort (ONNX Runtime) | executorch")
-    seed: int = option(0, "run seed: data split, batch order, adapter init, ZO directions")
-    out: str = option("runs/ondevice", "run directory")
+    model: str = option(
+        "runs/export", "export folder (edgetune export) with adapter inputs", flag="--model"
+    )
+    runtime: str = option("ort", "ort (ONNX Runtime) | executorch", flag="--runtime")
+    seed: int = option(
+        0, "run seed: data split, batch order, adapter init, ZO directions", flag="--seed"
+    )
+    out: str = option("runs/ondevice", "run directory", flag="--out")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     peft: OnDevicePeft = dataclasses.field(default_factory=OnDevicePeft)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -41,15 +41,21 @@ DISTILL_ONLY = ("teacher", "alpha", "temperature", "teacher_cache")
 class RecoverConfig:
     """Recovery training after pruning (recover.* keys); method none skips the stage."""
 
-    method: str = option("none", "none | fo (backprop) | zo (MeZO) | prge (P-RGE)")
-    steps: int = option(100, "recovery optimizer steps")
+    method: str = option(
+        "none", "none | fo (backprop) | zo (MeZO) | prge (P-RGE)", flag="--recover"
+    )
+    steps: int = option(100, "recovery optimizer steps", flag="--recover-steps")
     batch_size: int = option(8, "training examples per step")
     lr: float | None = option(None, "learning rate (default: 1e-3, as edgetune finetune)")
     rank: int = option(8, "rank of a fresh LoRA adapter (scale alpha = 2 x rank)")
     eps: float = option(1e-3, "zo / prge: perturbation scale epsilon")
     queries: int = option(1, "zo / prge: directions q averaged per step")
-    distill: bool = option(False, "mix the task loss with KL to a teacher's distribution")
-    teacher: str = option("", "teacher model (default: the unpruned --model with its --adapter)")
+    distill: bool = option(
+        False, "mix the task loss with KL to a teacher's distribution", flag="--distill"
+    )
+    teacher: str = option(
+        "", "teacher model (default: the unpruned --model with its --adapter)", flag="--teacher"
+    )
     alpha: float = option(0.5, "weight of the distillation term, in [0, 1]")
     temperature: float = option(2.0, "softmax temperature of teacher and student, > 0")
     teacher_cache: bool = option(

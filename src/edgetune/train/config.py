@@ -35,7 +35,12 @@ class OptimConfig:
     """The update rule's settings (first-order optimizer, or ZO-SGD's lr and decay)."""
 
     name: str = option("adamw", "first-order optimizer: adamw | sgd")
-    lr: float | None = option(None, "peak learning rate (default: 1e-3 for fo and zo LoRA)")
+    lr: float | None = option(
+        None,
+        f"peak step size (default: {DEFAULT_LR['fo']:g} for fo; for zo / prge the default "
+        f"ZO recipe, {RECIPE_LR:g} with zo.scale=rms)",
+        flag="--lr",
+    )
     weight_decay: float = option(0.0, "decoupled weight decay")
     momentum: float = option(0.0, "sgd momentum")
     schedule: str = option("constant", "lr schedule after warm-up: constant | linear | cosine")
@@ -58,10 +63,12 @@ class TrainConfig:
     """The loop: how many steps, batch shape, evaluation and checkpoint cadence."""
 
     method: str = option(
-        "zo", "fo (backprop) | zo (MeZO, sequential passes) | prge (P-RGE, one batched pass)"
+        "zo",
+        "fo (backprop) | zo (MeZO, sequential passes) | prge (P-RGE, one batched pass)",
+        flag="--method",
     )
-    steps: int = option(100, "optimizer steps")
-    batch_size: int = option(8, "examples per optimizer step")
+    steps: int = option(100, "optimizer steps", flag="--steps")
+    batch_size: int = option(8, "examples per optimizer step", flag="--batch-size")
     grad_accum: int = option(1, "split each batch into this many micro-batches (saves memory)")
     eval_every: int = option(50, "evaluate every N steps (0 = only at the end)")
     eval_at_start: bool = option(True, "evaluate before the first step (zero-shot baseline)")

@@ -26,7 +26,7 @@ class ZOConfig:
     """How a zeroth-order step estimates the gradient."""
 
     eps: float = option(1e-3, "perturbation scale epsilon")
-    queries: int = option(1, "directions q averaged per step")
+    queries: int = option(1, "directions q averaged per step", flag="--queries")
     estimator: str = option(
         "central",
         "central: (L+ - L-)/2eps; one-sided: (L+ - L0)/eps; fwdgrad: FwdLLM variance-controlled",

@@ -50,7 +50,9 @@ class SpineConfig:
     """FedSpine: per-device pruning ratio and LoRA rank chosen by a bandit."""
 
     target_sparsity: float = option(
-        0.3, "fraction of MLP channels and key/value heads pruned at level 1, after the ramp"
+        0.3,
+        "fraction of MLP channels and key/value heads pruned at level 1, after the ramp",
+        flag="--target-sparsity",
     )
     ramp: float = option(0.5, "fraction of the rounds over which sparsity ramps up (cubic)")
     levels: str = option(
