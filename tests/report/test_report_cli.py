@@ -163,14 +163,20 @@ def test_a_path_that_is_no_run_directory_exits_2_with_the_fix(tmp_path, capsys, 
     assert message in err and "pass the --out folder" in err and "Traceback" not in err
 
 
-def test_a_damaged_metrics_line_exits_2_naming_the_line(finetune_run, tmp_path, capsys):
+def test_a_torn_last_line_is_dropped_and_a_damaged_one_before_it_exits_2(
+    finetune_run, tmp_path, capsys
+):
     run = tmp_path / "damaged"
     shutil.copytree(finetune_run, run)
     with open(run / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 5, "lo')
+    assert main(["report", str(run)]) == 0  # what a killed append leaves: warned, dropped
+    assert "dropped its last line (line 8" in capsys.readouterr().err
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('\n{"step": 6, "loss": 1.0}\n')
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "metrics.jsonl line 8 is not a JSON object" in err and "Traceback" not in err
+    assert "metrics.jsonl line 8 is damaged" in err and "Traceback" not in err
 
 
 def test_on_flower_the_measured_memory_is_the_node_process(federate_run):

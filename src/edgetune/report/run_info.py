@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from edgetune.errors import EdgetuneError
+from edgetune.runs import read_jsonl
 
 FEDERATED_COMMANDS = ("federate", "flower run")
 SINGLE_COMMANDS = ("finetune", "eval")
@@ -50,27 +51,6 @@ def _fix(path: Path) -> str:
     )
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    """The lines of a JSONL file of the run (empty if absent), each checked."""
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            row = exc.msg
-        if not isinstance(row, dict):
-            raise NotARunError(
-                f"{path} line {number} is not a JSON object ({row}); the run directory is "
-                "damaged: rerun it, or delete that line if the run was killed while writing it"
-            )
-        rows.append(row)
-    return rows
-
-
 def load_run(run_dir: str | Path) -> RunRecord:
     """Read the run in `run_dir`.
 
@@ -100,8 +80,8 @@ def load_run(run_dir: str | Path) -> RunRecord:
             f"{path}: summary.json names the command {command!r}, which has no report "
             f"(reports exist for {', '.join(SINGLE_COMMANDS + FEDERATED_COMMANDS)} runs)"
         )
-    metrics = _jsonl(path / "metrics.jsonl")
-    clients = _jsonl(path / "clients.jsonl") if command in FEDERATED_COMMANDS else []
+    metrics = read_jsonl(path / "metrics.jsonl")
+    clients = read_jsonl(path / "clients.jsonl") if command in FEDERATED_COMMANDS else []
     return RunRecord(path, command, config, summary, metrics, clients)
 
 
