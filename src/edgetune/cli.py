@@ -250,12 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         CompressConfig,
     )
     _add_run_flags(cp, "")
-    config_command(
+    ex = config_command(
         sub,
         "export",
         "export a model (and adapter) to ONNX, ExecuTorch or GGUF (llama.cpp)",
         ExportConfig,
     )
+    _add_run_flags(ex, "")
     od = config_command(
         sub,
         "ondevice",
@@ -557,7 +558,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if _printed(args, cfg):
         return 0
     _start_threads(args, cfg)
-    print(json.dumps(export.run(cfg), indent=2))
+    print(json.dumps(export.run(cfg, overwrite=args.overwrite), indent=2))
     return 0
 
 

@@ -4,6 +4,7 @@ export.json, and the bad inputs that must fail cleanly and leave nothing behind.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -192,12 +193,20 @@ def test_an_architecture_the_exporter_does_not_cover_is_named(tmp_path, cli, cap
     assert not out.exists()
 
 
-def test_existing_out_is_never_replaced(onnx_lora_export, stories260k_path, cli, capsys):
+def test_existing_out_is_replaced_only_with_overwrite(
+    onnx_lora_export, stories260k_path, cli, capsys, tmp_path
+):
     before = (onnx_lora_export / "export.json").read_text()
     status = cli(["export", "--model", str(stories260k_path), "--out", str(onnx_lora_export)])
     assert status == 2
-    assert "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
     assert (onnx_lora_export / "export.json").read_text() == before
+    out = tmp_path / "again"
+    shutil.copytree(onnx_lora_export, out)
+    args = ["export", "--model", str(stories260k_path), "--out", str(out), "--format", "gguf"]
+    assert cli([*args, "--overwrite"]) == 0
+    assert read_manifest(out).format == "gguf" and not (out / "model.onnx").exists()
 
 
 def test_truncated_graph_is_reported_by_name(tmp_path, onnx_lora_export):

@@ -133,18 +133,19 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default
 
 
-def run(cfg: ExportConfig) -> dict[str, Any]:
+def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     """Export `cfg.model` (and adapter) into `cfg.out`; returns the summary.
 
     Raises:
-        EdgetuneError: --out exists, an adapter of another base, an int8-dynamic model, an
+        EdgetuneError: --out exists (without `overwrite`, which replaces it once the new
+            export is complete), an adapter of another base, an int8-dynamic model, an
             architecture or format the exporter does not support, a missing optional
             package; nothing is left in --out.
     """
     started = time.perf_counter()
     out = Path(cfg.out)
-    if out.exists():
-        raise ConfigError(f"{out} already exists; pass another --out (export never replaces)")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; pass another --out, or --overwrite to replace it")
     console.status(f"loading model {cfg.model}")
     model, tokenizer = models.load(cfg.model)
     arch = getattr(getattr(model, "config", None), "model_type", None)
@@ -165,6 +166,10 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     try:
         manifest = _export(cfg, model, tokenizer, tmp)
         write_manifest(tmp, manifest)
+        if out.is_dir():  # --overwrite: the old export goes only once the new one is whole
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
