@@ -33,6 +33,7 @@ from edgetune.train.checkpoint import (
     warn,
 )
 from edgetune.train.config import check_optim_read_by, resolve_step_size
+from edgetune.train.factory import check_zo_read
 from edgetune.train.loop import keeps_best
 from edgetune.train.outcome import outcome, report_outcome
 from edgetune.zo import ZOConfig
@@ -60,7 +61,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         threads.check(self.threads, "threads")
-        self.zo.check_read_by(self.train.method)
+        check_zo_read(self.train.method, self.zo)
         check_optim_read_by(self.optim, self.train.method)
         resolve_step_size(self.optim, self.zo, self.train.method)
 

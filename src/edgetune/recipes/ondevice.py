@@ -32,7 +32,7 @@ from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import OptimConfig, TrainConfig, fit
 from edgetune.train.config import check_optim_read_by, resolve_step_size
-from edgetune.train.factory import build_stepper
+from edgetune.train.factory import build_stepper, check_zo_read
 from edgetune.train.loop import keeps_best
 from edgetune.train.outcome import outcome, report_outcome
 from edgetune.zo import ZOConfig
@@ -77,7 +77,7 @@ class OnDeviceConfig:
                 f"train.method={self.train.method!r}: an exported graph has no backward, so "
                 f"on-device training is forward-only: --method {' or '.join(METHODS)}"
             )
-        self.zo.check_read_by(self.train.method)
+        check_zo_read(self.train.method, self.zo)
         if self.zo.estimator == "fwdgrad":
             raise ConfigError(
                 "zo.estimator=fwdgrad needs Jacobian-vector products, which an inference "

@@ -15,6 +15,7 @@ runtime).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgetune.train.config import OptimConfig
@@ -26,6 +27,20 @@ from edgetune.zo.mezo import MeZOEstimator
 from edgetune.zo.normalize import RMSNormalizer
 from edgetune.zo.optimizers import make_zo_optimizer
 from edgetune.zo.prge import PRGEEstimator
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: how its stepper is built, and the zo settings it reads (with
+    the extra ones a zo.estimator value reads). Refusals of the others derive from it."""
+
+    build: Callable[..., Any]
+    reads: tuple[str, ...] = ()
+    estimator_reads: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def zo_settings(self, zo: ZOConfig) -> set[str]:
+        """The zo settings a run of this method with `zo` reads."""
+        return {*self.reads, *self.estimator_reads.get(zo.estimator, ())}
 
 
 def build_stepper(
@@ -42,7 +57,7 @@ def build_stepper(
     copies: Callable[..., Any] | None = None,
     trunk: str = "auto",
 ) -> Any:
-    """The stepper for `method` (fo | zo | prge).
+    """The stepper for `method` (a key of `METHODS`).
 
     Args:
         exact_restore: ZO restores theta from a copy after each perturbation (bit-exact
@@ -54,24 +69,80 @@ def build_stepper(
             (`train/trunk.py`).
     """
     shared = resolve_trunk(trunk, adapter.model, runtime=copies is not None)
-    if method == "fo":
-        return FirstOrderStepper(adapter, task, optim, grad_accum, seed, shared)
-    optimizer = make_zo_optimizer(zo, optim.weight_decay)
-    normalizer = RMSNormalizer() if zo.scale == "rms" else None
-    if method == "prge":
-        prge = estimator or PRGEEstimator(zo.eps, zo.queries, zo.parallel_inner)
-        return PRGEStepper(
-            adapter, task, prge, optimizer, grad_accum, seed, copies, shared, normalizer
-        )
+    setup = StepperSetup(adapter, task, optim, zo, grad_accum, seed, exact_restore, shared)
+    return METHODS[method].build(setup, estimator, copies)
+
+
+@dataclass(frozen=True)
+class StepperSetup:
+    """What every method's stepper is built from."""
+
+    adapter: Any
+    task: Any
+    optim: OptimConfig
+    zo: ZOConfig
+    grad_accum: int
+    seed: int
+    exact_restore: bool
+    shared: Any  # the resolved trunk
+
+
+def _first_order(s: StepperSetup, estimator: Any, copies: Any) -> FirstOrderStepper:
+    return FirstOrderStepper(s.adapter, s.task, s.optim, s.grad_accum, s.seed, s.shared)
+
+
+def _prge(s: StepperSetup, estimator: Any, copies: Any) -> PRGEStepper:
+    zo = s.zo
+    prge = estimator or PRGEEstimator(zo.eps, zo.queries, zo.parallel_inner)
+    optimizer = make_zo_optimizer(zo, s.optim.weight_decay)
+    return PRGEStepper(
+        s.adapter, s.task, prge, optimizer, s.grad_accum, s.seed, copies, s.shared, _scaler(zo)
+    )
+
+
+def _zo(s: StepperSetup, estimator: Any, copies: Any) -> ZOStepper:
+    zo = s.zo
     if estimator is None and zo.estimator == "fwdgrad":
         estimator = ForwardGradientEstimator(
             zo.eps,
             zo.queries,
             max(zo.max_queries, zo.queries),
             zo.var_threshold,
-            exact_restore=exact_restore,
+            exact_restore=s.exact_restore,
         )
     elif estimator is None:
         one_sided = zo.estimator == "one-sided"
-        estimator = MeZOEstimator(zo.eps, zo.queries, one_sided, exact_restore)
-    return ZOStepper(adapter, task, estimator, optimizer, grad_accum, seed, shared, normalizer)
+        estimator = MeZOEstimator(zo.eps, zo.queries, one_sided, s.exact_restore)
+    optimizer = make_zo_optimizer(zo, s.optim.weight_decay)
+    return ZOStepper(
+        s.adapter, s.task, estimator, optimizer, s.grad_accum, s.seed, s.shared, _scaler(zo)
+    )
+
+
+def _scaler(zo: ZOConfig) -> RMSNormalizer | None:
+    return RMSNormalizer() if zo.scale == "rms" else None
+
+
+_UPDATE = ("eps", "queries", "optimizer", "beta1", "beta2", "scale")  # every ZO update's
+METHODS: dict[str, Method] = {  # train.method -> how it trains; TRAIN_METHODS lists these
+    "fo": Method(_first_order),
+    "zo": Method(
+        _zo,
+        (*_UPDATE, "estimator", "exact_restore"),
+        {"fwdgrad": ("max_queries", "var_threshold")},
+    ),
+    "prge": Method(_prge, (*_UPDATE, "parallel_inner")),
+}
+
+
+def check_zo_read(method: str, zo: ZOConfig) -> None:
+    """Refuse the zo settings `method` (with `zo.estimator`) would not read.
+
+    Raises:
+        ConfigError: names the setting, the method and the fix.
+    """
+    spec = METHODS[method]
+    only = {
+        name for m in METHODS.values() for names in m.estimator_reads.values() for name in names
+    }
+    zo.check_read_by(method, spec.zo_settings(zo), only)

@@ -11,15 +11,6 @@ ZO_ESTIMATORS = ("central", "one-sided", "fwdgrad")
 ZO_OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "sign")
 ZO_SCALES = ("auto", "rms", "none")
 
-# The zo settings each training method reads (fwdgrad-only ones only with that estimator).
-_UPDATE = ("eps", "queries", "optimizer", "beta1", "beta2", "scale")
-READ_BY_METHOD = {
-    "fo": (),
-    "zo": (*_UPDATE, "estimator", "exact_restore"),
-    "prge": (*_UPDATE, "parallel_inner"),
-}
-FWDGRAD_ONLY = ("max_queries", "var_threshold")
-
 
 @dataclass
 class ZOConfig:
@@ -66,18 +57,19 @@ class ZOConfig:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"zo.{name}: expected a value in [0, 1), got {value!r}")
 
-    def check_read_by(self, method: str) -> None:
+    def check_read_by(self, method: str, read: set[str], estimator_only: set[str]) -> None:
         """Refuse a zo setting that training `method` would never read.
 
         A setting counts as given when it differs from its default (a config that spells
         out a default value is accepted: it asks for nothing the run does not do).
 
+        Args:
+            read: the settings `method` reads with these settings (`train.factory`).
+            estimator_only: settings read only with a particular zo.estimator.
+
         Raises:
             ConfigError: names the setting, the method and the fix.
         """
-        read = set(READ_BY_METHOD.get(method, ()))
-        if method == "zo" and self.estimator == "fwdgrad":
-            read |= set(FWDGRAD_ONLY)
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in read or value == f.default:
@@ -91,5 +83,5 @@ class ZOConfig:
             raise ConfigError(
                 f"zo.{f.name}={value!r} is not used by train.method={method!r}: drop it, "
                 f"or pick a method that reads it"
-                + (" (zo.estimator=fwdgrad with --method zo)" if f.name in FWDGRAD_ONLY else "")
+                + (" (zo.estimator=fwdgrad with --method zo)" if f.name in estimator_only else "")
             )
