@@ -31,17 +31,32 @@ class Session(Protocol):
     def run(self, inputs: list[np.ndarray]) -> np.ndarray: ...
 
 
+def _ort(path: Path, threads: int) -> Session:
+    from edgetune.export.onnx import OrtSession
+
+    return OrtSession(path, threads)
+
+
+def _executorch(path: Path, threads: int) -> Session:
+    from edgetune.export.executorch import ExecuTorchSession
+
+    return ExecuTorchSession(path, threads)
+
+
+SESSIONS = {"onnx": _ort, "executorch": _executorch}  # export format -> its runtime session
+
+
 def open_session(fmt: str, path: Path, threads: int = 1) -> Session:
-    """The runtime session for an exported file of format `fmt` (onnx | executorch)."""
-    if fmt == "onnx":
-        from edgetune.export.onnx import OrtSession
+    """The runtime session for an exported file of format `fmt` (a key of SESSIONS).
 
-        return OrtSession(path, threads)
-    if fmt == "executorch":
-        from edgetune.export.executorch import ExecuTorchSession
-
-        return ExecuTorchSession(path, threads)
-    raise ConfigError(f"no runtime session for format {fmt!r}; use onnx or executorch")
+    Raises:
+        ConfigError: no runtime runs that format (a GGUF is run by llama.cpp).
+    """
+    if fmt not in SESSIONS:
+        raise ConfigError(
+            f"no runtime session for format {fmt!r}; use one of {', '.join(SESSIONS)}"
+        )
+    return SESSIONS[fmt](path, threads)
 
 
 class RuntimeLM:
