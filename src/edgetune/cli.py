@@ -291,13 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads_flag(demo)
 
     bench = sub.add_parser("bench", help="benchmarks (not tests); results to docs/BENCHMARKS.md")
-    bench.add_argument(
-        "which",
-        choices=[
-            "memory", "zo", "fed", "fedspine", "flower", "robust", "threads", "compress",
-            "ondevice", "tasks",
-        ],
-    )  # fmt: skip
+    from edgetune.bench.runner import BENCHES
+
+    bench.add_argument("which", choices=list(BENCHES))
     bench.add_argument(
         "--rounds",
         type=at_least(1),
@@ -488,7 +484,6 @@ def _federate_config(args: argparse.Namespace) -> Any:
 def _check_resume_flags(args: argparse.Namespace) -> None:
     """--resume continues a run with its own config: a second config or a restart is a
     different command."""
-    from edgetune.errors import ConfigError
 
     if args.config:
         raise ConfigError(
@@ -607,105 +602,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# The flags each benchmark reads (besides --model, --output, --threads); any other bench
-# flag given with a value other than its default would be ignored, so it is refused.
-BENCH_READS = {
-    "memory": ("batch_size", "seq_len", "steps"),
-    "zo": ("peft", "steps", "tta_steps", "plot"),
-    "fed": ("rounds", "clients"),
-    "fedspine": ("rounds", "seeds", "work", "eval_size", "train_size"),
-    "flower": ("rounds", "clients"),
-    "robust": ("rounds", "clients"),
-    "threads": ("batch_size", "seq_len", "steps"),
-    "compress": ("quick", "seeds", "adapter", "work"),
-    "tasks": ("quick", "seeds", "work", "tasks", "rows"),
-    "ondevice": ("steps", "seeds", "work"),
-}
-
-
-def _check_bench_flags(args: argparse.Namespace) -> None:
-    defaults = build_parser().parse_args(["bench", args.which])
-    flags = {name for reads in BENCH_READS.values() for name in reads}
-    ignored = [
-        f"--{name.replace('_', '-')}"
-        for name in sorted(flags - set(BENCH_READS[args.which]))
-        if getattr(args, name) != getattr(defaults, name)
-    ]
-    if ignored:
-        reads = "".join(f", --{n.replace('_', '-')}" for n in BENCH_READS[args.which])
-        raise ConfigError(
-            f"bench {args.which} does not use {', '.join(ignored)}; drop it (bench "
-            f"{args.which} reads --model, --output, --threads{reads})"
-        )
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    _check_bench_flags(args)
-    small = args.which == "robust" or (args.which in ("compress", "tasks") and args.quick)
-    model = args.model or ("stories260k" if small else "smollm2-135m")
-    args.model = model
-    args.steps = args.steps or (20 if args.which == "ondevice" else 3)
-    args.work = args.work or f"runs/bench-{args.which}"
+    from edgetune.bench.runner import check_flags, prepare
+
+    check_flags(args, build_parser().parse_args(["bench", args.which]))
+    bench = prepare(args)
     _start_threads(args)
-    if args.which == "ondevice":
-        from edgetune.bench import ondevice
-
-        ondevice.run(model, args.output, args.work, args.threads, args.steps, args.seeds)
-        return 0
-    if args.which == "fed":
-        from edgetune.bench import fed
-
-        fed.run(model, args.rounds or 15, args.clients or 10, args.output, "docs")
-        return 0
-    if args.which == "fedspine":
-        from edgetune.bench import fedspine
-
-        fedspine.run(
-            model,
-            args.rounds or 12,
-            args.seeds,
-            args.output,
-            args.work,
-            args.eval_size or 100,
-            args.train_size,
-        )
-        return 0
-    if args.which == "flower":
-        from edgetune.bench import flower
-
-        flower.run(model, args.rounds or 3, args.clients or 2, args.output)
-        return 0
-    if args.which == "robust":
-        from edgetune.bench import robust
-
-        robust.run(model, args.rounds or 4, args.clients or 10, args.output)
-        return 0
-    if args.which == "threads":
-        from edgetune.bench import threads
-
-        threads.run(model, args.batch_size, args.seq_len, args.steps, args.output)
-        return 0
-    if args.which == "compress":
-        from edgetune.bench import compress
-
-        compress.run(
-            model, args.output, args.work, args.quick, args.threads, args.seeds, args.adapter
-        )
-        return 0
-    if args.which == "tasks":
-        from edgetune.bench import tasks
-
-        tasks.check(args.tasks, args.rows, args.quick)
-        tasks.run(model, args.tasks, args.seeds, args.rows, args.output, args.work, args.quick)
-        return 0
-    if args.which == "zo":
-        from edgetune.bench import zo
-
-        zo.run(model, args.peft, args.steps, args.tta_steps, args.output, args.plot)
-        return 0
-    from edgetune.bench import memory
-
-    memory.run(model, args.batch_size, args.seq_len, args.steps, args.output)
+    bench.run(args)
     return 0
 
 
