@@ -86,6 +86,7 @@ def test_library_noise_is_hidden_unless_verbose(tmp_path, stories260k_path, shar
         (["compress"], ["--prune", "0.3", "--recover", "zo"], "ratio: 0.3"),
         (["export"], ["--format", "gguf", "--gguf-type", "q8_0"], "gguf_type: q8_0"),
         (["ondevice"], ["--runtime", "ort", "--steps", "5"], "runtime: ort"),
+        (["generate"], ["--prompt", "Once upon", "--chat"], "chat: true"),
     ],
 )
 def test_print_config_loads_back_with_config_to_the_same_run(

@@ -55,7 +55,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type, keep: Any = None) -
             groups[section] = p.add_argument_group(f"{section} settings")
         default = field.default_factory() if callable(field.default_factory) else field.default
         text = f"{key}: {field.metadata['help']}"
-        if "default" not in text:  # the field's help may say it better ("inferred")
+        if "default" not in text and default != "":  # the help may say it better
             text += f" (default {default})"
         text = text.replace("%", "%%")
         if kind is bool:
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edgetune.fed.config import FederateConfig
     from edgetune.recipes.compress import CompressConfig
     from edgetune.recipes.export import ExportConfig
+    from edgetune.recipes.generate import GenerateConfig
     from edgetune.recipes.ondevice import OnDeviceConfig
 
     def config_command(where: Any, name: str, text: str, cls: type) -> argparse.ArgumentParser:
@@ -265,13 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_flags(od, "")
 
-    gen = sub.add_parser("generate", help="greedy generation from a prompt")
-    gen.add_argument("--model", default="smollm2-135m")
-    gen.add_argument("--adapter", help="PEFT adapter folder")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=48)
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    _add_threads_flag(gen)
+    config_command(sub, "generate", "greedy generation from a prompt", GenerateConfig)
 
     sub.add_parser("models", help="list built-in models and whether they are available")
     rep = sub.add_parser("report", help="Markdown report + plots of a run (single or federated)")
@@ -570,10 +565,14 @@ def cmd_ondevice(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from edgetune.config import resolve_config
     from edgetune.recipes import generate
 
-    _start_threads(args)
-    print(generate.run(args.model, args.prompt, args.adapter, args.max_new_tokens, args.chat))
+    cfg = resolve_config(generate.GenerateConfig, args.config, args.overrides, _flags(args))
+    if _printed(args, cfg):
+        return 0
+    _start_threads(args, cfg)
+    print(generate.run(cfg))
     return 0
 
 

@@ -2,30 +2,53 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from edgetune import threads
+from edgetune.config import option
 from edgetune.errors import ConfigError
 from edgetune.recipes.evaluate import load_adapter
 
 
-def run(
-    model_spec: str, prompt: str, adapter: str | None, max_new_tokens: int, chat: bool = False
-) -> str:
+@dataclass
+class GenerateConfig:
+    """Everything `edgetune generate` needs."""
+
+    model: str = option(
+        "smollm2-135m", "built-in name, HF folder, .gguf file or hub id", flag="--model"
+    )
+    adapter: str = option(
+        "", "PEFT adapter folder trained on --model ('' = none)", flag="--adapter"
+    )
+    prompt: str = option("", "the text to continue", flag="--prompt")
+    max_new_tokens: int = option(48, "tokens to generate (greedy)", flag="--max-new-tokens")
+    chat: bool = option(False, "wrap the prompt in the model's chat template", flag="--chat")
+    threads: int = option(0, "threads (0 = chosen at start from the free cores)")
+
+    def __post_init__(self) -> None:
+        threads.check(self.threads, "threads")
+        if self.max_new_tokens < 1:
+            raise ConfigError(
+                f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens}; pass "
+                "e.g. --max-new-tokens 48"
+            )
+        if not self.prompt.strip():
+            raise ConfigError("prompt is empty; pass the text to continue, e.g. --prompt 'Once'")
+
+
+def run(cfg: GenerateConfig) -> str:
     """Generate greedily and return only the new text.
 
     Raises:
-        ConfigError: `max_new_tokens` below 1, an empty prompt, or a model that cannot
-            generate (an encoder).
+        ConfigError: a model that cannot generate (an encoder), or an adapter of another
+            model.
     """
     from edgetune import models
 
-    if max_new_tokens < 1:
-        raise ConfigError(
-            f"--max-new-tokens: expected an integer >= 1, got {max_new_tokens}; pass e.g. "
-            f"--max-new-tokens 48"
-        )
-    if not prompt.strip():
-        raise ConfigError("--prompt is empty; pass the text to continue, e.g. --prompt 'Once'")
+    model_spec, prompt, adapter = cfg.model, cfg.prompt, cfg.adapter or None
+    max_new_tokens, chat = cfg.max_new_tokens, cfg.chat
 
     model, tokenizer = models.load(model_spec)
     if not model.can_generate():
