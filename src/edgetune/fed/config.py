@@ -29,6 +29,7 @@ from edgetune.fed.algorithms.registry import readers
 from edgetune.fed.attacks import applies, check_applies, parse_attack
 from edgetune.fed.fleet import BUILTIN_FLEETS, BUILTIN_PROFILES
 from edgetune.fed.hetlora import RANK_AGGREGATIONS
+from edgetune.fed.privacy import DPConfig
 from edgetune.fed.spine.config import SpineConfig
 from edgetune.models.builtin import BUILTIN_MODELS
 from edgetune.peft import PeftConfig
@@ -215,6 +216,7 @@ class FederateConfig:
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     fed: FedConfig = dataclasses.field(default_factory=FedConfig)
     spine: SpineConfig = dataclasses.field(default_factory=SpineConfig)
+    dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     zo: ZOConfig = dataclasses.field(default_factory=ZOConfig)
@@ -283,6 +285,7 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
     if spec.check is not None:
         spec.check(cfg)
     _check_algorithm_settings(cfg, spec)
+    _check_privacy(cfg, spec)
     if spec.forward_only or cfg.fed.method in ("zo", "prge"):
         for name in ("name", "momentum", "grad_clip"):
             value = _given(cfg, f"optim.{name}")
@@ -299,6 +302,39 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
             "steps travel as seeds and scalars, replayed without decay); use it with "
             "fed.method=fo, or drop it"
         )
+
+
+def _check_privacy(cfg: FederateConfig, spec: AlgorithmSpec) -> None:
+    """Refuse dp settings without dp.noise, and what would void the guarantee.
+
+    Raises:
+        ConfigError: names the setting, why, and the fix.
+    """
+    if not cfg.dp.noise:
+        for field in dataclasses.fields(DPConfig):
+            value = _given(cfg, f"dp.{field.name}")
+            if value is not None:
+                raise ConfigError(
+                    f"dp.{field.name}={value!r} is read only with differential privacy on; "
+                    "set dp.noise (the noise multiplier, e.g. 1.0) or drop it"
+                )
+        return
+    if not spec.private:
+        private = [n for n, s in ALGORITHMS.items() if s.private]
+        raise ConfigError(
+            f"dp.noise: fed.algorithm={spec.name} cannot clip and noise its aggregate yet; "
+            f"use one of {' | '.join(private)}, or drop dp.*"
+        )
+    voiding = {
+        "fed.aggregator": "the guarantee is for the clipped mean; a robust rule or "
+        "clip-mean changes one client's influence on the aggregate (clipping is dp.clip)",
+        "fed.ranks": "every client must send the whole adapter, so one bound holds per update",
+        "fed.rank_aggregation": "every client must send the whole adapter",
+    }
+    for key, why in voiding.items():
+        value = _given(cfg, key)
+        if value is not None:
+            raise ConfigError(f"{key}={value!r} would void dp.noise's guarantee ({why}); drop it")
 
 
 def _check_algorithm_settings(cfg: FederateConfig, spec: AlgorithmSpec) -> None:

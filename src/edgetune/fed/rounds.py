@@ -132,6 +132,13 @@ def run_rounds(
         scores = ", ".join(f"{k} {v:.4f}" for k, v in initial.items() if k.startswith("eval/"))
         console.status(f"round 0/{cfg.fed.rounds} (before training): {scores}", progress)
     for rnd in range(start, cfg.fed.rounds):
+        if fed.privacy is not None and fed.privacy.exceeds(rnd + 1):
+            console.warn(
+                f"round {rnd + 1} would spend epsilon {fed.privacy.epsilon(rnd + 1):.3g} > "
+                f"dp.epsilon={fed.privacy.budget:g}; the run stops after {rnd} rounds (the "
+                "adapter of the last round is the result)"
+            )
+            break
         began = time.perf_counter()
         if rnd > start:
             for client in sorted(transport.greet()):
@@ -142,6 +149,8 @@ def run_rounds(
         for key in totals:
             totals[key] += record[key]
         record.update({f"total_{k}": v for k, v in totals.items()}, **evaluate(progress))
+        if fed.privacy is not None:
+            record["epsilon"] = fed.privacy.epsilon(rnd + 1)
         for entry in entries:
             run.log(entry, file="clients.jsonl")
         history.extend(entries)

@@ -29,6 +29,7 @@ from edgetune.fed.config import AUTO_PARTITION, FederateConfig
 from edgetune.fed.fleet import DeviceProfile, client_ranks
 from edgetune.fed.local import ClientJob
 from edgetune.fed.plan import StaticPlanner
+from edgetune.fed.privacy import Privacy
 from edgetune.fed.runtime_client import RuntimeLink, open_link, runtime_threads
 from edgetune.models.builtin import base_model_id
 from edgetune.peft import Adapter
@@ -51,6 +52,7 @@ class Federation:
     num_params: int
     runtimes: list[RuntimeLink | None]  # each client's exported graph (None: PyTorch)
     trunk_share: float = 0.0  # fraction of the blocks a PyTorch client runs once per batch
+    privacy: Privacy | None = None  # fed.dp's mechanism and accountant (the server's)
 
     @property
     def algorithm(self) -> AlgorithmSpec:
@@ -146,7 +148,16 @@ def setup(cfg: FederateConfig) -> Federation:
         num_params=num_params,
         runtimes=runtimes,
         trunk_share=trunk.cut / trunk.layers if trunk.shared else 0.0,
+        privacy=privacy_of(cfg),
     )
+
+
+def privacy_of(cfg: FederateConfig) -> Privacy | None:
+    """fed.dp's mechanism (None without dp.noise): m of N clients a round."""
+    if not cfg.dp.noise:
+        return None
+    per_round = max(1, round(cfg.fed.participation * cfg.fed.clients))
+    return Privacy(cfg.dp, cfg.fed.clients, per_round, cfg.seed)
 
 
 def check_runtime_fleet(cfg: FederateConfig, fleet: list[DeviceProfile]) -> None:
@@ -258,6 +269,17 @@ def summarize(
         "wall_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
+    if fed.privacy is not None:
+        done = int(last.get("round", 0))
+        summary["dp"] = {
+            "epsilon": fed.privacy.epsilon(done),
+            "delta": fed.privacy.delta,
+            "noise": fed.privacy.sigma,
+            "clip": fed.privacy.clip,
+            "rounds": done,
+        }
+        if done < cfg.fed.rounds:
+            summary["status"] = "stopped: privacy budget"
     classes = algo.deploy(fed, rundir.path / "classes", saved) if algo is not None else {}
     if classes:
         summary["classes"] = classes

@@ -31,6 +31,7 @@ class Stream(IntEnum):
     ATTACK = 5  # which clients attack, and their noise: () and (round, client)
     JOB = 6  # a client's local round (batches and step seeds): (round, client)
     ARM = 7  # FedSpine's random arms: (round, client)
+    DP = 8  # differential privacy noise: (server secret, round)
     INIT = 0x1A17  # on-device LoRA initialisation: ()
 
 

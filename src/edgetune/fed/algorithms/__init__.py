@@ -62,6 +62,7 @@ def build_algorithm(fed: Any) -> FedAlgorithm:
         adapter=fed.adapter,
         num_params=fed.num_params,
         fleet=fed.fleet,
+        privacy=fed.privacy,
     )
     return spec.build(setup)
 

@@ -61,10 +61,18 @@ SERVER_SETTINGS = (  # the fed settings a DeltaServer reads (beside the aggregat
 class DeltaServer:
     """Global adapter tensors, robust aggregation of deltas and the server optimizer."""
 
-    def __init__(self, fed: Any, adapter: Adapter, shapes: Callable[[Any], IndexMap] | None = None):
+    def __init__(
+        self,
+        fed: Any,
+        adapter: Adapter,
+        shapes: Callable[[Any], IndexMap] | None = None,
+        privacy: Any = None,
+    ):
         """`fed` is the run's `fed` section; `shapes(plan)` gives the part of the global
-        tensors a plan's client holds (default: a rank prefix, `rank_prefix`)."""
+        tensors a plan's client holds (default: a rank prefix, `rank_prefix`); with
+        `privacy` (fed.dp), deltas are clipped and noised (`fed/privacy.py`)."""
         self.cfg = fed
+        self.privacy = privacy
         self.state = trainable_state(adapter)
         self.rank = tensors_rank(self.state)  # global LoRA rank R (None: not LoRA)
         self.axes = lora_axes(adapter)  # each tensor's named axes (rank, in, out)
@@ -81,15 +89,21 @@ class DeltaServer:
         return LoraDelta(gather(self.state, self.shapes(plan)))
 
     def aggregate(
-        self, updates: list[tuple[int, Any]], plans: Mapping[int, Any] | None = None
+        self, updates: list[tuple[int, Any]], plans: Mapping[int, Any] | None = None, rnd: int = 0
     ) -> AggregateResult:
         """Validate each update against its client's plan (a client without one was
-        planned the global shapes), combine, and apply the server optimizer."""
+        planned the global shapes), combine (round `rnd`'s private mean under fed.dp), and
+        apply the server optimizer."""
         plans = plans or {}
         maps = {c: self.shapes(plans.get(c)) for c, _ in updates}
         updates = [(client, self.as_delta(update, maps[client])) for client, update in updates]
         good, result = screen(updates, lambda client, u: self._check(u, maps[client]))
         if not good:
+            return result
+        if self.privacy is not None:  # every plan holds the whole adapter (fed.dp refuses ranks)
+            delta = self.privacy.mean(rnd, [u.tensors for u in good])
+            self._apply(delta)
+            result.stats["delta_norm"] = norm(delta)
             return result
         held = [maps[c] for c in result.accepted]
         scales = [1.0] * len(good)
@@ -160,14 +174,18 @@ class DeltaServer:
             self.state[name] = self.state[name] + eta * step
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Global tensors and server-optimizer moments."""
+        """Global tensors, server-optimizer moments (and the privacy secret)."""
         out = {f"state.{k}": v for k, v in self.state.items()}
         out.update({f"m.{k}": v for k, v in self.m.items()})
         out.update({f"v.{k}": v for k, v in self.v.items()})
+        if self.privacy is not None:
+            out.update(self.privacy.state_dict())
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from `state_dict` (other keys, of another version, are ignored)."""
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state)
         for prefix, target in (("state.", self.state), ("m.", self.m), ("v.", self.v)):
             target.update(
                 {k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)}
@@ -177,9 +195,9 @@ class DeltaServer:
 class DeltaAlgorithm(StandardRoles):
     """An algorithm's server side on a `DeltaServer`; subclasses give `client_update`."""
 
-    def __init__(self, fed: Any, adapter: Adapter):
-        """`fed` is the run's `fed` section."""
-        self.server = DeltaServer(fed, adapter)
+    def __init__(self, fed: Any, adapter: Adapter, privacy: Any = None):
+        """`fed` is the run's `fed` section; `privacy`: fed.dp's mechanism, or None."""
+        self.server = DeltaServer(fed, adapter, privacy=privacy)
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -202,7 +220,7 @@ class DeltaAlgorithm(StandardRoles):
         self, rnd: int, updates: list[tuple[int, Any]], plans: Mapping[int, Any] | None = None
     ) -> AggregateResult:
         """Validate, combine and apply (`DeltaServer.aggregate`)."""
-        return self.server.aggregate(updates, plans)
+        return self.server.aggregate(updates, plans, rnd)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Global tensors and server-optimizer moments."""

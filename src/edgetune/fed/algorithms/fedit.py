@@ -34,8 +34,9 @@ class FedIT(DeltaAlgorithm):
 register(
     AlgorithmSpec(
         name="fedit",
-        build=lambda setup: FedIT(setup.fed, setup.adapter),
+        build=lambda setup: FedIT(setup.fed, setup.adapter, setup.privacy),
         help="FedAvg of LoRA deltas (first-order; ZO devices send replayable seed traces)",
         settings=SERVER_SETTINGS,
+        private=True,
     )
 )

@@ -141,11 +141,22 @@ class HeldModel:
 class FedKSeed(StandardRoles):
     """Seed-pool federated ZO (see the module docstring)."""
 
-    def __init__(self, fed: Any, adapter: Adapter, seed: int, lr: float, pro: bool = False):
+    def __init__(
+        self,
+        fed: Any,
+        adapter: Adapter,
+        seed: int,
+        lr: float,
+        pro: bool = False,
+        privacy: Any = None,
+    ):
         """`fed` is the run's `fed` section, `seed` the run seed (the pool), `lr` the
-        clients' learning rate; `pro` samples seeds by their past magnitude."""
+        clients' learning rate; `pro` samples seeds by their past magnitude; with
+        `privacy` (fed.dp) each client's per-seed scalars are clipped and every seed's
+        aggregate noised (`fed/privacy.py`)."""
         self.cfg = fed
         self.pro = pro
+        self.privacy = privacy
         self.lr = lr  # the run's client lr: the server's, whatever a trace reports
         self.pool = seed_pool(seed, fed.pool_size)
         self.state = trainable_state(adapter)
@@ -215,7 +226,7 @@ class FedKSeed(StandardRoles):
         """Validate traces, accumulate a_k by the configured rule, move the global model
         by replay (every plan trains the whole adapter, so `plans` add no check)."""
         good, result = screen(updates, lambda client, u: self._check(u))
-        acc = self.combine(good, result)
+        acc = self.combine(good, result, rnd)
         params = list(self.state.values())
         replay(params, self.pool, acc)
         for client, _ in updates:  # every client that replied has replayed up to `rnd`
@@ -224,9 +235,15 @@ class FedKSeed(StandardRoles):
         result.stats["seeds_used"] = float(sum(1 for a in acc if a != 0.0))
         return result
 
-    def combine(self, traces: list[ZOTrace], result: AggregateResult) -> list[float]:
-        """a_k under `fed.aggregator` (see the module docstring); outliers screened by the
-        robust rules move from `result.accepted` to `result.rejected`."""
+    def combine(self, traces: list[ZOTrace], result: AggregateResult, rnd: int = 0) -> list[float]:
+        """a_k under `fed.aggregator` (see the module docstring), or round `rnd`'s private
+        mean under fed.dp; outliers screened by the robust rules move from
+        `result.accepted` to `result.rejected`."""
+        if self.privacy is not None:
+            if not traces:
+                return [0.0] * len(self.pool)
+            vectors = [{"a": self.per_seed(t)} for t in traces]
+            return (self.privacy.mean(rnd, vectors)["a"] * self.lr).tolist()
         rule = self.cfg.aggregator
         check_bound("clip", self.cfg.clip)
         if rule in ("median", "trimmed-mean"):
@@ -257,6 +274,13 @@ class FedKSeed(StandardRoles):
                 acc[k] += weight * self.lr * max(-bound, min(bound, c))
         return acc
 
+    def per_seed(self, trace: ZOTrace) -> torch.Tensor:
+        """A trace's summed scalar on each pool seed (a K-vector, float64)."""
+        vector = torch.zeros(len(self.pool), dtype=torch.float64)
+        for k, c in zip(trace.indices, trace.scalars, strict=True):
+            vector[k] += c
+        return vector
+
     def _check(self, update: Any) -> str | None:
         if not isinstance(update, ZOTrace):
             return "not a ZO trace"
@@ -272,6 +296,8 @@ class FedKSeed(StandardRoles):
             len(self.history), len(self.pool)
         )
         out["synced"] = torch.tensor(sorted(self.synced.items()), dtype=torch.int64).reshape(-1, 2)
+        if self.privacy is not None:
+            out.update(self.privacy.state_dict())
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -282,11 +308,13 @@ class FedKSeed(StandardRoles):
         self.initial = {k: state[f"initial.{k}"].clone() for k in self.state}
         self.history = state["history"].tolist()
         self.synced = {int(c): int(r) for c, r in state["synced"].tolist()}
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state)
 
 
 def _builder(pro: bool) -> Callable[[AlgorithmSetup], FedKSeed]:
     def build(setup: AlgorithmSetup) -> FedKSeed:
-        return FedKSeed(setup.fed, setup.adapter, setup.seed, setup.lr, pro)
+        return FedKSeed(setup.fed, setup.adapter, setup.seed, setup.lr, pro, setup.privacy)
 
     return build
 
@@ -302,5 +330,6 @@ for _name, _pro in (("fedkseed", False), ("fedkseed-pro", True)):
             settings=("pool_size", "max_abs_scalar"),
             forward_only=True,
             uploads=(ZOTrace,),
+            private=True,
         )
     )

@@ -31,9 +31,9 @@ from edgetune.zo.fwdgrad import ForwardGradientEstimator
 class FwdLLM(DeltaAlgorithm):
     """FedIT's server (a `DeltaServer`) with forward-gradient clients."""
 
-    def __init__(self, fed: Any, adapter: Adapter):
+    def __init__(self, fed: Any, adapter: Adapter, privacy: Any = None):
         """`fed` is the run's `fed` section (`fwd_candidates` and the server's)."""
-        super().__init__(fed, adapter)
+        super().__init__(fed, adapter, privacy)
         self.candidates = fed.fwd_candidates
 
     def client_update(
@@ -79,11 +79,12 @@ def prior(
 register(
     AlgorithmSpec(
         name="fwdllm",
-        build=lambda setup: FwdLLM(setup.fed, setup.adapter),
+        build=lambda setup: FwdLLM(setup.fed, setup.adapter, setup.privacy),
         help="forward-gradient clients with variance control, FedAvg server",
         settings=(*SERVER_SETTINGS, "fwd_candidates"),
         reads=("zo.max_queries", "zo.var_threshold"),
         forward_only=True,
         uploads=(SeedTrace,),
+        private=True,
     )
 )

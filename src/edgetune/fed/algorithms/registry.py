@@ -7,7 +7,8 @@ settings of the other sections only it reads (`reads`, dotted), its own config s
 (`section`, e.g. FedSpine's `spine`), whether its clients never backpropagate
 (`forward_only`), the update kinds its clients upload (`uploads`; attacks that corrupt
 one kind apply to the algorithms that send it), whether it sizes its clients' models
-itself (`prunes`: the static memory check is then its planner's), and an optional
+itself (`prunes`: the static memory check is then its planner's), whether its
+aggregation clips and noises updates under `fed.dp` (`private`), and an optional
 `check(cfg)` for combinations only it can judge.
 
 `fed/config.py` validates a run against the specs: a setting that some algorithm reads
@@ -42,6 +43,7 @@ class AlgorithmSetup:
     adapter: Adapter  # the global adapter, as attached from the run seed
     num_params: int  # the full model's parameter count
     fleet: list[Any]  # every client's device profile
+    privacy: Any = None  # fed.dp's mechanism (`fed/privacy.py`), or None without DP
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class AlgorithmSpec:
     forward_only: bool = False
     uploads: tuple[type, ...] = (LoraDelta, SeedTrace)
     prunes: bool = False
+    private: bool = False
     check: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
