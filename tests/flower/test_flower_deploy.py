@@ -161,6 +161,20 @@ def test_flower_run_equals_the_simulator(
         assert all(r["rejected"] == 0 and r["accepted"] == 2 for r in f_rows[1:])
 
 
+def test_differential_privacy_runs_on_flower_with_its_accounting(tmp_path, make_config, federation):
+    # Execute: FedKSeed with server-side DP on Flower
+    extra = {"dp.noise": 1.0, "dp.clip": 0.5, "fed.pool_size": 64}
+    run = flower_run(make_config(tmp_path / "dp", "fedkseed", "zo", **extra), federation)
+    # Assert: every round accounted, the noise on every pool seed travelled down
+    rows = run.read_metrics()
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["epsilon"] > rows[1]["epsilon"] > 0
+    assert summary["dp"]["epsilon"] == rows[2]["epsilon"] and summary["dp"]["rounds"] == 2
+    assert all(r["accepted"] == 2 for r in rows[1:])
+    clients = run.read_metrics("clients.jsonl")
+    assert max(c["bytes_down"] for c in clients if c["round"] == 2) > 64 * 8  # dense scalars
+
+
 def test_a_killed_supernode_does_not_stop_the_run(tmp_path, make_config):
     cfg = make_config(tmp_path / "run", rounds=2)
     with LocalFederation(tmp_path / "home", clients=2, insecure=True) as fed:
