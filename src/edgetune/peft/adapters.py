@@ -23,7 +23,7 @@ from edgetune.compress.int8_dynamic import is_dynamic_int8
 from edgetune.compress.quantize import Int8Linear, int8_as_linear
 from edgetune.errors import ConfigError
 from edgetune.peft.card import ModelCard
-from edgetune.peft.config import PeftConfig
+from edgetune.peft.config import LORA_INITS, PeftConfig
 
 PEFT_FORMAT_METHODS = ("lora", "lora-fa", "prompt")
 INT8_BASE_METHODS = PEFT_FORMAT_METHODS  # the others would train base weights int8 freezes
@@ -166,6 +166,7 @@ def _lora(model: torch.nn.Module, cfg: PeftConfig, freeze_a: bool = False) -> to
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         task_type="CAUSAL_LM",
+        init_lora_weights=LORA_INITS[cfg.init],
         **placed,
     )
     wrapped = get_peft_model(model, lora)

@@ -11,6 +11,29 @@ PEFT_METHODS = ("lora", "lora-fa", "prompt", "bitfit", "last-n", "full")
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# LoRA initialisations (PEFT's `init_lora_weights`) and what each does to the start.
+LORA_INITS = {
+    "default": True,  # A Kaiming-uniform, B = 0: the adapter starts as a no-op
+    "gaussian": "gaussian",  # A Gaussian scaled by the rank, B = 0: a no-op start
+    "orthogonal": "orthogonal",  # A and B orthogonal: the start already moves the model
+}
+# The ones edgetune refuses, and why (each would need something it does not ship).
+REFUSED_INITS = {
+    "pissa": "rewrites the base weights into a residual (W - BA), which every federated "
+    "client and every export would need instead of the shared base model",
+    "olora": "rewrites the base weights into a residual (W - QR), which every federated "
+    "client and every export would need instead of the shared base model",
+    "eva": "is computed from activations on calibration data, which a federation's clients "
+    "do not share, so they would not start from the same adapter",
+    "corda": "is computed from activations on calibration data and rewrites the base "
+    "weights, neither of which a federation's clients share",
+    "loftq": "quantizes the base weights with the adapter, which needs a quantized base "
+    "edgetune does not build",
+    "lora_ga": "is computed from gradients on training data, which a federation's clients "
+    "do not share, so they would not start from the same adapter",
+}
+
+
 @dataclass
 class PeftConfig:
     """What trains: a LoRA / LoRA-FA adapter, a soft prompt, selected parameters, or all."""
@@ -29,6 +52,11 @@ class PeftConfig:
     layers: str = option(
         "all", "lora / lora-fa: which transformer blocks get adapters: all | top:K (the last K)"
     )
+    init: str = option(
+        "default",
+        "lora / lora-fa initialisation: default (B = 0, a no-op start) | gaussian (B = 0) | "
+        "orthogonal (A, B orthogonal: not a no-op start)",
+    )
 
     def __post_init__(self) -> None:
         check_choice("peft", "method", self.method, PEFT_METHODS)
@@ -45,6 +73,17 @@ class PeftConfig:
                     f"{self.method!r}; drop peft.layers (last-n: use peft.last_layers)"
                 )
             self.top_layers()
+        if self.init in REFUSED_INITS:
+            raise ConfigError(
+                f"peft.init={self.init}: edgetune does not support it, because it "
+                f"{REFUSED_INITS[self.init]}; use one of {' | '.join(LORA_INITS)}"
+            )
+        check_choice("peft", "init", self.init, LORA_INITS)
+        if self.init != "default" and self.method not in ("lora", "lora-fa"):
+            raise ConfigError(
+                f"peft.init={self.init} initialises LoRA, but peft.method is {self.method!r}; "
+                "drop peft.init"
+            )
         if not self.target_modules:
             raise ConfigError("peft.target_modules: give at least one module name, e.g. q_proj")
 
