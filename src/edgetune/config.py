@@ -248,41 +248,45 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every leaf field of `cls`, for `--help`."""
+def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, field, type hint) of every leaf field of `cls`, sections in the order
+    `cls` declares them."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            rows.extend(describe(hint, f"{prefix}{f.name}."))  # type: ignore[arg-type]
-            continue
+            rows.extend(leaf_fields(hint, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+        else:
+            rows.append((f"{prefix}{f.name}", f, hint))
+    return rows
+
+
+def describe(cls: type) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field of `cls`, for `--help`."""
+    rows = []
+    for key, f, _ in leaf_fields(cls):
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = None
-        rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("help", "")))
+        rows.append((key, repr(default), f.metadata.get("help", "")))
     return rows
 
 
-def flag_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, tuple[str, ...], type]]:
+def flag_fields(cls: type) -> list[tuple[str, Any, tuple[str, ...], type]]:
     """(dotted key, field, its CLI flags, bool or str) for every field of `cls` (sections
     in declaration order) that declares flags: `option(..., flag="--x")` or a tuple whose
     first flag is the one help shows. A bool is a switch; any other value is parsed as
     the field's type when the config is built, so a bad value names its key."""
     rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            rows.extend(flag_fields(hint, f"{prefix}{f.name}."))  # type: ignore[arg-type]
-            continue
+    for key, f, hint in leaf_fields(cls):
         flag = f.metadata.get("flag")
         if flag:
             flags = (flag,) if isinstance(flag, str) else tuple(flag)
-            rows.append((f"{prefix}{f.name}", f, flags, bool if hint is bool else str))
+            rows.append((key, f, flags, bool if hint is bool else str))
     return rows
 
 

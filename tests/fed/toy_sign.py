@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from edgetune.fed.algorithms.base import StandardRoles, screen
-from edgetune.fed.algorithms.deltas import DeltaServer, train_delta
+from edgetune.fed.algorithms.base import screen
+from edgetune.fed.algorithms.deltas import DeltaAlgorithm, train_delta
 from edgetune.fed.algorithms.registry import ALGORITHMS, AlgorithmSpec, register
 from edgetune.fed.payloads import LoraDelta
 
@@ -21,22 +21,13 @@ NAME = "toy-sign"
 STEP = 1e-3
 
 
-class ToySign(StandardRoles):
-    """Majority-vote signSGD on the global adapter."""
+class ToySign(DeltaAlgorithm):
+    """Majority-vote signSGD on the global adapter (the broadcast and checkpoint are a
+    DeltaServer's; only the client's update and the aggregation are the toy's own)."""
 
     def __init__(self, fed: Any, adapter: Any):
-        self.server = DeltaServer(fed, adapter)
+        super().__init__(fed, adapter)
         self.step = fed.server_lr * STEP
-
-    @property
-    def state(self) -> dict[str, torch.Tensor]:
-        return self.server.state
-
-    def configure(self, rnd: int, plan: Any) -> LoraDelta:
-        return self.server.broadcast(plan)
-
-    def forget(self, client: int) -> None:
-        """Nothing is kept per client."""
 
     def client_update(self, adapter, payload, job, state):
         return train_delta(adapter, payload, job), None
@@ -49,12 +40,6 @@ class ToySign(StandardRoles):
                 vote = sum(torch.sign(u.tensors[name]) for u in good)
                 self.state[name] = self.state[name] + self.step * torch.sign(vote)
         return result
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.server.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.server.load_state_dict(state)
 
 
 def _reason(update: Any, state: dict[str, torch.Tensor]) -> str | None:
