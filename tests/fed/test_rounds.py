@@ -15,6 +15,7 @@ from edgetune.fed.algorithms import build_algorithm
 from edgetune.fed.algorithms.base import trainable_state
 from edgetune.fed.checkpoint import load_round
 from edgetune.fed.config import FederateConfig
+from edgetune.fed.fleet import method_memory_mb
 from edgetune.fed.plan import ClientPlan, StaticPlanner
 from edgetune.fed.rounds import InProcessFleet, run_rounds
 from edgetune.fed.session import setup
@@ -175,3 +176,29 @@ def test_settings_that_are_read_are_accepted(config):
         }
     )
     assert cfg.fed.trim == 0.2
+
+
+def test_auto_gives_first_order_to_a_device_that_fits_backprop_through_the_top_blocks(
+    config, tmp_path
+):
+    # Prepare: a device whose memory lies between first-order on the top block and on all
+    fed = setup(config())
+    layers = fed.adapter.model.get_base_model().config.num_hidden_layers
+    top, full = (method_memory_mb(fed.num_params, "fo", s) for s in (1 / layers, 1.0))
+    assert top < full
+    board = (
+        f"fleet:\n  - {{name: board, memory_mb: {(top + full) / 2}, gflops: 10, "
+        "up_mbps: 10, down_mbps: 10}\n"
+    )
+    (tmp_path / "board.yaml").write_text(board)
+    flags = {"fed.fleet": str(tmp_path / "board.yaml"), "fed.method": "auto"}
+    # Execute: plan the same fleet with LoRA on every block, then on the top one only
+    plans = {}
+    for layers_flag in ("all", "top:1"):
+        fed = setup(config(**flags, **{"peft.layers": layers_flag}))
+        algo = build_algorithm(fed)
+        plans[layers_flag] = algo.planner(fed).plan(0, [0, 1], fed.fleet, [])
+    # Assert: P-RGE with every block trained; first-order when only the top block is
+    assert {p.method for p in plans["all"].values()} == {"prge"}
+    assert {p.method for p in plans["top:1"].values()} == {"fo"}
+    assert fed.backprop_share == 1 / layers

@@ -76,11 +76,21 @@ class Planner(Protocol):
 class StaticPlanner:
     """Today's rule, the same every round: method by memory, rank by profile or list."""
 
-    def __init__(self, fed: Any, global_rank: int, num_params: int, forward_only: bool):
+    def __init__(
+        self,
+        fed: Any,
+        global_rank: int,
+        num_params: int,
+        forward_only: bool,
+        backprop_share: float = 1.0,
+    ):
         """`fed` is the run's `fed` section (method, ranks); `forward_only`: the
-        algorithm's clients never backpropagate, so a device that fits gets zo."""
+        algorithm's clients never backpropagate, so a device that fits gets zo;
+        `backprop_share`: the fraction of the blocks a first-order client backpropagates
+        through (LoRA on the top K blocks), which sets what fo costs."""
         self.fed, self.global_rank = fed, global_rank
         self.num_params, self.forward_only = num_params, forward_only
+        self.backprop_share = backprop_share
 
     def plan(
         self,
@@ -95,7 +105,9 @@ class StaticPlanner:
         ranks = client_ranks(self.fed.ranks, list(profiles), self.global_rank)
         plans = {}
         for client in clients:
-            method = choose_method(profiles[client], self.num_params, self.fed.method)
+            method = choose_method(
+                profiles[client], self.num_params, self.fed.method, self.backprop_share
+            )
             if method is not None and self.forward_only:
                 method = "zo"
             plans[client] = ClientPlan(client, profiles[client], method, ranks[client])
@@ -107,9 +119,9 @@ class StaticPlanner:
         return [plans[c].method for c in range(len(profiles))]
 
 
-def plan_memory_mb(plan: ClientPlan, num_params: int) -> float | None:
+def plan_memory_mb(plan: ClientPlan, num_params: int, backprop_share: float = 1.0) -> float | None:
     """The memory estimate the method choice used (None without a method); `num_params`
     is the full model's, for a plan that runs the full model."""
     if not plan.method:
         return None
-    return round(method_memory_mb(plan.params or num_params, plan.method), 1)
+    return round(method_memory_mb(plan.params or num_params, plan.method, backprop_share), 1)

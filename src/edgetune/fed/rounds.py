@@ -184,7 +184,7 @@ def play_round(
             "device": plan.device.name,
             "method": plan.method,
             "rank": plan.rank,
-            "memory_mb": plan_memory_mb(plan, fed.num_params),
+            "memory_mb": plan_memory_mb(plan, fed.num_params, fed.backprop_share),
         }
         if plan.ratio is not None:
             entry.update(ratio=round(plan.ratio, 6), arm=plan.arm)

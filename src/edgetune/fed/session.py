@@ -53,6 +53,7 @@ class Federation:
     runtimes: list[RuntimeLink | None]  # each client's exported graph (None: PyTorch)
     trunk_share: float = 0.0  # fraction of the blocks a PyTorch client runs once per batch
     privacy: Privacy | None = None  # fed.dp's mechanism and accountant (the server's)
+    backprop_share: float = 1.0  # fraction of the blocks a first-order client trains
 
     @property
     def algorithm(self) -> AlgorithmSpec:
@@ -116,7 +117,8 @@ def setup(cfg: FederateConfig) -> Federation:
     model, tokenizer = models.load(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
     spec = algorithm_spec(cfg.fed.algorithm)
-    static = StaticPlanner(cfg.fed, cfg.peft.rank, num_params, spec.forward_only)
+    share = backprop_share(cfg.peft, model)
+    static = StaticPlanner(cfg.fed, cfg.peft.rank, num_params, spec.forward_only, share)
     # An algorithm that prunes its clients' models checks what pruning makes fit itself.
     if not spec.prunes and all(m is None for m in static.methods(fleet)):
         raise ConfigError(
@@ -149,7 +151,20 @@ def setup(cfg: FederateConfig) -> Federation:
         runtimes=runtimes,
         trunk_share=trunk.cut / trunk.layers if trunk.shared else 0.0,
         privacy=privacy_of(cfg),
+        backprop_share=share,
     )
+
+
+def backprop_share(peft: Any, model: Any) -> float:
+    """The fraction of the model's blocks backpropagation runs through: K / L with LoRA
+    on the top K of L blocks (peft.layers=top:K) or last-n's K blocks, else 1."""
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    top = peft.top_layers() if peft.method in ("lora", "lora-fa") else None
+    if peft.method == "last-n":
+        top = peft.last_layers
+    if not layers or top is None:
+        return 1.0
+    return min(top, layers) / layers
 
 
 def privacy_of(cfg: FederateConfig) -> Privacy | None:

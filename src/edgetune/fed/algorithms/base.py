@@ -87,7 +87,8 @@ class StandardRoles:
         or list, the same every round."""
         cfg = fed.cfg
         forward_only = fed.algorithm.forward_only
-        return StaticPlanner(cfg.fed, cfg.peft.rank, fed.num_params, forward_only)
+        share = fed.backprop_share
+        return StaticPlanner(cfg.fed, cfg.peft.rank, fed.num_params, forward_only, share)
 
     def evaluate(self, fed: Any, progress: bool = False) -> dict[str, float]:
         """The global adapter (as loaded in `fed.adapter`) on the held-out rows."""
