@@ -282,3 +282,71 @@ def test_simulated_lie_count_is_capped_at_the_partition(tmp_path, kseed_args):
         c["note"] == f"num_examples {LIE} capped at 12 (the client's partition)" for c in liars
     )
     assert not any("note" in c for c in clients if "attack" not in c)
+
+
+def test_alie_and_ipm_hide_inside_the_honest_spread():
+    honest = [
+        LoraDelta({"w": torch.randn(3, 4, generator=torch.Generator().manual_seed(c))}, 4)
+        for c in range(4)
+    ]
+    stacked = torch.stack([h.tensors["w"] for h in honest]).double()
+    alie = corrupt(honest[0], Attack("alie", 0.2), 0, 0, 9, 1e4, honest)
+    ipm = corrupt(honest[0], Attack("ipm", 0.2), 0, 0, 9, 1e4, honest)
+    want = stacked.mean(0) - stacked.std(0, correction=0)
+    assert torch.allclose(alie.tensors["w"].double(), want, atol=1e-6)
+    assert torch.allclose(ipm.tensors["w"].double(), -0.5 * stacked.mean(0), atol=1e-6)
+    # each coordinate within one honest standard deviation of the honest mean
+    assert bool(
+        (
+            (alie.tensors["w"].double() - stacked.mean(0)).abs()
+            <= stacked.std(0, correction=0) + 1e-6
+        ).all()
+    )
+
+
+def test_centered_clipping_bounds_a_far_attacker_and_keeps_close_honest_updates():
+    from edgetune.fed.aggregate import CC_ITERATIONS, centered_clip
+
+    honest = [torch.full((10,), 0.01 * (i + 1)) for i in range(4)]
+    far = torch.full((10,), 1e6)
+    out = centered_clip([*honest, far], torch.zeros(10), tau=1.0)
+    # the far client moves the aggregate by at most tau / n per iteration
+    assert float(out.norm()) <= float(torch.stack(honest).mean(0).norm()) + CC_ITERATIONS * 1.0 / 5
+    close = centered_clip(honest, torch.zeros(10), tau=1.0)
+    assert torch.allclose(close, torch.stack(honest).mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"algorithm": "fedkseed", "aggregator": "centered-clip"}, "use one of mean"),
+        ({"bucket": 1}, "bucket size >= 2"),
+        (
+            {"bucket": 2},
+            r"fed.bucket=2 is not read by fed.algorithm=fedit with fed.aggregator=mean",
+        ),
+        ({"aggregator": "centered-clip", "ranks": "2,4"}, "whole updates"),
+    ],
+)
+def test_defence_settings_are_checked(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        FedConfig(**flags)
+
+
+def test_fedit_with_centered_clipping_and_buckets_bounds_a_boosted_attacker():
+    adapter = _adapter()
+    cfg = FedConfig(aggregator="centered-clip", bucket=2, clip=0.05, max_update_norm=1e6)
+    algo = FedIT(cfg, adapter)
+    state = {k: v.clone() for k, v in algo.state.items()}
+
+    def delta(scale, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return LoraDelta(
+            {k: torch.randn(v.shape, generator=gen) * scale for k, v in state.items()}, 4
+        )
+
+    honest = [(c, delta(0.001, c)) for c in range(4)]
+    algo.aggregate(0, [*honest, (4, delta(10.0, 99))])
+    moved = math.sqrt(sum(float((algo.state[k] - state[k]).pow(2).sum()) for k in state))
+    assert moved <= 3 * 0.05  # CC_ITERATIONS steps of at most tau each
+    assert "cc.center" in algo.state_dict()

@@ -27,7 +27,6 @@ from typing import Any
 
 from edgetune.bench.markdown import machine_line, write_section
 from edgetune.data import DataConfig
-from edgetune.fed.aggregate import AGGREGATORS
 from edgetune.fed.algorithms import build_algorithm
 from edgetune.fed.algorithms.base import load_trainable, trainable_state
 from edgetune.fed.attacks import TARGETS, applies
@@ -69,10 +68,23 @@ def config(model: str, algorithm: str, rounds: int, clients: int, fleet: Path) -
     )
 
 
-def cell(base: Federation, initial: dict, rule: str, attack: str, out: Path) -> dict:
+def rules(spec: Any) -> dict[str, tuple[str, int]]:
+    """The rows of an algorithm: label -> (fed.aggregator, fed.bucket): each rule it
+    implements, and bucketing (buckets of 2) before the whole-update robust rules."""
+    out = {rule: (rule, 0) for rule in spec.aggregators}
+    for rule in ("median", "centered-clip"):
+        if rule in spec.aggregators and "bucket" in spec.settings:
+            out[f"{rule} + bucket 2"] = (rule, 2)
+    return out
+
+
+def cell(base: Federation, initial: dict, rule: tuple[str, int], attack: str, out: Path) -> dict:
     """One federation; returns its final eval loss and what happened to the attackers."""
-    trim = 0.2 if rule == "trimmed-mean" else FedConfig().trim
-    fed_cfg = dataclasses.replace(base.cfg.fed, aggregator=rule, attack=attack, trim=trim)
+    name, bucket = rule
+    trim = 0.2 if name == "trimmed-mean" else FedConfig().trim
+    fed_cfg = dataclasses.replace(
+        base.cfg.fed, aggregator=name, bucket=bucket, attack=attack, trim=trim
+    )
     cfg = dataclasses.replace(base.cfg, fed=fed_cfg)
     fed = dataclasses.replace(base, cfg=cfg)
     load_trainable(fed.adapter, initial)
@@ -101,14 +113,14 @@ def run(model: str, rounds: int, clients: int, output: str) -> None:
             initial = trainable_state(fed.adapter)
             attacks = [k for k in TARGETS if applies(k, fed.algorithm.uploads)]
             results[algorithm] = {}
-            for rule in AGGREGATORS:
+            for rule, setting in rules(fed.algorithm).items():
                 results[algorithm][rule] = {}
                 for attack in ["", *attacks]:
                     spec = f"{attack}:{FRACTION}" if attack else ""
                     print(f"[bench robust] {algorithm} {rule} {spec or 'honest'}", flush=True)
-                    out = work / f"{algorithm}-{rule}-{attack or 'honest'}"
+                    out = work / f"{algorithm}-{rule.replace(' ', '')}-{attack or 'honest'}"
                     results[algorithm][rule][attack or "honest"] = cell(
-                        fed, initial, rule, spec, out
+                        fed, initial, setting, spec, out
                     )
     body = render(results, model, rounds, clients, machine_line())
     write_section(output, "robust", body)

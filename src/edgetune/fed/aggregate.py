@@ -27,7 +27,8 @@ import torch
 
 from edgetune.errors import ConfigError
 
-AGGREGATORS = ("mean", "median", "trimmed-mean", "clip-mean")
+AGGREGATORS = ("mean", "median", "trimmed-mean", "clip-mean", "centered-clip")
+CC_ITERATIONS = 3  # centered clipping's fixed-point steps per round
 
 
 def weighted_mean(values: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -110,6 +111,36 @@ def median_clip(norms: list[float]) -> list[float]:
     """Per-client factors that scale every update to at most the median norm."""
     bound = statistics.median(norms)
     return [1.0 if n <= bound or n == 0 else bound / n for n in norms]
+
+
+def centered_clip(values: list[torch.Tensor], center: torch.Tensor, tau: float) -> torch.Tensor:
+    """Centered clipping (Karimireddy, He and Jaggi, "Learning from History for
+    Byzantine Robust Optimization", ICML 2021): starting from `center` (the previous
+    round's aggregate, the server's momentum), CC_ITERATIONS times
+    v <- v + mean_i clip_tau(x_i - v). A client moves v by at most tau / n per step,
+    however far it lies, and honest clients near v are averaged as they are.
+    """
+    check_bound("clip", tau)
+    v = center.double()
+    for _ in range(CC_ITERATIONS):
+        step = torch.zeros_like(v)
+        for x in values:
+            d = x.double() - v
+            step += d * clip_scale(float(d.norm()), tau)
+        v = v + step / len(values)
+    return v.to(values[0].dtype)
+
+
+def bucket_means(values: list[torch.Tensor], size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffle the clients and average them in buckets of `size` (Karimireddy, He and
+    Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via Bucketing", ICLR
+    2022): a robust rule over bucket means sees less honest spread, so an attack that
+    hides inside it stands out."""
+    order = torch.randperm(len(values), generator=gen).tolist()
+    groups = [order[i : i + size] for i in range(0, len(order), size)]
+    return [
+        torch.stack([values[i].double() for i in g]).mean(0).to(values[0].dtype) for g in groups
+    ]
 
 
 def combine(

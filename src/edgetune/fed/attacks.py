@@ -15,12 +15,23 @@ ZO client's seed coefficients):
     lie-count   -u claiming num_examples = 10^9 (buys the whole weight of a weighted mean)
     big-scalar  FedKSeed only: every scalar at 0.999 x fed.max_abs_scalar, against the sign
                 of the honest one (the largest ascent the validation lets through)
+    inflate     INFLATE x u: boosted, but small enough to look like an honest outlier
+    alie        "a little is enough" (Baruah et al., NeurIPS 2019): the honest updates' mean
+                minus one honest standard deviation, per coordinate (per scalar for a
+                FedKSeed trace), so it hides inside the honest spread
+    ipm         inner-product manipulation (Xie et al., UAI 2020): -IPM x the honest mean,
+                a small update whose inner product with the true one is negative
+
+alie and ipm are omniscient: they see this round's honest updates (the simulator trains
+every client first). They apply to LoRA deltas and FedKSeed traces (seed coefficients of
+different clients lie on different directions, so no per-coordinate statistic exists).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,7 +39,7 @@ from edgetune.errors import ConfigError
 from edgetune.fed.payloads import LoraDelta, Payload, SeedTrace, ZOTrace
 from edgetune.zo.seeds import Stream, generator, stream_seed
 
-SCALE, NOISE, LIE = 100.0, 10.0, 10**9
+SCALE, NOISE, LIE, INFLATE, IPM = 100.0, 10.0, 10**9, 5.0, 0.5
 ANY = (LoraDelta, ZOTrace, SeedTrace)
 # kind -> the update kinds it corrupts (it applies to the algorithms whose clients upload one)
 TARGETS: dict[str, tuple[type, ...]] = {
@@ -38,6 +49,9 @@ TARGETS: dict[str, tuple[type, ...]] = {
     "nan": ANY,
     "lie-count": ANY,
     "big-scalar": (ZOTrace,),
+    "inflate": ANY,
+    "alie": (LoraDelta, ZOTrace),
+    "ipm": (LoraDelta, ZOTrace),
 }
 
 
@@ -111,11 +125,20 @@ def attackers(attack: Attack | None, clients: int, seed: int) -> set[int]:
 
 
 def corrupt(
-    update: Payload, attack: Attack, seed: int, rnd: int, client: int, max_abs_scalar: float
+    update: Payload,
+    attack: Attack,
+    seed: int,
+    rnd: int,
+    client: int,
+    max_abs_scalar: float,
+    honest: list[Payload] | None = None,
 ) -> Payload:
-    """The malicious version of the honest `update` (a new object; `update` is kept)."""
+    """The malicious version of the honest `update` (a new object; `update` is kept);
+    `honest`: this round's honest updates, which alie and ipm are computed from."""
     gen = generator(stream_seed(seed, Stream.ATTACK, rnd, client))
     kind = attack.kind
+    if kind in ("alie", "ipm"):
+        return _omniscient(update, kind, [h for h in honest or [] if type(h) is type(update)])
     if isinstance(update, LoraDelta):
         tensors = {n: _values(t, kind, gen) for n, t in update.tensors.items()}
         if kind == "nan":
@@ -135,6 +158,32 @@ def corrupt(
     raise TypeError(f"clients do not send {type(update).__name__}")
 
 
+def _omniscient(update: Payload, kind: str, honest: list[Any]) -> Payload:
+    """alie / ipm from the honest updates of the round (the update itself if none)."""
+    if isinstance(update, LoraDelta):
+        names = [n for n in update.tensors if all(n in h.tensors for h in honest)]
+        if not honest or len(names) != len(update.tensors):
+            return update
+        tensors = {}
+        for n in names:
+            stacked = torch.stack([h.tensors[n].double() for h in honest])
+            mean = stacked.mean(0)
+            std = stacked.std(0, correction=0)
+            tensors[n] = (mean - std if kind == "alie" else -IPM * mean).to(update.tensors[n].dtype)
+        return LoraDelta(tensors, update.num_examples, dict(update.meta))
+    assert isinstance(update, ZOTrace)
+    pool = [c for h in honest for c in h.scalars]
+    if not pool:
+        return update
+    centre = sum(pool) / len(pool)
+    spread = math.sqrt(sum((c - centre) ** 2 for c in pool) / len(pool))
+    value = centre - spread if kind == "alie" else -IPM * centre
+    scalars = [value] * len(update.scalars)
+    return ZOTrace(
+        list(update.indices), scalars, list(update.lrs), update.num_examples, dict(update.meta)
+    )
+
+
 def _count(num_examples: int, kind: str) -> int:
     return LIE if kind == "lie-count" else num_examples
 
@@ -144,6 +193,8 @@ def _values(t: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
         return -t
     if kind == "scale":
         return t * SCALE
+    if kind == "inflate":
+        return t * INFLATE
     if kind == "noise":
         rms = float(t.double().pow(2).mean().sqrt()) if t.numel() else 0.0
         return (torch.randn(t.shape, generator=gen) * NOISE * rms).to(t.dtype)

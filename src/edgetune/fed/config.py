@@ -39,6 +39,7 @@ from edgetune.zo import ZOConfig
 
 FED_ALGORITHMS = tuple(ALGORITHMS)  # the built-in ones (the registry may grow)
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+BUCKETED = ("median", "trimmed-mean", "centered-clip")  # the rules fed.bucket feeds
 CLIENT_METHODS = ("fo", "zo", "prge", "auto")
 AUTO_PARTITION = "auto"  # resolved by the recipe once the task is known
 _REAL_FIELDS = (
@@ -105,9 +106,18 @@ class FedConfig:
     server_optimizer: str = option("fedavg", "fedit: fedavg | fedavgm | fedadam | fedyogi")
     server_lr: float = option(1.0, "server learning rate applied to the aggregated delta")
     server_momentum: float = option(0.9, "fedavgm momentum / fedadam beta1")
-    aggregator: str = option("mean", "mean | median | trimmed-mean | clip-mean")
+    aggregator: str = option("mean", "mean | median | trimmed-mean | clip-mean | centered-clip")
     trim: float = option(0.1, "trimmed-mean: fraction dropped at each end")
-    clip: float = option(1.0, "clip-mean: max update norm (fedit) or |scalar| (fedkseed)")
+    bucket: int = option(
+        0,
+        "median | trimmed-mean | centered-clip: average the clients in shuffled buckets of "
+        "this size first (0 = off)",
+    )
+    clip: float = option(
+        1.0,
+        "clip-mean: max update norm (fedit) or |scalar| (fedkseed); centered-clip: the "
+        "clipping radius around the previous aggregate",
+    )
     ranks: str = option(
         "",
         "heterogeneous LoRA ranks: '' = all at peft.rank; 'device' = each profile's "
@@ -121,7 +131,8 @@ class FedConfig:
     attack: str = option(
         "",
         "simulator only: KIND:FRACTION malicious clients, KIND = signflip | scale | noise | "
-        "nan | lie-count | big-scalar (fedkseed), e.g. signflip:0.2 ('' = none)",
+        "nan | lie-count | inflate | alie | ipm | big-scalar (fedkseed), e.g. signflip:0.2 "
+        "('' = none)",
         simulator_only="a Flower federation's devices are real, and the server does not "
         "make their updates malicious",
     )
@@ -130,6 +141,20 @@ class FedConfig:
         spec = algorithm_spec(self.algorithm)
         check_choice("fed", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         check_choice("fed", "aggregator", self.aggregator, AGGREGATORS)
+        if self.aggregator not in spec.aggregators:
+            raise ConfigError(
+                f"fed.aggregator={self.aggregator} is not one {self.algorithm} aggregates "
+                f"with; use one of {' | '.join(spec.aggregators)}"
+            )
+        if self.bucket == 1 or self.bucket < 0:
+            raise ConfigError(
+                f"fed.bucket: expected 0 (off) or a bucket size >= 2, got {self.bucket}"
+            )
+        if (self.bucket or self.aggregator == "centered-clip") and self.ranks:
+            raise ConfigError(
+                "fed.bucket and fed.aggregator=centered-clip combine whole updates, and "
+                f"fed.ranks={self.ranks!r} gives clients different shapes; drop one of them"
+            )
         check_choice("fed", "method", self.method, CLIENT_METHODS)
         check_choice("fed", "rank_aggregation", self.rank_aggregation, RANK_AGGREGATIONS)
         if self.rank_aggregation == "svd" and (
@@ -184,7 +209,9 @@ class FedConfig:
         """Refuse a `fed` setting that only other algorithms (or aggregators) read."""
         read = set(spec.settings)
         read |= {"trim"} if self.aggregator == "trimmed-mean" else set()
-        read |= {"clip"} if self.aggregator == "clip-mean" else set()
+        read |= {"clip"} if self.aggregator in ("clip-mean", "centered-clip") else set()
+        if self.aggregator not in BUCKETED:
+            read.discard("bucket")
         shared = {"trim", "clip"}.union(*(other.settings for other in ALGORITHMS.values()))
         defaults = {f.name: f.default for f in dataclasses.fields(self)}  # all plain values
         for name in sorted(shared - read):

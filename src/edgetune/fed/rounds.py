@@ -258,6 +258,18 @@ def work_flops(job: ClientJob, num_params: int, tokens: int, trunk_share: float 
     return job.steps * per_step * tokens * 2.0 * num_params
 
 
+@dataclass
+class Trained:
+    """A simulated client's update before it is sent."""
+
+    client: int
+    plan: ClientPlan
+    job: ClientJob
+    down: int  # bytes it received
+    update: Payload
+    dropped: bool  # its reply will be lost (its device's dropout)
+
+
 class InProcessFleet:
     """The simulated fleet: real local training in this process, simulated devices.
 
@@ -294,57 +306,63 @@ class InProcessFleet:
     def exchange(
         self, rnd: int, sends: Sequence[Send], entries: dict[int, dict[str, Any]]
     ) -> list[tuple[int, Payload]]:
-        """Every reachable client's local round (see the class docstring)."""
+        """Every reachable client's local round (see the class docstring). Every client
+        trains first; then the attackers corrupt their updates, knowing the honest ones
+        (an attack that hides in the honest spread needs them)."""
+        trained = [t for t in (self._train(rnd, send, entries) for send in sends) if t]
+        honest = [t.update for t in trained if t.client not in self.malicious]
+        return [arrived for t in trained if (arrived := self._reply(rnd, t, honest, entries))]
+
+    def _train(self, rnd: int, send: Send, entries: dict[int, dict[str, Any]]) -> Trained | None:
+        """The client's local round (None: the client was unavailable)."""
         fed, cfg = self.fed, self.fed.cfg
-        arrived = []
-        for send in sends:
-            plan, client = send.plan, send.plan.client
-            entry = entries[client]
-            fate = torch.rand(
-                2, generator=generator(stream_seed(cfg.seed, Stream.FATE, rnd, client))
+        plan, client = send.plan, send.plan.client
+        entry = entries[client]
+        fate = torch.rand(2, generator=generator(stream_seed(cfg.seed, Stream.FATE, rnd, client)))
+        if self.attack is not None and client in self.malicious:
+            entry["attack"] = self.attack.kind
+        if fate[0] > plan.device.availability:
+            entry["status"] = Outcome.UNAVAILABLE
+            return None
+        assert plan.method is not None  # the loop sends only planned methods
+        job = fed.job(client, rnd, plan.method)
+        down = encode(send.payload)
+        measured = reset_peak_rss()
+        update, state = self.algo.client_update(
+            fed.adapter, decode(down), job, self.states.get(client)
+        )
+        peak = status_mb("VmHWM") if measured else float("nan")
+        if state is not None:  # the device keeps it, even if its reply is lost
+            self.states[client] = state
+        entry.update(bytes_down=len(down), peak_rss_mb=round(peak, 1))
+        return Trained(client, plan, job, len(down), update, bool(fate[1] < plan.device.dropout))
+
+    def _reply(
+        self, rnd: int, t: Trained, honest: list[Payload], entries: dict[int, dict[str, Any]]
+    ) -> tuple[int, Payload] | None:
+        """The client's reply as the server receives it (None: it never arrives)."""
+        fed, cfg = self.fed, self.fed.cfg
+        update = t.update
+        if self.attack is not None and t.client in self.malicious:
+            update = corrupt(
+                update, self.attack, cfg.seed, rnd, t.client, cfg.fed.max_abs_scalar, honest
             )
-            if self.attack is not None and client in self.malicious:
-                entry["attack"] = self.attack.kind
-            if fate[0] > plan.device.availability:
-                entry["status"] = Outcome.UNAVAILABLE
-                continue
-            assert plan.method is not None  # the loop sends only planned methods
-            job = fed.job(client, rnd, plan.method)
-            down = encode(send.payload)
-            measured = reset_peak_rss()
-            update, state = self.algo.client_update(
-                fed.adapter, decode(down), job, self.states.get(client)
-            )
-            peak = status_mb("VmHWM") if measured else float("nan")
-            if state is not None:  # the device keeps it, even if its reply is lost
-                self.states[client] = state
-            if self.attack is not None and client in self.malicious:
-                update = corrupt(update, self.attack, cfg.seed, rnd, client, cfg.fed.max_abs_scalar)
-            up = encode(update)
-            seconds = round_seconds(
-                plan.device,
-                work_flops(job, plan.params or fed.num_params, cfg.data.max_length, fed.trunk_share)
-                / 1e9
-                / cfg.fed.host_gflops,
-                len(down),
-                len(up),
-                cfg.fed.host_gflops,
-            )
-            status = Outcome.OK
-            if fate[1] < plan.device.dropout:
-                status = Outcome.DROPPED
-            elif cfg.fed.deadline_s and seconds > cfg.fed.deadline_s:
-                status = Outcome.LATE
-            else:
-                arrived.append((client, decode(up)))
-            entry.update(
-                status=status,
-                bytes_up=len(up) if status == Outcome.OK else 0,
-                bytes_down=len(down),
-                sim_s=seconds,
-                peak_rss_mb=round(peak, 1),
-            )
-        return arrived
+        up = encode(update)
+        work = work_flops(
+            t.job, t.plan.params or fed.num_params, cfg.data.max_length, fed.trunk_share
+        )
+        seconds = round_seconds(
+            t.plan.device, work / 1e9 / cfg.fed.host_gflops, t.down, len(up), cfg.fed.host_gflops
+        )
+        status = Outcome.OK
+        if t.dropped:
+            status = Outcome.DROPPED
+        elif cfg.fed.deadline_s and seconds > cfg.fed.deadline_s:
+            status = Outcome.LATE
+        entries[t.client].update(
+            status=status, bytes_up=len(up) if status == Outcome.OK else 0, sim_s=seconds
+        )
+        return (t.client, decode(up)) if status == Outcome.OK else None
 
     def round_seconds(self, entries: dict[int, dict[str, Any]]) -> float:
         """The slowest arrived client's time, or the deadline if any client missed it."""

@@ -31,7 +31,15 @@ from typing import Any
 
 import torch
 
-from edgetune.fed.aggregate import clip_scale, combine
+from edgetune.fed.aggregate import (
+    bucket_means,
+    centered_clip,
+    clip_scale,
+    combine,
+    median,
+    trimmed_mean,
+    weighted_mean,
+)
 from edgetune.fed.algorithms.base import (
     AggregateResult,
     StandardRoles,
@@ -46,6 +54,7 @@ from edgetune.fed.shapes import IndexMap, check_shapes, gather, lora_axes, scatt
 from edgetune.fed.validate import check_delta, check_seed_trace
 from edgetune.peft import Adapter
 from edgetune.zo.directions import add_direction
+from edgetune.zo.seeds import Stream, generator, stream_seed
 
 _BETA2, _TAU = 0.99, 1e-3
 SERVER_SETTINGS = (  # the fed settings a DeltaServer reads (beside the aggregator's)
@@ -55,6 +64,7 @@ SERVER_SETTINGS = (  # the fed settings a DeltaServer reads (beside the aggregat
     "ranks",
     "rank_aggregation",
     "max_update_norm",
+    "bucket",
 )
 
 
@@ -67,18 +77,21 @@ class DeltaServer:
         adapter: Adapter,
         shapes: Callable[[Any], IndexMap] | None = None,
         privacy: Any = None,
+        seed: int = 0,
     ):
         """`fed` is the run's `fed` section; `shapes(plan)` gives the part of the global
         tensors a plan's client holds (default: a rank prefix, `rank_prefix`); with
         `privacy` (fed.dp), deltas are clipped and noised (`fed/privacy.py`)."""
         self.cfg = fed
         self.privacy = privacy
+        self.seed = seed  # the run seed: bucketing's shuffle
         self.state = trainable_state(adapter)
         self.rank = tensors_rank(self.state)  # global LoRA rank R (None: not LoRA)
         self.axes = lora_axes(adapter)  # each tensor's named axes (rank, in, out)
         self.shapes = shapes or self.rank_prefix
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
+        self.center: torch.Tensor | None = None  # centered clipping: the last aggregate
 
     def rank_prefix(self, plan: Any) -> IndexMap:
         """The first `plan.rank` components of every LoRA tensor (all: no plan or rank)."""
@@ -105,6 +118,11 @@ class DeltaServer:
             self._apply(delta)
             result.stats["delta_norm"] = norm(delta)
             return result
+        if self.cfg.bucket > 1 or self.cfg.aggregator == "centered-clip":
+            delta = self._whole(rnd, [u.tensors for u in good])
+            self._apply(delta)
+            result.stats["delta_norm"] = norm(delta)
+            return result
         held = [maps[c] for c in result.accepted]
         scales = [1.0] * len(good)
         if self.cfg.aggregator == "clip-mean":
@@ -127,6 +145,32 @@ class DeltaServer:
         self._apply(delta)
         result.stats["delta_norm"] = norm(delta)
         return result
+
+    def _whole(self, rnd: int, updates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """A rule over whole updates (every one of the global shapes: fed.ranks is
+        refused with these): bucket means first (fed.bucket), then the median, trimmed
+        mean or centered clipping around the last aggregate (plain mean otherwise)."""
+        names = list(self.state)
+        vectors = [torch.cat([u[n].reshape(-1) for n in names]) for u in updates]
+        if self.cfg.bucket > 1:
+            gen = generator(stream_seed(self.seed, Stream.SELECT, rnd, self.cfg.bucket))
+            vectors = bucket_means(vectors, self.cfg.bucket, gen)
+        rule = self.cfg.aggregator
+        if rule == "centered-clip":
+            center = self.center if self.center is not None else torch.zeros_like(vectors[0])
+            flat = self.center = centered_clip(vectors, center, self.cfg.clip)
+        elif rule == "median":
+            flat = median(vectors)
+        elif rule == "trimmed-mean":
+            flat = trimmed_mean(vectors, self.cfg.trim)
+        else:
+            flat = weighted_mean(vectors, [1.0] * len(vectors))
+        out, offset = {}, 0
+        for n in names:
+            size = self.state[n].numel()
+            out[n] = flat[offset : offset + size].reshape(self.state[n].shape)
+            offset += size
+        return out
 
     def as_delta(self, update: Any, imap: IndexMap) -> Any:
         """Replay a valid SeedTrace into a LoraDelta of the client's planned shapes;
@@ -180,12 +224,16 @@ class DeltaServer:
         out.update({f"v.{k}": v for k, v in self.v.items()})
         if self.privacy is not None:
             out.update(self.privacy.state_dict())
+        if self.center is not None:
+            out["cc.center"] = self.center
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from `state_dict` (other keys, of another version, are ignored)."""
         if self.privacy is not None:
             self.privacy.load_state_dict(state)
+        if "cc.center" in state:
+            self.center = state["cc.center"].clone()
         for prefix, target in (("state.", self.state), ("m.", self.m), ("v.", self.v)):
             target.update(
                 {k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)}
@@ -195,9 +243,10 @@ class DeltaServer:
 class DeltaAlgorithm(StandardRoles):
     """An algorithm's server side on a `DeltaServer`; subclasses give `client_update`."""
 
-    def __init__(self, fed: Any, adapter: Adapter, privacy: Any = None):
-        """`fed` is the run's `fed` section; `privacy`: fed.dp's mechanism, or None."""
-        self.server = DeltaServer(fed, adapter, privacy=privacy)
+    def __init__(self, fed: Any, adapter: Adapter, privacy: Any = None, seed: int = 0):
+        """`fed` is the run's `fed` section; `privacy`: fed.dp's mechanism, or None;
+        `seed`: the run seed."""
+        self.server = DeltaServer(fed, adapter, privacy=privacy, seed=seed)
 
     @property
     def state(self) -> dict[str, torch.Tensor]:

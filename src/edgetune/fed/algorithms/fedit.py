@@ -34,7 +34,7 @@ class FedIT(DeltaAlgorithm):
 register(
     AlgorithmSpec(
         name="fedit",
-        build=lambda setup: FedIT(setup.fed, setup.adapter, setup.privacy),
+        build=lambda setup: FedIT(setup.fed, setup.adapter, setup.privacy, setup.seed),
         help="FedAvg of LoRA deltas (first-order; ZO devices send replayable seed traces)",
         settings=SERVER_SETTINGS,
         private=True,

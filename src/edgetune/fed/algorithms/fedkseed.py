@@ -331,5 +331,6 @@ for _name, _pro in (("fedkseed", False), ("fedkseed-pro", True)):
             forward_only=True,
             uploads=(ZOTrace,),
             private=True,
+            aggregators=("mean", "median", "trimmed-mean", "clip-mean"),
         )
     )

@@ -386,6 +386,7 @@ register(
         section="spine",
         uploads=(LoraDelta, SeedTrace),
         prunes=True,
+        aggregators=("mean", "median", "trimmed-mean", "clip-mean"),
         check=check,
     )
 )

@@ -31,9 +31,9 @@ from edgetune.zo.fwdgrad import ForwardGradientEstimator
 class FwdLLM(DeltaAlgorithm):
     """FedIT's server (a `DeltaServer`) with forward-gradient clients."""
 
-    def __init__(self, fed: Any, adapter: Adapter, privacy: Any = None):
+    def __init__(self, fed: Any, adapter: Adapter, privacy: Any = None, seed: int = 0):
         """`fed` is the run's `fed` section (`fwd_candidates` and the server's)."""
-        super().__init__(fed, adapter, privacy)
+        super().__init__(fed, adapter, privacy, seed)
         self.candidates = fed.fwd_candidates
 
     def client_update(
@@ -79,7 +79,7 @@ def prior(
 register(
     AlgorithmSpec(
         name="fwdllm",
-        build=lambda setup: FwdLLM(setup.fed, setup.adapter, setup.privacy),
+        build=lambda setup: FwdLLM(setup.fed, setup.adapter, setup.privacy, setup.seed),
         help="forward-gradient clients with variance control, FedAvg server",
         settings=(*SERVER_SETTINGS, "fwd_candidates"),
         reads=("zo.max_queries", "zo.var_threshold"),

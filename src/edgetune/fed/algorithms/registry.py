@@ -8,7 +8,8 @@ settings of the other sections only it reads (`reads`, dotted), its own config s
 (`forward_only`), the update kinds its clients upload (`uploads`; attacks that corrupt
 one kind apply to the algorithms that send it), whether it sizes its clients' models
 itself (`prunes`: the static memory check is then its planner's), whether its
-aggregation clips and noises updates under `fed.dp` (`private`), and an optional
+aggregation clips and noises updates under `fed.dp` (`private`), the `fed.aggregator`
+rules it implements (`aggregators`), and an optional
 `check(cfg)` for combinations only it can judge.
 
 `fed/config.py` validates a run against the specs: a setting that some algorithm reads
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgetune.config import check_choice
+from edgetune.fed.aggregate import AGGREGATORS
 from edgetune.fed.algorithms.base import FedAlgorithm
 from edgetune.fed.payloads import LoraDelta, SeedTrace, ZOTrace
 from edgetune.peft import Adapter
@@ -60,6 +62,7 @@ class AlgorithmSpec:
     uploads: tuple[type, ...] = (LoraDelta, SeedTrace)
     prunes: bool = False
     private: bool = False
+    aggregators: tuple[str, ...] = AGGREGATORS
     check: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
