@@ -42,8 +42,17 @@ from edgetune.fed.wire import (
 )
 
 
+class Update:
+    """What every client upload carries beside its values: the examples it trained on
+    (the weight of a weighted mean, capped by the server) and what it reports (`meta`:
+    its loss, its validation losses). LoraDelta, ZOTrace and SeedTrace are Updates."""
+
+    num_examples: int
+    meta: dict[str, float]
+
+
 @dataclass
-class LoraDelta:
+class LoraDelta(Update):
     """Adapter tensors (a delta from the client, or the global state from the server)."""
 
     tensors: dict[str, torch.Tensor]
@@ -52,7 +61,7 @@ class LoraDelta:
 
 
 @dataclass
-class ZOTrace:
+class ZOTrace(Update):
     """Local ZO training as (seed index, scalar, lr) per step, over a shared seed pool."""
 
     indices: list[int]
@@ -63,7 +72,7 @@ class ZOTrace:
 
 
 @dataclass
-class SeedTrace:
+class SeedTrace(Update):
     """Local ZO training replayable by anyone: theta_local = theta - sum_j coef_j z(seed_j).
 
     Each direction of each local step contributes (seed, lr * c / q), kept in float64 so

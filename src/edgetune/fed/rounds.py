@@ -31,6 +31,7 @@ is no simulated clock (Flower runs on real time; timing.jsonl has it).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from edgetune.fed.attacks import attackers, corrupt, parse_attack
 from edgetune.fed.checkpoint import save_round
 from edgetune.fed.fleet import DeviceProfile, round_seconds
 from edgetune.fed.local import ClientJob
-from edgetune.fed.payloads import ClientState, Payload, decode, encode
+from edgetune.fed.payloads import ClientState, Payload, Update, decode, encode
 from edgetune.fed.plan import ClientPlan, Outcome, Planner, plan_memory_mb
 from edgetune.fed.session import Federation
 from edgetune.fed.validate import cap_examples
@@ -200,9 +201,9 @@ def play_round(
         note = cap_examples(update, len(fed.partitions[client]))
         if note:
             entries[client]["note"] = note
-        meta = getattr(update, "meta", {})
+        meta = update.meta if isinstance(update, Update) else {}
         entries[client].update({k: float(meta[k]) for k in REPORTED if k in meta})
-    losses = [float(getattr(u, "meta", {}).get("loss", float("nan"))) for _, u in arrived]
+    losses = [float(u.meta.get("loss", math.nan)) for _, u in arrived if isinstance(u, Update)]
     losses = [x for x in losses if x == x]
     updates = enough(arrived, cfg.fed.min_clients, list(entries.values()))
     result = algo.aggregate(rnd, updates, plans)
