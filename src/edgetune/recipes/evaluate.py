@@ -11,7 +11,8 @@ and `--config` say what to evaluate, as for `finetune`.
 `--task hellaswag` (any name in `edgetune.eval.BENCHMARKS`) scores a standard benchmark
 instead, on the model given (base, adapter, pruned or int8 folder, .gguf) or on a run's
 model and weights; only `--dataset` (its file), `--eval-size` (the sample) and `--seed`
-act on it, so any other data setting is refused.
+act on it, so any other data setting is refused. `--batch-size` counts sequences per
+forward pass there too: 16 is four tasks of four endings.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _requested_task(args: argparse.Namespace, flags: dict[str, Any]) -> Any:
+def _requested_task(args: argparse.Namespace, flags: dict[str, Any]) -> str | None:
     """data.task as --config, the flags and the overrides set it (before any run's
     config is read: a benchmark is scored whatever task the run trained on)."""
     tree: dict[str, Any] = load_yaml(args.config) if args.config else {}
@@ -228,7 +229,8 @@ def _requested_task(args: argparse.Namespace, flags: dict[str, Any]) -> Any:
     for text in args.overrides:
         set_dotted(tree, *parse_override(text))
     data = tree.get("data")
-    return data.get("task") if isinstance(data, dict) else None
+    task = data.get("task") if isinstance(data, dict) else None
+    return task if isinstance(task, str) else None
 
 
 def run_benchmark(
