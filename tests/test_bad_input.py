@@ -104,6 +104,11 @@ def ev(*extra: str) -> list[str]:
     return ["eval", "--model", "{model}", "--dataset", "sst2", "--eval-size", "2", *extra]
 
 
+def hs(*extra: str) -> list[str]:
+    """`edgetune eval --task hellaswag` of stories260K on 2 tasks."""
+    return ["eval", "--model", "{model}", "--task", "hellaswag", "--eval-size", "2", *extra]
+
+
 def fleet(profile: str) -> dict[str, str]:
     """A fleet YAML holding one device profile written as `profile`."""
     return {"fleet.yaml": f"fleet:\n  - {{{profile}}}\n"}
@@ -528,6 +533,22 @@ CASES = [
     Case("zo-optim-name", ft("optim.name=sgd"), r"optim\.name='sgd'.*'zo'.*zo\.optimizer"),
     Case("prge-grad-clip", ft("--method", "prge", "optim.grad_clip=0.5"), r"optim\.grad_clip"),
     Case("fo-adamw-momentum", ft("--method", "fo", "optim.momentum=0.9"), r"optim\.name=sgd"),
+    # HellaSwag: a malformed file names itself and the line; settings it would ignore
+    Case(
+        "hellaswag-bad-gold",
+        hs("--dataset", "{tmp}/hs.txt"),
+        r"hs\.txt, line 2: '7' is not a gold ending index",
+        {"hs.txt": "Cat: a cat sits. it\n7\nsleeps.\nruns.\neats.\nflies.\n"},
+    ),
+    Case(
+        "hellaswag-truncated",
+        hs("--dataset", "{tmp}/hs.txt"),
+        r"hs\.txt, line 7: the last task has 2 of its 6 lines",
+        {"hs.txt": "Cat: a cat sits. it\n1\nsleeps.\nruns.\neats.\nflies.\nDog: x\n0\n"},
+    ),
+    Case("hellaswag-max-length", hs("--max-length", "64"), r"data\.max_length=64.*not act"),
+    Case("hellaswag-builtin-dataset", hs("--dataset", "sst2"), r"sst2 is a built-in dataset"),
+    Case("finetune-hellaswag", ft("--task", "hellaswag"), r"benchmark.*edgetune eval --task"),
 ]
 
 

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from edgetune.config import option
 from edgetune.data.builtin import BUILTIN_DATASETS
 from edgetune.errors import ConfigError
+from edgetune.eval import BENCHMARKS
 
 TASK_NAMES = ("classification", "instruction", "lm")
+# `edgetune eval --task NAME` also takes a standard benchmark (`edgetune.eval`)
+TASK_CHOICES = (*TASK_NAMES, *BENCHMARKS)
 
 
 @dataclass
@@ -26,7 +29,9 @@ class DataConfig:
         dataset: a built-in name (`edgetune datasets`), a .tsv/.csv/.jsonl/.json/.txt
             file, or a Hugging Face datasets id `owner/name` (needs internet).
         task: classification | instruction | lm; None = the built-in's default, else
-            inferred from the columns.
+            inferred from the columns. `edgetune eval` also scores a benchmark
+            (hellaswag): then `dataset` is its file if given, and `eval_size` and `seed`
+            draw the sample.
         text_fields: classification text columns (one or two), or the lm text column.
         label_field: classification label column.
         labels: class names in class-index order.
@@ -52,7 +57,9 @@ class DataConfig:
         flag="--dataset",
     )
     task: str | None = option(
-        None, "classification | instruction | lm (default: inferred)", flag="--task"
+        None,
+        "classification | instruction | lm, or for eval hellaswag (default: inferred)",
+        flag="--task",
     )
     text_fields: list[str] | None = option(
         None, "text column(s), e.g. title,description", flag=("--text-fields", "--text-field")
@@ -74,10 +81,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset.strip():
             raise ConfigError("data.dataset: expected a built-in name, a file path or a hub id")
-        if self.task is not None and self.task not in TASK_NAMES:
+        if self.task is not None and self.task not in TASK_CHOICES:
             raise ConfigError(
-                f"data.task: {self.task!r} is not one of {', '.join(TASK_NAMES)}; "
-                f"pass --task classification|instruction|lm or leave it unset to infer it"
+                f"data.task: {self.task!r} is not one of {', '.join(TASK_CHOICES)}; "
+                f"pass --task classification|instruction|lm (edgetune eval also takes "
+                f"{'|'.join(BENCHMARKS)}) or leave it unset to infer it"
             )
         _check_int("max_length", self.max_length, minimum=4)
         _check_int("eval_size", self.eval_size, minimum=0)

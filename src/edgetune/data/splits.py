@@ -23,7 +23,8 @@ from typing import Any
 from edgetune.data.config import DataConfig
 from edgetune.data.resolve import RESOLVERS, infer_task
 from edgetune.data.source import load_source
-from edgetune.errors import DataError
+from edgetune.errors import ConfigError, DataError
+from edgetune.eval import BENCHMARKS
 
 
 @dataclass
@@ -127,6 +128,12 @@ class _Loaded:
 
 
 def _load(cfg: DataConfig) -> _Loaded:
+    if cfg.task in BENCHMARKS:
+        raise ConfigError(
+            f"data.task={cfg.task} is a benchmark with no training rows: only `edgetune "
+            f"eval --task {cfg.task}` scores it; train on a dataset's task "
+            f"(classification | instruction | lm) and evaluate the result with it"
+        )
     source = load_source(cfg)
     task = cfg.task or (source.spec.task if source.spec else infer_task(cfg, source))
     rows, eval_rows, meta = RESOLVERS[task](cfg, source)

@@ -202,6 +202,19 @@ def _no_weight_repacking() -> Iterator[None]:
         low.llama_model_default_params = default
 
 
+def open_llama(
+    model_path: Path, n_ctx: int, threads: int = 1, adapter_path: Path | None = None
+) -> Any:
+    """A `llama_cpp.Llama` over `model_path` (and a LoRA adapter GGUF) with every
+    position's logits kept (`logits_all`), an F32 KV cache and weight repacking off;
+    the caller closes it.
+
+    Raises:
+        ConfigError: the binding is missing, or a file is missing, truncated or foreign.
+    """
+    return _open(Path(model_path), adapter_path, threads, n_ctx)
+
+
 def _open(model_path: Path, adapter_path: Path | None, threads: int, n_ctx: int) -> Any:
     """A llama.cpp model with every position's logits kept, after checking the files."""
     try:

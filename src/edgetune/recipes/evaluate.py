@@ -7,6 +7,12 @@ verbalizer, max_length) read from RUN/config.yaml, on the rows that run held out
 `data.splits.load_held_out`); any other setting that differs from the run is an error,
 since it would score something other than what was trained. Without a run, the flags
 and `--config` say what to evaluate, as for `finetune`.
+
+`--task hellaswag` (any name in `edgetune.eval.BENCHMARKS`) scores a standard benchmark
+instead, on the model given (base, adapter, pruned or int8 folder, .gguf) or on a run's
+model and weights; only `--dataset` (its file), `--eval-size` (the sample) and `--seed`
+act on it, so any other data setting is refused. `--batch-size` counts sequences per
+forward pass there too: 16 is four tasks of four endings.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ from edgetune.config import (
     set_dotted,
     to_dict,
 )
+from edgetune.data.builtin import BUILTIN_DATASETS
+from edgetune.data.config import DataConfig
 from edgetune.data.recorded import run_of_adapter
 from edgetune.errors import ConfigError, EdgetuneError
+from edgetune.eval import BENCHMARKS, Benchmark
 from edgetune.models.builtin import builtin_for_base_model
 from edgetune.models.loader import check_adapter_fits
 from edgetune.runs import RunDir
@@ -39,6 +48,8 @@ from edgetune.runs import RunDir
 # Settings an evaluation of a run may change: which held-out rows, how many, and
 # whether a progress bar shows.
 RUN_EVAL_KEYS = ("seed", "data.eval_size", "train.progress")
+# The data settings a benchmark reads: its file, its name and the sample size.
+BENCHMARK_DATA_KEYS = ("dataset", "task", "eval_size")
 
 
 def load_adapter(model: Any, adapter: str | None) -> Any:
@@ -166,6 +177,9 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     flags = {k: v for k, v in flags.items() if k not in ("out", "train.batch_size")}
     source = run_of(getattr(args, "run", None), args.adapter)
+    if _requested_task(args, flags) in BENCHMARKS:
+        cfg = resolve_config(FinetuneConfig, args.config, args.overrides, flags)
+        return run_benchmark(args, flags, cfg, source, start)
     adapter = args.adapter
     weights = None
     if source is not None:
@@ -203,6 +217,130 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
         rundir.log({"step": 0, **metrics})
         rundir.write_summary(summary)
     return summary
+
+
+def _requested_task(args: argparse.Namespace, flags: dict[str, Any]) -> str | None:
+    """data.task as --config, the flags and the overrides set it (before any run's
+    config is read: a benchmark is scored whatever task the run trained on)."""
+    tree: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for key, value in flags.items():
+        if value is not None:
+            set_dotted(tree, key, value)
+    for text in args.overrides:
+        set_dotted(tree, *parse_override(text))
+    data = tree.get("data")
+    task = data.get("task") if isinstance(data, dict) else None
+    return task if isinstance(task, str) else None
+
+
+def run_benchmark(
+    args: argparse.Namespace, flags: dict[str, Any], cfg: Any, source: Path | None, start: float
+) -> dict[str, Any]:
+    """Score the benchmark `cfg.data.task` on the model the flags (or the run) give."""
+    from edgetune import models
+    from edgetune.runs import peak_rss_mb
+
+    benchmark = BENCHMARKS[str(cfg.data.task)]
+    file = _benchmark_file(benchmark, cfg.data, flags)
+    adapter, weights = args.adapter, None
+    if source is not None:
+        adapter, weights = _weights_of(source)
+        model_spec = _run_model(source, cfg.model, "model" in flags)
+    else:
+        given = "model" in flags or cfg.model != type(cfg)().model
+        model_spec = _model_for_adapter(adapter, cfg.model, given)
+    items = benchmark.load(file, cfg.data.eval_size, cfg.seed)
+    progress = cfg.train.progress
+    console.status(f"loading model {model_spec}; {benchmark.name}: {len(items)} items", progress)
+    model, tokenizer = models.load(model_spec)
+    model = load_adapter(model, adapter) if weights is None else _load_weights(weights)
+    bar = console.bar(len(items), benchmark.name, "task", enabled=progress, leave=False)
+    try:
+        scored = benchmark.score(
+            model.eval(), tokenizer, items, args.batch_size, bar and bar.update
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    metrics = {f"eval/{k}": float(v) for k, v in scored.items()}
+    console.status(_benchmark_line(benchmark.name, scored, len(items)))
+    summary = {
+        "command": "eval",
+        "model": model_spec,
+        "adapter": adapter,
+        **({"run": str(source)} if source is not None else {}),
+        "benchmark": benchmark.name,
+        "data": str(file),
+        "seed": cfg.seed,
+        "eval_examples": len(items),
+        **metrics,
+        "interval": "95 % Wilson score interval",
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if args.out:
+        rundir = RunDir(args.out)
+        rundir.write_config({**to_dict(cfg), "model": model_spec, "adapter": adapter})
+        rundir.log({"step": 0, **metrics})
+        rundir.write_summary(summary)
+    return summary
+
+
+def _benchmark_file(benchmark: Benchmark, data: DataConfig, flags: dict[str, Any]) -> Path:
+    """The benchmark's file: `--dataset FILE`, else its default; refuses the data
+    settings a benchmark does not read.
+
+    Raises:
+        ConfigError: a data setting besides dataset, task and eval_size was given, or
+            --dataset names a built-in dataset, or eval_size is 0.
+    """
+    default = DataConfig()
+    unread = [
+        f"data.{name}={getattr(data, name)!r}"
+        for name in vars(default)
+        if name not in BENCHMARK_DATA_KEYS and getattr(data, name) != getattr(default, name)
+    ]
+    if unread:
+        raise ConfigError(
+            f"--task {benchmark.name} is scored as published, so {', '.join(unread)} would "
+            f"not act on it; drop it (only --dataset FILE, --eval-size and --seed apply)"
+        )
+    if data.eval_size < 1:
+        raise ConfigError(
+            f"data.eval_size=0 scores nothing; pass --eval-size N (N items of {benchmark.name} "
+            f"drawn with --seed; a number at least the file's size scores all of them)"
+        )
+    if "data.dataset" not in flags and data.dataset == default.dataset:
+        return benchmark.default_file()
+    if data.dataset in BUILTIN_DATASETS:
+        raise ConfigError(
+            f"--dataset {data.dataset} is a built-in dataset, not a {benchmark.name} file; "
+            f"drop --dataset to score the shipped {benchmark.name} data, or pass a file in "
+            f"its layout"
+        )
+    return Path(data.dataset).expanduser()
+
+
+def _run_model(run: Path, model: str, given: bool) -> str:
+    """The model a run trained (its weights fit no other)."""
+    trained = str(RunDir(run, resume=True).read_config().get("model"))
+    if given and model != trained:
+        raise ConfigError(
+            f"--model {model} differs from the model {run} trained ({trained}); drop --model "
+            f"to score the run, or pass --model alone to score another model"
+        )
+    return trained
+
+
+def _benchmark_line(name: str, scored: dict[str, float], n: int) -> str:
+    """ "hellaswag (1000 tasks): acc 0.312 [0.284, 0.341], acc_norm ..." """
+    parts = [
+        f"{key} {scored[key]:.3f} [{scored[f'{key}_ci95_low']:.3f}, "
+        f"{scored[f'{key}_ci95_high']:.3f}]"
+        for key in ("acc", "acc_norm")
+        if key in scored
+    ]
+    return f"{name} ({n} items): {', '.join(parts)} (95 % Wilson intervals)"
 
 
 def _load_weights(folder: str) -> Any:
