@@ -120,6 +120,12 @@ HEADER = "sentence,label\n"
 ROWS = "a fine film,good\na dull film,bad\n" * 6  # verbalizer words stories260K tells apart
 
 CASES = [
+    # --- the generated flags and --print-config: the config names the bad value -------
+    Case("steps-not-a-number", ft("--steps", "many"), r"train\.steps: expected an integer"),
+    Case("print-config-bad-value", ft("--batch-size", "0", "--print-config"), r"train\.batch_size"),
+    Case("algorithm-typo", fed("--algorithm", "fedkseeed"), r"fed\.algorithm.*fedkseed"),
+    Case("dp-noise-negative", fed("dp.noise=-1"), r"dp\.noise"),
+    Case("peft-init-pissa", ft("peft.init=pissa"), r"peft\.init=pissa.*residual"),
     # --- numbers: NaN, infinity, out of range, wrong type -------------------------
     Case("lr-nan", ft("--lr", "nan"), r"optim\.lr.*(nan|finite)"),
     Case("lr-inf", ft("--lr", "inf"), r"optim\.lr.*(inf|finite)"),
