@@ -37,6 +37,14 @@ from edgetune.runs import RunDir
 from edgetune.train import OptimConfig, TrainConfig
 
 FRACTION = 0.2
+ADAPTIVE_NOTE = (
+    " inflate sends 5x its honest update (under the 10x outlier floor); alie (the honest "
+    "mean minus one honest standard deviation per coordinate) and ipm (-0.5x the honest "
+    "mean) are omniscient: the simulator trains every client first, and they are computed "
+    "from the round's honest updates. centered-clip clips each update's distance to the "
+    'last aggregate at fed.clip=1.0, and "+ bucket 2" averages shuffled pairs of clients '
+    "before the rule."
+)
 TARGET = 0.02  # the best rule may lose at most 2 % of the honest eval loss to attackers
 # algorithm -> (client method, client lr)
 SETTINGS = {"fedit": ("fo", 5e-3), "fedkseed": ("zo", 2e-3)}
@@ -186,7 +194,7 @@ def render(results: dict, model: str, rounds: int, clients: int, machine: str) -
         "the others' coordinate-wise median) separated most flips in this iid setting "
         "(flipped -0.01..-0.08, honest +0.02..+0.19) but rejected 4 of 8 honest updates on "
         "a 5-client SST-2 run, where small label-skewed batches pull honestly in opposite "
-        "directions, so it is not used: the flip is bounded, not removed.",
+        "directions, so it is not used: the flip is bounded, not removed." + ADAPTIVE_NOTE,
     ]
     return "\n".join(lines)
 
