@@ -140,21 +140,7 @@ class FedConfig:
     def __post_init__(self) -> None:
         spec = algorithm_spec(self.algorithm)
         check_choice("fed", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
-        check_choice("fed", "aggregator", self.aggregator, AGGREGATORS)
-        if self.aggregator not in spec.aggregators:
-            raise ConfigError(
-                f"fed.aggregator={self.aggregator} is not one {self.algorithm} aggregates "
-                f"with; use one of {' | '.join(spec.aggregators)}"
-            )
-        if self.bucket == 1 or self.bucket < 0:
-            raise ConfigError(
-                f"fed.bucket: expected 0 (off) or a bucket size >= 2, got {self.bucket}"
-            )
-        if (self.bucket or self.aggregator == "centered-clip") and self.ranks:
-            raise ConfigError(
-                "fed.bucket and fed.aggregator=centered-clip combine whole updates, and "
-                f"fed.ranks={self.ranks!r} gives clients different shapes; drop one of them"
-            )
+        self._check_aggregator(spec)
         check_choice("fed", "method", self.method, CLIENT_METHODS)
         check_choice("fed", "rank_aggregation", self.rank_aggregation, RANK_AGGREGATIONS)
         if self.rank_aggregation == "svd" and (
@@ -204,6 +190,24 @@ class FedConfig:
                 "use zo or auto"
             )
         self._refuse_unread(spec)
+
+    def _check_aggregator(self, spec: AlgorithmSpec) -> None:
+        """The rule exists, the algorithm implements it, and bucketing is well formed."""
+        check_choice("fed", "aggregator", self.aggregator, AGGREGATORS)
+        if self.aggregator not in spec.aggregators:
+            raise ConfigError(
+                f"fed.aggregator={self.aggregator} is not one {self.algorithm} aggregates "
+                f"with; use one of {' | '.join(spec.aggregators)}"
+            )
+        if self.bucket == 1 or self.bucket < 0:
+            raise ConfigError(
+                f"fed.bucket: expected 0 (off) or a bucket size >= 2, got {self.bucket}"
+            )
+        if (self.bucket or self.aggregator == "centered-clip") and self.ranks:
+            raise ConfigError(
+                "fed.bucket and fed.aggregator=centered-clip combine whole updates, and "
+                f"fed.ranks={self.ranks!r} gives clients different shapes; drop one of them"
+            )
 
     def _refuse_unread(self, spec: AlgorithmSpec) -> None:
         """Refuse a `fed` setting that only other algorithms (or aggregators) read."""
