@@ -429,6 +429,11 @@ CASES = [
         {"adapter_config.json": "{oops"},
     ),
     Case("generate-unknown-model", ["generate", "--model", "nope", "--prompt", "a"], r"'nope'"),
+    Case(  # refused by the config, before the model loads and ExecuTorch starts
+        "export-max-seq-zero",
+        ["export", "--model", "{model}", "--format", "executorch", "--max-seq", "0"],
+        r"export\.max_seq: expected an integer >= 1, got 0; e\.g\. --max-seq 128",
+    ),
     Case("eval-adapter-missing", ev("--adapter", "{tmp}/nope"), r"nope is not a PEFT adapter"),
     Case(
         "eval-split-without-label",

@@ -310,13 +310,21 @@ def config_from_run(
 
     saved_tree = RunDir(run_dir, resume=True).read_config()
     saved_tree["out"] = str(run_dir)
+    try:
+        saved = build(cls, copy.deepcopy(saved_tree))
+    except ConfigError as exc:  # the file, not the command line, holds the bad value
+        raise ConfigError(
+            f"{Path(run_dir) / 'config.yaml'} (the run's saved config) does not load: {exc}. "
+            "It was edited or damaged since the run wrote it; restore it from a copy of the "
+            "run, or put back the value the run was started with"
+        ) from None
     tree = copy.deepcopy(saved_tree)
     for key, value in (flags or {}).items():
         set_dotted(tree, key, value)
     for text in overrides:
         set_dotted(tree, *parse_override(text))
     cfg = build(cls, tree)
-    changed = config_diff(build(cls, saved_tree), cfg)
+    changed = config_diff(saved, cfg)
     if "out" in changed:
         raise ConfigError(
             f"--resume {run_dir} continues in {run_dir}; drop --out / out= (to continue "

@@ -28,6 +28,7 @@ import math
 import os
 import resource
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,41 @@ def _ends_mid_line(path: Path) -> bool:
         return False
 
 
+def check_out(path: str | Path, flag: str = "--out") -> None:
+    """Refuse a folder that cannot be created or written, before any slow work starts:
+    a path inside a regular file, a symbolic link that loops or points nowhere, a
+    special or read-only filesystem. Creates nothing: the nearest existing ancestor is
+    probed with a temporary folder that is removed at once.
+
+    Raises:
+        EdgetuneError: naming the path, the problem and the fix.
+    """
+    path = Path(path)
+    fix = f"pass {flag} a folder you can write to"
+    if path.is_symlink() and not path.exists():
+        raise EdgetuneError(
+            f"{flag} {path} is a symbolic link that loops or points nowhere "
+            f"({os.readlink(path)}); remove the link, or {fix}"
+        )
+    if path.exists() and not path.is_dir():
+        raise EdgetuneError(f"{flag} {path} is a file, not a folder; {fix}")
+    ancestor = path
+    while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise EdgetuneError(
+            f"{flag} {path} cannot be created: {ancestor} is a file, not a folder; {fix}"
+        )
+    try:
+        probe = tempfile.mkdtemp(prefix=".edgetune-probe-", dir=ancestor)
+    except OSError as exc:
+        raise EdgetuneError(
+            f"{flag} {path} cannot be created in {ancestor} ({exc.strerror}: a read-only or "
+            f"special filesystem, or no permission); {fix}"
+        ) from None
+    os.rmdir(probe)
+
+
 class RunDir:
     """Reads and writes one run directory."""
 
@@ -244,8 +280,8 @@ class RunDir:
         if not path.exists():
             raise EdgetuneError(f"{self.path} has no config.yaml; is it a run directory?")
         try:
-            config = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             config = exc
         if not isinstance(config, dict):
             raise EdgetuneError(

@@ -74,6 +74,7 @@ def test_fedspine_killed_in_round_3_and_resumed_ends_like_an_uninterrupted_run(
     [
         (["--target-sparsity", "0.9"], "leaves almost none"),
         (["spine.levels=0.5,-1"], "levels must be finite and >= 0"),
+        (["spine.levels=0,0"], "no level above 0, so every arm prunes 0 %"),
         (["spine.ranks=2,64"], "outside [1, peft.rank"),
         (["spine.policy=uniform", "spine.levels=1,1.5"], "plays level 1 at the global rank"),
         (["spine.policy=random", "spine.discount=0.5"], "spine.policy=random plays no bandit"),

@@ -88,8 +88,14 @@ def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
         data = json.loads(path.read_text(encoding="utf-8"))
         data["slots"] = [LoraSlot(**s) for s in data.get("slots", [])]
         manifest = ExportManifest(**data)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:  # not an object, a slot not one
         raise ConfigError(f"{path} is damaged ({exc}); export the model again") from None
+    problem = _type_problem(manifest) or _rank_problem(manifest)
+    if problem:
+        raise ConfigError(
+            f"{path} is damaged or was edited by hand ({problem}); export the model again "
+            "(edgetune export writes it, and the graph's shapes are fixed at export)"
+        )
     if verify:
         for name, want in manifest.checksums.items():
             file = Path(folder) / name
@@ -101,3 +107,57 @@ def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
                     "or corrupt (an interrupted copy is a common cause); copy or export it again"
                 )
     return manifest
+
+
+# The type of every field (and of a slot's), as `export.json` stores it.
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "files": dict,
+    "base_model": str,
+    "logits": str,
+    "slots": list,
+    "peft_config": (dict, type(None)),
+    "merged_adapter": (str, type(None)),
+    "adapter": (str, type(None)),
+    "checksums": dict,
+    "facts": dict,
+}
+SLOT_TYPES = {"module": str, "in_features": int, "out_features": int, "rank": int}
+
+
+def _type_problem(manifest: ExportManifest) -> str:
+    """The first field (or slot field) of the wrong type, as a phrase ("" if none)."""
+    for name, kind in FIELD_TYPES.items():
+        value = getattr(manifest, name)
+        if not isinstance(value, kind):
+            return f"{name} is {value!r}, not a {_kind_name(kind)}"
+    files = {**manifest.files, **manifest.checksums}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return "files and checksums must map names to strings"
+    if manifest.format != "gguf" and "graph" not in manifest.files:
+        return f"files names no graph: {manifest.files!r}"
+    for slot in manifest.slots:
+        for name, kind in SLOT_TYPES.items():
+            value = getattr(slot, name)
+            if type(value) is not kind or (kind is int and value < 1):
+                return f"slot {slot.module!r} has {name}={value!r}"
+    return ""
+
+
+def _rank_problem(manifest: ExportManifest) -> str:
+    """A slot whose rank differs from the LoRA config exported beside it ("" if none):
+    the graph's inputs have the config's rank, so the runtime would refuse every call."""
+    config = manifest.peft_config or {}
+    r = config.get("r")
+    pattern = config.get("rank_pattern") or {}
+    for slot in manifest.slots:
+        want = next((v for k, v in pattern.items() if slot.module.endswith(k)), r)
+        if isinstance(want, int) and slot.rank != want:
+            return f"slot {slot.module} has rank {slot.rank}, peft_config.r is {want}"
+    return ""
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "string", dict: "mapping", list: "list", type(None): "null"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)

@@ -9,6 +9,7 @@ nothing matches, the error lists every attempt and why it failed. Models load in
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,8 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     source, kind = resolve(spec)
+    if isinstance(source, Path):
+        check_model_folder(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if kind == "encoder":
@@ -122,6 +125,15 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
             model = _int8_dynamic(model)
+    except RuntimeError as exc:
+        if isinstance(source, str) or "size" not in str(exc):
+            raise
+        raise ModelNotFoundError(
+            f"the weights in {source} do not fit its config.json "
+            f"({_first_mismatch(source) or exc}): model.safetensors and config.json come "
+            "from different models, or one was edited. Restore both files from the model's "
+            "source (copy or download the folder again)"
+        ) from None
     except OSError as exc:
         if isinstance(source, str):
             raise ModelNotFoundError(
@@ -137,6 +149,118 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
     if isinstance(context, int) and context < tokenizer.model_max_length:
         tokenizer.model_max_length = context
     return model.eval(), tokenizer
+
+
+# config.json fields that size the tensors: a hand edit that makes one a string or a
+# float fails deep inside transformers, far from the file that holds it.
+INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "head_dim",
+)
+WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin")  # besides *.safetensors
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse a damaged local model folder before transformers reads it (its errors are
+    a `SafetensorError`, a `TypeError` from a config field or a size-mismatch report).
+
+    Checks that config.json is a JSON object whose size fields are integers, that the
+    folder holds weights, and that model.safetensors has a readable header covering the
+    whole file (a truncated copy fails here, in milliseconds).
+
+    Raises:
+        ModelNotFoundError: naming the file, what is wrong with it and the fix.
+    """
+    config_path = folder / "config.json"
+    config = _json_object(config_path, "the model's config")
+    bad = [
+        f"{key}={config[key]!r}"
+        for key in INT_FIELDS
+        if key in config and config[key] is not None and type(config[key]) is not int
+    ]
+    if bad:
+        raise ModelNotFoundError(
+            f"{config_path}: {', '.join(bad)} must be an integer; restore config.json from "
+            "the model's source (it was edited by hand, or is not this model's)"
+        )
+    if not any((folder / name).is_file() for name in WEIGHT_FILES) and not list(
+        folder.glob("*.safetensors")
+    ):
+        raise ModelNotFoundError(
+            f"{folder} has config.json but no weights (model.safetensors is missing); copy "
+            "or download the whole model folder again"
+        )
+    for weights in sorted(folder.glob("*.safetensors")):  # an int8 folder's too
+        check_safetensors(weights, "copy or download the model folder again")
+
+
+def check_safetensors(path: Path, fix: str) -> None:
+    """Refuse a safetensors file whose header does not parse or does not cover the file
+    (empty, truncated, or bytes overwritten); `fix` says how to get a good copy.
+
+    Raises:
+        EdgetuneError: naming the file and `fix`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as exc:
+        raise EdgetuneError(
+            f"{path} cannot be read ({exc}): the file is empty, truncated or corrupt (an "
+            f"interrupted copy or download is a common cause); {fix}"
+        ) from None
+
+
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file as a dict.
+
+    Raises:
+        ModelNotFoundError: the file is missing, not UTF-8, not JSON or not an object.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{path} is missing ({what}); restore it") from None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError too
+        data = exc
+    if not isinstance(data, dict):
+        problem = (
+            f"not a valid JSON file: {data}"
+            if isinstance(data, Exception)
+            else ("not a JSON object")
+        )
+        raise ModelNotFoundError(
+            f"{path} is damaged ({problem}); restore it from the model's source (copy or "
+            "download the model folder again)"
+        )
+    return data
+
+
+def _first_mismatch(folder: Path) -> str:
+    """The first tensor whose shape in model.safetensors differs from the one config.json
+    implies ("" when none is found); built on the meta device, so it costs no memory."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    wanted = {name: list(t.shape) for name, t in model.state_dict().items()}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                shape = list(f.get_slice(key).get_shape())
+                if key in wanted and wanted[key] != shape:
+                    return f"{key} is {shape} in {file.name}, config.json implies {wanted[key]}"
+    return ""
 
 
 def _load_per_layer_widths(source: Path | str) -> Any | None:
@@ -202,11 +326,28 @@ def check_adapter_fits(model: Any, adapter: Path) -> None:
         )
     weights = Path(adapter) / "adapter_model.safetensors"
     if not weights.is_file():
-        return  # a legacy .bin adapter: PEFT's own check applies
+        if (Path(adapter) / "adapter_model.bin").is_file():
+            return  # a legacy .bin adapter: PEFT's own check applies
+        raise EdgetuneError(
+            f"{adapter} has adapter_config.json but no adapter_model.safetensors (the "
+            "adapter's tensors); copy the whole adapter folder again, or train it again"
+        )
+    ranks = _config_ranks(Path(adapter), config)
+    check_safetensors(weights, "copy the adapter folder again, or train it again")
     modules = dict(model.named_modules())
     with safe_open(weights, "pt") as f:
         for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
-            problem = _misfit(modules, model.config, key, list(f.get_slice(key).get_shape()))
+            shape = list(f.get_slice(key).get_shape())
+            # the two files disagreeing is a damaged adapter, whatever the model
+            disagree = _rank_misfit(ranks, key, shape)
+            if disagree:
+                raise EdgetuneError(
+                    f"adapter {adapter}: adapter_config.json and adapter_model.safetensors "
+                    f"disagree: {disagree}. One of the two was edited or copied from another "
+                    "adapter; restore the pair from the run that trained it (or train the "
+                    "adapter again)"
+                )
+            problem = _misfit(modules, model.config, key, shape)
             if problem:
                 base = config.get("base_model_name_or_path") or "BASE"
                 raise EdgetuneError(
@@ -214,6 +355,41 @@ def check_adapter_fits(model: Any, adapter: Path) -> None:
                     f"with the model it was trained on (pass --model "
                     f"{builtin_for_base_model(base) or base})"
                 )
+
+
+def _config_ranks(adapter: Path, config: dict[str, Any]) -> tuple[int, dict[str, int]] | None:
+    """(r, rank_pattern) of a LoRA adapter_config.json; None for other PEFT methods.
+
+    Raises:
+        EdgetuneError: r or a rank_pattern value is not a positive integer.
+    """
+    if "r" not in config:
+        return None
+    pattern = config.get("rank_pattern") or {}
+    values = [config["r"], *(pattern.values() if isinstance(pattern, dict) else [pattern])]
+    if not isinstance(pattern, dict) or any(type(v) is not int or v < 1 for v in values):
+        raise EdgetuneError(
+            f"{adapter}/adapter_config.json: r={config['r']!r} (rank_pattern="
+            f"{config.get('rank_pattern')!r}) is not a positive integer rank; restore the "
+            "file from the run that trained the adapter (or train it again)"
+        )
+    return config["r"], pattern
+
+
+def _rank_misfit(ranks: tuple[int, dict[str, int]] | None, key: str, shape: list[int]) -> str:
+    """How LoRA tensor `key` of `shape` contradicts the config's rank ("" if it does not)."""
+    path, sep, tail = key.removeprefix("base_model.model.").partition(".lora_")
+    if ranks is None or not sep or len(shape) != 2:
+        return ""
+    r, pattern = ranks
+    for name, value in pattern.items():  # PEFT: a key matches the module path's end
+        if path == name or re.fullmatch(rf".*\.{name}", path):
+            r = value
+            break
+    held = {"A.weight": shape[0], "B.weight": shape[1]}.get(tail)
+    if held is None or held == r:
+        return ""
+    return f"the config says rank r={r}, but {key} holds rank {held} (shape {shape})"
 
 
 def _misfit(modules: dict[str, Any], config: Any, key: str, shape: list[int]) -> str | None:

@@ -60,7 +60,7 @@ from edgetune.data.recorded import with_recorded_task
 from edgetune.errors import ConfigError
 from edgetune.recipes.evaluate import load_adapter
 from edgetune.recipes.recover import RecoverConfig, load_teacher, recover, teacher_logits
-from edgetune.runs import RunDir, peak_rss_mb
+from edgetune.runs import RunDir, check_out, peak_rss_mb
 from edgetune.train.loop import evaluate_model
 
 IMPORTANCE = ("activation", "taylor", "magnitude")
@@ -269,6 +269,7 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
             f"{cfg.out} already holds a run (finished or interrupted); pass --overwrite to "
             f"replace it, or another --out"
         )
+    check_out(cfg.out)  # before importance is scored
     if cfg.adapter:  # scored with the labels, verbalizer and template it was trained on
         cfg = dataclasses.replace(cfg, data=with_recorded_task(cfg.data, cfg.adapter))
     console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.progress)

@@ -44,6 +44,7 @@ from edgetune.export.manifest import ExportManifest, write_manifest
 from edgetune.models.builtin import base_model_id
 from edgetune.peft.config import LLAMA_PROJECTIONS
 from edgetune.recipes.evaluate import load_adapter
+from edgetune.runs import check_out
 
 ARCHITECTURES = ("llama",)  # what the exporters and their tests cover
 # An ExecuTorch program runs at exactly its limits (export/executorch.py): one copy (MeZO,
@@ -101,9 +102,14 @@ class ExportConfig:
         check_choice("export", "logits", self.logits, LOGITS_MODES)
         check_choice("export", "gguf_type", self.gguf_type, GGUF_TYPES)
         threads.check(self.threads, "threads")
-        for name in ("lora_rank", *PTE_DEFAULTS):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"export.{name}: expected a value >= 0")
+        if self.lora_rank < 0:
+            raise ConfigError(f"export.lora_rank: expected a value >= 0, got {self.lora_rank}")
+        for name in PTE_DEFAULTS:  # a program with room for 0 copies, rows or tokens runs nothing
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"export.{name}: expected an integer >= 1, got {getattr(self, name)}; "
+                    f"e.g. --{name.replace('_', '-')} {PTE_DEFAULTS[name]}"
+                )
         self._refuse_ignored()
 
     def _refuse_ignored(self) -> None:
@@ -144,6 +150,7 @@ def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     """
     started = time.perf_counter()
     out = Path(cfg.out)
+    check_out(out)  # before the model loads and the exporter runs
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass another --out, or --overwrite to replace it")
     console.status(f"loading model {cfg.model}")

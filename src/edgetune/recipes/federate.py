@@ -20,6 +20,7 @@ from edgetune.config import to_dict
 from edgetune.fed.config import RESUME_MAY_CHANGE, FederateConfig
 from edgetune.fed.session import partition_for, resume_point, setup, summarize
 from edgetune.runs import RunDir
+from edgetune.train.checkpoint import check_saved_rank
 
 __all__ = ["RESUME_MAY_CHANGE", "FederateConfig", "partition_for", "run"]
 
@@ -34,6 +35,9 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     rundir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
     saved = resume_point(rundir, cfg) if resume else None
     if saved is not None:
+        where = rundir.path / "state" / f"round-{saved.round:06d}"  # (or an older layout's)
+        where = where if where.is_dir() else where.parent
+        check_saved_rank(saved.state, cfg.peft, where, rundir.path / "config.yaml")
         log_resume(rundir, saved, cfg)
     rundir.write_config(to_dict(cfg))
     fed = setup(cfg)

@@ -27,6 +27,8 @@ from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train import LoopState, OptimConfig, TrainConfig
 from edgetune.train.checkpoint import (
     CheckpointError,
+    check_saved_rank,
+    checkpoint_dir,
     checkpoint_step,
     list_checkpoints,
     newest_intact,
@@ -162,6 +164,9 @@ def resume_point(run: RunDir, cfg: FinetuneConfig) -> ResumePoint:
         p for p in list_checkpoints(run.path) if up_to is not None and checkpoint_step(p) > up_to
     ]
     checkpoint, broken = newest_intact(run.path, up_to)
+    if checkpoint is not None:
+        where = checkpoint_dir(run.path, checkpoint[2]["step"])
+        check_saved_rank(checkpoint[0], cfg.peft, where, run.path / "config.yaml")
     point = ResumePoint(checkpoint, broken, changed, diverged)
     if checkpoint is None:
         _check_nothing_lost(run, saved.train, broken, up_to)

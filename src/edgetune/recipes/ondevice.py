@@ -29,7 +29,7 @@ from edgetune.export.manifest import read_manifest
 from edgetune.ondevice.adapter import LORA_METHODS, build_adapter, init_lora, load_lora
 from edgetune.ondevice.runtime import RUNTIMES, RuntimeLM, open_session
 from edgetune.peft.card import ModelCard
-from edgetune.runs import RunDir, peak_rss_mb
+from edgetune.runs import RunDir, check_out, peak_rss_mb
 from edgetune.train import OptimConfig, TrainConfig, fit
 from edgetune.train.config import check_optim_read_by, resolve_step_size
 from edgetune.train.factory import build_stepper, check_zo_read
@@ -100,6 +100,11 @@ def run(cfg: OnDeviceConfig, *, overwrite: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     folder = Path(cfg.model)
     manifest = read_manifest(folder)
+    check_out(cfg.out)  # and a run already there, before the runtime loads the graph
+    if (Path(cfg.out) / "metrics.jsonl").exists() and not overwrite:
+        raise ConfigError(
+            f"{cfg.out} already holds a run; pass --overwrite to replace it, or another --out"
+        )
     fmt = RUNTIMES[cfg.runtime]
     if manifest.format != fmt:
         raise ConfigError(

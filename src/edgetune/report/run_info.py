@@ -65,14 +65,9 @@ def load_run(run_dir: str | Path) -> RunRecord:
     missing = [n for n in ("config.yaml", "metrics.jsonl") if not (path / n).is_file()]
     if missing:
         raise NotARunError(f"{path} has no {' and no '.join(missing)}; {_fix(path)}")
-    try:
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        summary_path = path / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise NotARunError(f"{path}: config.yaml or summary.json cannot be read ({exc})") from None
-    if not isinstance(config, dict) or not isinstance(summary, dict):
-        raise NotARunError(f"{path}: config.yaml or summary.json is not a mapping; {_fix(path)}")
+    config = _mapping(path / "config.yaml", yaml.safe_load)
+    summary_path = path / "summary.json"
+    summary = _mapping(summary_path, json.loads) if summary_path.is_file() else {}
     # An unfinished run has no summary yet; its config tells federated from single-device.
     command = summary.get("command") or ("federate" if "fed" in config else "finetune")
     if command not in FEDERATED_COMMANDS + SINGLE_COMMANDS:
@@ -83,6 +78,30 @@ def load_run(run_dir: str | Path) -> RunRecord:
     metrics = read_jsonl(path / "metrics.jsonl")
     clients = read_jsonl(path / "clients.jsonl") if command in FEDERATED_COMMANDS else []
     return RunRecord(path, command, config, summary, metrics, clients)
+
+
+def _mapping(file: Path, parse: Any) -> dict[str, Any]:
+    """A run file (config.yaml, summary.json) parsed into a mapping.
+
+    Raises:
+        NotARunError: the file is empty, not UTF-8, does not parse or is not a mapping
+            (damaged, or edited by hand), naming it and the fix.
+    """
+    try:
+        data = parse(file.read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError, JSONDecodeError too
+        data = exc
+    if not isinstance(data, dict):
+        problem = (
+            str(data).splitlines()[0]
+            if isinstance(data, Exception)
+            else ("empty" if data is None else f"a {type(data).__name__}, not a mapping")
+        )
+        raise NotARunError(
+            f"{file} is damaged ({problem}); restore it from a copy of the run, or run the "
+            "command that wrote it again"
+        )
+    return data
 
 
 def short_name(spec: Any) -> str:

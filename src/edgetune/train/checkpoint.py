@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edgetune.console import warn  # also imported from here by train/ and fed/
-from edgetune.errors import EdgetuneError
+from edgetune.errors import ConfigError, EdgetuneError
 
 HASHED_FILES = ("adapter.safetensors", "optimizer.pt")
 KEPT_FILE = "kept.pt"
@@ -134,6 +134,29 @@ def _read_state(path: Path) -> dict[str, Any]:
     if not isinstance(step, int) or path.name.split(".")[0] != f"step-{step:06d}":
         raise CheckpointError(f"{path / 'state.json'} does not name the step of {path.name}")
     return loop
+
+
+def check_saved_rank(
+    tensors: dict[str, torch.Tensor], peft: Any, saved: Path, config: Path
+) -> None:
+    """Refuse to resume LoRA tensors of one rank into an adapter of another: config.yaml's
+    peft.rank was edited after `saved` (a checkpoint or round state) was written. Checked
+    before anything is loaded or written (copying them in fails with a tensor size error).
+
+    Raises:
+        ConfigError: naming config.yaml, both ranks and the fix.
+    """
+    if peft.method not in ("lora", "lora-fa"):
+        return
+    held = sorted({t.shape[0] for k, t in tensors.items() if ".lora_A." in k and t.dim() == 2})
+    if held and held != [peft.rank]:
+        shown = ", ".join(map(str, held))
+        raise ConfigError(
+            f"{config} says peft.rank={peft.rank}, but {saved} holds LoRA tensors of rank "
+            f"{shown}: config.yaml was edited after the run started. Put back peft.rank="
+            f"{shown} in {config} to resume, or start a new run with --config {config} "
+            "--out NEW_DIR"
+        )
 
 
 def checkpoint_step(path: Path) -> int:

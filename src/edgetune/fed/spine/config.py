@@ -101,6 +101,15 @@ class SpineConfig:
         levels = self.level_values()
         if any(not (math.isfinite(v) and v >= 0) for v in levels):
             raise ConfigError(f"spine.levels={self.levels!r}: levels must be finite and >= 0")
+        if max(levels) == 0 and self.target_sparsity > 0:
+            # every arm's ratio is level x sparsity = 0: the run would claim a target
+            # sparsity and prune nothing
+            raise ConfigError(
+                f"spine.levels={self.levels!r} has no level above 0, so every arm prunes "
+                f"0 % and spine.target_sparsity={self.target_sparsity} never acts; give a "
+                "level > 0 (e.g. spine.levels=0,1,1.5; a 0 level is an arm that does not "
+                "prune), or --target-sparsity 0 to tune LoRA ranks only"
+            )
         if self.target_sparsity * max(levels) > MAX_RATIO:
             raise ConfigError(
                 f"spine.levels={self.levels!r} at spine.target_sparsity={self.target_sparsity} "
