@@ -158,6 +158,30 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# config.yaml opens and closes with these lines: a file that opens with the first and
+# lacks the second was cut short (a full disk, a kill mid-write), even where what is
+# left still parses. Files of earlier versions have neither and are read as they are.
+CONFIG_HEAD = "# edgetune run config (the resolved settings; the last line marks its end)"
+CONFIG_END = "# end of config"
+
+
+def config_text(path: Path) -> str:
+    """The text of a run's config.yaml, checked to be whole.
+
+    Raises:
+        EdgetuneError: the file opens with CONFIG_HEAD but lacks CONFIG_END.
+    """
+    text = path.read_text(encoding="utf-8")
+    lines = text.rstrip("\n").splitlines()
+    if lines and lines[0] == CONFIG_HEAD and lines[-1] != CONFIG_END:
+        raise EdgetuneError(
+            f"{path} is cut short (its closing line {CONFIG_END!r} is missing, so settings "
+            "after the cut would silently take their defaults); restore it from a copy of "
+            "the run, or start a new run with --out"
+        )
+    return text
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` by `text` with no instant at which the file is partly written:
     write a temporary sibling, fsync it, `os.replace` it over `path`, fsync the folder."""
@@ -271,8 +295,9 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def write_config(self, config: dict[str, Any]) -> None:
-        """Write the resolved config as YAML."""
-        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        """Write the resolved config as YAML, between the lines that say it is whole."""
+        text = yaml.safe_dump(config, sort_keys=False)
+        write_atomic(self.path / "config.yaml", f"{CONFIG_HEAD}\n{text}{CONFIG_END}\n")
 
     def read_config(self) -> dict[str, Any]:
         """The resolved config of an existing run."""
@@ -280,7 +305,7 @@ class RunDir:
         if not path.exists():
             raise EdgetuneError(f"{self.path} has no config.yaml; is it a run directory?")
         try:
-            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+            config = yaml.safe_load(config_text(path))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             config = exc
         if not isinstance(config, dict):

@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from edgetune.config import build, load_yaml
+from edgetune.config import build
 from edgetune.data.config import DataConfig
 from edgetune.errors import ConfigError
+from edgetune.runs import RunDir
 
 # What defines the task (the rows, how they are prompted and which answers are scored);
 # the sizes of the evaluation and of the examples stay the scoring command's own.
@@ -41,7 +42,7 @@ def run_of_adapter(adapter: str | Path) -> Path | None:
 
 def recorded_data(run: Path) -> DataConfig | None:
     """The `data` section RUN/config.yaml recorded (None if it has none)."""
-    tree = load_yaml(run / "config.yaml")
+    tree = RunDir(run, resume=True).read_config()
     data = tree.get("data")
     return build(DataConfig, data, "data.") if isinstance(data, dict) else None
 

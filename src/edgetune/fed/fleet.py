@@ -139,6 +139,11 @@ def load_fleet(spec: str, num_clients: int) -> list[DeviceProfile]:
         profiles = [BUILTIN_PROFILES[spec]]
     elif Path(spec).is_file():
         profiles = _read_yaml(Path(spec))
+    elif spec.endswith((".yaml", ".yml")) or "/" in spec:
+        raise ConfigError(
+            f"fleet file {spec} does not exist; pass an existing YAML file or a built-in "
+            f"fleet ({', '.join(BUILTIN_FLEETS)})"
+        )
     else:
         raise ConfigError(
             f"fleet {spec!r} is not a built-in fleet ({', '.join(BUILTIN_FLEETS)}), a profile "
@@ -172,10 +177,25 @@ def _read_yaml(path: Path) -> list[DeviceProfile]:
             f"fleet file {path} is not UTF-8 text ({exc.reason}); re-save it"
         ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"fleet file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(
+            f"fleet file {path} is not valid YAML ({exc}); it may be cut short: fix it, or "
+            "pass a built-in fleet (e.g. --fleet mixed)"
+        ) from None
+    if data is None:
+        raise ConfigError(
+            f"fleet file {path} is empty; list device profiles in it (fleet: [...]) or pass "
+            "a built-in fleet (e.g. --fleet mixed)"
+        )
     items = data.get("fleet") if isinstance(data, dict) else data
-    if not isinstance(items, list) or not items:
-        raise ConfigError(f"{path}: expected a list of device profiles (or fleet: [...])")
+    if not isinstance(items, list):
+        raise ConfigError(
+            f"fleet file {path}: the fleet is a {type(items).__name__}, not a list of device "
+            "profiles; write fleet: followed by one '- {name: ..., memory_mb: ...}' per device"
+        )
+    if not items:
+        raise ConfigError(
+            f"fleet file {path}: the list of device profiles is empty; give at least one"
+        )
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str) and item in BUILTIN_PROFILES:

@@ -244,6 +244,15 @@ def _json_object(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def adapter_config(adapter: Path) -> dict[str, Any]:
+    """A PEFT adapter folder's adapter_config.json as a dict.
+
+    Raises:
+        ModelNotFoundError: the file is missing, damaged or not a JSON object (named).
+    """
+    return _json_object(adapter / "adapter_config.json", "the adapter's settings")
+
+
 def _first_mismatch(folder: Path) -> str:
     """The first tensor whose shape in model.safetensors differs from the one config.json
     implies ("" when none is found); built on the meta device, so it costs no memory."""

@@ -18,7 +18,6 @@ forward pass there too: 16 is four tasks of four endings.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,8 @@ from edgetune.data.recorded import run_of_adapter
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.eval import BENCHMARKS, Benchmark
 from edgetune.models.builtin import builtin_for_base_model
-from edgetune.models.loader import check_adapter_fits
-from edgetune.runs import RunDir
+from edgetune.models.loader import adapter_config, check_adapter_fits
+from edgetune.runs import RunDir, check_out
 
 # Settings an evaluation of a run may change: which held-out rows, how many, and
 # whether a progress bar shows.
@@ -89,7 +88,7 @@ def load_adapter(model: Any, adapter: str | None) -> Any:
 
 
 def _adapter_base(path: Path) -> str:
-    config = json.loads((path / "adapter_config.json").read_text())
+    config = adapter_config(path)
     return str(config.get("base_model_name_or_path") or "an unrecorded base model")
 
 
@@ -175,6 +174,12 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
     from edgetune.train.loop import evaluate_model
 
     start = time.perf_counter()
+    if args.out:  # refused now, not after the evaluation
+        check_out(args.out)
+        if (Path(args.out) / "metrics.jsonl").exists():
+            raise EdgetuneError(
+                f"--out {args.out} already holds a run; eval never replaces one: pass another --out"
+            )
     flags = {k: v for k, v in flags.items() if k not in ("out", "train.batch_size")}
     source = run_of(getattr(args, "run", None), args.adapter)
     if _requested_task(args, flags) in BENCHMARKS:

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from edgetune.errors import EdgetuneError
-from edgetune.runs import read_jsonl
+from edgetune.runs import config_text, read_jsonl
 
 FEDERATED_COMMANDS = ("federate", "flower run")
 SINGLE_COMMANDS = ("finetune", "eval")
@@ -65,7 +65,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
     missing = [n for n in ("config.yaml", "metrics.jsonl") if not (path / n).is_file()]
     if missing:
         raise NotARunError(f"{path} has no {' and no '.join(missing)}; {_fix(path)}")
-    config = _mapping(path / "config.yaml", yaml.safe_load)
+    config = _mapping(path / "config.yaml", yaml.safe_load, config_text)
     summary_path = path / "summary.json"
     summary = _mapping(summary_path, json.loads) if summary_path.is_file() else {}
     # An unfinished run has no summary yet; its config tells federated from single-device.
@@ -80,7 +80,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
     return RunRecord(path, command, config, summary, metrics, clients)
 
 
-def _mapping(file: Path, parse: Any) -> dict[str, Any]:
+def _mapping(file: Path, parse: Any, read: Any = None) -> dict[str, Any]:
     """A run file (config.yaml, summary.json) parsed into a mapping.
 
     Raises:
@@ -88,7 +88,7 @@ def _mapping(file: Path, parse: Any) -> dict[str, Any]:
             (damaged, or edited by hand), naming it and the fix.
     """
     try:
-        data = parse(file.read_text(encoding="utf-8"))
+        data = parse(read(file) if read else file.read_text(encoding="utf-8"))
     except (ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError, JSONDecodeError too
         data = exc
     if not isinstance(data, dict):
