@@ -11,6 +11,8 @@ DIR/adapter/         the trained PEFT adapter (or DIR/model/ for selective/full)
 DIR/checkpoints/     step-NNNNNN/ folders for --resume
 DIR/resumes.jsonl    one line per --resume: the step (or federated round) continued from,
                      damaged checkpoints dropped, settings changed
+DIR/tensorboard/     with report_to: metrics.jsonl and the config mirrored into
+DIR/mlruns/          TensorBoard / MLflow (`edgetune.track`), rebuilt on every start
 
 Every `*.jsonl` log is read through `read_jsonl` and rewritten through `write_atomic`.
 A run killed mid-append (a crash, a full disk) leaves half a line at the end: that line
@@ -34,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from edgetune import track
 from edgetune.console import warn
 from edgetune.errors import EdgetuneError
 
@@ -47,7 +50,7 @@ RUN_FILES = (
     "report.md",
     "resumes.jsonl",
 )
-RUN_FOLDERS = ("checkpoints", "state", "state.tmp", "adapter", "model")
+RUN_FOLDERS = ("checkpoints", "state", "state.tmp", "adapter", "model", *track.FOLDERS)
 TMP_SUFFIX = ".tmp"  # `write_atomic`'s temporary sibling
 
 
@@ -230,6 +233,7 @@ class RunDir:
 
     def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False):
         self.path = Path(path)
+        self.mirror: track.Mirror | None = None  # trackers fed by `log`, once `track` opens them
         if resume and not (self.path / "config.yaml").exists():
             raise EdgetuneError(
                 f"cannot resume {self.path}: no run there (config.yaml is missing); start a "
@@ -296,9 +300,23 @@ class RunDir:
         if _ends_mid_line(path):
             # a line appended to a torn one would glue onto it and damage the file mid-way
             self.rewrite(file, read_jsonl(path))
-        line = json.dumps({k: _clean(v) for k, v in record.items()})
+        clean = {k: _clean(v) for k, v in record.items()}
         with open(path, "a") as fh:
-            fh.write(line + "\n")
+            fh.write(json.dumps(clean) + "\n")
+        if self.mirror is not None and file == "metrics.jsonl":
+            self.mirror.log(clean)
+
+    def track(self, report_to: str, config: dict[str, Any]) -> None:
+        """Mirror metrics.jsonl into the trackers of `report_to` from now on: their folders
+        are rebuilt from the config and the lines already in metrics.jsonl (those a resume
+        kept), so they hold exactly what metrics.jsonl holds. `write_summary` closes them.
+
+        Raises:
+            track.TrackerUnavailableError: a tracker's package is missing.
+        """
+        self.mirror = track.open_mirror(self.path, report_to, config)
+        for row in self.read_metrics():
+            self.mirror.log(row)
 
     def read_metrics(self, file: str = "metrics.jsonl") -> list[dict[str, Any]]:
         """All lines of a JSONL file of the run (`read_jsonl`: a torn last line dropped).
@@ -331,6 +349,9 @@ class RunDir:
         self.log({**at, "dropped": dropped, "changed": changes}, file="resumes.jsonl")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        """Write summary.json."""
+        """Write summary.json, the run's last act: the trackers are closed."""
         clean = {k: _clean(v) for k, v in summary.items()}
         (self.path / "summary.json").write_text(json.dumps(clean, indent=2) + "\n")
+        if self.mirror is not None:  # the run ends here, finished or diverged
+            self.mirror.close(str(summary.get("status", "done")))
+            self.mirror = None
