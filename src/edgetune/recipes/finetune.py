@@ -212,8 +212,8 @@ def _check_nothing_lost(
 
 
 def begin_resume(run: RunDir, point: ResumePoint) -> None:
-    """Drop the damaged checkpoints and the log lines after the restored step, and record
-    this resume in resumes.jsonl (metrics.jsonl stays as an uninterrupted run's)."""
+    """Record this resume in resumes.jsonl, then drop the damaged checkpoints and the log
+    lines after the restored step (metrics.jsonl stays as an uninterrupted run's)."""
     if point.diverged:
         names = ", ".join(p.name for p in point.diverged)
         warn(f"{names} of {run.path} hold the parameters whose loss diverged; dropped")
@@ -222,10 +222,11 @@ def begin_resume(run: RunDir, point: ResumePoint) -> None:
         shutil.rmtree(path, ignore_errors=True)  # damaged, diverged, or a save cut short
     if point.checkpoint and dropped:
         warn(f"resuming {run.path} from step {point.step}, the newest good checkpoint")
+    # first, while timing.jsonl still holds the interrupted call's last line
+    run.log_resume({"step": point.step}, [p.name for p in dropped], point.changed)
     for file in ("metrics.jsonl", "trace.jsonl", "timing.jsonl"):
         # with no checkpoint even the step-0 evaluation is redone, so drop it too
         run.truncate_after(point.step if point.checkpoint else -1, file=file)
-    run.log_resume({"step": point.step}, [p.name for p in dropped], point.changed)
 
 
 def restore(point: ResumePoint, parts: dict[str, Any]) -> Any:
