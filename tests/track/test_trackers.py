@@ -148,6 +148,22 @@ def test_compress_mirrors_its_stages_and_recovery_steps(
     assert_trackers_hold_metrics(out)
 
 
+def test_ondevice_mirrors_its_steps(tmp_path, onnx_lora_export, cli):
+    pytest.importorskip("onnxruntime", reason="ondevice needs pip install 'edgetune[export]'")
+    out = tmp_path / "ondevice"
+    args = [
+        "ondevice", "--model", str(onnx_lora_export), "--runtime", "ort", "--method", "zo",
+        "--steps", "4", "--batch-size", "4", "--out", str(out), "--threads", "1",
+        "--dataset", "sst2", "data.max_length=32", "data.train_size=32", "data.eval_size=8",
+        "train.eval_every=2", "train.progress=false", "--report-to", "tensorboard,mlflow",
+    ]  # fmt: skip
+    assert cli(args) == 0
+
+    assert {s for k, s in expected(out) if k == "loss"} == {1, 2, 3, 4}
+    assert_trackers_hold_metrics(out)
+    assert_config_recorded(out)
+
+
 def test_a_missing_tracker_package_stops_before_any_work(
     tmp_path, tiny_args, cli, capsys, monkeypatch
 ):
