@@ -7,7 +7,8 @@ user has not set it. The alternative, a sqlite store, costs 6.5 s of schema migr
 per run on a 2-core machine (measured, MLflow 3.17.2) and needs SQLAlchemy and alembic;
 a file store is plain folders. To open it: `MLFLOW_ALLOW_FILE_STORE=true mlflow ui
 --backend-store-uri RUN/mlruns`, or `MlflowClient(tracking_uri=...)` with the same
-variable set.
+variable set. MLflow's usage telemetry (network) is switched off the same way
+(MLFLOW_DISABLE_TELEMETRY=true unless the user set it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class MlflowTracker:
 
     def __init__(self, folder: Path):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # offline means offline: MLflow 3 sends usage telemetry unless told not to
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow.tracking import MlflowClient
 
         # MLflow keeps one store per URI per process, and its store makes .trash only when
