@@ -132,19 +132,18 @@ def pareto_figure(rows: list[Stage], key: str, x: str, *, title: str) -> Figure 
     from matplotlib.figure import Figure
 
     field, label, x_up = next(v for v in X_AXES.values() if v[0] == x)
-    measured = [(r, getattr(r, field), r.metrics.get(key)) for r in rows]
-    measured = [(r, px, py) for r, px, py in measured if px is not None and py is not None]
+    measured = _measured(rows, field, key)
     if len(measured) < 2:
         return None
     optimal = pareto_optimal([(px, py) for _, px, py in measured], x_up, METRICS[key])
     fig = Figure(figsize=(6.4, 4.0), dpi=120)
     ax = fig.add_subplot()
-    for i, ((r, px, py), best) in enumerate(zip(measured, optimal, strict=True)):
+    for i, ((name, px, py), best) in enumerate(zip(measured, optimal, strict=True)):
         face = "C0" if best else "none"
         ax.plot([px], [py], marker="o", markersize=7, color="C0", markerfacecolor=face,
                 linestyle="none", clip_on=False)  # fmt: skip
         ax.annotate(
-            r.name, (px, py), textcoords="offset points", xytext=(6, 4 - 14 * (i % 2)), fontsize=8
+            name, (px, py), textcoords="offset points", xytext=(6, 4 - 14 * (i % 2)), fontsize=8
         )
     ax.plot([], [], marker="o", color="C0", linestyle="none", label="Pareto-optimal")
     ax.plot([], [], marker="o", color="C0", markerfacecolor="none", linestyle="none",
@@ -158,6 +157,16 @@ def pareto_figure(rows: list[Stage], key: str, x: str, *, title: str) -> Figure 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _measured(rows: list[Stage], field: str, key: str) -> list[tuple[str, float, float]]:
+    """(stage name, its `field`, its `key`) for the stages that measured both."""
+    out = []
+    for r in rows:
+        px, py = getattr(r, field), r.metrics.get(key)
+        if px is not None and py is not None:
+            out.append((r.name, float(px), float(py)))
+    return out
 
 
 def figures(run: RunRecord, rows: list[Stage]) -> dict[str, Figure]:
