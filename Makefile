@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 setup-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c constraints.txt -e '.[export,llama,privacy]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[export,llama,privacy,track]'
 	touch $(TEST_STAMP)
 
 demo: setup

@@ -129,7 +129,12 @@ def test_appending_after_a_torn_line_drops_it_first(tmp_path, capsys):
     rows = run.read_metrics("resumes.jsonl")
     assert rows == [
         {"step": 2, "dropped": []},
-        {"step": 6, "dropped": ["step-000004"], "changed": {"optim.lr": [1e-3, 5e-4]}},
+        {
+            "step": 6,
+            "dropped": ["step-000004"],
+            "changed": {"optim.lr": [1e-3, 5e-4]},
+            "wall_s_before": 0.0,  # no call before it logged a timing line
+        },
     ]
     assert "resumes.jsonl: dropped its last line" in capsys.readouterr().err
 

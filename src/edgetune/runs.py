@@ -5,12 +5,18 @@ DIR/metrics.jsonl    one JSON object per line; `step` + `loss` for training,
                      `eval/*` keys for evaluation. Only deterministic values go here,
                      so the same config and seed give the same file byte for byte.
 DIR/timing.jsonl     wall-clock per step (`step_s`, cumulative `train_s`), kept apart
-                     from metrics.jsonl because timings are not reproducible
+                     from metrics.jsonl because timings are not reproducible; every line
+                     is stamped with `wall_s`, the run's wall time so far over all its
+                     calls (a --resume carries the earlier calls' time forward)
 DIR/summary.json     final figures: wall_s, peak_rss_mb, last eval/* values, status
 DIR/adapter/         the trained PEFT adapter (or DIR/model/ for selective/full)
 DIR/checkpoints/     step-NNNNNN/ folders for --resume
 DIR/resumes.jsonl    one line per --resume: the step (or federated round) continued from,
-                     damaged checkpoints dropped, settings changed
+                     damaged checkpoints dropped, settings changed, and `wall_s_before`:
+                     the wall time of the calls before it, up to the last timing line the
+                     interrupted call wrote (so a report sums the calls)
+DIR/tensorboard/     with report_to: metrics.jsonl and the config mirrored into
+DIR/mlruns/          TensorBoard / MLflow (`edgetune.track`), rebuilt on every start
 
 Every `*.jsonl` log is read through `read_jsonl` and rewritten through `write_atomic`.
 A run killed mid-append (a crash, a full disk) leaves half a line at the end: that line
@@ -29,11 +35,13 @@ import os
 import resource
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from edgetune import track
 from edgetune.console import warn
 from edgetune.errors import EdgetuneError
 
@@ -47,7 +55,7 @@ RUN_FILES = (
     "report.md",
     "resumes.jsonl",
 )
-RUN_FOLDERS = ("checkpoints", "state", "state.tmp", "adapter", "model")
+RUN_FOLDERS = ("checkpoints", "state", "state.tmp", "adapter", "model", *track.FOLDERS)
 TMP_SUFFIX = ".tmp"  # `write_atomic`'s temporary sibling
 
 
@@ -254,6 +262,9 @@ class RunDir:
 
     def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False):
         self.path = Path(path)
+        self.mirror: track.Mirror | None = None  # trackers fed by `log`, once `track` opens them
+        self._opened = time.perf_counter()  # this call's start, for the `wall_s` stamps
+        self._wall_before: float | None = None  # earlier calls' wall time, read when needed
         if resume and not (self.path / "config.yaml").exists():
             raise EdgetuneError(
                 f"cannot resume {self.path}: no run there (config.yaml is missing); start a "
@@ -321,9 +332,25 @@ class RunDir:
         if _ends_mid_line(path):
             # a line appended to a torn one would glue onto it and damage the file mid-way
             self.rewrite(file, read_jsonl(path))
-        line = json.dumps({k: _clean(v) for k, v in record.items()})
+        if file == "timing.jsonl":
+            record = {**record, "wall_s": round(self.wall_s(), 3)}
+        clean = {k: _clean(v) for k, v in record.items()}
         with open(path, "a") as fh:
-            fh.write(line + "\n")
+            fh.write(json.dumps(clean) + "\n")
+        if self.mirror is not None and file == "metrics.jsonl":
+            self.mirror.log(clean)
+
+    def track(self, report_to: str, config: dict[str, Any]) -> None:
+        """Mirror metrics.jsonl into the trackers of `report_to` from now on: their folders
+        are rebuilt from the config and the lines already in metrics.jsonl (those a resume
+        kept), so they hold exactly what metrics.jsonl holds. `write_summary` closes them.
+
+        Raises:
+            track.TrackerUnavailableError: a tracker's package is missing.
+        """
+        self.mirror = track.open_mirror(self.path, report_to, config)
+        for row in self.read_metrics():
+            self.mirror.log(row)
 
     def read_metrics(self, file: str = "metrics.jsonl") -> list[dict[str, Any]]:
         """All lines of a JSONL file of the run (`read_jsonl`: a torn last line dropped).
@@ -342,20 +369,36 @@ class RunDir:
         (resuming from a checkpoint); `last=-1` drops them all."""
         self.rewrite(file, [r for r in self.read_metrics(file) if r.get(key, 0) <= last])
 
+    def wall_s(self) -> float:
+        """The run's wall time so far: the calls before the last --resume, plus this one."""
+        if self._wall_before is None:
+            resumes = self.read_metrics("resumes.jsonl")
+            self._wall_before = float(resumes[-1].get("wall_s_before", 0.0)) if resumes else 0.0
+        return self._wall_before + time.perf_counter() - self._opened
+
     def log_resume(
         self, at: dict[str, int], dropped: list[str], changed: dict[str, tuple[Any, Any]]
     ) -> None:
-        """One resumes.jsonl line for a --resume of any command.
+        """One resumes.jsonl line for a --resume of any command. Call it before the logs
+        are trimmed to the checkpoint: the interrupted call's last timing line tells how
+        long it ran.
 
         Args:
             at: where the run continues from: `{"step": N}`, or `{"round": R}` federated.
             dropped: names of the damaged or diverged checkpoints removed.
             changed: dotted setting -> (value before, value now) for what this resume changed.
         """
+        stamps = [r["wall_s"] for r in self.read_metrics("timing.jsonl") if "wall_s" in r]
+        earlier = [r.get("wall_s_before", 0.0) for r in self.read_metrics("resumes.jsonl")]
+        self._wall_before = max([0.0, *stamps, *earlier])
         changes = {k: list(v) for k, v in changed.items()}
-        self.log({**at, "dropped": dropped, "changed": changes}, file="resumes.jsonl")
+        line = {**at, "dropped": dropped, "changed": changes, "wall_s_before": self._wall_before}
+        self.log(line, file="resumes.jsonl")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        """Write summary.json."""
+        """Write summary.json, the run's last act: the trackers are closed."""
         clean = {k: _clean(v) for k, v in summary.items()}
         (self.path / "summary.json").write_text(json.dumps(clean, indent=2) + "\n")
+        if self.mirror is not None:  # the run ends here, finished or diverged
+            self.mirror.close(str(summary.get("status", "done")))
+            self.mirror = None

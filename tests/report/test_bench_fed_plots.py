@@ -14,7 +14,10 @@ def test_bench_fed_figures_name_the_setting_and_keep_round_0(federate_run):
     data = figs["bench_fed_accuracy_vs_bytes.png"].axes[0]
     assert rounds.get_title().startswith("stories260K on bbc-news, 10 clients, Dirichlet 0.5")
     assert (rounds.get_xlabel(), rounds.get_ylabel()) == ("round", "held-out accuracy")
-    assert data.get_xlabel() == "bytes uploaded (log scale)" and data.get_xscale() == "symlog"
+    assert (
+        data.get_xlabel() == "cumulative bytes uploaded (log scale)"
+        and data.get_xscale() == "symlog"
+    )
     # round 0 (zero-shot, nothing uploaded) logs no total_bytes_up; it is still plotted
     assert "total_bytes_up" not in rows[0]
     assert [line.get_xdata()[0] for line in data.lines] == [0, 0]

@@ -27,7 +27,9 @@ def test_round_axis_has_integer_ticks_from_round_0_and_worded_labels():
 def test_bytes_axis_is_logarithmic_and_keeps_round_0_at_zero_bytes():
     fig = metric_figure({"fedit": ROWS}, "eval/accuracy", title="t", x="total_bytes_up", logx=True)
     ax = fig.axes[0]
-    assert ax.get_xscale() == "symlog" and ax.get_xlabel() == "bytes uploaded (log scale)"
+    assert (
+        ax.get_xscale() == "symlog" and ax.get_xlabel() == "cumulative bytes uploaded (log scale)"
+    )
     assert list(ax.lines[0].get_xdata()) == [0, 573352, 764470, 955588]
     low, high = ax.get_xlim()
     assert low <= 0 and high >= 1e6  # the zero-shot point and a full decade are on the axis
@@ -35,10 +37,10 @@ def test_bytes_axis_is_logarithmic_and_keeps_round_0_at_zero_bytes():
 
 def test_time_and_step_axes_name_their_units():
     time = metric_figure({"a": ROWS}, "eval/accuracy", title="t", x="total_sim_s").axes[0]
-    assert time.get_xlabel() == "simulated time (s)"
+    assert time.get_xlabel() == "cumulative simulated time (s)"
     steps = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(1, 8)]
     ax = metric_figure({"training": steps}, "loss", title="t").axes[0]
-    assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "training loss")
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "training loss (nats)")
     assert all(float(t).is_integer() for t in ax.get_xticks())
 
 

@@ -69,7 +69,7 @@ def test_finetune_figures_name_model_data_method_and_start_at_step_0(finetune_ru
     assert acc.get_ylabel() == "held-out accuracy"
     assert list(acc.lines[0].get_xdata()) == [0, 2, 4]  # step 0: the zero-shot evaluation
     train = figs["train_loss_vs_steps.png"].axes[0]
-    assert train.get_ylabel() == "training loss" and list(train.lines[0].get_xdata()) == [
+    assert train.get_ylabel() == "training loss (nats)" and list(train.lines[0].get_xdata()) == [
         1,
         2,
         3,
@@ -127,8 +127,8 @@ def test_federated_figures_from_round_0_with_worded_axes(federate_run):
     labels = {name: (f.axes[0].get_xlabel(), f.axes[0].get_ylabel()) for name, f in figs.items()}
     assert labels == {
         "metric_vs_rounds.png": ("round", "held-out accuracy"),
-        "metric_vs_time.png": ("simulated time (s)", "held-out accuracy"),
-        "metric_vs_bytes.png": ("bytes uploaded (log scale)", "held-out accuracy"),
+        "metric_vs_time.png": ("cumulative simulated time (s)", "held-out accuracy"),
+        "metric_vs_bytes.png": ("cumulative bytes uploaded (log scale)", "held-out accuracy"),
     }
     title = "stories260K on sst2: fedit, lora, the cheapest method that fits each device"
     assert {f.axes[0].get_title() for f in figs.values()} == {title}

@@ -44,7 +44,9 @@ class DataConfig:
             response, or lm block).
         eval_size: held-out evaluation examples (0 = no evaluation); with an eval split,
             a cap on its size.
-        train_size: cap on training examples (None = all that remain).
+        train_size: cap on training examples (None = all that remain); for the lm task a
+            cap on documents, which are then packed into blocks of max_length tokens, so
+            64 documents can give more (or fewer) than 64 training examples.
         max_new_tokens: tokens generated per instruction example for ROUGE-L.
         eval_split: a file, or a built-in / hub split name, evaluated on instead of a
             held-out slice of the training data.
@@ -74,7 +76,12 @@ class DataConfig:
     response_field: str | None = option(None, "instruction response column")
     max_length: int = option(128, "tokens per example", flag="--max-length")
     eval_size: int = option(200, "held-out evaluation examples (0 = none)", flag="--eval-size")
-    train_size: int | None = option(None, "cap on training examples", flag="--train-size")
+    train_size: int | None = option(
+        None,
+        "cap on training examples; for --task lm a cap on documents, which are packed into "
+        "blocks of max_length tokens (64 documents can give more than 64 training examples)",
+        flag="--train-size",
+    )
     max_new_tokens: int = option(32, "generated tokens per instruction eval example")
     eval_split: str | None = option(None, "file or split name to evaluate on instead", path=())
 

@@ -19,7 +19,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from edgetune import threads
+from edgetune import threads, track
 from edgetune.config import check_choice, check_positive, option
 from edgetune.data import DataConfig
 from edgetune.errors import ConfigError
@@ -254,18 +254,20 @@ class FederateConfig:
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
     )
+    report_to: str = track.report_to_option()
 
     def __post_init__(self) -> None:
         threads.check(self.threads, "threads")
+        track.names(self.report_to)  # an unknown tracker fails here, with the closest
         if self.optim.lr is None:
             self.optim.lr = 1e-3
         check_read_by_federation(self)
 
 
 # What `federate --resume` (and `flower run --resume`) may change: the number of rounds
-# (no setting decays over them) and the evaluation batch. Everything else shaped the
-# rounds already aggregated.
-RESUME_MAY_CHANGE = ("threads", "fed.rounds", "train.eval_batch_size")
+# (no setting decays over them), the evaluation batch and the trackers (rebuilt from
+# metrics.jsonl on every start). Everything else shaped the rounds already aggregated.
+RESUME_MAY_CHANGE = ("threads", "report_to", "fed.rounds", "train.eval_batch_size")
 
 # Settings of single-device training that a federated run never reads, and what to use.
 _NOT_READ = {

@@ -238,7 +238,7 @@ def receive(reply: Message, entry: dict[str, Any]) -> Any:
 
 def serve(grid: Grid, run_dir: Path, resume: bool, timeout: float, wait_s: float) -> dict:
     """Every remaining round of the run in `run_dir` on `grid`; returns the summary."""
-    from edgetune.config import config_from_run
+    from edgetune.config import config_from_run, to_dict
     from edgetune.fed.algorithms import build_algorithm
     from edgetune.fed.checkpoint import load_round
     from edgetune.fed.config import FederateConfig, check_read_by_flower
@@ -254,6 +254,7 @@ def serve(grid: Grid, run_dir: Path, resume: bool, timeout: float, wait_s: float
     algo = build_algorithm(fed)
     transport = FlowerTransport(grid, fed, config_text(cfg), timeout, wait_s)
     done = load_round(run, algo, fed.adapter, transport) if resume else 0
+    run.track(cfg.report_to, to_dict(cfg))  # after the resume dropped the rounds it redoes
     planner = algo.planner(fed)
     totals = run_rounds(fed, algo, transport, run, planner=planner, start=done)
     totals.setdefault("sim_s", 0.0)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetune import console, models, threads
+from edgetune import console, models, threads, track
 from edgetune.compress.int8_dynamic import (
     dynamic_weight_bytes,
     is_dynamic_int8,
@@ -205,9 +205,11 @@ class CompressConfig:
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
     )
+    report_to: str = track.report_to_option()
 
     def __post_init__(self) -> None:
         threads.check(self.threads, "threads")
+        track.names(self.report_to)  # an unknown tracker fails here, with the closest
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: expected an integer >= 1, got {self.batch_size}")
         check_choice("compress", "quantize", self.quantize, QUANTIZE)
@@ -264,6 +266,7 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
             run; all before the run folder is created.
     """
     start = time.perf_counter()
+    track.require(cfg.report_to)  # a missing tracker package stops here, before any work
     if (Path(cfg.out) / "metrics.jsonl").exists() and not overwrite:
         raise ConfigError(
             f"{cfg.out} already holds a run (finished or interrupted); pass --overwrite to "
@@ -295,6 +298,7 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
     kept, rounded = _select(model, task, calib_rows, cfg) if pruning else (None, None)
     rundir = RunDir(cfg.out, overwrite=overwrite)  # the old run goes only now
     rundir.write_config(to_dict(cfg))
+    rundir.track(cfg.report_to, to_dict(cfg))
 
     console.status("evaluating before compression", cfg.progress)
     before = {**_evaluate(scored, task, eval_rows, cfg), **_speed(model, cfg.seed)}

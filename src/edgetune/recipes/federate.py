@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+from edgetune import track
 from edgetune.config import to_dict
 from edgetune.fed.config import RESUME_MAY_CHANGE, FederateConfig
 from edgetune.fed.session import partition_for, resume_point, setup, summarize
@@ -32,6 +33,7 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     from edgetune.fed.rounds import InProcessFleet, run_rounds
 
     start = time.perf_counter()
+    track.require(cfg.report_to)  # a missing tracker package stops here, before any work
     rundir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
     saved = resume_point(rundir, cfg) if resume else None
     if saved is not None:
@@ -46,6 +48,7 @@ def run(cfg: FederateConfig, *, resume: bool = False, overwrite: bool = False) -
     algo = build_algorithm(fed)
     fleet = InProcessFleet(fed, algo)
     done = restore_round(rundir, saved, algo, fed.adapter, fleet) if saved is not None else 0
+    rundir.track(cfg.report_to, to_dict(cfg))  # after the resume dropped the rounds it redoes
     planner = algo.planner(fed)
     totals = run_rounds(
         fed, algo, fleet, rundir, planner=planner, start=done, progress=cfg.train.progress

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetune import console, threads
+from edgetune import console, threads, track
 from edgetune.config import build, config_diff, option, to_dict
 from edgetune.data import DataConfig
 from edgetune.data.splits import resolved_data
@@ -60,9 +60,11 @@ class FinetuneConfig:
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
     )
+    report_to: str = track.report_to_option()
 
     def __post_init__(self) -> None:
         threads.check(self.threads, "threads")
+        track.names(self.report_to)  # an unknown tracker fails here, with the closest
         check_zo_read(self.train.method, self.zo)
         check_optim_read_by(self.optim, self.train.method)
         resolve_step_size(self.optim, self.zo, self.train.method)
@@ -113,10 +115,12 @@ def make_stepper(cfg: FinetuneConfig, adapter: Any, task: Any) -> Any:
 # What `finetune --resume` may change: the length of the run (a constant learning rate
 # keeps every step taken valid), evaluation / checkpoint cadence and display, and the
 # step size (optim.lr, zo.eps) that the divergence error tells the user to lower, and the
-# thread count (the machine may be busier now). All else shaped the steps already taken
-# (data, model, adapter, seed, method, batch, schedule).
+# thread count (the machine may be busier now), and the trackers (rebuilt from
+# metrics.jsonl on every start). All else shaped the steps already taken (data, model,
+# adapter, seed, method, batch, schedule).
 RESUME_MAY_CHANGE = (
     "threads",
+    "report_to",
     "train.steps",
     "train.eval_every",
     "train.eval_at_start",
@@ -208,8 +212,8 @@ def _check_nothing_lost(
 
 
 def begin_resume(run: RunDir, point: ResumePoint) -> None:
-    """Drop the damaged checkpoints and the log lines after the restored step, and record
-    this resume in resumes.jsonl (metrics.jsonl stays as an uninterrupted run's)."""
+    """Record this resume in resumes.jsonl, then drop the damaged checkpoints and the log
+    lines after the restored step (metrics.jsonl stays as an uninterrupted run's)."""
     if point.diverged:
         names = ", ".join(p.name for p in point.diverged)
         warn(f"{names} of {run.path} hold the parameters whose loss diverged; dropped")
@@ -218,10 +222,11 @@ def begin_resume(run: RunDir, point: ResumePoint) -> None:
         shutil.rmtree(path, ignore_errors=True)  # damaged, diverged, or a save cut short
     if point.checkpoint and dropped:
         warn(f"resuming {run.path} from step {point.step}, the newest good checkpoint")
+    # first, while timing.jsonl still holds the interrupted call's last line
+    run.log_resume({"step": point.step}, [p.name for p in dropped], point.changed)
     for file in ("metrics.jsonl", "trace.jsonl", "timing.jsonl"):
         # with no checkpoint even the step-0 evaluation is redone, so drop it too
         run.truncate_after(point.step if point.checkpoint else -1, file=file)
-    run.log_resume({"step": point.step}, [p.name for p in dropped], point.changed)
 
 
 def restore(point: ResumePoint, parts: dict[str, Any]) -> Any:
@@ -240,6 +245,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
     from edgetune.train import fit
 
     start = time.perf_counter()
+    track.require(cfg.report_to)  # a missing tracker package stops here, before any work
     rundir = RunDir(cfg.out, resume=resume, overwrite=overwrite)
     point = resume_point(rundir, cfg) if resume else None
     if point is not None:
@@ -249,6 +255,7 @@ def run(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = False) -
     cfg = dataclasses.replace(cfg, data=parts["data"])
     rundir.write_config(to_dict(cfg))  # with the labels, verbalizer, template used
     state = restore(point, parts) if point is not None else None
+    rundir.track(cfg.report_to, to_dict(cfg))
     summary: dict[str, Any] = {
         "command": "finetune",
         "model": cfg.model,

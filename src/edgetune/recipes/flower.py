@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgetune import track
 from edgetune.config import absolute_paths, to_dict
 from edgetune.errors import EdgetuneError
 from edgetune.fed.checkpoint import log_resume
@@ -93,6 +94,7 @@ def run(cfg: Any, args: Any) -> dict:
 
     _refuse_local_flags_without_local(args)
     check_read_by_flower(cfg)
+    track.require(cfg.report_to)  # the ServerApp mirrors the rounds; refuse before launch
     resume = bool(args.resume)
     rundir = RunDir(cfg.out, resume=resume, overwrite=args.overwrite)
     if resume:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetune import console, threads
+from edgetune import console, threads, track
 from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.data.splits import resolved_data
@@ -68,10 +68,12 @@ class OnDeviceConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     zo: ZOConfig = dataclasses.field(default_factory=ZOConfig)
     threads: int = option(0, "runtime threads (0 = chosen at start from the free cores)")
+    report_to: str = track.report_to_option()
 
     def __post_init__(self) -> None:
         check_choice("ondevice", "runtime", self.runtime, RUNTIMES)
         threads.check(self.threads, "threads")
+        track.names(self.report_to)  # an unknown tracker fails here, with the closest
         if self.train.method not in METHODS:
             raise ConfigError(
                 f"train.method={self.train.method!r}: an exported graph has no backward, so "
@@ -98,6 +100,7 @@ def run(cfg: OnDeviceConfig, *, overwrite: bool = False) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
+    track.require(cfg.report_to)  # a missing tracker package stops here, before any work
     folder = Path(cfg.model)
     manifest = read_manifest(folder)
     check_out(cfg.out)  # and a run already there, before the runtime loads the graph
@@ -142,6 +145,7 @@ def run(cfg: OnDeviceConfig, *, overwrite: bool = False) -> dict[str, Any]:
     adapter = build_adapter(model, cfg.peft.method, tensors, manifest.peft_config or {})
     run_dir = RunDir(cfg.out, overwrite=overwrite)
     run_dir.write_config(to_dict(cfg))
+    run_dir.track(cfg.report_to, to_dict(cfg))
     adapter.save(run_dir.path, manifest.base_model, name="adapter_init")
     train_rows, eval_rows = task.prepare_rows(splits.train), task.prepare_rows(splits.eval)
     state = fit(

@@ -22,8 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from edgetune.errors import EdgetuneError
 from edgetune.report import numbers, pruned
-from edgetune.report.plots import METRIC_LABELS, metric_figure, save_all
-from edgetune.report.run_info import RunRecord, load_run, plot_title, what_was_run
+from edgetune.report.plots import METRIC_LABELS, metric_figure, resume_positions, save_all
+from edgetune.report.run_info import (
+    RunRecord,
+    load_run,
+    plot_title,
+    resumed_at,
+    wall_time,
+    what_was_run,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -132,12 +139,19 @@ def figures(run: RunRecord, rows: list[dict[str, Any]], key: str) -> dict[str, F
     plot (`arm_choices.png`)."""
     series, title = {str(run.config.get("fed", {}).get("algorithm")): rows}, plot_title(run)
     spine = pruned.figures(run, rows) if pruned.trains_pruned(run) else {}
+    axes = {"rounds": "round", "time": "total_sim_s", "bytes": "total_bytes_up"}
     return {
-        "metric_vs_rounds.png": metric_figure(series, key, title=title, x="round"),
-        "metric_vs_time.png": metric_figure(series, key, title=title, x="total_sim_s"),
-        "metric_vs_bytes.png": metric_figure(
-            series, key, title=title, x="total_bytes_up", logx=True
-        ),
+        **{
+            f"metric_vs_{name}.png": metric_figure(
+                series,
+                key,
+                title=title,
+                x=x,
+                logx=x == "total_bytes_up",
+                resumes=resume_positions(rows, run.resumes, x),
+            )
+            for name, x in axes.items()
+        },
         **spine,
     }
 
@@ -192,8 +206,9 @@ def write(run: RunRecord) -> Path:
         "",
         f"{METRIC_LABELS[key]}: {numbers.metric(last.get(key))} after round {last['round']} "
         f"(round {first['round']}: {numbers.metric(first.get(key))}); uploaded "
-        f"{numbers.size(last['total_bytes_up'])}; simulated time "
-        f"{numbers.seconds(last['total_sim_s'])} s.",
+        f"{numbers.size(last['total_bytes_up'])} in all; simulated time "
+        f"{numbers.seconds(last['total_sim_s'])} s; {wall_time(run)}.",
+        *(["", resumed_at(run)] if run.resumes else []),
         "",
         *rounds_table(rows, key, spine),
         "",

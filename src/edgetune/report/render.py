@@ -3,10 +3,20 @@ made it (summary.json's `command`; an unfinished run by its config)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from edgetune.report import federated, single
-from edgetune.report.run_info import load_run
+from edgetune.report import compress, federated, single
+from edgetune.report.run_info import REPORTED, RunRecord, load_run
+
+REPORTS: dict[str, Callable[[RunRecord], Path]] = {
+    "finetune": single.write,
+    "eval": single.write,
+    "federate": federated.write,
+    "flower run": federated.write,
+    "compress": compress.write,
+}
+assert set(REPORTS) == set(REPORTED), "every command load_run accepts has a report"
 
 
 def render(run_dir: str | Path) -> Path:
@@ -16,4 +26,4 @@ def render(run_dir: str | Path) -> Path:
         NotARunError: `run_dir` is not a run directory.
     """
     run = load_run(run_dir)
-    return (federated.write if run.federated else single.write)(run)
+    return REPORTS[run.command](run)

@@ -12,10 +12,13 @@ from typing import Any
 import yaml
 
 from edgetune.errors import EdgetuneError
+from edgetune.report import numbers
 from edgetune.runs import config_text, read_jsonl
 
 FEDERATED_COMMANDS = ("federate", "flower run")
 SINGLE_COMMANDS = ("finetune", "eval")
+STAGED_COMMANDS = ("compress",)
+REPORTED = SINGLE_COMMANDS + FEDERATED_COMMANDS + STAGED_COMMANDS
 TRAIN_METHODS = {
     "fo": "first-order (backprop)",
     "zo": "MeZO (zeroth-order)",
@@ -38,6 +41,7 @@ class RunRecord:
     summary: dict[str, Any]  # empty while the run has not finished
     metrics: list[dict[str, Any]] = field(default_factory=list)
     clients: list[dict[str, Any]] = field(default_factory=list)  # federated runs
+    resumes: list[dict[str, Any]] = field(default_factory=list)  # one per --resume
 
     @property
     def federated(self) -> bool:
@@ -46,9 +50,16 @@ class RunRecord:
 
 def _fix(path: Path) -> str:
     return (
-        f"pass the --out folder of an `edgetune finetune`, `eval --out`, `federate` or "
-        f"`flower run` (it holds config.yaml and metrics.jsonl); {path} is not one"
+        f"pass the --out folder of an `edgetune finetune`, `eval --out`, `federate`, "
+        f"`flower run` or `compress` (it holds config.yaml and metrics.jsonl); {path} is not one"
     )
+
+
+def _command_of(config: dict[str, Any]) -> str:
+    """The command of an unfinished run (no summary yet), from the sections its config has."""
+    if "fed" in config:
+        return "federate"
+    return "compress" if "prune" in config and "quantize" in config else "finetune"
 
 
 def load_run(run_dir: str | Path) -> RunRecord:
@@ -68,16 +79,50 @@ def load_run(run_dir: str | Path) -> RunRecord:
     config = _mapping(path / "config.yaml", yaml.safe_load, config_text)
     summary_path = path / "summary.json"
     summary = _mapping(summary_path, json.loads) if summary_path.is_file() else {}
-    # An unfinished run has no summary yet; its config tells federated from single-device.
-    command = summary.get("command") or ("federate" if "fed" in config else "finetune")
-    if command not in FEDERATED_COMMANDS + SINGLE_COMMANDS:
+    command = summary.get("command") or _command_of(config)
+    if command not in REPORTED:
         raise NotARunError(
             f"{path}: summary.json names the command {command!r}, which has no report "
-            f"(reports exist for {', '.join(SINGLE_COMMANDS + FEDERATED_COMMANDS)} runs)"
+            f"(reports exist for {', '.join(REPORTED)} runs)"
         )
     metrics = read_jsonl(path / "metrics.jsonl")
     clients = read_jsonl(path / "clients.jsonl") if command in FEDERATED_COMMANDS else []
-    return RunRecord(path, command, config, summary, metrics, clients)
+    resumes = read_jsonl(path / "resumes.jsonl")
+    return RunRecord(path, command, config, summary, metrics, clients, resumes)
+
+
+def wall_time(run: RunRecord) -> str:
+    """The run's wall time in words, summed over its calls: the calls before the last
+    `--resume` (`wall_s_before` in resumes.jsonl, up to the last line each logged) plus
+    the last call's summary.json `wall_s`."""
+    last = run.summary.get("wall_s")
+    if not isinstance(last, int | float):
+        return "wall time not recorded"
+    if not run.resumes:
+        return f"wall time {numbers.seconds(last)} s"
+    before = run.resumes[-1].get("wall_s_before")
+    calls = len(run.resumes) + 1
+    if not isinstance(before, int | float):  # a run resumed before edgetune recorded it
+        return (
+            f"wall time of the last of {calls} calls {numbers.seconds(last)} s (the earlier "
+            "calls' time was not recorded)"
+        )
+    return (
+        f"wall time {numbers.seconds(before + last)} s over {calls} calls "
+        f"({len(run.resumes)} --resume; the last call {numbers.seconds(last)} s)"
+    )
+
+
+def resumed_at(run: RunRecord) -> str:
+    """Where the run was resumed, in words ("" if never)."""
+    if not run.resumes:
+        return ""
+    points = ", ".join(
+        f"{'step' if 'step' in r else 'round'} {r.get('step', r.get('round'))}" for r in run.resumes
+    )
+    return (
+        f"Resumed {len(run.resumes)} time(s), continuing from {points} (dashed lines on the plots)."
+    )
 
 
 def _mapping(file: Path, parse: Any, read: Any = None) -> dict[str, Any]:
@@ -122,8 +167,25 @@ def method_name(run: RunRecord) -> str:
         return f"{fed.get('algorithm', '?')}, {peft}, {client}"
     if run.command == "eval":
         return "evaluation" + (" with an adapter" if run.summary.get("adapter") else ", zero-shot")
+    if run.command == "compress":
+        return compression(cfg)
     train = cfg.get("train", {}).get("method", "?")
     return f"{TRAIN_METHODS.get(train, train)}, {peft}"
+
+
+def compression(cfg: dict[str, Any]) -> str:
+    """A compress run's stages in words: "prune 0.3 (mlp,heads), recover zo, int8"."""
+    prune, recover = cfg.get("prune", {}), cfg.get("recover", {})
+    parts = []
+    if prune.get("ratio") or prune.get("layer_ratios"):
+        parts.append(f"prune {prune.get('ratio')} ({prune.get('units')})")
+    if recover.get("method", "none") != "none":
+        parts.append(
+            f"recover {recover['method']}" + (" distilled" if recover.get("distill") else "")
+        )
+    if cfg.get("quantize", "none") != "none":
+        parts.append(str(cfg["quantize"]))
+    return ", ".join(parts) or "nothing"
 
 
 def plot_title(run: RunRecord) -> str:
@@ -163,7 +225,20 @@ def _data(run: RunRecord) -> str:
     elif data.get("eval_size") is not None:
         sizes.append(f"{data['eval_size']:,} held-out")
     detail = f" ({', '.join(sizes)})" if sizes else ""
-    return f"{data.get('dataset')}{detail}, at most {data.get('max_length')} tokens per example"
+    line = f"{data.get('dataset')}{detail}, at most {data.get('max_length')} tokens per example"
+    return line + packing(data)
+
+
+def packing(data: dict[str, Any]) -> str:
+    """For the lm task, how documents become examples ("" for other tasks)."""
+    if data.get("task") != "lm":
+        return ""
+    docs = data.get("train_size")
+    source = f"at most {docs:,} documents" if docs else "the training documents"
+    return (
+        f"; lm task: {source} packed end to end into blocks of {data.get('max_length')} "
+        "tokens, one example per block (so the examples count blocks, not documents)"
+    )
 
 
 def _status(run: RunRecord) -> str:
@@ -183,7 +258,7 @@ def what_was_run(run: RunRecord) -> list[str]:
         f"- **data**: {_data(run)}",
         f"- **task**: {task_name(run)}",
     ]
-    if run.command != "eval":
+    if run.command not in ("eval", "compress"):
         lines.append(f"- **adapter**: {_adapter(cfg)}")
     if run.federated:
         fed = cfg.get("fed", {})
@@ -200,6 +275,11 @@ def what_was_run(run: RunRecord) -> list[str]:
             f"partition {fed.get('partition')}; fleet {fed.get('fleet')}",
             f"- **rounds**: {fed.get('rounds')} of {fed.get('local_steps')} local steps, "
             f"batch {train.get('batch_size')}, learning rate {optim.get('lr')}",
+        ]
+    elif run.command == "compress":
+        lines += [
+            f"- **compression**: {compression(cfg)}",
+            f"- **adapter carried along**: {cfg.get('adapter') or 'none'}",
         ]
     elif run.command == "finetune":
         lines += [

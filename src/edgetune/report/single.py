@@ -12,8 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgetune.report import numbers
-from edgetune.report.plots import METRIC_LABELS, metric_figure, save_all
-from edgetune.report.run_info import RunRecord, load_run, plot_title, what_was_run
+from edgetune.report.plots import METRIC_LABELS, metric_figure, resume_positions, save_all
+from edgetune.report.run_info import (
+    RunRecord,
+    load_run,
+    plot_title,
+    resumed_at,
+    wall_time,
+    what_was_run,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -30,14 +37,17 @@ def figures(run: RunRecord) -> dict[str, Figure]:
     """The run's plots, by file name: training loss and each held-out metric against steps."""
     title = plot_title(run)
     train = [r for r in run.metrics if "loss" in r and "step" in r]
+    marks = resume_positions(run.metrics, run.resumes, "step")
     out = {}
     if len(train) > 1:
-        out["train_loss_vs_steps.png"] = metric_figure({"training": train}, "loss", title=title)
+        out["train_loss_vs_steps.png"] = metric_figure(
+            {"training": train}, "loss", title=title, resumes=marks
+        )
     for key in eval_keys(run.metrics):
         if sum(key in r for r in run.metrics) > 1:
             name = key.split("/")[1].lower()
             out[f"eval_{name}_vs_steps.png"] = metric_figure(
-                {"held-out": run.metrics}, key, title=title
+                {"held-out": run.metrics}, key, title=title, resumes=marks
             )
     return out
 
@@ -91,7 +101,7 @@ def cost(run: RunRecord) -> str:
         parts.append(f"{s['steps']} steps")
     if "trainable_params" in s:
         parts.append(f"{numbers.count(s['trainable_params'])} trainable parameters")
-    parts.append(f"wall time {numbers.seconds(s.get('wall_s'))} s")
+    parts.append(wall_time(run))
     parts.append(f"peak RSS of the process {numbers.megabytes(s.get('peak_rss_mb'))} MB")
     return "; ".join(parts) + "."
 
@@ -111,6 +121,7 @@ def write(run: RunRecord) -> Path:
         *results_table(run),
         "",
         cost(run),
+        *(["", resumed_at(run)] if run.resumes else []),
     ]
     if len([r for r in run.metrics if any(k in r for k in EVAL_KEYS)]) > 1:
         lines += ["", "## Every evaluation", "", *evaluations(run)]
