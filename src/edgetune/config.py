@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from edgetune.errors import ConfigError
+from edgetune.errors import ConfigError, EdgetuneError
 
 T = TypeVar("T")
 
@@ -290,6 +290,51 @@ def flag_fields(cls: type) -> list[tuple[str, Any, tuple[str, ...], type]]:
     return rows
 
 
+# config.yaml opens and closes with these lines: a file that opens with the first and
+# lacks the second was cut short (a full disk, a kill mid-write), even where what is
+# left still parses. Files of earlier versions have neither and are read as they are.
+CONFIG_HEAD = "# edgetune run config (the resolved settings; the last line marks its end)"
+CONFIG_END = "# end of config"
+
+
+def config_text(path: Path) -> str:
+    """The text of a run's config.yaml, checked to be whole.
+
+    Raises:
+        EdgetuneError: the file opens with CONFIG_HEAD but lacks CONFIG_END.
+    """
+    text = path.read_text(encoding="utf-8")
+    lines = text.rstrip("\n").splitlines()
+    if lines and lines[0] == CONFIG_HEAD and lines[-1] != CONFIG_END:
+        raise EdgetuneError(
+            f"{path} is cut short (its closing line {CONFIG_END!r} is missing, so settings "
+            "after the cut would silently take their defaults); restore it from a copy of "
+            "the run, or start a new run with --out"
+        )
+    return text
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config a run wrote (RUN/config.yaml) as a tree.
+
+    Raises:
+        EdgetuneError: no config.yaml, or one that is cut short or not a YAML mapping.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise EdgetuneError(f"{run_dir} has no config.yaml; is it a run directory?")
+    try:
+        config = yaml.safe_load(config_text(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        config = exc
+    if not isinstance(config, dict):
+        raise EdgetuneError(
+            f"{path} is damaged (not a YAML mapping of config sections: {config}); "
+            "restore it from a copy of the run, or start a new run with --out"
+        )
+    return config
+
+
 def config_from_run(
     cls: type[T],
     run_dir: str | Path,
@@ -306,9 +351,12 @@ def config_from_run(
         EdgetuneError: `run_dir` holds no run.
         ConfigError: a setting other than `may_change` differs from the saved one.
     """
-    from edgetune.runs import RunDir
-
-    saved_tree = RunDir(run_dir, resume=True).read_config()
+    if not (Path(run_dir) / "config.yaml").exists():
+        raise EdgetuneError(
+            f"cannot resume {run_dir}: no run there (config.yaml is missing); start a "
+            f"new run with --out {run_dir}"
+        )
+    saved_tree = read_run_config(run_dir)
     saved_tree["out"] = str(run_dir)
     try:
         saved = build(cls, copy.deepcopy(saved_tree))

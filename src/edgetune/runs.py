@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from edgetune import track
+from edgetune.config import CONFIG_END, CONFIG_HEAD, read_run_config
 from edgetune.console import warn
 from edgetune.errors import EdgetuneError
 
@@ -166,30 +167,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# config.yaml opens and closes with these lines: a file that opens with the first and
-# lacks the second was cut short (a full disk, a kill mid-write), even where what is
-# left still parses. Files of earlier versions have neither and are read as they are.
-CONFIG_HEAD = "# edgetune run config (the resolved settings; the last line marks its end)"
-CONFIG_END = "# end of config"
-
-
-def config_text(path: Path) -> str:
-    """The text of a run's config.yaml, checked to be whole.
-
-    Raises:
-        EdgetuneError: the file opens with CONFIG_HEAD but lacks CONFIG_END.
-    """
-    text = path.read_text(encoding="utf-8")
-    lines = text.rstrip("\n").splitlines()
-    if lines and lines[0] == CONFIG_HEAD and lines[-1] != CONFIG_END:
-        raise EdgetuneError(
-            f"{path} is cut short (its closing line {CONFIG_END!r} is missing, so settings "
-            "after the cut would silently take their defaults); restore it from a copy of "
-            "the run, or start a new run with --out"
-        )
-    return text
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` by `text` with no instant at which the file is partly written:
     write a temporary sibling, fsync it, `os.replace` it over `path`, fsync the folder."""
@@ -311,20 +288,8 @@ class RunDir:
         write_atomic(self.path / "config.yaml", f"{CONFIG_HEAD}\n{text}{CONFIG_END}\n")
 
     def read_config(self) -> dict[str, Any]:
-        """The resolved config of an existing run."""
-        path = self.path / "config.yaml"
-        if not path.exists():
-            raise EdgetuneError(f"{self.path} has no config.yaml; is it a run directory?")
-        try:
-            config = yaml.safe_load(config_text(path))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            config = exc
-        if not isinstance(config, dict):
-            raise EdgetuneError(
-                f"{path} is damaged (not a YAML mapping of config sections: {config}); "
-                "restore it from a copy of the run, or start a new run with --out"
-            )
-        return config
+        """The resolved config of an existing run (`config.read_run_config`)."""
+        return read_run_config(self.path)
 
     def log(self, record: dict[str, Any], file: str = "metrics.jsonl") -> None:
         """Append one JSON line (flushed, so a killed run keeps every line written)."""

@@ -11,9 +11,10 @@ from typing import Any
 
 import yaml
 
+from edgetune.config import config_text
 from edgetune.errors import EdgetuneError
 from edgetune.report import numbers
-from edgetune.runs import config_text, read_jsonl
+from edgetune.runs import read_jsonl
 
 FEDERATED_COMMANDS = ("federate", "flower run")
 SINGLE_COMMANDS = ("finetune", "eval")
