@@ -126,6 +126,11 @@ CASES = [
     Case("algorithm-typo", fed("--algorithm", "fedkseeed"), r"fed\.algorithm.*fedkseed"),
     Case("dp-noise-negative", fed("dp.noise=-1"), r"dp\.noise"),
     Case("peft-init-pissa", ft("peft.init=pissa"), r"peft\.init=pissa.*residual"),
+    Case(
+        "flower-home-special-fs",
+        ["flower", "up", "--clients", "1", "--home", "/proc/edgetune-home", "--insecure"],
+        r"--home /proc/edgetune-home cannot be created",
+    ),
     # --- numbers: NaN, infinity, out of range, wrong type -------------------------
     Case("lr-nan", ft("--lr", "nan"), r"optim\.lr.*(nan|finite)"),
     Case("lr-inf", ft("--lr", "inf"), r"optim\.lr.*(inf|finite)"),

@@ -24,12 +24,13 @@ from edgetune.errors import EdgetuneError
 from edgetune.fed.checkpoint import log_resume
 from edgetune.fed.config import check_read_by_flower
 from edgetune.fed.session import resume_point
-from edgetune.runs import RunDir
+from edgetune.runs import RunDir, check_out
 
 
 def _federation(args: Any, clients: int) -> Any:
     from edgetune.flower.local import LocalFederation
 
+    check_out(args.home, "--home")  # before any process starts
     return LocalFederation(
         Path(args.home),
         clients,
