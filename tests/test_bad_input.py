@@ -395,7 +395,12 @@ CASES = [
     Case("fleet-rank", fed(*FLEET), r"lora_rank.*integer", fleet(GOOD + ", lora_rank: 2.5")),
     Case("fleet-unknown-field", fed(*FLEET), r"memory_gb", fleet(GOOD + ", memory_gb: 4")),
     Case("fleet-missing-field", fed(*FLEET), r"gflops", fleet("name: dev, memory_mb: 4000")),
-    Case("fleet-empty", fed(*FLEET), r"list of device profiles", {"fleet.yaml": ""}),
+    Case(
+        "fleet-empty",
+        fed(*FLEET),
+        r"fleet\.yaml is empty; list device profiles",
+        {"fleet.yaml": ""},
+    ),
     Case("fleet-not-utf8", fed(*FLEET), r"fleet\.yaml", {"fleet.yaml": b"fleet: [\xff]\n"}),
     # --- eval, generate, report, flower --------------------------------------------
     Case("eval-adapter-not-folder", ev("--adapter", "{tmp}"), r"not a PEFT adapter folder"),
