@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edgetune.errors import DataError
+
 _CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,6 +36,23 @@ def shared_data_candidates() -> list[Path]:
     out.append(Path.cwd().parent / "shared" / "data")
     out.append(_CHECKOUT_ROOT.parent / "shared" / "data")
     return out
+
+
+def shared_file(relative: str, what: str, otherwise: str) -> Path:
+    """The file at `relative` in the first shared data folder that holds it.
+
+    Raises:
+        DataError: none holds it; names `what`, every path tried and the fix
+            (`otherwise`: the alternative to the shared folder, e.g. a local file).
+    """
+    for root in shared_data_candidates():
+        if (root / relative).is_file():
+            return root / relative
+    tried = ", ".join(str(root / relative) for root in shared_data_candidates())
+    raise DataError(
+        f"{what} not found (looked for {tried}); set EDGETUNE_DATA to the shared data "
+        f"folder that holds datasets/ (see its README.md), or {otherwise}"
+    )
 
 
 def cache_dir() -> Path:

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
+from edgetune import paths
 from edgetune.data import BUILTIN_DATASETS, DataConfig, list_builtin_datasets, load_splits
-from edgetune.data import builtin as builtin_module
 from edgetune.errors import ConfigError, DataError
 
 
@@ -115,7 +115,7 @@ def test_listing_names_every_builtin_with_its_location(shared_data):
 
 
 def test_missing_shared_data_says_where_it_looked_and_how_to_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(builtin_module, "shared_data_candidates", lambda: [tmp_path])
+    monkeypatch.setattr(paths, "shared_data_candidates", lambda: [tmp_path])
 
     with pytest.raises(DataError) as info:
         load_splits(DataConfig(dataset="sst2"), seed=0)

@@ -30,7 +30,7 @@ from typing import Any
 from edgetune.data.normalize import split_dialogue
 from edgetune.data.readers import read_rows
 from edgetune.errors import DataError
-from edgetune.paths import shared_data_candidates
+from edgetune.paths import shared_file
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,8 @@ class BuiltinDataset:
 
 
 def _shared_file(relative: str, dataset: str) -> Path:
-    for root in shared_data_candidates():
-        if (root / relative).is_file():
-            return root / relative
-    tried = ", ".join(str(root / relative) for root in shared_data_candidates())
-    raise DataError(
-        f"built-in dataset {dataset!r} not found (looked for {tried}); set EDGETUNE_DATA to "
-        f"the shared data folder that holds datasets/ (see its README.md), or pass a local "
-        f"file with --dataset"
+    return shared_file(
+        relative, f"built-in dataset {dataset!r}", "pass a local file with --dataset"
     )
 
 

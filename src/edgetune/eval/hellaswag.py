@@ -54,7 +54,7 @@ import torch
 from edgetune.errors import DataError
 from edgetune.eval.choice import encode_choices, ending_logliks
 from edgetune.eval.interval import wilson_interval
-from edgetune.paths import shared_data_candidates
+from edgetune.paths import shared_file
 
 LINES_PER_TASK = 6
 ENDINGS = 4
@@ -104,14 +104,10 @@ def default_file() -> Path:
     Raises:
         DataError: it is in none of the folders searched (names them and the fix).
     """
-    for root in shared_data_candidates():
-        if (root / SHARED_FILE).is_file():
-            return root / SHARED_FILE
-    tried = ", ".join(str(root / SHARED_FILE) for root in shared_data_candidates())
-    raise DataError(
-        f"the HellaSwag file was not found (looked for {tried}); set EDGETUNE_DATA to the "
-        f"shared data folder that holds datasets/ (see its README.md), or pass a file in "
-        f"llama.cpp's HellaSwag layout with --dataset"
+    return shared_file(
+        SHARED_FILE,
+        "the HellaSwag file",
+        "pass a file in llama.cpp's HellaSwag layout with --dataset",
     )
 
 
