@@ -87,6 +87,9 @@ def test_library_noise_is_hidden_unless_verbose(tmp_path, stories260k_path, shar
         (["export"], ["--format", "gguf", "--gguf-type", "q8_0"], "gguf_type: q8_0"),
         (["ondevice"], ["--runtime", "ort", "--steps", "5"], "runtime: ort"),
         (["generate"], ["--prompt", "Once upon", "--chat"], "chat: true"),
+        (["eval"], ["--dataset", "sst2", "--eval-size", "3", "--out", "e"], "eval_size: 3"),
+        (["eval"], ["some/run", "--seed", "2"], "run: some/run"),
+        (["flower", "up"], ["--clients", "2", "--devices", "phone,pi"], "devices: phone,pi"),
     ],
 )
 def test_print_config_loads_back_with_config_to_the_same_run(

@@ -7,6 +7,7 @@ import pytest
 from edgetune.config import absolute_paths, build, describe, parse_override, resolve_config
 from edgetune.errors import ConfigError
 from edgetune.fed.config import FederateConfig
+from edgetune.recipes.evaluate import EvalConfig
 from edgetune.recipes.finetune import FinetuneConfig
 
 
@@ -36,8 +37,12 @@ def test_unknown_key_suggests_the_closest_valid_key():
     # a section's field given without its section: the dotted key
     with pytest.raises(ConfigError, match=r"'steps'.*did you mean 'train.steps'"):
         resolve_config(FinetuneConfig, overrides=["steps=5"])
-    with pytest.raises(ConfigError, match=r"'pef'.*did you mean 'peft'"):
+    # a misspelt section: the setting given, with the section's closest spelling
+    with pytest.raises(ConfigError, match=r"'pef.rank'.*did you mean 'peft.rank'"):
         build(FinetuneConfig, {"pef": {"rank": 2}})
+    # a section another command has: the same setting where this command keeps it
+    with pytest.raises(ConfigError, match=r"'train.progress'.*did you mean 'progress'"):
+        build(EvalConfig, {"train": {"progress": False}})
 
 
 @pytest.mark.parametrize(

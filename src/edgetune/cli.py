@@ -150,16 +150,6 @@ def at_least(low: int) -> Any:
     return parse
 
 
-def port(text: str) -> int:
-    """An argparse `type=` for a TCP port: 0 (pick a free one) .. 65535."""
-    value = at_least(0)(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(
-            f"expected a port in 0..65535 (0 = a free one), got {value}"
-        )
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from edgetune.recipes.finetune import FinetuneConfig
 
@@ -182,10 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     from edgetune.recipes.generate import GenerateConfig
     from edgetune.recipes.ondevice import OnDeviceConfig
 
-    def config_command(where: Any, name: str, text: str, cls: type) -> argparse.ArgumentParser:
+    def config_command(
+        where: Any,
+        name: str,
+        text: str,
+        cls: type,
+        description: str | None = None,
+        run_arg: bool = False,
+    ) -> argparse.ArgumentParser:
         """A command run from a typed config: its flags, --config, key=value, --threads,
-        --print-config."""
-        cmd = where.add_parser(name, help=text, epilog=_config_epilog(cls), formatter_class=fmt)
+        --print-config (and with `run_arg`, an optional RUN that sets the config's `run`)."""
+        cmd = where.add_parser(
+            name,
+            help=text,
+            description=description,
+            epilog=_config_epilog(cls),
+            formatter_class=fmt,
+        )
+        if run_arg:  # before the key=value list, which would take it otherwise
+            cmd.add_argument("run", nargs="?", metavar="RUN", help="a run directory (sets run)")
         _add_config_flags(cmd, cls)
         _add_file_flags(cmd)
         _add_threads_flag(cmd)
@@ -201,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = sub.add_parser("flower", help="real federations on Flower (SuperLink / SuperNodes)")
     flsub = fl.add_subparsers(dest="flower_command", required=True)
-    up = flsub.add_parser("up", help="start a SuperLink and N SuperNodes on 127.0.0.1")
-    _add_local_flags(up)
-    _add_threads_flag(up)
+    from edgetune.recipes.flower import UpConfig
+
+    config_command(flsub, "up", "start a SuperLink and N SuperNodes on 127.0.0.1", UpConfig)
     frun = config_command(
         flsub,
         "run",
@@ -227,22 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("dir", metavar="DIR")
     certs.add_argument("--nodes", type=at_least(0), default=0, help="also write N SuperNode keys")
 
-    ev = sub.add_parser(
+    from edgetune.recipes.evaluate import EvalConfig
+
+    config_command(
+        sub,
         "eval",
-        help="evaluate a finetune run (`eval RUN`) or a model (and adapter) on a task",
-        description="`edgetune eval RUN` scores a finetune run's adapter on the rows it held "
-        "out, with the run's model, data and prompt settings (only --eval-size and --seed "
-        "may change). Without RUN, the flags say what to evaluate.",
+        "evaluate a finetune run (`eval RUN`) or a model (and adapter) on a task",
+        EvalConfig,
+        "`edgetune eval RUN` scores a finetune run's adapter on the rows it held out, with the "
+        "run's model, data and prompt settings (only --eval-size and --seed may change). "
+        "Without RUN, the settings say what to evaluate.",
+        run_arg=True,
     )
-    ev.add_argument("run", nargs="?", metavar="RUN", help="a finetune run directory")
-    _add_config_flags(
-        ev, FinetuneConfig, keep=lambda key: key in ("model", "seed") or key.startswith("data.")
-    )
-    _add_file_flags(ev)
-    _add_threads_flag(ev)
-    ev.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN/adapter)")
-    ev.add_argument("--out", help="write a run directory with the metrics")
-    ev.add_argument("--batch-size", type=at_least(1), default=16)
 
     cp = config_command(
         sub,
@@ -363,14 +364,6 @@ def _no_prefix_matching(parser: argparse.ArgumentParser) -> None:
                 _no_prefix_matching(command)
 
 
-def _add_local_flags(up: argparse.ArgumentParser) -> None:
-    up.add_argument("--clients", type=int, required=True, help="number of SuperNodes")
-    up.add_argument("--home", default="runs/flower-home", help="FLWR_HOME (config.toml, logs)")
-    up.add_argument("--port", type=port, default=0, help="SuperLink port (0 = a free one)")
-    up.add_argument("--devices", help="device profiles of the nodes, comma-separated, cycled")
-    _add_security_flags(up, "")
-
-
 def _add_security_flags(g: Any, prefix: str) -> None:
     g.add_argument(
         "--tls",
@@ -407,7 +400,7 @@ def _start_threads(args: argparse.Namespace, cfg: Any = None) -> int:
 
     configured = cfg.threads if cfg is not None else 0
     source = "--threads" if args.threads else "threads in the config"
-    model = cfg.model if cfg is not None else getattr(args, "model", None)
+    model = getattr(cfg, "model", None)  # (tiny models get one thread)
     chosen = threads.resolve(args.threads or configured or None, model, source)
     threads.apply(chosen.count)
     args.threads = chosen.count
@@ -505,8 +498,13 @@ def cmd_flower(args: argparse.Namespace) -> int:
             print(f"wrote {len(keys)} SuperNode key pairs in {Path(args.dir) / 'keys'}")
         return 0
     if args.flower_command == "up":
-        _start_threads(args)
-        return flower.up(args)
+        from edgetune.config import resolve_config
+
+        up = resolve_config(flower.UpConfig, args.config, args.overrides, _flags(args))
+        if _printed(args, up):
+            return 0
+        _start_threads(args, up)
+        return flower.up(up)
     cfg = _federate_config(args)
     if _printed(args, cfg):
         return 0
@@ -517,13 +515,18 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from edgetune.config import build, given_settings
     from edgetune.recipes import evaluate
 
     if args.run and "=" in args.run and not Path(args.run).exists():
         args.overrides, args.run = [args.run, *args.overrides], None  # `eval key=value`
-    _start_threads(args)
-    summary = evaluate.run(args, _flags(args))
-    print(json.dumps(summary, indent=2))
+    flags = {**_flags(args), **({"run": args.run} if args.run else {})}
+    given = given_settings(args.config, args.overrides, flags)
+    cfg = build(evaluate.EvalConfig, given)
+    if _printed(args, cfg):
+        return 0
+    _start_threads(args, cfg)
+    print(json.dumps(evaluate.run(cfg, given), indent=2))
     return 0
 
 

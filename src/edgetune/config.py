@@ -77,7 +77,7 @@ def _suggest_dotted(key: str, cls: type, prefix: str) -> str:
     """The closest valid dotted key to `prefix + key`: a section's field of that exact
     name first (`steps` -> `train.steps`), else the closest spelling (`train.stpes`)."""
     keys = _dotted_keys(cls, prefix)
-    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == key]
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
     if same_name:
         return f" (did you mean {same_name[0]!r}?)"
     close = difflib.get_close_matches(f"{prefix}{key}", keys, n=1, cutoff=0.5)
@@ -150,6 +150,8 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
+            if isinstance(value, dict) and value:  # a section this command lacks:
+                key = f"{key}.{next(iter(leaves(value)))}"  # name the setting given
             raise ConfigError(
                 f"unknown config key '{prefix}{key}'"
                 + _suggest_dotted(key, cls, prefix)
@@ -216,13 +218,23 @@ def resolve_config(
         overrides: `key=value` strings with dotted keys.
         flags: already-dotted values from named CLI flags (None values are ignored).
     """
+    return build(cls, given_settings(file, overrides, flags))
+
+
+def given_settings(
+    file: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    flags: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The settings the user gave (YAML file < CLI flags < `key=value`), as a nested
+    dict without the defaults: what a command that replays a run compares with it."""
     tree: dict[str, Any] = load_yaml(file) if file else {}
     for key, value in (flags or {}).items():
         if value is not None:
             set_dotted(tree, key, value)
     for text in overrides:
         set_dotted(tree, *parse_override(text))
-    return build(cls, tree)
+    return tree
 
 
 def absolute_paths(cfg: T) -> T:

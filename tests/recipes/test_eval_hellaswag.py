@@ -11,7 +11,7 @@ import pytest
 def _hs(model, *extra: str) -> list[str]:
     return [
         "eval", "--model", str(model), "--task", "hellaswag", "--eval-size", "12",
-        "--threads", "1", "train.progress=false", *extra,
+        "--threads", "1", "progress=false", *extra,
     ]  # fmt: skip
 
 

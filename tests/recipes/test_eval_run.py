@@ -57,9 +57,9 @@ def test_eval_run_reproduces_the_runs_final_evaluation(csv_run, cli, capsys):
     summary = json.loads((csv_run / "summary.json").read_text())
     capsys.readouterr()
 
-    assert cli(["eval", str(csv_run), "train.progress=false"]) == 0
+    assert cli(["eval", str(csv_run), "progress=false"]) == 0
     by_run = json.loads(capsys.readouterr().out)
-    assert cli(["eval", "--adapter", str(csv_run / "adapter"), "train.progress=false"]) == 0
+    assert cli(["eval", "--adapter", str(csv_run / "adapter"), "progress=false"]) == 0
     by_adapter = json.loads(capsys.readouterr().out)
 
     for result in (by_run, by_adapter):
@@ -110,7 +110,7 @@ def test_a_copied_adapter_finds_its_base_model_and_refuses_another(
     data = ["--dataset", str(tmp_path / "films.csv"), "data.max_length=32", "--eval-size", "10"]
     capsys.readouterr()
 
-    assert cli(["eval", "--adapter", str(copy), *data, "train.progress=false"]) == 0
+    assert cli(["eval", "--adapter", str(copy), *data, "progress=false"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == str(stories260k_path.resolve())
 
     status = cli(["eval", "--adapter", str(copy), "--model", "smollm2-135m", *data])
@@ -131,7 +131,7 @@ def test_eval_of_a_federate_run_reproduces_its_final_evaluation(
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
 
-    assert cli(["eval", str(out), "train.progress=false"]) == 0
+    assert cli(["eval", str(out), "progress=false"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["eval_examples"] == 10
     assert result["eval/accuracy"] == pytest.approx(summary["eval/accuracy"])
@@ -150,7 +150,7 @@ def test_eval_run_of_a_selective_fine_tune_uses_its_saved_model(
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
 
-    assert cli(["eval", str(out), "train.progress=false"]) == 0
+    assert cli(["eval", str(out), "progress=false"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-5)
     assert result["eval/loss"] != pytest.approx(summary["initial_eval"]["eval/loss"], rel=1e-5)

@@ -17,24 +17,16 @@ forward pass there too: 16 is four tasks of four endings.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetune import console
+from edgetune import console, threads
 from edgetune.compress.int8_dynamic import is_dynamic_int8
 from edgetune.compress.quantize import int8_as_linear
-from edgetune.config import (
-    build,
-    config_from_run,
-    leaves,
-    load_yaml,
-    parse_override,
-    resolve_config,
-    set_dotted,
-    to_dict,
-)
+from edgetune.config import build, config_from_run, leaves, option, set_dotted, to_dict
 from edgetune.data.builtin import BUILTIN_DATASETS
 from edgetune.data.config import DataConfig
 from edgetune.data.recorded import run_of_adapter
@@ -47,6 +39,38 @@ from edgetune.runs import RunDir, check_out
 # Settings an evaluation of a run may change: which held-out rows, how many, and
 # whether a progress bar shows.
 RUN_EVAL_KEYS = ("seed", "data.eval_size", "train.progress")
+
+
+@dataclass
+class EvalConfig:
+    """Everything `edgetune eval` needs (YAML sections = the nested fields).
+
+    With `run`, the model and data settings come from the run's config.yaml; the ones
+    given here must agree with it, except `seed` and `data.eval_size` (see
+    `config_for_run`).
+    """
+
+    run: str = option("", "a finetune or federate run directory to score ('' = none)")
+    model: str = option(
+        "smollm2-135m", "built-in name, HF folder, .gguf file or hub id", flag="--model"
+    )
+    adapter: str = option("", "PEFT adapter folder, e.g. RUN/adapter ('' = none)", flag="--adapter")
+    seed: int = option(0, "which held-out rows (or benchmark items) are drawn", flag="--seed")
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    batch_size: int = option(16, "sequences per forward pass", flag="--batch-size")
+    out: str = option("", "write a run directory with the metrics ('' = none)", flag="--out")
+    progress: bool = option(True, "show a progress bar")
+    threads: int = option(0, "threads (0 = chosen at start from the free cores)")
+
+    def __post_init__(self) -> None:
+        threads.check(self.threads, "threads")
+        if self.batch_size < 1:
+            raise ConfigError(
+                f"batch_size: expected an integer >= 1, got {self.batch_size}; pass e.g. "
+                "--batch-size 16"
+            )
+
+
 # The data settings a benchmark reads: its file, its name and the sample size.
 BENCHMARK_DATA_KEYS = ("dataset", "task", "eval_size")
 
@@ -131,9 +155,14 @@ def _weights_of(run: Path) -> tuple[str | None, str | None]:
     )
 
 
-def config_for_run(run: Path, file: str | None, overrides: list[str], flags: dict) -> Any:
+# The eval settings that name a run setting (the others are the evaluation's own).
+_RUN_KEY = {"model": "model", "seed": "seed", "progress": "train.progress"}
+
+
+def config_for_run(run: Path, given: dict[str, Any]) -> Any:
     """(the run's config with the evaluation's `seed` / `data.eval_size` applied, the
     run's config as saved); a FinetuneConfig, or a FederateConfig for a federate run.
+    `given` holds the settings the user gave (`config.given_settings`).
 
     Raises:
         ConfigError: a flag, override or --config value differs from the run in anything
@@ -145,12 +174,9 @@ def config_for_run(run: Path, file: str | None, overrides: list[str], flags: dic
     cls = FederateConfig if "fed" in RunDir(run, resume=True).read_config() else FinetuneConfig
     saved = config_from_run(cls, run, [])
     tree = to_dict(saved)
-    for key, value in leaves(load_yaml(file) if file else {}).items():
-        set_dotted(tree, key, value)
-    for key, value in flags.items():
-        set_dotted(tree, key, value)
-    for text in overrides:
-        set_dotted(tree, *parse_override(text))
+    for key, value in leaves(given).items():
+        if key.startswith("data.") or key in _RUN_KEY:
+            set_dotted(tree, _RUN_KEY.get(key, key), value)
     requested = build(cls, tree)
     before, after = leaves(to_dict(saved)), leaves(to_dict(requested))
     conflicts = [k for k in after if after[k] != before.get(k) and k not in RUN_EVAL_KEYS]
@@ -164,48 +190,47 @@ def config_for_run(run: Path, file: str | None, overrides: list[str], flags: dic
     return requested, saved
 
 
-def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate and (with --out) write a run directory; returns the summary."""
+def run(cfg: EvalConfig, given: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate and (with `out`) write a run directory; returns the summary. `given`
+    holds the settings the user gave (`config.given_settings`), which a run's must match.
+    """
     from edgetune import models
     from edgetune.data import build_task, load_splits
     from edgetune.data.splits import load_held_out
-    from edgetune.recipes.finetune import FinetuneConfig
     from edgetune.runs import peak_rss_mb
     from edgetune.train.loop import evaluate_model
 
     start = time.perf_counter()
-    if args.out:  # refused now, not after the evaluation
-        check_out(args.out)
-        if (Path(args.out) / "metrics.jsonl").exists():
+    if cfg.out:  # refused now, not after the evaluation
+        check_out(cfg.out)
+        if (Path(cfg.out) / "metrics.jsonl").exists():
             raise EdgetuneError(
-                f"--out {args.out} already holds a run; eval never replaces one: pass another --out"
+                f"--out {cfg.out} already holds a run; eval never replaces one: pass another --out"
             )
-    flags = {k: v for k, v in flags.items() if k not in ("out", "train.batch_size")}
-    source = run_of(getattr(args, "run", None), args.adapter)
-    if _requested_task(args, flags) in BENCHMARKS:
-        cfg = resolve_config(FinetuneConfig, args.config, args.overrides, flags)
-        return run_benchmark(args, flags, cfg, source, start)
-    adapter = args.adapter
+    source = run_of(cfg.run or None, cfg.adapter or None)
+    if cfg.data.task in BENCHMARKS:
+        return run_benchmark(cfg, given, source, start)
+    adapter = cfg.adapter or None
     weights = None
+    progress = cfg.progress
     if source is not None:
-        cfg, saved = config_for_run(source, args.config, list(args.overrides), flags)
+        run_cfg, saved = config_for_run(source, given)
         adapter, weights = _weights_of(source)
-        model_spec = cfg.model
+        model_spec, data, seed = run_cfg.model, run_cfg.data, run_cfg.seed
+        progress = run_cfg.train.progress
     else:
-        cfg = resolve_config(FinetuneConfig, args.config, args.overrides, flags)
-        given = "model" in flags or cfg.model != FinetuneConfig().model
-        model_spec = _model_for_adapter(adapter, cfg.model, given)
-    progress = cfg.train.progress
-    console.status(f"loading model {model_spec} and data {cfg.data.dataset}", progress)
+        data, seed = cfg.data, cfg.seed
+        model_spec = _model_for_adapter(adapter, cfg.model, "model" in given)
+    console.status(f"loading model {model_spec} and data {data.dataset}", progress)
     model, tokenizer = models.load(model_spec)
     model = load_adapter(model, adapter) if weights is None else _load_weights(weights)
     if source is not None:
-        splits = load_held_out(saved.data, saved.seed, cfg.data.eval_size, cfg.seed)
+        splits = load_held_out(saved.data, saved.seed, data.eval_size, seed)
     else:
-        splits = load_splits(cfg.data, cfg.seed)
-    task = build_task(splits, cfg.data, tokenizer)
+        splits = load_splits(data, seed)
+    task = build_task(splits, data, tokenizer)
     rows = task.prepare_rows(splits.eval)
-    metrics = evaluate_model(model, task, rows, args.batch_size, progress)
+    metrics = evaluate_model(model, task, rows, cfg.batch_size, progress)
     summary = {
         "command": "eval",
         "model": model_spec,
@@ -216,54 +241,45 @@ def run(args: argparse.Namespace, flags: dict[str, Any]) -> dict[str, Any]:
         "wall_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
-    if args.out:
-        rundir = RunDir(args.out)  # never overwrites a run (it may hold the adapter)
-        rundir.write_config({**to_dict(cfg), "model": model_spec, "adapter": adapter})
-        rundir.log({"step": 0, **metrics})
-        rundir.write_summary(summary)
+    _write_out(cfg, model_spec, adapter, metrics, summary)
     return summary
 
 
-def _requested_task(args: argparse.Namespace, flags: dict[str, Any]) -> str | None:
-    """data.task as --config, the flags and the overrides set it (before any run's
-    config is read: a benchmark is scored whatever task the run trained on)."""
-    tree: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    for key, value in flags.items():
-        if value is not None:
-            set_dotted(tree, key, value)
-    for text in args.overrides:
-        set_dotted(tree, *parse_override(text))
-    data = tree.get("data")
-    task = data.get("task") if isinstance(data, dict) else None
-    return task if isinstance(task, str) else None
+def _write_out(
+    cfg: EvalConfig, model: str, adapter: str | None, metrics: dict, summary: dict
+) -> None:
+    """With `out`: a run directory holding the config, the metrics and the summary."""
+    if not cfg.out:
+        return
+    rundir = RunDir(cfg.out)  # never overwrites a run (it may hold the adapter)
+    rundir.write_config({**to_dict(cfg), "model": model, "adapter": adapter or ""})
+    rundir.log({"step": 0, **metrics})
+    rundir.write_summary(summary)
 
 
 def run_benchmark(
-    args: argparse.Namespace, flags: dict[str, Any], cfg: Any, source: Path | None, start: float
+    cfg: EvalConfig, given: dict[str, Any], source: Path | None, start: float
 ) -> dict[str, Any]:
-    """Score the benchmark `cfg.data.task` on the model the flags (or the run) give."""
+    """Score the benchmark `cfg.data.task` on the model the settings (or the run) give."""
     from edgetune import models
     from edgetune.runs import peak_rss_mb
 
     benchmark = BENCHMARKS[str(cfg.data.task)]
-    file = _benchmark_file(benchmark, cfg.data, flags)
-    adapter, weights = args.adapter, None
+    file = _benchmark_file(benchmark, cfg.data, "dataset" in given.get("data", {}))
+    adapter, weights = cfg.adapter or None, None
     if source is not None:
         adapter, weights = _weights_of(source)
-        model_spec = _run_model(source, cfg.model, "model" in flags)
+        model_spec = _run_model(source, cfg.model, "model" in given)
     else:
-        given = "model" in flags or cfg.model != type(cfg)().model
-        model_spec = _model_for_adapter(adapter, cfg.model, given)
+        model_spec = _model_for_adapter(adapter, cfg.model, "model" in given)
     items = benchmark.load(file, cfg.data.eval_size, cfg.seed)
-    progress = cfg.train.progress
+    progress = cfg.progress
     console.status(f"loading model {model_spec}; {benchmark.name}: {len(items)} items", progress)
     model, tokenizer = models.load(model_spec)
     model = load_adapter(model, adapter) if weights is None else _load_weights(weights)
     bar = console.bar(len(items), benchmark.name, "task", enabled=progress, leave=False)
     try:
-        scored = benchmark.score(
-            model.eval(), tokenizer, items, args.batch_size, bar and bar.update
-        )
+        scored = benchmark.score(model.eval(), tokenizer, items, cfg.batch_size, bar and bar.update)
     finally:
         if bar is not None:
             bar.close()
@@ -283,15 +299,11 @@ def run_benchmark(
         "wall_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
-    if args.out:
-        rundir = RunDir(args.out)
-        rundir.write_config({**to_dict(cfg), "model": model_spec, "adapter": adapter})
-        rundir.log({"step": 0, **metrics})
-        rundir.write_summary(summary)
+    _write_out(cfg, model_spec, adapter, metrics, summary)
     return summary
 
 
-def _benchmark_file(benchmark: Benchmark, data: DataConfig, flags: dict[str, Any]) -> Path:
+def _benchmark_file(benchmark: Benchmark, data: DataConfig, dataset_given: bool) -> Path:
     """The benchmark's file: `--dataset FILE`, else its default; refuses the data
     settings a benchmark does not read.
 
@@ -315,7 +327,7 @@ def _benchmark_file(benchmark: Benchmark, data: DataConfig, flags: dict[str, Any
             f"data.eval_size=0 scores nothing; pass --eval-size N (N items of {benchmark.name} "
             f"drawn with --seed; a number at least the file's size scores all of them)"
         )
-    if "data.dataset" not in flags and data.dataset == default.dataset:
+    if not dataset_given and data.dataset == default.dataset:
         return benchmark.default_file()
     if data.dataset in BUILTIN_DATASETS:
         raise ConfigError(

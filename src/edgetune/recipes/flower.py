@@ -15,16 +15,56 @@ from __future__ import annotations
 import json
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetune import track
-from edgetune.config import absolute_paths, to_dict
-from edgetune.errors import EdgetuneError
+from edgetune import threads, track
+from edgetune.config import absolute_paths, option, to_dict
+from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.fed.checkpoint import log_resume
 from edgetune.fed.config import check_read_by_flower
 from edgetune.fed.session import resume_point
 from edgetune.runs import RunDir, check_out
+
+
+@dataclass
+class UpConfig:
+    """Everything `edgetune flower up` needs: the local federation it starts."""
+
+    clients: int = option(0, "number of SuperNodes (at least 1)", flag="--clients")
+    home: str = option("runs/flower-home", "FLWR_HOME (config.toml, logs)", flag="--home")
+    port: int = option(0, "SuperLink port (0 = a free one)", flag="--port")
+    devices: str = option(
+        "", "device profiles of the nodes, comma-separated, cycled ('' = jetson)", flag="--devices"
+    )
+    tls: str = option(
+        "",
+        "certificates from `edgetune flower certs` ('' = generated into HOME/certs)",
+        flag="--tls",
+    )
+    auth: str = option(
+        "",
+        "SuperNode keys from `flower certs --nodes N` ('' = generated into HOME/certs/keys)",
+        flag="--auth",
+    )
+    insecure: bool = option(
+        False, "no TLS and no SuperNode authentication (loopback tests only)", flag="--insecure"
+    )
+    threads: int = option(0, "threads shared by the SuperNodes (0 = chosen from the free cores)")
+
+    def __post_init__(self) -> None:
+        threads.check(self.threads, "threads")
+        if self.clients < 1:
+            raise ConfigError(
+                f"clients: a local federation needs at least one SuperNode, not {self.clients}: "
+                "pass --clients 1 or more"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(
+                f"port: expected a port in 0..65535 (0 = a free one), got {self.port}; pass "
+                "--port 0 to pick a free one"
+            )
 
 
 def _federation(args: Any, clients: int) -> Any:
@@ -55,9 +95,9 @@ def _refuse_local_flags_without_local(args: Any) -> None:
         )
 
 
-def up(args: Any) -> int:
+def up(cfg: UpConfig) -> int:
     """Start the local federation and keep it until Ctrl-C (or SIGTERM)."""
-    fed = _federation(args, args.clients).start()
+    fed = _federation(cfg, cfg.clients).start()
     # before the banner: a SIGTERM sent as soon as the banner is read (a supervisor, the
     # test suite under load) must stop the processes, not kill this one and orphan them
     signal.signal(signal.SIGTERM, _interrupt)
@@ -68,10 +108,10 @@ def up(args: Any) -> int:
             else f"TLS with {fed.tls / 'ca.crt'}, SuperNode keys in {fed.auth}"
         )
         print(
-            f"SuperLink on {fed.address} with {args.clients} SuperNodes; FLWR_HOME={fed.home} "
+            f"SuperLink on {fed.address} with {cfg.clients} SuperNodes; FLWR_HOME={fed.home} "
             f"(connection {'edgetune-local'!r}, logs in {fed.home / 'logs'}).\n"
             f"Security: {security}. Threads: {fed.node_threads} per SuperNode.\n"
-            f"Run: edgetune flower run --home {args.home} ...   Stop: Ctrl-C",
+            f"Run: edgetune flower run --home {cfg.home} ...   Stop: Ctrl-C",
             flush=True,
         )
         while all(p.poll() is None for p in fed.procs.values()):
