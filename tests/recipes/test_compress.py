@@ -457,7 +457,7 @@ def test_compress_recovery_divergence_names_the_compress_fix(
 def _eval_loss(cli, model: Path, out: Path) -> float:
     """`edgetune eval --model MODEL` on the rows compress evaluated; its eval/loss."""
     args = ["eval", "--model", str(model), "--dataset", "sst2", "--out", str(out), *TINY_DATA]
-    assert cli([*args, "train.progress=false"]) == 0
+    assert cli([*args, "progress=false"]) == 0
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["eval/loss"]
 
 

@@ -173,7 +173,7 @@ def perplexity(s: Settings, model: str, adapter: Path | None, out: Path) -> dict
     The adapter is copied out of its run folder first: `edgetune eval` reads an adapter
     inside a run as "evaluate that run on its own task", and this is another task.
     """
-    args = [*s.perplexity, "--threads", str(s.threads), "train.progress=false"]
+    args = [*s.perplexity, "--threads", str(s.threads), "progress=false"]
     if adapter is not None:
         detached = out.with_name(out.name + "-adapter")
         shutil.rmtree(detached, ignore_errors=True)

@@ -65,8 +65,6 @@ from edgetune.train.loop import evaluate_model
 
 IMPORTANCE = ("activation", "taylor", "magnitude")
 QUANTIZE = ("none", "int8", "int8-dynamic")
-# settings that only act when pruning
-PRUNE_ONLY = ("units", "importance", "calib", "ranking", "bias_compensation")
 SPEED_REPEATS = 3
 
 
@@ -219,7 +217,12 @@ class CompressConfig:
                 "compress: nothing to do (prune.ratio=0 and quantize=none); give --prune R "
                 "and/or --quantize int8"
             )
-        unused = [k for k in PRUNE_ONLY if getattr(self.prune, k) != getattr(PruneConfig, k)]
+        unused = [  # every prune setting but those that ask for pruning acts only then
+            f.name
+            for f in dataclasses.fields(PruneConfig)
+            if f.name not in ("ratio", "layer_ratios")
+            and getattr(self.prune, f.name) != getattr(PruneConfig, f.name)
+        ]
         if self.quantize == "int8-dynamic":  # smoothing calibrates on prune.calib rows
             unused = [k for k in unused if k != "calib"]
         calib_unread = self.prune.importance == "magnitude" and self.quantize != "int8-dynamic"
