@@ -34,7 +34,7 @@ from edgetune.fed.spine.config import SpineConfig
 from edgetune.models.builtin import BUILTIN_MODELS
 from edgetune.peft import PeftConfig
 from edgetune.train import OptimConfig, TrainConfig
-from edgetune.train.config import GUARD_SETTINGS
+from edgetune.train.config import GUARD_SETTINGS, backpropagates
 from edgetune.zo import ZOConfig
 
 FED_ALGORITHMS = tuple(ALGORITHMS)  # the built-in ones (the registry may grow)
@@ -184,7 +184,7 @@ class FedConfig:
             )
         if not 0.0 <= self.trim < 0.5:
             raise ConfigError(f"fed.trim: expected [0, 0.5), got {self.trim}")
-        if spec.forward_only and self.method == "fo":
+        if spec.forward_only and backpropagates(self.method):
             raise ConfigError(
                 f"fed.method=fo: {self.algorithm} clients train with forward passes only; "
                 "use zo or auto"
@@ -329,7 +329,7 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
                     "backpropagates; drop it"
                 )
     decay = _given(cfg, "optim.weight_decay")
-    if decay is not None and cfg.fed.method != "fo":
+    if decay is not None and not backpropagates(cfg.fed.method):
         raise ConfigError(
             f"optim.weight_decay={decay!r} applies to first-order clients only (a ZO client's "
             "steps travel as seeds and scalars, replayed without decay); use it with "

@@ -30,6 +30,7 @@ import yaml
 
 from edgetune.errors import ConfigError
 from edgetune.ondevice.runtime import RUNTIMES
+from edgetune.train.config import backpropagates
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ def method_memory_mb(num_params: int, method: str, backprop_share: float = 1.0) 
     (2.7 + 4.2 x 0.2 = 3.5x the weights) errs on the safe side of that.
     """
     factor = MEMORY_FACTOR[method]
-    if method == "fo":
+    if backpropagates(method):
         factor = MEMORY_FACTOR["zo"] + (factor - MEMORY_FACTOR["zo"]) * backprop_share
     return num_params * 4 / 2**20 * factor
 

@@ -50,6 +50,7 @@ from edgetune.fed.plan import ClientPlan, Outcome, Planner, plan_memory_mb
 from edgetune.fed.session import Federation
 from edgetune.fed.validate import cap_examples
 from edgetune.runs import RunDir, reset_peak_rss, status_mb
+from edgetune.train.config import backpropagates
 from edgetune.zo.seeds import Stream, generator, stream_seed
 
 CLIENT_STATE = "fleet.client."  # checkpoint key prefix of the simulated clients' states
@@ -253,7 +254,7 @@ def work_flops(job: ClientJob, num_params: int, tokens: int, trunk_share: float 
     With a shared trunk (`trunk_share` of the blocks run once per batch, forward only),
     only the rest of the network sees every pass; a runtime device runs whole graphs.
     """
-    rows = job.batch_size * (3 if job.method == "fo" else 2 * job.zo.queries)
+    rows = job.batch_size * (3 if backpropagates(job.method) else 2 * job.zo.queries)
     share = trunk_share if job.runtime is None else 0.0
     per_step = share * job.batch_size + (1.0 - share) * rows
     return job.steps * per_step * tokens * 2.0 * num_params

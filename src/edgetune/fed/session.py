@@ -35,6 +35,7 @@ from edgetune.models.builtin import base_model_id
 from edgetune.peft import Adapter
 from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
+from edgetune.train.config import backpropagates
 from edgetune.train.trunk import resolve_trunk
 from edgetune.zo.seeds import Stream, stream_seed
 
@@ -196,7 +197,7 @@ def check_runtime_fleet(cfg: FederateConfig, fleet: list[DeviceProfile]) -> None
             "names a runtime, so nothing would use it; give devices runtime: ort (or "
             "executorch) in the fleet YAML, or drop fed.export"
         )
-    if runtimes and cfg.fed.method == "fo":
+    if runtimes and backpropagates(cfg.fed.method):
         raise ConfigError(
             f"fed.method=fo: devices with runtime {', '.join(runtimes)} have no backward "
             "(an inference graph), so they train zo or prge; use fed.method=zo, prge or auto"

@@ -28,7 +28,7 @@ from edgetune.peft import Adapter, PeftConfig, attach
 from edgetune.recipes.finetune import FinetuneConfig, make_stepper
 from edgetune.runs import RunDir, reset_peak_rss, status_mb
 from edgetune.train import OptimConfig, TrainConfig
-from edgetune.train.config import DEFAULT_LR
+from edgetune.train.config import DEFAULT_LR, backpropagates
 from edgetune.train.loop import fit
 from edgetune.zo import ZOConfig
 
@@ -76,7 +76,9 @@ class RecoverConfig:
             check_positive("recover", "lr", self.lr)
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"recover.alpha: expected a value in [0, 1], got {self.alpha!r}")
-        _refuse_unread(given, ZO_ONLY, self.method == "fo", "recover.method=fo", "--recover zo")
+        _refuse_unread(
+            given, ZO_ONLY, backpropagates(self.method), "recover.method=fo", "--recover zo"
+        )
         _refuse_unread(given, DISTILL_ONLY, not self.distill, "no --distill", "--distill")
         if self.method != "none" and self.lr is None:
             self.lr = DEFAULT_LR[self.method]
@@ -149,7 +151,9 @@ def recover(
         peft=PeftConfig(rank=cfg.rank, alpha=2.0 * cfg.rank),
         train=TrainConfig(method=cfg.method),
         optim=OptimConfig(lr=cfg.lr),
-        zo=ZOConfig(eps=cfg.eps, queries=cfg.queries) if cfg.method != "fo" else ZOConfig(),
+        zo=ZOConfig(eps=cfg.eps, queries=cfg.queries)
+        if not backpropagates(cfg.method)
+        else ZOConfig(),
     )
     stepper = make_stepper(finetune, adapter, train_task)
     loop = TrainConfig(

@@ -9,6 +9,15 @@ from edgetune.config import check_choice, check_positive, option
 from edgetune.errors import ConfigError
 
 TRAIN_METHODS = ("fo", "zo", "prge")
+FIRST_ORDER = "fo"  # the method that backpropagates; the others are zeroth-order
+
+
+def backpropagates(method: str) -> bool:
+    """Whether `method` (train.method, fed.method, recover.method) computes gradients by
+    backpropagation: first-order optimizer settings apply, ZO settings do not."""
+    return method == FIRST_ORDER
+
+
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 KEEP = ("auto", "best", "last")
@@ -146,14 +155,14 @@ def check_optim_read_by(optim: OptimConfig, method: str) -> None:
     """Refuse an optim setting that `method` never reads: the first-order optimizer's
     name, momentum and grad_clip mean nothing to a ZO step (zo.optimizer is its update
     rule), and momentum nothing to AdamW. Given = differs from its default."""
-    ignored = ("name", "momentum", "grad_clip") if method != "fo" else ()
-    if method == "fo" and optim.name != "sgd":
+    ignored = ("name", "momentum", "grad_clip") if not backpropagates(method) else ()
+    if backpropagates(method) and optim.name != "sgd":
         ignored = ("momentum",)
     default = OptimConfig()
     for name in ignored:
         value = getattr(optim, name)
         if value != getattr(default, name):
-            fix = "zo.optimizer / zo.beta1" if method != "fo" else "optim.name=sgd"
+            fix = "zo.optimizer / zo.beta1" if not backpropagates(method) else "optim.name=sgd"
             raise ConfigError(
                 f"optim.{name}={value!r} is not used by train.method={method!r} "
                 f"(optim.name={optim.name!r}): drop it, or use {fix}"

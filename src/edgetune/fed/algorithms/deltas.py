@@ -53,6 +53,7 @@ from edgetune.fed.payloads import ClientState, LoraDelta, SeedTrace
 from edgetune.fed.shapes import IndexMap, check_shapes, gather, lora_axes, scatter_combine
 from edgetune.fed.validate import check_delta, check_seed_trace
 from edgetune.peft import Adapter
+from edgetune.train.config import backpropagates
 from edgetune.zo.directions import add_direction
 from edgetune.zo.seeds import Stream, generator, stream_seed
 
@@ -290,7 +291,7 @@ def train_delta(adapter: Adapter, payload: Any, job: ClientJob, estimator: Any =
         load_trainable(adapter, payload.tensors)
         results = job.run(adapter, estimator)
         loss = sum(r.loss for r in results) / max(len(results), 1)
-        if job.method != "fo":
+        if not backpropagates(job.method):
             return seed_trace(results, job.lr, len(job.rows), loss)
         local = trainable_state(adapter)
     delta = {k: local[k] - payload.tensors[k] for k in local}

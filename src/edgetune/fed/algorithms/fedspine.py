@@ -67,6 +67,7 @@ from edgetune.fed.spine.order import (
 from edgetune.fed.spine.planner import SpinePlanner
 from edgetune.fed.spine.submodel import SubModels, client_stats
 from edgetune.peft import Adapter
+from edgetune.train.config import backpropagates
 
 STATS = ("spine.mlp_scores", "spine.kv_scores")  # a device's unit statistics
 SPEED_REPEATS = 3  # median of this many runs per speed figure
@@ -169,7 +170,7 @@ class FedSpine(DeltaAlgorithm):
             loss = sum(r.loss for r in results) / max(len(results), 1)
             meta = {"loss": loss, "val_before": before, "val_pruned": pruned, "val_after": after}
             stats = payload.meta.get("stats", 0.0) == 1.0
-            if job.method != "fo" and not stats:
+            if not backpropagates(job.method) and not stats:
                 trace = seed_trace(results, job.lr, len(job.rows), loss)
                 trace.meta.update(meta)
                 return trace, None
