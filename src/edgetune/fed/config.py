@@ -34,7 +34,7 @@ from edgetune.fed.spine.config import SpineConfig
 from edgetune.models.builtin import BUILTIN_MODELS
 from edgetune.peft import PeftConfig
 from edgetune.train import OptimConfig, TrainConfig
-from edgetune.train.config import GUARD_SETTINGS, backpropagates
+from edgetune.train.config import GUARD_SETTINGS, TRAIN_METHODS, backpropagates
 from edgetune.zo import ZOConfig
 
 FED_ALGORITHMS = tuple(ALGORITHMS)  # the built-in ones (the registry may grow)
@@ -319,7 +319,8 @@ def check_read_by_federation(cfg: FederateConfig) -> None:
         spec.check(cfg)
     _check_algorithm_settings(cfg, spec)
     _check_privacy(cfg, spec)
-    if spec.forward_only or cfg.fed.method in ("zo", "prge"):
+    zeroth = cfg.fed.method in TRAIN_METHODS and not backpropagates(cfg.fed.method)  # not auto
+    if spec.forward_only or zeroth:
         for name in ("name", "momentum", "grad_clip"):
             value = _given(cfg, f"optim.{name}")
             if value is not None:

@@ -221,9 +221,9 @@ def _export_graph(
     module.eval()
     # a P-RGE-like call with 2 copies and 2 rows (sizes > 1 keep ONNX's axes dynamic),
     # within an ExecuTorch program's limits
-    pte = cfg.format == "executorch"
-    copies, rows = (min(2, cfg.max_copies), min(2, cfg.max_batch)) if pte else (2, 2)
-    args = _example_args(slots, start, tokenizer, copies, rows, cfg.max_seq if pte else 10)
+    bounded = "max_batch" in FORMATS[cfg.format].reads  # a program of fixed sizes
+    copies, rows = (min(2, cfg.max_copies), min(2, cfg.max_batch)) if bounded else (2, 2)
+    args = _example_args(slots, start, tokenizer, copies, rows, cfg.max_seq if bounded else 10)
     console.status(f"exporting to {cfg.format} (a minute for a 135M model)")
     graph, facts = FORMATS[cfg.format].write_graph(cfg, module, args, tmp)
     facts["parity_max_abs"] = _parity(cfg, module, args, tmp / graph)

@@ -173,7 +173,7 @@ def resolve_step_size(optim: OptimConfig, zo: Any, method: str) -> None:
     """Fill in the step size the user left out. A ZO method without one gets the default
     recipe (RECIPE_LR with zo.scale=rms); with one, zo.scale=auto means raw scalars, so a
     step size tuned before the recipe existed keeps its meaning."""
-    zeroth = method in ("zo", "prge")
+    zeroth = not backpropagates(method)
     if zeroth and zo.scale == "auto":
         zo.scale = "rms" if optim.lr is None else "none"
     if optim.lr is None:
