@@ -162,8 +162,8 @@ def test_flower_run_equals_the_simulator(
 
 
 def test_differential_privacy_runs_on_flower_with_its_accounting(tmp_path, make_config, federation):
-    # Execute: FedKSeed with server-side DP on Flower
-    extra = {"dp.noise": 1.0, "dp.clip": 0.5, "fed.pool_size": 64}
+    # Execute: FedKSeed with server-side DP and a secret seed pool on Flower
+    extra = {"dp.noise": 1.0, "dp.clip": 0.5, "fed.pool_size": 64, "fed.secret_pool": True}
     run = flower_run(make_config(tmp_path / "dp", "fedkseed", "zo", **extra), federation)
     # Assert: every round accounted, the noise on every pool seed travelled down
     rows = run.read_metrics()
@@ -173,6 +173,9 @@ def test_differential_privacy_runs_on_flower_with_its_accounting(tmp_path, make_
     assert all(r["accepted"] == 2 for r in rows[1:])
     clients = run.read_metrics("clients.jsonl")
     assert max(c["bytes_down"] for c in clients if c["round"] == 2) > 64 * 8  # dense scalars
+    # the round keys travelled with the scalars and every device took them (a device
+    # whose broadcast lacks them, or holds malformed ones, fails its round)
+    assert all(c["status"] == "ok" for c in clients)
 
 
 def test_a_killed_supernode_does_not_stop_the_run(tmp_path, make_config):

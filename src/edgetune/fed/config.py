@@ -127,6 +127,11 @@ class FedConfig:
     max_update_norm: float = option(100.0, "reject fedit updates with a larger norm")
     max_abs_scalar: float = option(1e4, "reject fedkseed traces with a larger |scalar|")
     pool_size: int = option(1024, "fedkseed: K candidate seeds shared by all clients")
+    secret_pool: bool = option(
+        False,
+        "fedkseed: draw each round's K seeds from a server secret that only the round's "
+        "clients receive (scalars read off the wire replay into nothing without it)",
+    )
     fwd_candidates: int = option(4, "fwdllm: seeds considered per draw (1 = no steering)")
     attack: str = option(
         "",

@@ -96,6 +96,7 @@ class SeedScalars:
     rounds: list[list[float]]
     first_round: int = 0
     pool_size: int = 0
+    keys: list[int] = field(default_factory=list)  # a secret pool's round keys (see FedKSeed)
 
 
 @dataclass
@@ -155,6 +156,7 @@ def encode(payload: Payload) -> bytes:
             "pool_size": payload.pool_size or max((len(s) for s in payload.rounds), default=0),
             "first_round": payload.first_round,
             "counts": counts,
+            **({"keys": payload.keys} if payload.keys else {}),
         }
     head = json.dumps(header, separators=(",", ":")).encode()
     return MAGIC + struct.pack("<I", len(head)) + head + blob
@@ -275,4 +277,11 @@ def _seed_scalars(header: dict[str, Any], blob: bytes) -> SeedScalars:
             dense[k] = a
         rounds.append(dense)
         at += count
-    return SeedScalars(rounds, header_int(header, "first_round", MAX_ROUNDS), size)
+    keys = header.get("keys", [])
+    if not isinstance(keys, list) or (keys and len(keys) != len(rounds) + 1):
+        raise PayloadError(
+            "payload header: keys must be a list of one round key per round sent plus the "
+            f"round to train, {len(rounds) + 1}, got {keys!r:.80}"
+        )
+    keys = [header_int({"key": k}, "key", 2**63 - 1) for k in keys]
+    return SeedScalars(rounds, header_int(header, "first_round", MAX_ROUNDS), size, keys)

@@ -32,6 +32,7 @@ class Stream(IntEnum):
     JOB = 6  # a client's local round (batches and step seeds): (round, client)
     ARM = 7  # FedSpine's random arms: (round, client)
     DP = 8  # differential privacy noise: (server secret, round)
+    POOL_KEY = 9  # a secret seed pool's round key: (federation secret, round)
     INIT = 0x1A17  # on-device LoRA initialisation: ()
 
 

@@ -43,18 +43,31 @@ the step each).
 
 Pro samples k with probability proportional to the accumulated |a_k| seen so far (plus a
 floor, so every seed stays possible): seeds that moved the model more are tried more.
+
+A secret pool (`fed.secret_pool`): the public pool lets anyone who reads the scalars off
+the wire (and knows the run's config) rebuild every client's update. With it, round r's
+pool is derived from a round key instead of the run seed,
+
+    key_r = derive(run seed, POOL_KEY, secret, r),   s_k^(r) = derive(key_r, POOL, k),
+
+where the secret is the server's (made at the first start, kept in its checkpoint, never
+in the config). A selected client receives the keys of the rounds it replays and of the
+round it trains in, with the scalars (over Flower's TLS channel), never the secret: a
+device that is no longer selected cannot derive later rounds' pools, and scalars or
+traces read without their round's key replay into unrelated directions.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from edgetune.errors import EdgetuneError
+from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.fed.aggregate import check_bound, median_clip, norm_outliers
 from edgetune.fed.algorithms.base import (
     AggregateResult,
@@ -159,15 +172,50 @@ class FedKSeed(StandardRoles):
         self.privacy = privacy
         self.lr = lr  # the run's client lr: the server's, whatever a trace reports
         self.pool = seed_pool(seed, fed.pool_size)
+        self.run_seed = seed
+        # fed.secret_pool: the server's secret (replaced from its checkpoint on resume)
+        self.secret = secrets.randbits(62) if fed.secret_pool else None
         self.state = trainable_state(adapter)
         self.initial = {k: v.clone() for k, v in self.state.items()}
         self.history: list[list[float]] = []  # a of every aggregated round
         self.synced: dict[int, int] = {}  # client -> round of the model it holds
 
+    def round_key(self, rnd: int) -> int:
+        """Round `rnd`'s pool key (a secret pool only)."""
+        assert self.secret is not None
+        return stream_seed(self.run_seed, Stream.POOL_KEY, self.secret, rnd)
+
+    def server_pool(self, rnd: int) -> list[int]:
+        """The pool round `rnd` trained with: the public one, or its round key's."""
+        return self.pool if self.secret is None else seed_pool(self.round_key(rnd), len(self.pool))
+
     def configure(self, rnd: int, plan: Any) -> SeedScalars:
-        """The scalars of every round since the plan's client last synced."""
+        """The scalars of every round since the plan's client last synced (with a secret
+        pool, the keys of those rounds and of round `rnd`)."""
         since = self.synced.get(plan.client, 0)
-        return SeedScalars([list(a) for a in self.history[since:]], since, len(self.pool))
+        rounds = [list(a) for a in self.history[since:]]
+        keys = []
+        if self.secret is not None:  # history[r] is round r's; the client trains in `rnd`
+            keys = [self.round_key(r) for r in range(since, len(self.history))]
+            keys.append(self.round_key(rnd))
+        return SeedScalars(rounds, since, len(self.pool), keys)
+
+    def client_pools(self, payload: SeedScalars) -> list[list[int]]:
+        """A client's pool for each round the broadcast covers and the round it trains
+        in: the public pool, or the ones its round keys give.
+
+        Raises:
+            EdgetuneError: the broadcast's keys do not match the run's fed.secret_pool.
+        """
+        if self.cfg.secret_pool != bool(payload.keys):
+            raise EdgetuneError(
+                f"the server's broadcast {'has no' if self.cfg.secret_pool else 'has'} round "
+                f"keys, but this device's config has fed.secret_pool={self.cfg.secret_pool}: "
+                "the server and the devices must run the same config"
+            )
+        if not payload.keys:
+            return [self.pool] * (len(payload.rounds) + 1)
+        return [seed_pool(key, len(self.pool)) for key in payload.keys]
 
     def forget(self, client: int) -> None:
         """The client restarted and may hold any model: send it every round again."""
@@ -188,8 +236,9 @@ class FedKSeed(StandardRoles):
             )
         load_trainable(adapter, held.tensors)
         magnitude = held.magnitude.clone()
-        for scalars in payload.rounds[skip:]:
-            replay(adapter.trainable(), self.pool, scalars)
+        pools = self.client_pools(payload)
+        for pool, scalars in zip(pools[skip:], payload.rounds[skip:], strict=False):
+            replay(adapter.trainable(), pool, scalars)
             magnitude += torch.tensor([abs(a) for a in scalars], dtype=torch.float64)
         rnd = payload.first_round + len(payload.rounds)
         return HeldModel(trainable_state(adapter), rnd, magnitude)
@@ -209,7 +258,8 @@ class FedKSeed(StandardRoles):
         held = self.catch_up(
             adapter, payload, HeldModel.from_state(state, self.initial, len(self.pool))
         )
-        estimator = PoolEstimator(self.pool, job.zo.eps, self.probabilities(held.magnitude))
+        pool = self.client_pools(payload)[-1]  # this round's
+        estimator = PoolEstimator(pool, job.zo.eps, self.probabilities(held.magnitude))
         results = job.run(adapter, estimator)
         trace = ZOTrace(
             indices=[int(r.estimate.extras["index"]) for r in results if r.estimate],
@@ -228,7 +278,7 @@ class FedKSeed(StandardRoles):
         good, result = screen(updates, lambda client, u: self._check(u))
         acc = self.combine(good, result, rnd)
         params = list(self.state.values())
-        replay(params, self.pool, acc)
+        replay(params, self.server_pool(rnd), acc)
         for client, _ in updates:  # every client that replied has replayed up to `rnd`
             self.synced[client] = rnd
         self.history.append(acc)
@@ -298,6 +348,8 @@ class FedKSeed(StandardRoles):
         out["synced"] = torch.tensor(sorted(self.synced.items()), dtype=torch.int64).reshape(-1, 2)
         if self.privacy is not None:
             out.update(self.privacy.state_dict())
+        if self.secret is not None:
+            out["pool.secret"] = torch.tensor([self.secret], dtype=torch.int64)
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -310,6 +362,8 @@ class FedKSeed(StandardRoles):
         self.synced = {int(c): int(r) for c, r in state["synced"].tolist()}
         if self.privacy is not None:
             self.privacy.load_state_dict(state)
+        if self.secret is not None and "pool.secret" in state:
+            self.secret = int(state["pool.secret"][0])
 
 
 def _builder(pro: bool) -> Callable[[AlgorithmSetup], FedKSeed]:
@@ -317,6 +371,16 @@ def _builder(pro: bool) -> Callable[[AlgorithmSetup], FedKSeed]:
         return FedKSeed(setup.fed, setup.adapter, setup.seed, setup.lr, pro, setup.privacy)
 
     return build
+
+
+def _check_pro(cfg: Any) -> None:
+    """Pro's sampling weights belong to seeds a secret pool replaces every round."""
+    if cfg.fed.secret_pool:
+        raise ConfigError(
+            "fed.secret_pool draws new seeds every round, and fedkseed-pro samples seeds by "
+            "the magnitude each gathered over past rounds; use fed.algorithm=fedkseed with "
+            "it, or drop fed.secret_pool"
+        )
 
 
 for _name, _pro in (("fedkseed", False), ("fedkseed-pro", True)):
@@ -327,10 +391,11 @@ for _name, _pro in (("fedkseed", False), ("fedkseed-pro", True)):
             help="ZO clients over K shared seeds"
             + (", sampled by past magnitude" if _pro else "")
             + "; a few bytes a step up and down",
-            settings=("pool_size", "max_abs_scalar"),
+            settings=("pool_size", "max_abs_scalar", "secret_pool"),
             forward_only=True,
             uploads=(ZOTrace,),
             private=True,
             aggregators=("mean", "median", "trimmed-mean", "clip-mean"),
+            check=_check_pro if _pro else None,
         )
     )
