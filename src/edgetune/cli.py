@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rounds",
         type=at_least(1),
-        help="fed / fedspine / flower / robust: rounds (default 15 / 12 / 3 / 4)",
+        help="fed / fedspine / flower / robust / privacy: rounds (default 15 / 12 / 3 / 4 / 20)",
     )
     bench.add_argument(
         "--clients", type=at_least(1), help="fed / flower / robust: clients (default 10 / 2 / 10)"
@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=_seed_list,
         default=[0, 1],
-        help="compress: seeds of the 30 %% rows; ondevice: seeds of the zo rows; fedspine: "
-        "seeds of every row",
+        help="compress: seeds of the 30 %% rows; ondevice: seeds of the zo rows; fedspine, "
+        "privacy: seeds of every row",
     )
     bench.add_argument("--adapter", help="compress: the task adapter (default: fine-tune one)")
     bench.add_argument(

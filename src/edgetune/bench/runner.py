@@ -70,6 +70,12 @@ def _robust(a: argparse.Namespace) -> None:
     robust.run(a.model, a.rounds or 4, a.clients or 10, a.output)
 
 
+def _privacy(a: argparse.Namespace) -> None:
+    from edgetune.bench import privacy
+
+    privacy.run(a.model, a.rounds or 20, a.seeds, a.output)
+
+
 def _threads(a: argparse.Namespace) -> None:
     from edgetune.bench import threads
 
@@ -102,6 +108,7 @@ BENCHES: dict[str, Bench] = {
     "fedspine": Bench(_fedspine, ("rounds", "seeds", "work", "eval_size", "train_size")),
     "flower": Bench(_flower, ("rounds", "clients")),
     "robust": Bench(_robust, ("rounds", "clients"), small=lambda a: True),
+    "privacy": Bench(_privacy, ("rounds", "seeds"), small=lambda a: True),
     "threads": Bench(_threads, ("batch_size", "seq_len", "steps")),
     "compress": Bench(_compress, ("quick", "seeds", "adapter", "work"), small=_quick),
     "ondevice": Bench(_ondevice, ("steps", "seeds", "work"), steps=20),
