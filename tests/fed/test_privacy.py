@@ -133,3 +133,136 @@ def test_privacy_settings_that_are_wrong_or_void_the_guarantee_are_refused(
 def test_an_algorithm_without_private_aggregation_is_refused():
     with pytest.raises(ConfigError, match="cannot clip and noise its aggregate"):
         resolve_config(FederateConfig, None, ["dp.noise=1"], {"fed.algorithm": "fedspine"})
+
+
+# --- local DP (dp.where=device) ---------------------------------------------------------
+
+
+def test_local_dp_counts_every_round_at_half_the_noise_multiplier():
+    # A device's two datasets give clipped updates up to 2C apart (sigma / 2), and the
+    # server knows when it selected the device (no amplification by sampling).
+    sigma, rounds = 2.0, 10
+    local = Privacy(DPConfig(noise=sigma, where="device"), 40, 4, run_seed=0)
+    unsampled_half = Privacy(DPConfig(noise=sigma / 2), 40, 40, run_seed=0)
+    central = Privacy(DPConfig(noise=sigma), 40, 4, run_seed=0)
+    assert local.epsilon(rounds) == pytest.approx(unsampled_half.epsilon(rounds), rel=1e-12)
+    assert local.epsilon(rounds) > central.epsilon(rounds)
+
+
+def test_a_device_clips_and_noises_its_update_from_its_own_seed():
+    privacy = Privacy(DPConfig(noise=0.5, clip=0.1, where="device"), 10, 2, run_seed=0)
+    update = {"a": torch.full((100, 100), 3.0), "b": torch.full((50,), -4.0)}
+    # Execute
+    once = privacy.privatize(update, seed=11)
+    again = privacy.privatize(update, seed=11)
+    other = privacy.privatize(update, seed=12)
+    # Assert: the same seed gives the same release, another seed another one
+    assert all(torch.equal(once[k], again[k]) for k in update)
+    assert not torch.equal(once["a"], other["a"])
+    # ... the clean part is the update clipped to 0.1, the rest noise of std 0.5 x 0.1
+    quiet = Privacy(DPConfig(noise=1e-12, clip=0.1, where="device"), 10, 2, run_seed=0)
+    clipped = quiet.privatize(update, seed=11)
+    assert sum(float(t.pow(2).sum()) for t in clipped.values()) ** 0.5 == pytest.approx(0.1)
+    noise = torch.cat([(once[k] - clipped[k]).flatten() for k in update])
+    assert float(noise.std()) == pytest.approx(0.05, rel=0.05)
+
+
+def test_a_local_dp_server_averages_noised_updates_without_clipping_or_noise():
+    adapter = _adapter()
+    privacy = Privacy(DPConfig(noise=1.0, clip=0.1, where="device"), 10, 4, run_seed=0)
+    algo = FedIT(FedConfig(max_update_norm=1.0), adapter, privacy)
+    before = {k: v.clone() for k, v in algo.state.items()}
+    numel = sum(v.numel() for v in before.values())
+    noised = [
+        (c, LoraDelta(privacy.privatize(_delta(before, 1.0, c).tensors, c), 4)) for c in range(2)
+    ]
+    # Execute: updates whose norm (noise) is far past fed.max_update_norm=1.0
+    result = algo.aggregate(0, noised)
+    # Assert: accepted (an honest noised update reaches privacy.update_bound), and the
+    # step is their sum over the 4 clients selected a round, untouched
+    assert result.accepted == [0, 1] and privacy.update_bound(numel) > 1.0
+    for k in before:
+        expected = before[k] + (noised[0][1].tensors[k] + noised[1][1].tensors[k]) / 4
+        assert torch.allclose(algo.state[k], expected, atol=1e-6)
+
+
+def test_a_zo_device_releases_its_noised_delta_and_keeps_its_secret():
+    from types import SimpleNamespace
+
+    from edgetune.fed.algorithms.base import load_trainable, trainable_state
+    from edgetune.fed.algorithms.deltas import DEVICE_SECRET, release
+    from edgetune.fed.payloads import ClientState, SeedTrace
+
+    adapter = _adapter()
+    broadcast = LoraDelta(trainable_state(adapter))
+    trained = {k: v + 0.01 for k, v in broadcast.tensors.items()}
+    load_trainable(adapter, trained)  # the adapter holds what the device's steps made
+    privacy = Privacy(DPConfig(noise=1e-12, clip=1e6, where="device"), 10, 2, run_seed=0)
+    job = SimpleNamespace(round=3, client=1)
+    trace = SeedTrace([1, 2], [0.1, 0.2], 4)
+    # Execute
+    update, secret = release(privacy, trace, adapter, broadcast, job, None)
+    # Assert: a dense delta (a trace replays exactly, so it cannot carry noise)
+    assert isinstance(update, LoraDelta) and update.num_examples == 4
+    assert all(
+        torch.allclose(update.tensors[k], torch.full_like(v, 0.01), atol=1e-5)
+        for k, v in trained.items()
+    )
+    # ... and the device's next round with its kept secret draws from the same stream
+    loud = Privacy(DPConfig(noise=1.0, clip=1e6, where="device"), 10, 2, run_seed=0)
+    state = ClientState({DEVICE_SECRET: secret})
+    first, _ = release(loud, trace, adapter, broadcast, job, state)
+    second, kept = release(loud, trace, adapter, broadcast, job, state)
+    other = SimpleNamespace(round=3, client=2)
+    other_device, _ = release(loud, trace, adapter, broadcast, other, None)
+    assert torch.equal(kept, secret)
+    assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
+    assert not all(torch.equal(first.tensors[k], other_device.tensors[k]) for k in first.tensors)
+    # a device's secret is its own process's (here: a Privacy of another secret)
+    elsewhere = Privacy(DPConfig(noise=1.0, where="device"), 10, 2, run_seed=0)
+    assert elsewhere.device_secret(1) != loud.device_secret(1)
+
+
+def test_local_dp_runs_from_the_cli_and_a_resume_replays_the_devices_noise(tmp_path, federate_args):
+    # Prepare: one round, copied; both copies resumed to two rounds
+    args = ("--method", "fo", "dp.noise=0.5", "dp.clip=1.0", "dp.where=device")
+    first = tmp_path / "a"
+    assert main(federate_args(first, *args, rounds=1)) == 0
+    copy = tmp_path / "b"
+    import shutil
+
+    shutil.copytree(first, copy)
+    # Execute
+    for run in (first, copy):
+        assert main(["federate", "--resume", str(run), "fed.rounds=2"]) == 0
+    # Assert: every round accounted with the local rule; the two resumes are identical
+    rows = RunDir(first, resume=True).read_metrics()
+    expected = Privacy(DPConfig(noise=0.5, where="device"), 5, 3, run_seed=0).epsilon(2)
+    assert rows[-1]["epsilon"] == pytest.approx(expected)
+    assert [r["accepted"] for r in rows[1:]] == [3, 3]
+    a = (first / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == (copy / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["dp.noise=1", "dp.where=edge"], r"dp\.where: 'edge' is not one of server, device"),
+        (["dp.where=device"], r"dp\.where='device' is read only with differential privacy"),
+    ],
+)
+def test_local_dp_settings_that_are_wrong_are_refused(
+    tmp_path, federate_args, capsys, extra, message
+):
+    assert main(federate_args(tmp_path / "never", "--method", "fo", *extra)) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_an_algorithm_whose_clients_cannot_noise_refuses_local_dp():
+    with pytest.raises(ConfigError, match="dp.where=device: the clients of fed.algorithm=fedkseed"):
+        resolve_config(
+            FederateConfig,
+            None,
+            ["dp.noise=1", "dp.where=device", "fed.method=zo"],
+            {"fed.algorithm": "fedkseed"},
+        )

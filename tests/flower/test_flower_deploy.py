@@ -178,6 +178,16 @@ def test_differential_privacy_runs_on_flower_with_its_accounting(tmp_path, make_
     assert all(c["status"] == "ok" for c in clients)
 
 
+def test_local_differential_privacy_runs_on_flower(tmp_path, make_config, federation):
+    # Execute: FedIT whose devices clip and noise their own deltas (dp.where=device)
+    extra = {"dp.noise": 0.5, "dp.clip": 1.0, "dp.where": "device"}
+    run = flower_run(make_config(tmp_path / "ldp", "fedit", "fo", **extra), federation)
+    # Assert: every noised delta passed the server's check, every round was accounted
+    rows = run.read_metrics()
+    assert all(r["accepted"] == 2 for r in rows[1:]) and rows[2]["epsilon"] > rows[1]["epsilon"]
+    assert all(c["status"] == "ok" for c in run.read_metrics("clients.jsonl"))
+
+
 def test_a_killed_supernode_does_not_stop_the_run(tmp_path, make_config):
     cfg = make_config(tmp_path / "run", rounds=2)
     with LocalFederation(tmp_path / "home", clients=2, insecure=True) as fed:

@@ -364,6 +364,12 @@ def _check_privacy(cfg: FederateConfig, spec: AlgorithmSpec) -> None:
             f"dp.noise: fed.algorithm={spec.name} cannot clip and noise its aggregate yet; "
             f"use one of {' | '.join(private)}, or drop dp.*"
         )
+    if cfg.dp.where == "device" and not spec.private_on_device:
+        local = [n for n, s in ALGORITHMS.items() if s.private_on_device]
+        raise ConfigError(
+            f"dp.where=device: the clients of fed.algorithm={spec.name} cannot clip and noise "
+            f"their own updates; use dp.where=server, or one of {' | '.join(local)}"
+        )
     voiding = {
         "fed.aggregator": "the guarantee is for the clipped mean; a robust rule or "
         "clip-mean changes one client's influence on the aggregate (clipping is dp.clip)",

@@ -1,5 +1,7 @@
-"""Client-level differential privacy for federated rounds, central: the server clips each
-client's update and adds Gaussian noise to their sum (`fed.dp.*`, the `dp` section).
+"""Client-level differential privacy for federated rounds (`fed.dp.*`, the `dp` section):
+central (`dp.where=server`: the server clips each client's update and adds Gaussian
+noise to their sum) or local (`dp.where=device`: each device clips and noises its own
+update before it leaves, for a server that is not trusted).
 
 DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent Language Models",
 ICLR 2018). Each accepted update u_c is clipped to L2 norm C, and the round's aggregate is
@@ -26,8 +28,22 @@ selects exactly m of N clients per round, the usual approximation. epsilon for
 The noise is secret: it is drawn from a server secret made at the first start (never in
 the config, which every device receives) and kept in the server's checkpoint, so a
 resumed run adds the same noise and a device that knows the run seed cannot remove it.
-Two fresh runs of one config therefore differ. Not built here: noise on the device
-(local DP), secure aggregation.
+Two fresh runs of one config therefore differ.
+
+Local DP (`dp.where=device`, DeltaAlgorithm clients: FedIT, FwdLLM): each device sends
+
+    u_c' = clip(u_c) + N(0, sigma^2 C^2 I)
+
+drawn from a secret of its own (kept in its client state, never sent), and the server
+averages the noised updates with the same fixed denominator m. A ZO device sends the
+delta its steps made (noised) instead of its replayable seed trace. The server no longer
+sees a clean update, so the guarantee holds against it too, at a price: the mean holds
+m noise draws instead of one, sqrt(m) times the central noise. Accounting is for one
+device's releases seen by the server: two datasets of a device give clipped updates up to
+2C apart (sensitivity 2C, so noise multiplier sigma / 2), and the server knows when it
+selected the device, so no amplification by sampling: every round is counted, at
+sampling rate 1 (a bound for a device selected every round). The server's norm check
+widens to what an honest noised update can reach (`update_bound`).
 """
 
 from __future__ import annotations
@@ -38,14 +54,17 @@ from dataclasses import dataclass
 
 import torch
 
-from edgetune.config import option
+from edgetune.config import check_choice, option
 from edgetune.errors import ConfigError
 from edgetune.zo.seeds import Stream, generator, stream_seed
+
+WHERE = ("server", "device")
 
 
 @dataclass
 class DPConfig:
-    """Client-level differential privacy (central: the server clips and adds noise)."""
+    """Client-level differential privacy: central (the server clips and adds noise) or
+    local (each device clips and noises its own update)."""
 
     noise: float = option(
         0.0,
@@ -57,6 +76,11 @@ class DPConfig:
     epsilon: float | None = option(
         None, "privacy budget: stop before a round would exceed this epsilon (none = no budget)"
     )
+    where: str = option(
+        "server",
+        "where the noise is added: server (central DP; the server sees each clipped update) "
+        "| device (local DP; each device noises its own update, the server sees no clean one)",
+    )
 
     def __post_init__(self) -> None:
         for name in ("noise", "clip", "delta"):
@@ -67,6 +91,7 @@ class DPConfig:
             raise ConfigError("dp.clip: expected a number > 0 (the L2 bound of an update)")
         if self.delta >= 1:
             raise ConfigError(f"dp.delta: expected a value in [0, 1), got {self.delta}")
+        check_choice("dp", "where", self.where, WHERE)
         if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ConfigError(
                 f"dp.epsilon: a budget must be a number > 0, got {self.epsilon!r}; drop it "
@@ -83,17 +108,48 @@ class Privacy:
         self.delta = cfg.delta or 1.0 / clients
         self.budget = cfg.epsilon
         self.run_seed = run_seed
+        self.local = cfg.where == "device"
         self.secret = secrets.randbits(62)  # the server's; replaced from its checkpoint
 
     def epsilon(self, rounds: int) -> float:
-        """epsilon after `rounds` rounds, for `self.delta` (0 before any round)."""
+        """epsilon after `rounds` rounds, for `self.delta` (0 before any round); local DP
+        counts every round at noise multiplier sigma / 2 (see the module docstring)."""
         from opacus.accountants import RDPAccountant
 
         if rounds <= 0:
             return 0.0
         accountant = RDPAccountant()
-        accountant.history = [(self.sigma, self.rate, rounds)]
+        if self.local:
+            accountant.history = [(self.sigma / 2, 1.0, rounds)]
+        else:
+            accountant.history = [(self.sigma, self.rate, rounds)]
         return float(accountant.get_epsilon(delta=self.delta))
+
+    def privatize(self, update: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        """A device's release under local DP: `update` clipped to dp.clip, plus Gaussian
+        noise of std sigma x clip drawn from `seed` (the device's secret stream)."""
+        scale = _clip_scale(update, self.clip)
+        gen = generator(seed)
+        std = self.sigma * self.clip
+        return {
+            n: (
+                t.double() * scale + torch.randn(t.shape, generator=gen, dtype=torch.float64) * std
+            ).to(t.dtype)
+            for n, t in update.items()
+        }
+
+    def device_secret(self, client: int) -> int:
+        """A device's local-DP secret (62 bits), made at its first private round and kept
+        in its client state. It derives from this process's secret: on a real device
+        that is the device's own (made at its start, never sent), in the simulator the
+        server's, so a resumed simulation draws every device's noise again exactly."""
+        return stream_seed(self.run_seed, Stream.DP_DEVICE, self.secret, client, -1) >> 1
+
+    def update_bound(self, numel: int) -> float:
+        """The largest norm an honest device's noised update reaches under local DP: the
+        clip plus the noise's norm, sigma C (sqrt(d) + 10) (the chi tail past that is
+        below e^-50)."""
+        return self.clip + self.sigma * self.clip * (math.sqrt(numel) + 10.0)
 
     def exceeds(self, rounds: int) -> bool:
         """Whether `rounds` rounds would spend more than the budget."""
@@ -101,16 +157,16 @@ class Privacy:
 
     def mean(self, rnd: int, updates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """(sum of the clipped updates + noise) / m, tensor by tensor (every update has
-        the same names and shapes); the noise of round `rnd` is drawn from the secret."""
+        the same names and shapes); the noise of round `rnd` is drawn from the secret.
+        Under local DP the updates came clipped and noised: sum / m."""
         names = list(updates[0])
         total = {n: torch.zeros_like(updates[0][n], dtype=torch.float64) for n in names}
-        for update in updates:
-            norm = math.sqrt(sum(float(update[n].double().pow(2).sum()) for n in names))
-            scale = min(1.0, self.clip / norm) if norm > 0 else 1.0
+        for update in updates:  # under local DP each update came clipped and noised
+            scale = 1.0 if self.local else _clip_scale(update, self.clip)
             for n in names:
                 total[n] += update[n].double() * scale
         gen = generator(stream_seed(self.run_seed, Stream.DP, self.secret, rnd))
-        std = self.sigma * self.clip
+        std = 0.0 if self.local else self.sigma * self.clip
         out = {}
         for n in names:
             noise = torch.randn(total[n].shape, generator=gen, dtype=torch.float64) * std
@@ -125,3 +181,9 @@ class Privacy:
         """Restore the secret from `state_dict` (absent: keep this start's)."""
         if "dp.secret" in state:
             self.secret = int(state["dp.secret"][0])
+
+
+def _clip_scale(update: dict[str, torch.Tensor], clip: float) -> float:
+    """The factor that brings `update`'s L2 norm (over every tensor) to at most `clip`."""
+    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.values()))
+    return min(1.0, clip / norm) if norm > 0 else 1.0

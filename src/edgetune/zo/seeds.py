@@ -33,6 +33,7 @@ class Stream(IntEnum):
     ARM = 7  # FedSpine's random arms: (round, client)
     DP = 8  # differential privacy noise: (server secret, round)
     POOL_KEY = 9  # a secret seed pool's round key: (federation secret, round)
+    DP_DEVICE = 10  # local differential privacy noise: (device secret, round)
     INIT = 0x1A17  # on-device LoRA initialisation: ()
 
 

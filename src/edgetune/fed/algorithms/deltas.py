@@ -18,7 +18,8 @@ it (Reddi et al., "Adaptive Federated Optimization", 2021):
     fedyogi: as fedadam with v = v - (1-b2) delta^2 sign(v - delta^2)
 
 `train_delta` is the client half: load the broadcast at its rank, train, return the
-delta (first-order) or the replayable `SeedTrace` (ZO). `DeltaAlgorithm` is the server
+delta (first-order) or the replayable `SeedTrace` (ZO); under local DP (`dp.where=device`)
+`release` turns either into the clipped, noised delta the device sends. `DeltaAlgorithm` is the server
 side of an algorithm built on a `DeltaServer` (FedIT and FwdLLM differ only in their
 clients); it is not an algorithm itself.
 """
@@ -193,8 +194,12 @@ class DeltaServer:
             return check_seed_trace(update, None) or "not a LoRA delta"
         if not isinstance(update, LoraDelta):
             return "not a LoRA delta or seed trace"
+        bound = self.cfg.max_update_norm
+        if self.privacy is not None and self.privacy.local:  # honest noise is large
+            numel = sum(t.numel() for t in self.state.values())
+            bound = max(bound, self.privacy.update_bound(numel))
         return check_shapes(update.tensors, self.state, imap) or check_delta(
-            update, gather(self.state, imap), self.cfg.max_update_norm
+            update, gather(self.state, imap), bound
         )
 
     def _apply(self, delta: dict[str, torch.Tensor]) -> None:
@@ -266,6 +271,12 @@ class DeltaAlgorithm(StandardRoles):
     ) -> tuple[Any, ClientState | None]:
         raise NotImplementedError
 
+    @property
+    def device_privacy(self) -> Any:
+        """fed.dp's mechanism when the devices add the noise (dp.where=device), else None."""
+        privacy = self.server.privacy
+        return privacy if privacy is not None and privacy.local else None
+
     def aggregate(
         self, rnd: int, updates: list[tuple[int, Any]], plans: Mapping[int, Any] | None = None
     ) -> AggregateResult:
@@ -296,6 +307,31 @@ def train_delta(adapter: Adapter, payload: Any, job: ClientJob, estimator: Any =
         local = trainable_state(adapter)
     delta = {k: local[k] - payload.tensors[k] for k in local}
     return LoraDelta(delta, num_examples=len(job.rows), meta={"loss": loss})
+
+
+DEVICE_SECRET = "dp.device_secret"  # a client state tensor (not an adapter name)
+
+
+def release(
+    privacy: Any, update: Any, adapter: Adapter, payload: Any, job: ClientJob, state: Any
+) -> tuple[LoraDelta, torch.Tensor]:
+    """Under local DP: the update as the device sends it (clipped and noised, from the
+    device's own secret) and the secret for it to keep (`DEVICE_SECRET`). A ZO device's
+    `SeedTrace` becomes the delta its steps made (the adapter still holds them): a trace
+    is replayed exactly, so it cannot carry noise."""
+    if isinstance(update, SeedTrace):
+        local = trainable_state(adapter)
+        tensors = {k: local[k] - payload.tensors[k] for k in local}
+        update = LoraDelta(tensors, update.num_examples, update.meta)
+    held = state.tensors.get(DEVICE_SECRET) if state is not None else None
+    if held is not None:  # 62 bits as two int32 halves (a client state has no int64)
+        value = (int(held[0]) << 31) | int(held[1])
+    else:
+        value = privacy.device_secret(job.client)
+    secret = torch.tensor([value >> 31, value & (2**31 - 1)], dtype=torch.int32)
+    seed = stream_seed(privacy.run_seed, Stream.DP_DEVICE, value, job.round)
+    noised = privacy.privatize(update.tensors, seed)
+    return LoraDelta(noised, update.num_examples, update.meta), secret
 
 
 def norm(tensors: dict[str, torch.Tensor]) -> float:

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgetune.fed.algorithms.deltas import SERVER_SETTINGS, DeltaAlgorithm, train_delta
+from edgetune.fed.algorithms.deltas import (
+    DEVICE_SECRET,
+    SERVER_SETTINGS,
+    DeltaAlgorithm,
+    release,
+    train_delta,
+)
 from edgetune.fed.algorithms.registry import AlgorithmSpec, register
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import ClientState
@@ -27,8 +33,13 @@ class FedIT(DeltaAlgorithm):
     def client_update(
         self, adapter: Adapter, payload: Any, job: ClientJob, state: ClientState | None
     ) -> tuple[Any, ClientState | None]:
-        """Load the global tensors and train locally; FedIT clients keep no state."""
-        return train_delta(adapter, payload, job), None
+        """Load the global tensors and train locally; FedIT clients keep no state but
+        their local-DP secret (dp.where=device)."""
+        update = train_delta(adapter, payload, job)
+        if self.device_privacy is None:
+            return update, None
+        update, secret = release(self.device_privacy, update, adapter, payload, job, state)
+        return update, ClientState({DEVICE_SECRET: secret})
 
 
 register(
@@ -38,5 +49,6 @@ register(
         help="FedAvg of LoRA deltas (first-order; ZO devices send replayable seed traces)",
         settings=SERVER_SETTINGS,
         private=True,
+        private_on_device=True,
     )
 )

@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 
-from edgetune.fed.algorithms.deltas import SERVER_SETTINGS, DeltaAlgorithm, train_delta
+from edgetune.fed.algorithms.deltas import (
+    DEVICE_SECRET,
+    SERVER_SETTINGS,
+    DeltaAlgorithm,
+    release,
+    train_delta,
+)
 from edgetune.fed.algorithms.registry import AlgorithmSpec, register
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import ClientState, SeedTrace
@@ -43,10 +49,14 @@ class FwdLLM(DeltaAlgorithm):
         broadcast this device kept, and keep this broadcast."""
         held = None
         if state is not None and state.values.get("round") == job.round - 1:
-            held = state.tensors
+            held = {k: v for k, v in state.tensors.items() if k != DEVICE_SECRET}
         estimator = self.local_estimator(job, prior(payload.tensors, held))
         update = train_delta(adapter, payload, job, estimator)
-        return update, ClientState(dict(payload.tensors), {"round": float(job.round)})
+        kept = ClientState(dict(payload.tensors), {"round": float(job.round)})
+        if self.device_privacy is not None:  # dp.where=device: a noised delta
+            update, secret = release(self.device_privacy, update, adapter, payload, job, state)
+            kept.tensors[DEVICE_SECRET] = secret
+        return update, kept
 
     def local_estimator(
         self, job: ClientJob, steer: torch.Tensor | None
@@ -86,5 +96,6 @@ register(
         forward_only=True,
         uploads=(SeedTrace,),
         private=True,
+        private_on_device=True,
     )
 )

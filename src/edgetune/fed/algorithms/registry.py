@@ -8,7 +8,8 @@ settings of the other sections only it reads (`reads`, dotted), its own config s
 (`forward_only`), the update kinds its clients upload (`uploads`; attacks that corrupt
 one kind apply to the algorithms that send it), whether it sizes its clients' models
 itself (`prunes`: the static memory check is then its planner's), whether its
-aggregation clips and noises updates under `fed.dp` (`private`), the `fed.aggregator`
+aggregation clips and noises updates under `fed.dp` (`private`), whether its clients
+can clip and noise their own (`private_on_device`, dp.where=device), the `fed.aggregator`
 rules it implements (`aggregators`), and an optional
 `check(cfg)` for combinations only it can judge.
 
@@ -62,6 +63,7 @@ class AlgorithmSpec:
     uploads: tuple[type, ...] = (LoraDelta, SeedTrace)
     prunes: bool = False
     private: bool = False
+    private_on_device: bool = False
     aggregators: tuple[str, ...] = AGGREGATORS
     check: Callable[[Any], None] | None = None
 
