@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,7 @@ def test_targets_say_pass_or_miss_with_the_miss_size():
     assert "(the classification tasks' logits_to_keep=1): process peak 440 MB vs fp32 " in text
     assert "inference 800 MB = 0.55x (<= 0.6x): PASS; the Python + torch runtime alone" in text
     assert "| **unpruned** | 100.00 M | 400.0 | 100.0 (1.00x) |" in text
+    assert text.count("| – | – |") == 4  # no perplexity, no HellaSwag measured in these rows
     assert "| **int8** |" in text and "| 30 % + ZO + distill |" in text  # int8 is faster and
     assert "| 30 % + FO + distill |" in text  # more accurate than both
 
@@ -105,7 +107,7 @@ def test_rows_are_read_from_a_real_compress_run(tmp_path, stories260k_path, shar
     assert main(["compress", "--model", s.model, "--out", str(tmp_path / "p"), *args]) == 0
     before = bench.row_values(tmp_path / "p", "before")
     after = bench.row_values(tmp_path / "p", "after-prune")
-    ppl = bench.final_perplexity(s, tmp_path / "p", tmp_path / "p-ppl")
+    ppl = bench.final_scores(s, tmp_path / "p", tmp_path / "p-ppl")
     # Assert
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     stages = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
@@ -120,8 +122,14 @@ def test_rows_are_read_from_a_real_compress_run(tmp_path, stories260k_path, shar
     assert ppl["perplexity"] == pytest.approx(math.exp(ppl_summary["eval/loss"]))
     assert ppl_summary["adapter"].endswith("p-ppl-adapter")  # the pruned run's adapter
     assert 1.0 < ppl["perplexity"] < 1000.0
-    again = bench.final_perplexity(s, tmp_path / "p", tmp_path / "p-ppl")  # a re-run replaces
+    again = bench.final_scores(s, tmp_path / "p", tmp_path / "p-ppl")  # a re-run replaces
     assert again["perplexity"] == pytest.approx(ppl["perplexity"])
+    # HellaSwag acc_norm of the same saved model (and adapter), with its interval
+    hs = json.loads((tmp_path / "p-ppl-hs" / "summary.json").read_text())
+    assert hs["benchmark"] == "hellaswag" and hs["adapter"].endswith("p-ppl-hs-adapter")
+    assert hs["eval_examples"] == bench.QUICK_HELLASWAG_TASKS
+    assert ppl["hellaswag"] == hs["eval/acc_norm"] == again["hellaswag"]
+    assert ppl["hellaswag_low"] <= ppl["hellaswag"] <= ppl["hellaswag_high"]
 
 
 def _compress_has(flag: str) -> bool:
@@ -145,6 +153,8 @@ def test_quick_bench_writes_every_row_the_targets_and_the_plot(tmp_path, shared_
     for label in ("unpruned", "30 % pruned", "30 % + FO", "30 % + FO + distill", "int8"):
         assert f"| {label} |" in text or f"| **{label}** |" in text
     assert "30 % + ZO + distill: prefill" in text and "ZO LoRA on the int8 base" in text
+    unpruned = next(line for line in text.splitlines() if "unpruned" in line and "|" in line)
+    assert re.search(r"\| 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\] \|$", unpruned)  # HellaSwag
     png = (tmp_path / "docs" / "bench_compress_pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

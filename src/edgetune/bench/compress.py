@@ -26,8 +26,9 @@ seed keeps its own base adapter (its held-out rows stay held out).
 Budget (2-core CPU, 2 threads): 150 held-out articles per evaluation (~20 s, three per
 compress run), FO recovery 20 steps of batch 8 (~2.5 s each), ZO recovery 40 steps of
 batch 16 with distillation (~4.5 s each), perplexity on 32 TinyStories blocks of 128
-tokens: estimated (from those step costs, not yet timed end to end) at about 35 minutes
-with two seeds (the second seed adds a base fine-tune and three 30 % runs).
+tokens, and HellaSwag acc_norm on 800 seeded tasks (about 3,200 sequences a model, the
+largest cost of a row): estimated (from those step costs, not yet timed end to end) at
+well over an hour with two seeds.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ PERPLEXITY = ["--dataset", "tinystories", "data.eval_size=32", "data.max_length=
 MEMORY = ("16", "64", "3")  # batch, sequence length, timed steps of the int8 ZO line
 QUICK_PERPLEXITY = ["--dataset", "tinystories", "data.eval_size=8", "data.max_length=32"]
 QUICK_MEMORY = ("4", "32", "1")
+# HellaSwag (acc_norm, 95 % interval ~ +-3.4 points at 800 tasks) on each saved model
+HELLASWAG_TASKS, QUICK_HELLASWAG_TASKS = 800, 8
 # Targets of issue 13.
 PRUNE_SPEEDUP, PRUNE_LOSS = 1.3, 0.02
 INT8_SMALLER, INT8_SPEEDUP, INT8_LOSS = 3.5, 1.4, 0.01
@@ -185,11 +188,34 @@ def perplexity(s: Settings, model: str, adapter: Path | None, out: Path) -> dict
     return {"perplexity": math.exp(summary["eval/loss"]), "eval_rss_mb": summary["peak_rss_mb"]}
 
 
-def final_perplexity(s: Settings, run: Path, out: Path) -> dict[str, float]:
-    """`perplexity` of a compress run's saved model (and adapter, if it kept one)."""
+def hellaswag(s: Settings, model: str, adapter: Path | None, out: Path) -> dict[str, float]:
+    """HellaSwag acc_norm of `model` (+ `adapter`, detached as for `perplexity`) on a
+    fixed seeded sample of tasks, with its 95 % interval."""
+    tasks = QUICK_HELLASWAG_TASKS if s.quick else HELLASWAG_TASKS
+    args = ["--task", "hellaswag", "--eval-size", str(tasks), "--seed", "0"]
+    args += ["--threads", str(s.threads), "progress=false"]
+    if adapter is not None:
+        detached = out.with_name(out.name + "-adapter")
+        shutil.rmtree(detached, ignore_errors=True)
+        shutil.copytree(adapter, detached)
+        args += ["--adapter", str(detached)]
+    shutil.rmtree(out, ignore_errors=True)
+    run_in_subprocess(out, model, args, quiet=True, command="eval", overwrite=False)
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "hellaswag": summary["eval/acc_norm"],
+        "hellaswag_low": summary["eval/acc_norm_ci95_low"],
+        "hellaswag_high": summary["eval/acc_norm_ci95_high"],
+    }
+
+
+def final_scores(s: Settings, run: Path, out: Path) -> dict[str, float]:
+    """`perplexity` and `hellaswag` of a compress run's saved model (and adapter, if it
+    kept one)."""
     adapter = run / "adapter"
     kept = adapter if (adapter / "adapter_config.json").exists() else None
-    return perplexity(s, str(run / "model"), kept, out)
+    scores = perplexity(s, str(run / "model"), kept, out)
+    return {**scores, **hellaswag(s, str(run / "model"), kept, out.with_name(out.name + "-hs"))}
 
 
 def row_values(run: Path, stage: str) -> dict[str, Any]:
@@ -288,14 +314,17 @@ def run(
         shutil.rmtree(folder, ignore_errors=True)  # a previous benchmark's (the work folder)
         args = compress_args(s, r, adapters[r.seed])
         run_in_subprocess(folder, model, args, quiet=True, command="compress", overwrite=False)
-        ppl = final_perplexity(s, folder, root / f"{r.name}-ppl")
+        scores = final_scores(s, folder, root / f"{r.name}-ppl")
         for label, stage in r.rows:
             values = row_values(folder, stage)
             if stage == "before":
-                base_ppl = root / f"base-s{r.seed}-ppl"
-                values.update(perplexity(s, model, adapters[r.seed], base_ppl))
+                base = root / f"base-s{r.seed}-ppl"
+                values.update(perplexity(s, model, adapters[r.seed], base))
+                values.update(
+                    hellaswag(s, model, adapters[r.seed], base.with_name(base.name + "-hs"))
+                )
             elif stage == r.rows[-1][1]:
-                values.update(ppl)  # only the run's final model is saved
+                values.update(scores)  # only the run's final model is saved
             results.append({"label": label, "run": r.name, "seed": r.seed, **values})
             with (root / "rows.jsonl").open("a") as f:  # kept if a later run fails
                 f.write(json.dumps(results[-1]) + "\n")
@@ -386,15 +415,18 @@ def render(results: list[dict], memory: dict, s: Settings, machine: str, png: st
         f"Recovery: FO LoRA {s.fo_steps} steps, ZO {s.zo_steps} steps (with distillation "
         f"from the unpruned model). Perplexity: `edgetune eval {' '.join(s.perplexity)}` on "
         "each run's saved model (a no-recovery row shares its run's folder with the "
-        "recovered model, so its perplexity is not measured: –). (x) = times faster than "
+        "recovered model, so its perplexity is not measured: –). HellaSwag: acc_norm of "
+        f"`edgetune eval --task hellaswag --eval-size "
+        f"{QUICK_HELLASWAG_TASKS if s.quick else HELLASWAG_TASKS} --seed 0` on the same "
+        "saved models, with its 95 % Wilson interval. (x) = times faster than "
         "the unpruned fp32 model measured in the same compress process; absolute ms are "
         "per run. File MB: the model folder's files (weights, config, tokenizer). "
         "Peak RSS: the eval (inference) process of the row's model. Accuracy with two "
         "seeds: mean (each seed). **bold** = on the Pareto front.",
         "",
         "| row | params | file MB | prefill ms (x) | decode tok/s (x) | peak RSS MB | "
-        "accuracy | loss (points) | perplexity |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "accuracy | loss (points) | perplexity | HellaSwag acc_norm |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         label = f"**{r['label']}**" if r["label"] in front else r["label"]
@@ -405,10 +437,18 @@ def render(results: list[dict], memory: dict, s: Settings, machine: str, png: st
             f"| {label} | {r['params'] / 1e6:.2f} M | {_cell(r['file_mb'], '.1f')} | "
             f"{r['prefill_ms']:.1f} ({r['prefill_x']:.2f}x) | {r['decode_tps']:.1f} "
             f"({r['decode_x']:.2f}x) | {_cell(r.get('eval_rss_mb'), '.0f')} | {acc} | "
-            f"{100 * r['loss_points']:+.1f} | {_cell(r.get('perplexity'), '.2f')} |"
+            f"{100 * r['loss_points']:+.1f} | {_cell(r.get('perplexity'), '.2f')} | "
+            f"{_hellaswag_cell(r)} |"
         )
     lines += ["", f"![accuracy vs prefill latency]({png})", "", *targets(rows, memory, s)]
     return "\n".join(lines)
+
+
+def _hellaswag_cell(r: dict) -> str:
+    """acc_norm [95 % interval], or – where the row's model was not saved."""
+    if r.get("hellaswag") is None:
+        return "–"
+    return f"{r['hellaswag']:.3f} [{r['hellaswag_low']:.3f}, {r['hellaswag_high']:.3f}]"
 
 
 def _lost(r: dict) -> float:
