@@ -178,14 +178,27 @@ def test_differential_privacy_runs_on_flower_with_its_accounting(tmp_path, make_
     assert all(c["status"] == "ok" for c in clients)
 
 
-def test_local_differential_privacy_runs_on_flower(tmp_path, make_config, federation):
-    # Execute: FedIT whose devices clip and noise their own deltas (dp.where=device)
-    extra = {"dp.noise": 0.5, "dp.clip": 1.0, "dp.where": "device"}
+def test_local_differential_privacy_runs_on_flower_and_its_rounds_reach_tensorboard(
+    tmp_path, make_config, federation
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Execute: FedIT whose devices clip and noise their own deltas (dp.where=device),
+    # mirrored to TensorBoard by the ServerApp
+    extra = {"dp.noise": 0.5, "dp.clip": 1.0, "dp.where": "device", "report_to": "tensorboard"}
     run = flower_run(make_config(tmp_path / "ldp", "fedit", "fo", **extra), federation)
     # Assert: every noised delta passed the server's check, every round was accounted
     rows = run.read_metrics()
     assert all(r["accepted"] == 2 for r in rows[1:]) and rows[2]["epsilon"] > rows[1]["epsilon"]
     assert all(c["status"] == "ok" for c in run.read_metrics("clients.jsonl"))
+    # ... and TensorBoard's own reader finds every round's accuracy and epsilon
+    events = EventAccumulator(str(run.path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for tag in ("eval/accuracy", "epsilon"):
+        logged = {e.step: e.value for e in events.Scalars(tag)}
+        want = {r["round"]: r[tag] for r in rows if tag in r}
+        assert logged.keys() == want.keys() and len(want) >= 2
+        assert all(logged[k] == pytest.approx(v, rel=1e-6) for k, v in want.items())
 
 
 def test_a_killed_supernode_does_not_stop_the_run(tmp_path, make_config):
