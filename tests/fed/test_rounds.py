@@ -15,12 +15,12 @@ from edgetune.fed.algorithms import build_algorithm
 from edgetune.fed.algorithms.base import trainable_state
 from edgetune.fed.checkpoint import load_round
 from edgetune.fed.config import FederateConfig
-from edgetune.fed.fleet import method_memory_mb
 from edgetune.fed.plan import ClientPlan, StaticPlanner
 from edgetune.fed.rounds import InProcessFleet, run_rounds
 from edgetune.fed.session import setup
 from edgetune.fed.shapes import lora_axes
 from edgetune.runs import RunDir
+from edgetune.train.memory import method_memory_mb
 
 FLEET = "fleet:\n  - {name: board, memory_mb: 48000, gflops: 100, up_mbps: 10, down_mbps: 10}\n"
 

@@ -277,6 +277,7 @@ RESUME_MAY_CHANGE = ("threads", "report_to", "fed.rounds", "train.eval_batch_siz
 # Settings of single-device training that a federated run never reads, and what to use.
 _NOT_READ = {
     "train.method": "a federated client's method comes from fed.method and its device",
+    "train.memory_mb": "each device's memory comes from its fleet profile (fed.fleet)",
     "train.steps": "clients run fed.local_steps per round, for fed.rounds rounds",
     "train.eval_every": "the global adapter is evaluated after every round",
     "train.eval_at_start": "round 0 is always the evaluation before training",

@@ -30,7 +30,7 @@ import yaml
 
 from edgetune.errors import ConfigError
 from edgetune.ondevice.runtime import RUNTIMES
-from edgetune.train.config import backpropagates
+from edgetune.train.memory import affordable, method_memory_mb
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,6 @@ BUILTIN_FLEETS: dict[str, list[str]] = {
     "jetsons": ["jetson-orin-nano", "jetson-agx-orin"],
     "uniform": ["jetson-orin-nano"],
 }
-
-# Peak memory of each method relative to the model's fp32 weights, from
-# docs/BENCHMARKS.md (`edgetune bench memory`, SmolLM2-135M, batch 8 x 128): inference and
-# ZO ~2.6x the weights (activations, logits, runtime), first-order LoRA ~6.9x.
-MEMORY_FACTOR = {"zo": 2.7, "prge": 3.0, "fo": 6.9}
 
 
 def load_fleet(spec: str, num_clients: int) -> list[DeviceProfile]:
@@ -240,22 +235,6 @@ def round_seconds(
     return compute + transfer
 
 
-def method_memory_mb(num_params: int, method: str, backprop_share: float = 1.0) -> float:
-    """Estimated peak memory of fine-tuning a model of `num_params` with `method`.
-
-    `backprop_share` is the fraction of the blocks backpropagation runs through (LoRA on
-    the top K of L blocks: K / L): first-order keeps activations for those blocks only,
-    so its factor falls linearly from all blocks' to a forward pass's (ZO's). Measured on
-    SmolLM2-135M (issue figures, 40 x 8 steps): top 6 of 30 blocks peaked at 1196 MB
-    against 1821 MB for all blocks and 1149 MB for ZO on the top 6; the linear rule
-    (2.7 + 4.2 x 0.2 = 3.5x the weights) errs on the safe side of that.
-    """
-    factor = MEMORY_FACTOR[method]
-    if backpropagates(method):
-        factor = MEMORY_FACTOR["zo"] + (factor - MEMORY_FACTOR["zo"]) * backprop_share
-    return num_params * 4 / 2**20 * factor
-
-
 def choose_method(
     profile: DeviceProfile, num_params: int, requested: str, backprop_share: float = 1.0
 ) -> str | None:
@@ -263,13 +242,10 @@ def choose_method(
     that fits, preferring backprop (fo, through `backprop_share` of the blocks) then
     P-RGE then sequential ZO (a device with a runtime has no backward: P-RGE then ZO);
     None if nothing."""
-    order = ["fo", "prge", "zo"] if requested == "auto" else [requested]
-    if profile.runtime and requested == "auto":
-        order.remove("fo")
-    for method in order:
-        if method_memory_mb(num_params, method, backprop_share) <= profile.memory_mb:
-            return method
-    return None
+    if requested == "auto":
+        return affordable(num_params, profile.memory_mb, backprop_share, not profile.runtime)
+    fits = method_memory_mb(num_params, requested, backprop_share) <= profile.memory_mb
+    return requested if fits else None
 
 
 def client_ranks(spec: str, fleet: list[DeviceProfile], global_rank: int) -> list[int | None]:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from edgetune.fed.fleet import DeviceProfile, choose_method, client_ranks, method_memory_mb
+from edgetune.fed.fleet import DeviceProfile, choose_method, client_ranks
+from edgetune.train.memory import method_memory_mb
 
 
 class Outcome(StrEnum):

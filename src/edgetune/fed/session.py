@@ -36,6 +36,7 @@ from edgetune.peft import Adapter
 from edgetune.peft.card import ModelCard
 from edgetune.runs import RunDir, peak_rss_mb
 from edgetune.train.config import backpropagates
+from edgetune.train.memory import backprop_share
 from edgetune.train.trunk import resolve_trunk
 from edgetune.zo.seeds import Stream, stream_seed
 
@@ -154,18 +155,6 @@ def setup(cfg: FederateConfig) -> Federation:
         privacy=privacy_of(cfg),
         backprop_share=share,
     )
-
-
-def backprop_share(peft: Any, model: Any) -> float:
-    """The fraction of the model's blocks backpropagation runs through: K / L with LoRA
-    on the top K of L blocks (peft.layers=top:K) or last-n's K blocks, else 1."""
-    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    top = peft.top_layers() if peft.method in ("lora", "lora-fa") else None
-    if peft.method == "last-n":
-        top = peft.last_layers
-    if not layers or top is None:
-        return 1.0
-    return min(top, layers) / layers
 
 
 def privacy_of(cfg: FederateConfig) -> Privacy | None:

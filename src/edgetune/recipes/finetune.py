@@ -34,7 +34,7 @@ from edgetune.train.checkpoint import (
     newest_intact,
     warn,
 )
-from edgetune.train.config import check_optim_read_by, resolve_step_size
+from edgetune.train.config import AUTO, check_optim_read_by, resolve_step_size
 from edgetune.train.factory import check_zo_read
 from edgetune.train.loop import keeps_best
 from edgetune.train.outcome import outcome, report_outcome
@@ -65,9 +65,49 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         threads.check(self.threads, "threads")
         track.names(self.report_to)  # an unknown tracker fails here, with the closest
-        check_zo_read(self.train.method, self.zo)
-        check_optim_read_by(self.optim, self.train.method)
-        resolve_step_size(self.optim, self.zo, self.train.method)
+        if self.train.method != AUTO:  # auto: checked once the method is chosen
+            check_method_settings(self)
+
+
+def check_method_settings(cfg: FinetuneConfig) -> None:
+    """Refuse the zo and optim settings the method would not read; fill in its step size."""
+    check_zo_read(cfg.train.method, cfg.zo)
+    check_optim_read_by(cfg.optim, cfg.train.method)
+    resolve_step_size(cfg.optim, cfg.zo, cfg.train.method)
+
+
+def choose_method(cfg: FinetuneConfig, model: Any) -> None:
+    """train.method=auto: set `cfg.train.method` to the first of fo, prge, zo whose
+    estimated peak (`train/memory.py`) fits train.memory_mb or this machine's available
+    memory, say which and why, and check the settings against it.
+
+    Raises:
+        ConfigError: nothing fits (with each method's estimate and the fix).
+    """
+    import psutil
+
+    from edgetune.train.memory import AUTO_ORDER, affordable, backprop_share, method_memory_mb
+
+    budget = cfg.train.memory_mb or psutil.virtual_memory().available / 2**20
+    where = "train.memory_mb" if cfg.train.memory_mb else "available now"
+    params = sum(p.numel() for p in model.parameters())
+    share = backprop_share(cfg.peft, model)
+    estimates = {m: method_memory_mb(params, m, share) for m in AUTO_ORDER}
+    chosen = affordable(params, budget, share)
+    listed = ", ".join(f"{m} ~{mb:.0f} MB" for m, mb in estimates.items())
+    if chosen is None:
+        raise ConfigError(
+            f"train.method=auto: no method fits {budget:.0f} MB ({where}); estimated peaks: "
+            f"{listed}. Raise train.memory_mb, free memory, or train fewer blocks "
+            "(peft.layers=top:K lowers first-order's peak)"
+        )
+    cfg.train.method = chosen
+    console.status(
+        f"train.method=auto chose {chosen}: estimated peaks {listed}; budget {budget:.0f} MB "
+        f"({where})",
+        cfg.train.progress,
+    )
+    check_method_settings(cfg)
 
 
 def setup(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -78,6 +118,8 @@ def setup(cfg: FinetuneConfig) -> dict[str, Any]:
 
     console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.train.progress)
     model, tokenizer = models.load(cfg.model)
+    if cfg.train.method == AUTO:  # recorded in config.yaml as the method chosen
+        choose_method(cfg, model)
     splits = load_splits(cfg.data, cfg.seed)
     task = build_task(splits, cfg.data, tokenizer)
     adapter = attach(model, cfg.peft, seed=cfg.seed)

@@ -9,6 +9,7 @@ from edgetune.config import check_choice, check_positive, option
 from edgetune.errors import ConfigError
 
 TRAIN_METHODS = ("fo", "zo", "prge")
+AUTO = "auto"  # train.method=auto: the first of fo, prge, zo that fits (train/memory.py)
 FIRST_ORDER = "fo"  # the method that backpropagates; the others are zeroth-order
 
 
@@ -73,8 +74,14 @@ class TrainConfig:
 
     method: str = option(
         "zo",
-        "fo (backprop) | zo (MeZO, sequential passes) | prge (P-RGE, one batched pass)",
+        "fo (backprop) | zo (MeZO, sequential passes) | prge (P-RGE, one batched pass) | "
+        "auto (the first of fo, prge, zo whose estimated peak fits train.memory_mb)",
         flag="--method",
+    )
+    memory_mb: float = option(
+        0.0,
+        "train.method=auto: the memory budget in MB (0 = this machine's available memory "
+        "when the run starts)",
     )
     steps: int = option(100, "optimizer steps", flag="--steps")
     batch_size: int = option(8, "examples per optimizer step", flag="--batch-size")
@@ -115,7 +122,13 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        check_choice("train", "method", self.method, TRAIN_METHODS)
+        check_choice("train", "method", self.method, (*TRAIN_METHODS, AUTO))
+        check_positive("train", "memory_mb", self.memory_mb, allow_zero=True)
+        if self.memory_mb and self.method != AUTO:
+            raise ConfigError(
+                f"train.memory_mb={self.memory_mb:g} is read only by train.method=auto (a "
+                f"budget to choose the method in); drop it, or pass --method auto"
+            )
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints"):
             check_positive("train", name, getattr(self, name))
         for name in ("eval_every", "checkpoint_every"):
