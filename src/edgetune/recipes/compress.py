@@ -54,9 +54,23 @@ from edgetune.compress.prune.select import RANKINGS, UNITS
 from edgetune.compress.quantize import Int8Linear, linear_weight_bytes, quantize_int8
 from edgetune.compress.smooth import activation_maxima, smooth
 from edgetune.compress.speed import measure_speed, prefill_ids
+from edgetune.compress.vocab import (
+    VOCAB_MAP,
+    VocabMap,
+    attach_map,
+    is_vocab_pruned,
+    map_adapter,
+    oov_token_id,
+    required_ids,
+    save_pruned,
+    select_vocab,
+    shrink,
+    token_counts,
+)
 from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.data.recorded import with_recorded_task
+from edgetune.data.tasks.classification import ClassificationTask
 from edgetune.errors import ConfigError
 from edgetune.recipes.evaluate import load_adapter
 from edgetune.recipes.recover import RecoverConfig, load_teacher, recover, teacher_logits
@@ -202,22 +216,60 @@ class CompressConfig:
         "activations, faster on CPU; saved as the smoothed fp32 model, int8 at load",
         flag="--quantize",
     )
+    vocab: str = option(
+        "none",
+        "none | task: keep only the tokens of the task's training prompts plus special and "
+        "label tokens | N: at most N of those, the most frequent; the embedding and head "
+        "shrink and token ids are mapped at the model's edge (compress/vocab.py)",
+        flag="--vocab",
+    )
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
     )
     report_to: str = track.report_to_option()
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The `--vocab N` cap (None for task or none)."""
+        return int(self.vocab) if self.vocab.isdigit() else None
+
+    def _check_vocab(self) -> None:
+        """none, task or a positive count; and (for now) a stage of its own."""
+        if self.vocab not in ("none", "task") and not (
+            self.vocab.isdigit() and int(self.vocab) > 0
+        ):
+            raise ConfigError(
+                f"vocab: {self.vocab!r} is not none, task or a positive token count; e.g. "
+                "--vocab task or --vocab 4000"
+            )
+        others = [
+            flag
+            for flag, on in (
+                ("--prune", self.prune.requested),
+                ("--quantize", self.quantize != "none"),
+                ("recover.method", self.recover.method != "none"),
+            )
+            if on
+        ]
+        if self.vocab != "none" and others:
+            raise ConfigError(
+                f"--vocab is a stage of its own and cannot be combined with {others[0]} "
+                f"in one run; drop {others[0]}, or run --prune (uniform widths) first and "
+                "--vocab on its DIR/model"
+            )
+
     def __post_init__(self) -> None:
         threads.check(self.threads, "threads")
+        self._check_vocab()
         track.names(self.report_to)  # an unknown tracker fails here, with the closest
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: expected an integer >= 1, got {self.batch_size}")
         check_choice("compress", "quantize", self.quantize, QUANTIZE)
         self._check_recover()
-        if not self.prune.requested and self.quantize == "none":
+        if not self.prune.requested and self.quantize == "none" and self.vocab == "none":
             raise ConfigError(
-                "compress: nothing to do (prune.ratio=0 and quantize=none); give --prune R "
-                "and/or --quantize int8"
+                "compress: nothing to do (prune.ratio=0, quantize=none, vocab=none); give "
+                "--prune R, --quantize int8 and/or --vocab task"
             )
         unused = [k for k in PRUNE_ONLY if getattr(self.prune, k) != getattr(PruneConfig, k)]
         if self.quantize == "int8-dynamic":  # smoothing calibrates on prune.calib rows
@@ -279,6 +331,7 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
     model, tokenizer = models.load(cfg.model)
     llama_layers(model)  # an unsupported architecture stops here, before DIR exists
     _refuse_int8_input(model, cfg)
+    _refuse_vocab_input(model, cfg)
     splits = load_splits(cfg.data, cfg.seed)
     task = build_task(splits, cfg.data, tokenizer)
     eval_rows = task.prepare_rows(splits.eval)
@@ -306,6 +359,11 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
     stages: dict[str, dict] = {}
     params_before = _params(model)
     recovered = None
+    if cfg.vocab != "none":
+        del scored
+        stages["after-vocab"] = _vocab_stage(
+            model, tokenizer, task, train_rows, eval_rows, rundir, cfg
+        )
     if pruning:
         del scored
         scored, adapter_dir, stages["after-prune"] = _prune_stage(
@@ -372,6 +430,58 @@ def _refuse_int8_input(model: Any, cfg: CompressConfig) -> None:
             f"{cfg.model} is already an int8 model; compress the fp32 model it came from "
             "(prune and quantize in one run: --prune R --quantize int8)"
         )
+
+
+def _refuse_vocab_input(model: Any, cfg: CompressConfig) -> None:
+    """A vocabulary-pruned model is final; per-layer widths cannot be vocabulary-pruned."""
+    if is_vocab_pruned(model):
+        raise ConfigError(
+            f"{cfg.model} is already vocabulary-pruned (it has {VOCAB_MAP}); compress the "
+            "model it came from (structured pruning first, then --vocab)"
+        )
+    if cfg.vocab != "none" and getattr(model.config, "edgetune_layer_widths", None):
+        raise ConfigError(
+            f"{cfg.model} has per-layer widths, whose loader does not map token ids; prune "
+            "the vocabulary of a model with uniform widths (prune.ranking=layer)"
+        )
+
+
+def _vocab_stage(
+    model: Any,
+    tokenizer: Any,
+    task: Any,
+    train_rows: list[dict],
+    rows: list[dict],
+    rundir: RunDir,
+    cfg: CompressConfig,
+) -> dict:
+    """Keep the task's tokens (`compress/vocab.py`), save DIR/model with its id map (and
+    the adapter, re-based, as DIR/adapter), evaluate with the map at the edge.
+
+    Returns:
+        The stage result: metrics, speed, and the vocabulary kept.
+    """
+    labels = task.verbalizer_ids if isinstance(task, ClassificationTask) else []
+    counts = token_counts(_calib_batches(task, train_rows, cfg.batch_size))
+    original = model.config.vocab_size
+    required = required_ids(tokenizer, model.config, labels)
+    kept = select_vocab(counts, required, cfg.vocab_size, original)
+    vmap = VocabMap(kept, original, oov_token_id(tokenizer))
+    console.status(f"keeping {len(kept)} of {original} tokens", cfg.progress)
+    shrink(model, kept)
+    folder = rundir.path / "model"
+    save_pruned(model, tokenizer, folder, vmap)
+    attach_map(model, vmap)
+    scored = model
+    if cfg.adapter:
+        adapter = map_adapter(Path(cfg.adapter), rundir.path / "adapter", folder)
+        scored = load_adapter(model, str(adapter))
+    console.status("evaluating after vocabulary pruning", cfg.progress)
+    after = {**_evaluate(scored, task, rows, cfg), **_speed(model, cfg.seed)}
+    rundir.log({"stage": "after-vocab", **after["metrics"]})
+    unused = len([i for i in counts if i < original]) - len(set(counts) & set(kept))
+    vocab = {"kept": len(kept), "original": original, "oov_id": vmap.oov_id, "dropped_used": unused}
+    return {**after, "vocab": vocab}
 
 
 def _prune_stage(
