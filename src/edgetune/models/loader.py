@@ -462,6 +462,8 @@ def list_models() -> list[dict[str, Any]]:
                 "kind": builtin.kind,
                 "description": builtin.description,
                 "source": builtin.source,
+                "license": builtin.license,
+                "install": builtin.install,
                 "path": where,
                 "available": available,
             }
