@@ -11,7 +11,10 @@ the unpruned one (`recipes/recover.py`), saved to DIR/adapter -> evaluate "after
 DIR/model in the int8 folder format (`compress/int8_folder.py`) -> evaluate
 "after-quantize"; or int8-dynamic: merge -> SmoothQuant smoothing on the calibration rows
 (`compress/smooth.py`) -> save the smoothed fp32 DIR/model -> fbgemm dynamic int8
-(`compress/int8_dynamic.py`) -> evaluate "after-quantize"]. A stage not requested is skipped; a run requesting nothing is refused.
+(`compress/int8_dynamic.py`) -> evaluate "after-quantize"]. Or, as a stage of its own, vocabulary pruning (`--vocab task|N`,
+`compress/vocab.py`): keep the token rows the training prompts use -> save DIR/model with
+its id map (and the re-based DIR/adapter) -> evaluate "after-vocab". A stage not requested
+is skipped; a run requesting nothing is refused.
 An fp32 DIR/model loads with stock transformers when every layer keeps the same widths,
 else with `edgetune.models.load` (per-layer widths; see `compress/prune/structured.py`).
 Every input is checked before DIR is created, so a refused request writes nothing; an
