@@ -141,3 +141,48 @@ def test_a_vocabulary_pruned_model_is_refused_by_compress_and_gguf(
     err = capsys.readouterr().err
     assert "llama.cpp's tokenizer reads the vocabulary from the GGUF file" in err
     assert not out.exists() and "Traceback" not in err
+
+
+def test_a_label_head_scores_the_label_tokens_as_the_full_head(
+    cli, vocab_run, stories260k_path, tmp_path
+):
+    out = tmp_path / "labels"
+    args = vocab_args(stories260k_path, out, "--vocab", "task", "--vocab-head", "labels")
+    assert cli(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    full = json.loads((vocab_run / "summary.json").read_text())
+    assert summary["after-vocab"]["vocab"]["head_rows"] == 2  # SST-2: two label tokens
+    # the same embedding rows, 2 untied head rows instead of sharing the tied embedding
+    assert summary["params_after"] == full["params_after"] + 2 * 64
+    assert summary["after-vocab"]["metrics"] == full["after-vocab"]["metrics"]
+    vmap = json.loads((out / "model" / "vocab_map.json").read_text())
+    labels = vmap["head"]
+    model, _ = models.load(str(out / "model"))
+    original, _ = models.load(str(stories260k_path))
+    ids = torch.tensor([vmap["kept"][3:20]])  # only kept tokens: no id is read as unk
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, original(input_ids=ids).logits
+    torch.testing.assert_close(got[..., labels], want[..., labels], rtol=0, atol=1e-5)
+    others = torch.ones(512, dtype=torch.bool)
+    others[labels] = False
+    assert torch.all(got[..., others] == torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--vocab-head", "labels", "--quantize", "int8"], "vocab_head=labels is not used"),
+        (
+            ["--vocab", "task", "--vocab-head", "labels", "--task", "lm"],
+            "the lm task has none",
+        ),
+    ],
+)
+def test_compress_vocab_head_refusals(
+    cli, stories260k_path, shared_data, tmp_path, capsys, extra, message
+):
+    out = tmp_path / "run"
+    assert cli(vocab_args(stories260k_path, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()

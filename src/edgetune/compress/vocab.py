@@ -7,7 +7,10 @@ original ids: every token of the task's training prompts (or the `size` most fre
 the tokenizer's special tokens, the classification verbalizer's label tokens and the id
 that out-of-vocabulary input becomes. `shrink` slices the input embedding and the output
 head to those rows in place (a tied head keeps sharing the one sliced matrix), so the
-saved folder is a plain Hugging Face model of `K` tokens in the *kept* id space.
+saved folder is a plain Hugging Face model of `K` tokens in the *kept* id space. For a
+classifier the head can keep the label tokens alone (`head_ids`): the embedding still
+reads every kept token, the head scores only the labels (untied, L rows), so the head's
+share of prefill goes; such a model classifies but cannot generate text.
 
 The user's tokenizer keeps working because the ids are mapped at the model's edge
 (`attach_map`): the input embedding looks each original id up in a remap table, and the
@@ -25,8 +28,9 @@ Out-of-vocabulary handling (documented contract, tested):
 
 On disk (`save_pruned`): DIR/config.json has `vocab_size=K` and an `edgetune_vocab`
 entry naming DIR/vocab_map.json, which holds the kept original ids in new-id order, the
-original vocabulary size and `oov_id`. `edgetune.models.load` reads the folder back with
-the map attached; stock transformers loads it in the kept id space.
+original vocabulary size, `oov_id` and the label head's ids (or null). `edgetune.models.load`
+reads the folder back with the map attached; stock transformers loads it in the kept id
+space (a label head excepted: its head has L rows, not K).
 """
 
 from __future__ import annotations
@@ -49,11 +53,18 @@ CONFIG_KEY = "edgetune_vocab"
 
 @dataclass(frozen=True)
 class VocabMap:
-    """The kept original ids (new id i = `kept[i]`, ascending) and the OOV rule."""
+    """The kept original ids (new id i = `kept[i]`, ascending), the OOV rule and, for a
+    classifier head, the original ids the head alone scores."""
 
     kept: list[int]
     original_size: int
     oov_id: int  # the original id a pruned input id is read as
+    head: list[int] | None = None  # None: the head scores every kept id
+
+    @property
+    def head_ids(self) -> list[int]:
+        """The original ids of the head's rows, in row order."""
+        return self.kept if self.head is None else self.head
 
     def remap_table(self) -> torch.Tensor:
         """[original_size] long: original id -> new id (pruned ids -> new id of `oov_id`)."""
@@ -78,7 +89,13 @@ class VocabMap:
         path = folder / VOCAB_MAP
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            vmap = cls(list(data["kept"]), int(data["original_size"]), int(data["oov_id"]))
+            head = data.get("head")
+            vmap = cls(
+                list(data["kept"]),
+                int(data["original_size"]),
+                int(data["oov_id"]),
+                None if head is None else list(head),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EdgetuneError(
                 f"{path} cannot be read ({exc}); the vocabulary-pruned model needs it to map "
@@ -86,6 +103,8 @@ class VocabMap:
             ) from None
         if vmap.oov_id not in vmap.kept or vmap.kept != sorted(set(vmap.kept)):
             raise EdgetuneError(f"{path} is damaged (kept ids unsorted or oov_id not kept)")
+        if not set(vmap.head_ids) <= set(vmap.kept):
+            raise EdgetuneError(f"{path} is damaged (its head scores ids it does not keep)")
         return vmap
 
 
@@ -135,13 +154,23 @@ def select_vocab(
     return sorted(required | set(used))
 
 
-def shrink(model: Any, kept: Sequence[int]) -> None:
+def shrink(model: Any, kept: Sequence[int], head_ids: Sequence[int] | None = None) -> None:
     """Slice the input embedding and the output head of `model` to the `kept` rows, in
-    place; a tied head keeps sharing the sliced embedding. Sets config.vocab_size = K.
+    place; a tied head keeps sharing the sliced embedding. With `head_ids` (a classifier's
+    label tokens) the head gets only those rows, untied. Sets config.vocab_size = K.
     """
     index = torch.tensor(list(kept), dtype=torch.long)
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
+    if head is not None and head_ids is not None:
+        rows = torch.tensor(list(head_ids), dtype=torch.long)
+        labels = nn.Linear(head.in_features, len(rows), bias=head.bias is not None)
+        labels.weight = nn.Parameter(head.weight.detach()[rows].clone())
+        if head.bias is not None:
+            labels.bias = nn.Parameter(head.bias.detach()[rows].clone())
+        model.set_output_embeddings(labels)
+        model.config.tie_word_embeddings = False
+        head = None
     tied = head is not None and head.weight is embedding.weight
     embedding.weight = nn.Parameter(embedding.weight.detach()[index].clone())
     embedding.num_embeddings = len(kept)
@@ -192,7 +221,7 @@ class MappedHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         small = self.inner(hidden)
         full = small.new_full((*small.shape[:-1], self.original_size), torch.finfo(small.dtype).min)
-        return full.index_copy(-1, self.kept, small)
+        return full.index_copy_(-1, self.kept, small)  # in place: one V-wide tensor, not two
 
 
 def attach_map(model: Any, vmap: VocabMap) -> Any:
@@ -212,8 +241,8 @@ def attach_map(model: Any, vmap: VocabMap) -> Any:
     model.set_input_embeddings(MappedEmbedding(embedding, vmap.remap_table()))
     head = model.get_output_embeddings()
     if head is not None:
-        kept = torch.tensor(vmap.kept, dtype=torch.long)
-        model.set_output_embeddings(MappedHead(head, kept, vmap.original_size))
+        rows = torch.tensor(vmap.head_ids, dtype=torch.long)
+        model.set_output_embeddings(MappedHead(head, rows, vmap.original_size))
     model.config.vocab_size = vmap.original_size
     return model
 
@@ -225,7 +254,8 @@ def is_vocab_pruned(model: Any) -> bool:
 
 def save_pruned(model: Any, tokenizer: Any, folder: Path, vmap: VocabMap) -> None:
     """Save the shrunk (not yet mapped) `model` with its map and the user's tokenizer."""
-    model.config.update({CONFIG_KEY: {"map": VOCAB_MAP, "original_vocab_size": vmap.original_size}})
+    entry = {"map": VOCAB_MAP, "original_vocab_size": vmap.original_size}
+    model.config.update({CONFIG_KEY: {**entry, "head_rows": len(vmap.head_ids)}})
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     vmap.write(folder)
@@ -236,8 +266,39 @@ def load_pruned(folder: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     vmap = VocabMap.read(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if vmap.head is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        model = _load_label_head(folder, len(vmap.head))
     return attach_map(model, vmap)
+
+
+def _load_label_head(folder: Path, rows: int) -> Any:
+    """A folder whose head has `rows` label rows (config.json's vocab_size sizes the
+    embedding only): the model is read with the head left out, then the head is built to
+    its saved shape and filled from the file."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the skipped head is reported as a size mismatch
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, ignore_mismatched_sizes=True
+        )
+    finally:
+        logging.set_verbosity(verbosity)
+    name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(f"{name}.")})  # noqa: SIM118
+    weight = tensors[f"{name}.weight"]
+    head = nn.Linear(weight.shape[1], rows, bias=f"{name}.bias" in tensors)
+    head.load_state_dict({k.removeprefix(f"{name}."): v for k, v in tensors.items()})
+    model.set_output_embeddings(head)
+    return model
 
 
 def required_ids(tokenizer: Any, config: Any, label_ids: Sequence[int]) -> set[int]:

@@ -226,6 +226,13 @@ class CompressConfig:
         "shrink and token ids are mapped at the model's edge (compress/vocab.py)",
         flag="--vocab",
     )
+    vocab_head: str = option(
+        "all",
+        "with --vocab: all: the head scores every kept token | labels: only the "
+        "classification label tokens (a classifier that cannot generate; the rest of the "
+        "head leaves prefill)",
+        flag="--vocab-head",
+    )
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
     )
@@ -238,6 +245,12 @@ class CompressConfig:
 
     def _check_vocab(self) -> None:
         """none, task or a positive count; and (for now) a stage of its own."""
+        check_choice("compress", "vocab_head", self.vocab_head, ("all", "labels"))
+        if self.vocab == "none" and self.vocab_head != "all":
+            raise ConfigError(
+                f"vocab_head={self.vocab_head} is not used without --vocab; add --vocab task "
+                "or drop --vocab-head"
+            )
         if self.vocab not in ("none", "task") and not (
             self.vocab.isdigit() and int(self.vocab) > 0
         ):
@@ -337,6 +350,11 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
     _refuse_vocab_input(model, cfg)
     splits = load_splits(cfg.data, cfg.seed)
     task = build_task(splits, cfg.data, tokenizer)
+    if cfg.vocab_head == "labels" and not isinstance(task, ClassificationTask):
+        raise ConfigError(
+            f"--vocab-head labels keeps a classifier's label tokens, and the {task.name} task "
+            "has none (it scores every next token); use --vocab-head all"
+        )
     eval_rows = task.prepare_rows(splits.eval)
     train_rows = task.prepare_rows(splits.train)
     pruning = cfg.prune.requested
@@ -469,9 +487,10 @@ def _vocab_stage(
     original = model.config.vocab_size
     required = required_ids(tokenizer, model.config, labels)
     kept = select_vocab(counts, required, cfg.vocab_size, original)
-    vmap = VocabMap(kept, original, oov_token_id(tokenizer))
+    head = sorted(labels) if cfg.vocab_head == "labels" else None
+    vmap = VocabMap(kept, original, oov_token_id(tokenizer), head)
     console.status(f"keeping {len(kept)} of {original} tokens", cfg.progress)
-    shrink(model, kept)
+    shrink(model, kept, head)
     folder = rundir.path / "model"
     save_pruned(model, tokenizer, folder, vmap)
     attach_map(model, vmap)
@@ -483,7 +502,13 @@ def _vocab_stage(
     after = {**_evaluate(scored, task, rows, cfg), **_speed(model, cfg.seed)}
     rundir.log({"stage": "after-vocab", **after["metrics"]})
     unused = len([i for i in counts if i < original]) - len(set(counts) & set(kept))
-    vocab = {"kept": len(kept), "original": original, "oov_id": vmap.oov_id, "dropped_used": unused}
+    vocab = {
+        "kept": len(kept),
+        "original": original,
+        "head_rows": len(vmap.head_ids),
+        "oov_id": vmap.oov_id,
+        "dropped_used": unused,
+    }
     return {**after, "vocab": vocab}
 
 
