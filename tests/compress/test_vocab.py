@@ -125,3 +125,50 @@ def test_a_tokenizer_without_unk_reads_pruned_ids_as_eos():
     NoUnk.eos_token_id = None
     with pytest.raises(ConfigError, match="needs an unk or eos token"):
         oov_token_id(NoUnk())
+
+
+def _family(name: str):
+    """A tiny random model of family `name` with a 512-token vocabulary."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    small = dict(vocab_size=512, bos_token_id=1, eos_token_id=2)
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    heads = dict(num_attention_heads=2, num_key_value_heads=1)
+    cls, config = {
+        "gpt2": (GPT2LMHeadModel, GPT2Config(n_embd=32, n_layer=2, n_head=2, **small)),
+        "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(head_dim=16, **small, **layers, **heads)),
+        "qwen2": (
+            Qwen2ForCausalLM,
+            Qwen2Config(tie_word_embeddings=False, **small, **layers, **heads),
+        ),
+    }[name]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return cls(config).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "qwen2"])
+def test_kept_logits_equal_the_originals_in_other_families(family):
+    # gemma3 scales its embedding by sqrt(hidden); qwen2 here has an untied head
+    reference, model = _family(family), _family(family)
+    kept = list(range(0, 512, 3))
+    shrink(model, kept)
+    attach_map(model, VocabMap(kept, 512, 0))
+    ids = torch.tensor([kept[5:20]])
+    with torch.no_grad():
+        want, got = reference(ids).logits, model(ids).logits
+    torch.testing.assert_close(got[..., kept], want[..., kept], rtol=0, atol=1e-5)
+    rows = 512 - len(kept)
+    tied = reference.get_output_embeddings().weight is reference.get_input_embeddings().weight
+    removed = rows * 32 * (1 if tied else 2)
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == sum(p.numel() for p in reference.parameters()) - removed
+    )

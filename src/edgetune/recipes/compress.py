@@ -345,7 +345,8 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, data=with_recorded_task(cfg.data, cfg.adapter))
     console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.progress)
     model, tokenizer = models.load(cfg.model)
-    llama_layers(model)  # an unsupported architecture stops here, before DIR exists
+    if cfg.vocab == "none":  # vocabulary pruning reads only the embedding and the head
+        llama_layers(model)  # an unsupported architecture stops here, before DIR exists
     _refuse_int8_input(model, cfg)
     _refuse_vocab_input(model, cfg)
     splits = load_splits(cfg.data, cfg.seed)
