@@ -15,6 +15,7 @@ from edgetune.compress.vocab import (
     VocabMap,
     attach_map,
     is_vocab_pruned,
+    nearest_kept,
     oov_token_id,
     required_ids,
     save_pruned,
@@ -172,3 +173,23 @@ def test_kept_logits_equal_the_originals_in_other_families(family):
         sum(p.numel() for p in model.parameters())
         == sum(p.numel() for p in reference.parameters()) - removed
     )
+
+
+def test_nearest_reads_a_pruned_id_as_the_closest_kept_token(pruned, stories260k_path):
+    original, tokenizer, ids, _, vmap = pruned
+    model, _ = models.load(str(stories260k_path))
+    nearest = nearest_kept(model.get_input_embeddings().weight, vmap.kept)
+    assert [nearest[i] for i in vmap.kept] == list(range(len(vmap.kept)))
+    # a text piece (the first ids are byte tokens, several with equal rows: ties)
+    pruned_id = next(i for i in range(300, 512) if i not in vmap.kept)
+    weight = torch.nn.functional.normalize(model.get_input_embeddings().weight.detach(), dim=1)
+    cosine = weight[vmap.kept] @ weight[pruned_id]
+    assert nearest[pruned_id] == int(cosine.argmax())
+    shrink(model, vmap.kept)
+    attach_map(model, VocabMap(vmap.kept, 512, vmap.oov_id, None, nearest))
+    with_oov, as_nearest = ids.clone(), ids.clone()
+    with_oov[0, 3], as_nearest[0, 3] = pruned_id, vmap.kept[nearest[pruned_id]]
+    kept = torch.tensor(vmap.kept)
+    with torch.no_grad():
+        got, want = model(with_oov).logits, original(as_nearest).logits
+    torch.testing.assert_close(got[..., kept], want[..., kept], rtol=0, atol=1e-5)

@@ -20,7 +20,9 @@ original ids, and the logits of every kept token equal the unpruned model's.
 
 Out-of-vocabulary handling (documented contract, tested):
 - an input id that was pruned is read as `oov_id`: the tokenizer's unk token when it has
-  one, else its eos token (always kept);
+  one, else its eos token (always kept); or, with `nearest` (`compress vocab_oov=nearest`),
+  as the kept token whose input embedding row is closest by cosine, so an unseen word
+  keeps some of its meaning instead of becoming unk;
 - a pruned token's output logit is the lowest finite float, so it is never predicted and
   its probability is 0 (a loss whose target is a pruned token is not finite: build the
   vocabulary from data that covers what the model must write, or raise `size`);
@@ -60,6 +62,14 @@ class VocabMap:
     original_size: int
     oov_id: int  # the original id a pruned input id is read as
     head: list[int] | None = None  # None: the head scores every kept id
+    nearest: list[int] | None = None  # original id -> new id of its nearest kept token
+
+    def __post_init__(self) -> None:
+        if self.nearest is not None and len(self.nearest) != self.original_size:
+            raise EdgetuneError(
+                f"the nearest-token map has {len(self.nearest)} entries for a vocabulary of "
+                f"{self.original_size}; it is damaged: compress again"
+            )
 
     @property
     def head_ids(self) -> list[int]:
@@ -67,7 +77,10 @@ class VocabMap:
         return self.kept if self.head is None else self.head
 
     def remap_table(self) -> torch.Tensor:
-        """[original_size] long: original id -> new id (pruned ids -> new id of `oov_id`)."""
+        """[original_size] long: original id -> new id (pruned ids -> new id of `oov_id`,
+        or of their nearest kept token)."""
+        if self.nearest is not None:
+            return torch.tensor(self.nearest, dtype=torch.long)
         table = torch.full((self.original_size,), self.new_id(self.oov_id), dtype=torch.long)
         table[torch.tensor(self.kept, dtype=torch.long)] = torch.arange(len(self.kept))
         return table
@@ -89,12 +102,13 @@ class VocabMap:
         path = folder / VOCAB_MAP
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            head = data.get("head")
+            head, nearest = data.get("head"), data.get("nearest")
             vmap = cls(
                 list(data["kept"]),
                 int(data["original_size"]),
                 int(data["oov_id"]),
                 None if head is None else list(head),
+                None if nearest is None else list(nearest),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EdgetuneError(
@@ -152,6 +166,20 @@ def select_vocab(
     if size is not None:
         used = used[: size - len(required)]
     return sorted(required | set(used))
+
+
+def nearest_kept(embedding: torch.Tensor, kept: Sequence[int], chunk: int = 8192) -> list[int]:
+    """For every original id, the new id of the kept token whose input embedding row is
+    closest by cosine (a kept token maps to itself). [V, H] x [H, K] in chunks of rows."""
+    weight = embedding.detach().float()
+    index = torch.tensor(list(kept), dtype=torch.long)
+    keys = torch.nn.functional.normalize(weight[index], dim=1)
+    nearest = torch.empty(weight.shape[0], dtype=torch.long)
+    for start in range(0, weight.shape[0], chunk):
+        rows = torch.nn.functional.normalize(weight[start : start + chunk], dim=1)
+        nearest[start : start + chunk] = (rows @ keys.T).argmax(dim=1)
+    nearest[index] = torch.arange(len(kept))
+    return nearest.tolist()
 
 
 def shrink(model: Any, kept: Sequence[int], head_ids: Sequence[int] | None = None) -> None:

@@ -63,6 +63,7 @@ from edgetune.compress.vocab import (
     attach_map,
     is_vocab_pruned,
     map_adapter,
+    nearest_kept,
     oov_token_id,
     required_ids,
     save_pruned,
@@ -233,6 +234,11 @@ class CompressConfig:
         "head leaves prefill)",
         flag="--vocab-head",
     )
+    vocab_oov: str = option(
+        "unk",
+        "with --vocab, how a pruned input id is read: unk (the tokenizer's unk token, else "
+        "eos) | nearest (the kept token whose input embedding is closest by cosine)",
+    )
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
     )
@@ -246,11 +252,13 @@ class CompressConfig:
     def _check_vocab(self) -> None:
         """none, task or a positive count; and (for now) a stage of its own."""
         check_choice("compress", "vocab_head", self.vocab_head, ("all", "labels"))
-        if self.vocab == "none" and self.vocab_head != "all":
-            raise ConfigError(
-                f"vocab_head={self.vocab_head} is not used without --vocab; add --vocab task "
-                "or drop --vocab-head"
-            )
+        check_choice("compress", "vocab_oov", self.vocab_oov, ("unk", "nearest"))
+        for key, default in (("vocab_head", "all"), ("vocab_oov", "unk")):
+            if self.vocab == "none" and getattr(self, key) != default:
+                raise ConfigError(
+                    f"{key}={getattr(self, key)} is not used without --vocab; add --vocab "
+                    f"task or drop {key}"
+                )
         if self.vocab not in ("none", "task") and not (
             self.vocab.isdigit() and int(self.vocab) > 0
         ):
@@ -489,7 +497,9 @@ def _vocab_stage(
     required = required_ids(tokenizer, model.config, labels)
     kept = select_vocab(counts, required, cfg.vocab_size, original)
     head = sorted(labels) if cfg.vocab_head == "labels" else None
-    vmap = VocabMap(kept, original, oov_token_id(tokenizer), head)
+    embedding = model.get_input_embeddings().weight
+    nearest = nearest_kept(embedding, kept) if cfg.vocab_oov == "nearest" else None
+    vmap = VocabMap(kept, original, oov_token_id(tokenizer), head, nearest)
     console.status(f"keeping {len(kept)} of {original} tokens", cfg.progress)
     shrink(model, kept, head)
     folder = rundir.path / "model"
@@ -508,6 +518,7 @@ def _vocab_stage(
         "original": original,
         "head_rows": len(vmap.head_ids),
         "oov_id": vmap.oov_id,
+        "oov": cfg.vocab_oov,
         "dropped_used": unused,
     }
     return {**after, "vocab": vocab}
