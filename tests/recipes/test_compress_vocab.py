@@ -86,6 +86,9 @@ def test_compress_vocab_maps_the_adapter(cli, tiny_args, stories260k_path, share
     mapped = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert mapped["base_model_name_or_path"] == str(out / "model")
     kept = json.loads((out / "model" / "vocab_map.json").read_text())["kept"]
+    summary = json.loads((out / "summary.json").read_text())
+    # the model's parameters, not the LoRA matrices loaded into it
+    assert summary["params_after"] == summary["params_before"] - (512 - len(kept)) * 64
     ids = torch.tensor([kept[3:20]])  # only kept tokens: no id is read as unk
     original = load_adapter(models.load(str(stories260k_path))[0], str(finetuned / "adapter"))
     pruned = load_adapter(models.load(str(out / "model"))[0], str(out / "adapter"))

@@ -728,4 +728,15 @@ def _folder_bytes(folder: Path | str) -> int | None:
 
 
 def _params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the model itself: a PEFT adapter loaded into it (in place, by the
+    prune and vocabulary stages) is not counted."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, BaseTunerLayer)
+        for name in m.adapter_layer_names
+        for p in getattr(m, name).parameters()
+    }
+    return sum(p.numel() for p in model.parameters() if id(p) not in adapter)
