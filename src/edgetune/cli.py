@@ -593,6 +593,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         status = "available" if row["available"] else "MISSING"
         print(f"{row['name']:<14} {row['kind']:<10} {status:<10} {row['description']}")
         print(f"{'':<14} from {row['source']}\n{'':<14} at   {row['path']}")
+        print(f"{'':<14} license: {row['license']}\n{'':<14} install: {row['install']}")
     return 0
 
 

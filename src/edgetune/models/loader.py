@@ -123,6 +123,8 @@ def load(spec: str, *, num_labels: int | None = None) -> tuple[Any, Any]:
             if model is None:
                 model = _load_per_layer_widths(source)
             if model is None:
+                model = _load_vocab_pruned(source)
+            if model is None:
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
             model = _int8_dynamic(model)
     except RuntimeError as exc:
@@ -286,6 +288,20 @@ def _load_per_layer_widths(source: Path | str) -> Any | None:
     return load_layer_widths(source)
 
 
+def _load_vocab_pruned(source: Path | str) -> Any | None:
+    """A folder saved by vocabulary pruning (config.json has `edgetune_vocab`) loaded
+    with its token-id map at the edge, so the folder's tokenizer ids work as before;
+    None for any other model."""
+    if not isinstance(source, Path):
+        return None
+    config = _recorded_json(source / "config.json")
+    if config is None or "edgetune_vocab" not in config:
+        return None
+    from edgetune.compress.vocab import load_pruned  # imports torch
+
+    return load_pruned(source)
+
+
 def _recorded_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file as a dict, or None when it is unreadable or not an object."""
     try:
@@ -446,6 +462,8 @@ def list_models() -> list[dict[str, Any]]:
                 "kind": builtin.kind,
                 "description": builtin.description,
                 "source": builtin.source,
+                "license": builtin.license,
+                "install": builtin.install,
                 "path": where,
                 "available": available,
             }

@@ -11,7 +11,10 @@ the unpruned one (`recipes/recover.py`), saved to DIR/adapter -> evaluate "after
 DIR/model in the int8 folder format (`compress/int8_folder.py`) -> evaluate
 "after-quantize"; or int8-dynamic: merge -> SmoothQuant smoothing on the calibration rows
 (`compress/smooth.py`) -> save the smoothed fp32 DIR/model -> fbgemm dynamic int8
-(`compress/int8_dynamic.py`) -> evaluate "after-quantize"]. A stage not requested is skipped; a run requesting nothing is refused.
+(`compress/int8_dynamic.py`) -> evaluate "after-quantize"]. Or, as a stage of its own, vocabulary pruning (`--vocab task|N`,
+`compress/vocab.py`): keep the token rows the training prompts use -> save DIR/model with
+its id map (and the re-based DIR/adapter) -> evaluate "after-vocab". A stage not requested
+is skipped; a run requesting nothing is refused.
 An fp32 DIR/model loads with stock transformers when every layer keeps the same widths,
 else with `edgetune.models.load` (per-layer widths; see `compress/prune/structured.py`).
 Every input is checked before DIR is created, so a refused request writes nothing; an
@@ -54,9 +57,24 @@ from edgetune.compress.prune.select import RANKINGS, UNITS
 from edgetune.compress.quantize import Int8Linear, linear_weight_bytes, quantize_int8
 from edgetune.compress.smooth import activation_maxima, smooth
 from edgetune.compress.speed import measure_speed, prefill_ids
+from edgetune.compress.vocab import (
+    VOCAB_MAP,
+    VocabMap,
+    attach_map,
+    is_vocab_pruned,
+    map_adapter,
+    nearest_kept,
+    oov_token_id,
+    required_ids,
+    save_pruned,
+    select_vocab,
+    shrink,
+    token_counts,
+)
 from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.data.recorded import with_recorded_task
+from edgetune.data.tasks.classification import ClassificationTask
 from edgetune.errors import ConfigError
 from edgetune.recipes.evaluate import load_adapter
 from edgetune.recipes.recover import RecoverConfig, load_teacher, recover, teacher_logits
@@ -200,22 +218,80 @@ class CompressConfig:
         "activations, faster on CPU; saved as the smoothed fp32 model, int8 at load",
         flag="--quantize",
     )
+    vocab: str = option(
+        "none",
+        "none | task: keep only the tokens of the task's training prompts plus special and "
+        "label tokens | N: at most N of those, the most frequent; the embedding and head "
+        "shrink and token ids are mapped at the model's edge (compress/vocab.py)",
+        flag="--vocab",
+    )
+    vocab_head: str = option(
+        "all",
+        "with --vocab: all: the head scores every kept token | labels: only the "
+        "classification label tokens (a classifier that cannot generate; the rest of the "
+        "head leaves prefill)",
+        flag="--vocab-head",
+    )
+    vocab_oov: str = option(
+        "unk",
+        "with --vocab, how a pruned input id is read: unk (the tokenizer's unk token, else "
+        "eos) | nearest (the kept token whose input embedding is closest by cosine)",
+    )
     threads: int = option(
         0, "torch threads per process (0 = chosen at start from the free cores and recorded)"
     )
     report_to: str = track.report_to_option()
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The `--vocab N` cap (None for task or none)."""
+        return int(self.vocab) if self.vocab.isdigit() else None
+
+    def _check_vocab(self) -> None:
+        """none, task or a positive count; and (for now) a stage of its own."""
+        check_choice("compress", "vocab_head", self.vocab_head, ("all", "labels"))
+        check_choice("compress", "vocab_oov", self.vocab_oov, ("unk", "nearest"))
+        for key, default in (("vocab_head", "all"), ("vocab_oov", "unk")):
+            if self.vocab == "none" and getattr(self, key) != default:
+                raise ConfigError(
+                    f"{key}={getattr(self, key)} is not used without --vocab; add --vocab "
+                    f"task or drop {key}"
+                )
+        if self.vocab not in ("none", "task") and not (
+            self.vocab.isdigit() and int(self.vocab) > 0
+        ):
+            raise ConfigError(
+                f"vocab: {self.vocab!r} is not none, task or a positive token count; e.g. "
+                "--vocab task or --vocab 4000"
+            )
+        others = [
+            flag
+            for flag, on in (
+                ("--prune", self.prune.requested),
+                ("--quantize", self.quantize != "none"),
+                ("recover.method", self.recover.method != "none"),
+            )
+            if on
+        ]
+        if self.vocab != "none" and others:
+            raise ConfigError(
+                f"--vocab is a stage of its own and cannot be combined with {others[0]} "
+                f"in one run; drop {others[0]}, or run --prune (uniform widths) first and "
+                "--vocab on its DIR/model"
+            )
+
     def __post_init__(self) -> None:
         threads.check(self.threads, "threads")
+        self._check_vocab()
         track.names(self.report_to)  # an unknown tracker fails here, with the closest
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: expected an integer >= 1, got {self.batch_size}")
         check_choice("compress", "quantize", self.quantize, QUANTIZE)
         self._check_recover()
-        if not self.prune.requested and self.quantize == "none":
+        if not self.prune.requested and self.quantize == "none" and self.vocab == "none":
             raise ConfigError(
-                "compress: nothing to do (prune.ratio=0 and quantize=none); give --prune R "
-                "and/or --quantize int8"
+                "compress: nothing to do (prune.ratio=0, quantize=none, vocab=none); give "
+                "--prune R, --quantize int8 and/or --vocab task"
             )
         unused = [  # every prune setting but those that ask for pruning acts only then
             f.name
@@ -280,10 +356,17 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, data=with_recorded_task(cfg.data, cfg.adapter))
     console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.progress)
     model, tokenizer = models.load(cfg.model)
-    llama_layers(model)  # an unsupported architecture stops here, before DIR exists
+    if cfg.vocab == "none":  # vocabulary pruning reads only the embedding and the head
+        llama_layers(model)  # an unsupported architecture stops here, before DIR exists
     _refuse_int8_input(model, cfg)
+    _refuse_vocab_input(model, cfg)
     splits = load_splits(cfg.data, cfg.seed)
     task = build_task(splits, cfg.data, tokenizer)
+    if cfg.vocab_head == "labels" and not isinstance(task, ClassificationTask):
+        raise ConfigError(
+            f"--vocab-head labels keeps a classifier's label tokens, and the {task.name} task "
+            "has none (it scores every next token); use --vocab-head all"
+        )
     eval_rows = task.prepare_rows(splits.eval)
     train_rows = task.prepare_rows(splits.train)
     pruning = cfg.prune.requested
@@ -309,6 +392,11 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
     stages: dict[str, dict] = {}
     params_before = _params(model)
     recovered = None
+    if cfg.vocab != "none":
+        del scored
+        stages["after-vocab"] = _vocab_stage(
+            model, tokenizer, task, train_rows, eval_rows, rundir, cfg
+        )
     if pruning:
         del scored
         scored, adapter_dir, stages["after-prune"] = _prune_stage(
@@ -375,6 +463,68 @@ def _refuse_int8_input(model: Any, cfg: CompressConfig) -> None:
             f"{cfg.model} is already an int8 model; compress the fp32 model it came from "
             "(prune and quantize in one run: --prune R --quantize int8)"
         )
+
+
+def _refuse_vocab_input(model: Any, cfg: CompressConfig) -> None:
+    """A vocabulary-pruned model is final; per-layer widths cannot be vocabulary-pruned."""
+    if is_vocab_pruned(model):
+        raise ConfigError(
+            f"{cfg.model} is already vocabulary-pruned (it has {VOCAB_MAP}); compress the "
+            "model it came from (structured pruning first, then --vocab)"
+        )
+    if cfg.vocab != "none" and getattr(model.config, "edgetune_layer_widths", None):
+        raise ConfigError(
+            f"{cfg.model} has per-layer widths, whose loader does not map token ids; prune "
+            "the vocabulary of a model with uniform widths (prune.ranking=layer)"
+        )
+
+
+def _vocab_stage(
+    model: Any,
+    tokenizer: Any,
+    task: Any,
+    train_rows: list[dict],
+    rows: list[dict],
+    rundir: RunDir,
+    cfg: CompressConfig,
+) -> dict:
+    """Keep the task's tokens (`compress/vocab.py`), save DIR/model with its id map (and
+    the adapter, re-based, as DIR/adapter), evaluate with the map at the edge.
+
+    Returns:
+        The stage result: metrics, speed, and the vocabulary kept.
+    """
+    labels = task.verbalizer_ids if isinstance(task, ClassificationTask) else []
+    counts = token_counts(_calib_batches(task, train_rows, cfg.batch_size))
+    original = model.config.vocab_size
+    required = required_ids(tokenizer, model.config, labels)
+    kept = select_vocab(counts, required, cfg.vocab_size, original)
+    head = sorted(labels) if cfg.vocab_head == "labels" else None
+    embedding = model.get_input_embeddings().weight
+    nearest = nearest_kept(embedding, kept) if cfg.vocab_oov == "nearest" else None
+    vmap = VocabMap(kept, original, oov_token_id(tokenizer), head, nearest)
+    console.status(f"keeping {len(kept)} of {original} tokens", cfg.progress)
+    shrink(model, kept, head)
+    folder = rundir.path / "model"
+    save_pruned(model, tokenizer, folder, vmap)
+    attach_map(model, vmap)
+    scored = model
+    if cfg.adapter:
+        adapter = map_adapter(Path(cfg.adapter), rundir.path / "adapter", folder)
+        scored = load_adapter(model, str(adapter))
+    console.status("evaluating after vocabulary pruning", cfg.progress)
+    after = {**_evaluate(scored, task, rows, cfg), **_speed(model, cfg.seed)}
+    rundir.log({"stage": "after-vocab", **after["metrics"]})
+    unused = len([i for i in counts if i < original]) - len(set(counts) & set(kept))
+    vocab = {
+        "kept": len(kept),
+        "original": original,
+        "head_rows": len(vmap.head_ids),
+        "oov_id": vmap.oov_id,
+        "oov": cfg.vocab_oov,
+        "dropped_used": unused,
+    }
+    return {**after, "vocab": vocab}
 
 
 def _prune_stage(
@@ -581,4 +731,15 @@ def _folder_bytes(folder: Path | str) -> int | None:
 
 
 def _params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the model itself: a PEFT adapter loaded into it (in place, by the
+    prune and vocabulary stages) is not counted."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, BaseTunerLayer)
+        for name in m.adapter_layer_names
+        for p in getattr(m, name).parameters()
+    }
+    return sum(p.numel() for p in model.parameters() if id(p) not in adapter)

@@ -30,6 +30,7 @@ import torch
 
 from edgetune import console, models, threads
 from edgetune.compress.int8_dynamic import is_dynamic_int8
+from edgetune.compress.vocab import is_vocab_pruned
 from edgetune.config import check_choice, option
 from edgetune.errors import ConfigError
 from edgetune.export.gguf import GGUF_TYPES
@@ -166,6 +167,13 @@ def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
         raise ConfigError(
             f"{cfg.model} is a dynamic int8 model (compress --quantize int8-dynamic), whose "
             "fbgemm kernels no exporter supports; export the fp32 model (or --quantize int8)"
+        )
+    if cfg.format == "gguf" and is_vocab_pruned(model):
+        raise ConfigError(
+            f"{cfg.model} is vocabulary-pruned: its token ids are mapped at the model's edge, "
+            "but llama.cpp's tokenizer reads the vocabulary from the GGUF file and would emit "
+            "the original ids; export the pruned model to onnx or executorch (the id map is "
+            "in their graph), or the unpruned model to gguf"
         )
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
