@@ -42,7 +42,7 @@ from edgetune.export.graph import (
 )
 from edgetune.export.manifest import ExportManifest, write_manifest
 from edgetune.models.builtin import base_model_id
-from edgetune.peft.config import LLAMA_PROJECTIONS
+from edgetune.peft.targets import default_targets
 from edgetune.recipes.evaluate import load_adapter
 from edgetune.runs import check_out
 
@@ -80,7 +80,9 @@ class ExportConfig:
         flag="--lora-rank",
     )
     lora_alpha: float = option(16.0, "with lora_rank: LoRA alpha (scale = alpha / rank)")
-    lora_targets: list[str] = option(LLAMA_PROJECTIONS, "with lora_rank: linear layers adapted")
+    lora_targets: list[str] = option(
+        [], "with lora_rank: linear layers adapted (empty: the family's default, as peft's)"
+    )
     gguf_type: str = option(
         "f32", "gguf: weight type of the base model, f32 | q8_0 | q4_0", flag="--gguf-type"
     )
@@ -213,8 +215,9 @@ def _export_graph(
             shutil.copytree(cfg.adapter, tmp / "adapter")
             model = wrapped.unload()
     elif cfg.lora_rank:
-        slots = slots_for(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
-        peft_config = _new_lora_config(cfg, base)
+        targets = list(cfg.lora_targets) or default_targets(model)
+        slots = slots_for(model, targets, cfg.lora_rank, cfg.lora_alpha)
+        peft_config = _new_lora_config(cfg, targets, base)
     module: torch.nn.Module = (
         AdapterInputLM(model, slots, cfg.logits) if slots else PlainLM(model, cfg.logits)
     )
@@ -348,14 +351,14 @@ def _adapter_config(adapter: Path, base: str) -> dict[str, Any]:
     return config
 
 
-def _new_lora_config(cfg: ExportConfig, base: str) -> dict[str, Any]:
+def _new_lora_config(cfg: ExportConfig, targets: list[str], base: str) -> dict[str, Any]:
     """adapter_config.json of the LoRA the inputs describe (what PEFT would write)."""
     from peft import LoraConfig
 
     config = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
-        target_modules=list(cfg.lora_targets),
+        target_modules=targets,
         task_type="CAUSAL_LM",
         base_model_name_or_path=base,
     ).to_dict()
