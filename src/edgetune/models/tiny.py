@@ -39,8 +39,9 @@ def tiny_llama(vocab_size: int = 128, seed: int = 0, **overrides: Any) -> Any:
 
 # One small random config per architecture family: 4 blocks, hidden 64, 4 query heads in
 # 2 key/value groups where the family has groups. Gemma 3 alternates sliding-window and
-# global blocks (window 4, so a 32-token row feels the difference on both sides of any
-# cut); Qwen3 and Gemma 3 set head_dim explicitly as their real configs do.
+# global blocks (window 4, so a 32-token row feels the difference), both kinds on each side
+# of a cut at 2 and in an order a cut that ignored them would get wrong; Qwen3 and Gemma 3
+# set head_dim explicitly as their real configs do.
 _ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2)
 _DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, **_ATTENTION)
 TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -55,7 +56,7 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             _DECODER,
             head_dim=16,
             sliding_window=4,
-            layer_types=["sliding_attention", "full_attention"] * 2,
+            layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"],
         ),
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DECODER)),

@@ -160,13 +160,11 @@ def _lora(model: torch.nn.Module, cfg: PeftConfig, freeze_a: bool = False) -> to
     placed: dict[str, Any] = {}
     top = cfg.top_layers()
     if top is not None:
-        count = len(_decoder_layers(model))
+        pattern, blocks = _block_list(model)
+        count = len(blocks)
         if top > count:
             raise ConfigError(f"peft.layers=top:{top} but the model has {count} layers")
-        placed = {
-            "layers_to_transform": list(range(count - top, count)),
-            "layers_pattern": "layers",
-        }
+        placed = {"layers_to_transform": list(range(count - top, count)), "layers_pattern": pattern}
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -222,10 +220,20 @@ def _last_n(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:
 
 
 def _decoder_layers(model: torch.nn.Module) -> Any:
+    return _block_list(model)[1]
+
+
+def _block_list(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's list of transformer blocks and its attribute name (`layers`; GPT-2's
+    `h`)."""
     for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
-            return module
-    raise ConfigError("cannot find this model's list of transformer blocks (last-n, peft.layers)")
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("layers", "h") and isinstance(module, torch.nn.ModuleList):
+            return leaf, module
+    raise ConfigError(
+        "cannot find this model's list of transformer blocks (a module list named layers or "
+        "h), which last-n and peft.layers select from"
+    )
 
 
 def _full(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:
