@@ -56,7 +56,12 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             _DECODER,
             head_dim=16,
             sliding_window=4,
-            layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"],
+            layer_types=[
+                "sliding_attention",
+                "full_attention",
+                "full_attention",
+                "sliding_attention",
+            ],
         ),
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DECODER)),

@@ -154,9 +154,7 @@ def _lora(model: torch.nn.Module, cfg: PeftConfig, freeze_a: bool = False) -> to
         )
     # GPT-2's Conv1D keeps its weight as [in, out]; PEFT must be told (it would guess and
     # warn otherwise; it still treats any nn.Linear among the targets as [out, in]).
-    conv1d = any(
-        is_conv1d(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets
-    )
+    conv1d = any(is_conv1d(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
     placed: dict[str, Any] = {}
     top = cfg.top_layers()
     if top is not None:

@@ -46,7 +46,11 @@ from edgetune.peft.targets import default_targets
 from edgetune.recipes.evaluate import load_adapter
 from edgetune.runs import check_out
 
-ARCHITECTURES = ("llama",)  # what the exporters and their tests cover
+# The decoders the graph exporters take, each checked against PyTorch in ONNX Runtime
+# (tests/models/test_families.py); GGUF narrows this to what llama.cpp's llama
+# architecture holds (export/gguf.py). GPT-2, OPT and Phi-3 are not among them: their
+# blocks differ (Conv1D and learned positions; fused projections) and nothing checks them.
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 # An ExecuTorch program runs at exactly its limits (export/executorch.py): one copy (MeZO,
 # inference) by default; P-RGE needs --max-copies 2q.
 PTE_DEFAULTS = {"max_copies": 1, "max_batch": 16, "max_seq": 128}
@@ -161,8 +165,9 @@ def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     if arch not in ARCHITECTURES:
         raise ConfigError(
             f"{cfg.model} is a {arch!r} model; edgetune exports Llama-family causal LMs "
-            f"(model_type {', '.join(ARCHITECTURES)}: SmolLM2, stories260K, TinyLlama, Llama "
-            "2/3), with LoRA on their linear layers"
+            f"(model_type {', '.join(ARCHITECTURES)}: SmolLM2, stories260K, Llama 2/3, Qwen2.5, "
+            "Qwen3, Mistral, Gemma 3), with LoRA on their linear layers; fine-tune and "
+            "federate this one in PyTorch"
         )
     if is_dynamic_int8(model):
         raise ConfigError(

@@ -214,7 +214,9 @@ def resolve_trunk(setting: str, model: torch.nn.Module, runtime: bool = False) -
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     decoder = find_decoder(model)
     if decoder is None or model_type not in SHARED_TRUNK_MODEL_TYPES:
-        reason = UNSHARED_REASONS.get(str(model_type), "its decoder is not one the split is built for")
+        reason = UNSHARED_REASONS.get(
+            str(model_type), "its decoder is not one the split is built for"
+        )
         if explicit:
             raise ConfigError(
                 f"train.trunk={setting}: a shared trunk is supported for "
