@@ -40,6 +40,7 @@ STAGES = (
     "prune",
     "int8",
     "export-onnx",
+    "export-executorch",
     "export-gguf",
     "ondevice",
 )
@@ -69,8 +70,9 @@ def _expected(family: str, stage: str) -> str:
 
 EXPECTED = {(f, s): _expected(f, s) for f in FAMILIES for s in STAGES}
 # Rows that take more than a few seconds: an export runs the exporter and checks the
-# graph in its runtime (20-50 s on a shared core); ondevice needs that export.
-SLOW = {"export-onnx", "export-gguf", "ondevice"}
+# graph in its runtime (20-50 s on a shared core, ExecuTorch's lowering 2-4 minutes);
+# ondevice needs the ONNX export.
+SLOW = {"export-onnx", "export-executorch", "export-gguf", "ondevice"}
 
 
 def _rows(*stages: str) -> list:
@@ -225,6 +227,9 @@ def test_shared_trunk_equals_full_depth(family, stage, capsys):
     expected = EXPECTED[family, stage]
     if expected != "ok":
         _refused(lambda: resolve_trunk("2", adapter.model), expected, capsys)
+        # auto runs full depth, and says so
+        assert not resolve_trunk("auto", adapter.model).shared
+        assert "train.trunk=auto: the frozen bottom blocks" in capsys.readouterr().err
         return
     trunk = resolve_trunk("2", adapter.model)
     batch = _batch(16)
@@ -374,6 +379,31 @@ def test_export_onnx_runs_the_adapter_as_pytorch_does(
     )
     real = batch["attention_mask"].bool().numpy()
     assert np.abs(got[0][real] - want[real]).max() < 1e-4
+
+
+@pytest.mark.parametrize("family, stage", _rows("export-executorch"))
+def test_export_executorch_matches_pytorch_in_its_runtime(
+    family, stage, family_folder, tmp_path, cli, capsys
+):
+    args = ["export", "--model", str(family_folder(family)), "--format", "executorch",
+            "--lora-rank", "2", "--out", str(tmp_path / "pte"), "--threads", "1"]  # fmt: skip
+    expected = EXPECTED[family, stage]
+    if expected != "ok":
+        _refused(lambda: cli(args), expected, capsys)
+        assert not (tmp_path / "pte").exists()
+        return
+    pytest.importorskip("executorch.runtime")
+    # Execute: the export runs the program in ExecuTorch on random adapters of a trained
+    # LoRA's scale and compares with PyTorch
+    assert cli(args) == 0
+    # Assert: every default target is an input, the linears went to XNNPACK, logits agree
+    manifest = json.loads((tmp_path / "pte" / "export.json").read_text())
+    targets = {s["module"].rsplit(".", 1)[-1] for s in manifest["slots"]}
+    assert targets == set(
+        DEFAULT_TARGETS[models.load(str(family_folder(family)))[0].config.model_type]
+    )
+    assert manifest["facts"]["xnnpack"] and manifest["facts"]["delegated_nodes"] > 0
+    assert manifest["facts"]["parity_max_abs"] < 1e-4
 
 
 @pytest.mark.parametrize("family, stage", _rows("export-gguf"))
