@@ -195,7 +195,7 @@ def _finetune(folder: Path, out: Path, method: str, *extra: str) -> list[str]:
         "finetune", "--model", str(folder), "--dataset", "sst2", "--method", method,
         "--steps", "2", "--batch-size", "4", "--out", str(out), "data.train_size=16",
         "data.eval_size=8", "data.max_length=32", "train.progress=false", "train.keep=last",
-        *extra,
+        "train.guard=false", *extra,
     ]  # fmt: skip
 
 
@@ -447,7 +447,7 @@ def test_ondevice_zo_through_onnx_runtime(
     args = ["ondevice", "--model", str(export), "--runtime", "ort", "--method", "zo",
             "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "run"),
             "--threads", "1", "data.train_size=16", "data.eval_size=8",
-            "train.progress=false"]  # fmt: skip
+            "train.progress=false", "train.keep=last", "train.guard=false"]  # fmt: skip
     assert cli(args) == 0
     losses = [r["loss"] for r in _jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
