@@ -8,6 +8,7 @@ import torch
 from edgetune.errors import ConfigError
 from edgetune.models import tiny_llama
 from edgetune.peft import PEFT_METHODS, PeftConfig, attach
+from edgetune.peft.targets import DEFAULT_TARGETS
 
 
 def _randomize_lora_b(model) -> None:
@@ -29,7 +30,7 @@ def test_lora_forward_equals_merged_weights_reference():
     params = dict(adapter.model.named_parameters())
     with torch.no_grad():
         for name, module in reference.named_modules():
-            if name.rsplit(".", 1)[-1] in cfg.target_modules:
+            if name.rsplit(".", 1)[-1] in DEFAULT_TARGETS["llama"]:
                 prefix = f"base_model.model.{name}"
                 a = params[f"{prefix}.lora_A.default.weight"]
                 b = params[f"{prefix}.lora_B.default.weight"]

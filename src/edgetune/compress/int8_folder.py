@@ -159,12 +159,26 @@ def _on_meta(model: nn.Module, name: str) -> bool:
 
 
 def _rebuild_meta_buffers(model: nn.Module) -> None:
-    """Recreate on CPU the modules whose non-persistent buffers (rotary frequencies) are
-    not in the file and so are still on the meta device."""
+    """Fill on CPU the non-persistent buffers (rotary frequencies, Gemma 3's embedding
+    scale) that are not in the file and so are still on the meta device.
+
+    A module built from the config alone (a rotary embedding) is recreated; any other
+    (Gemma 3's scaled embedding, which holds the loaded weight) gets its buffers from the
+    model's own initialiser, with its loaded parameters marked so that it leaves them be.
+    """
     for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not meta:
+            continue
+        if not any(True for _ in module.parameters(recurse=False)):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, type(module)(config=model.config))
+            continue
+        for param in module.parameters(recurse=False):
+            param._is_hf_initialized = True  # type: ignore[attr-defined]
+        for buffer in meta:
+            module._buffers[buffer] = torch.empty_like(module._buffers[buffer], device="cpu")
+        model._init_weights(module)  # type: ignore[operator]
 
 
 def release_file_pages(model: nn.Module) -> nn.Module:

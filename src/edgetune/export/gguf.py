@@ -48,7 +48,43 @@ from edgetune.compress.quantize import Int8Linear
 from edgetune.errors import ConfigError
 
 GGUF_TYPES = ("f32", "q8_0", "q4_0")
-SUPPORTED = "Llama-family models (LlamaForCausalLM) with the same widths in every layer"
+SUPPORTED = (
+    "Llama-family models (LlamaForCausalLM, MistralForCausalLM without a sliding window, "
+    "Qwen2ForCausalLM, Qwen3ForCausalLM) with the same widths in every layer"
+)
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """How one transformers decoder maps onto a llama.cpp architecture.
+
+    Attributes:
+        name: llama.cpp's architecture name (the prefix of its hyperparameter keys).
+        hf_class: the transformers class whose weights it holds as they are.
+        pairs: llama.cpp rotates adjacent pairs (its llama architecture), so q and k rows
+            are permuted from HF's rotate-half layout; Qwen's architectures rotate halves
+            (NEOX) as HF does, so nothing is permuted.
+    """
+
+    name: str
+    hf_class: str
+    pairs: bool
+
+
+# model_type -> the llama.cpp architecture; llama.cpp's converter writes Mistral as llama.
+# Qwen2's q/k/v biases and Qwen3's per-head q/k norms have their own llama.cpp tensors.
+ARCHES = {
+    "llama": _Arch("llama", "LlamaForCausalLM", pairs=True),
+    "mistral": _Arch("llama", "MistralForCausalLM", pairs=True),
+    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", pairs=False),
+    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", pairs=False),
+}
+# What a writer for these would need that this one does not do.
+UNWRITTEN = {
+    "gemma3_text": "llama.cpp's gemma3 architecture needs RMSNorm weights stored as 1 + w, "
+    "four norms per block and its fixed pattern of one global block in six, which this "
+    "writer does not produce",
+}
 _ROTARY = ("q_proj", "k_proj")  # modules whose output rows carry rotary pairs
 
 
@@ -117,18 +153,19 @@ def export_gguf(
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "model-merged" if lora is not None and merge else "model"
     model_path = out_dir / f"{stem}-{quant}.gguf"
-    names = _name_map(config)
-    with _atomic(model_path, "llama") as writer:
+    arch = ARCHES[config.model_type]
+    names = _name_map(config, arch)
+    with _atomic(model_path, arch.name) as writer:
         _add_hparams(writer, config, quant)
         _add_tokenizer(writer, tokenizer, config.vocab_size)
         for name, array in weights.items():
-            tensor = _rotary_layout(name, array, config)
+            tensor = _rotary_layout(name, array, config) if arch.pairs else array
             _add_weight(writer, names(name), tensor, quant)
     adapter_path = None
     if lora is not None and not merge:
         adapter_path = out_dir / "adapter-f32.gguf"
-        with _atomic(adapter_path, "llama") as writer:
-            _add_adapter(writer, lora, config, names)
+        with _atomic(adapter_path, arch.name) as writer:
+            _add_adapter(writer, lora, config, names, arch)
     written = model_path.stat().st_size + (adapter_path.stat().st_size if adapter_path else 0)
     return GGUFExport(model=model_path, adapter=adapter_path, bytes=written)
 
@@ -137,10 +174,19 @@ def _check_model(model: torch.nn.Module) -> Any:
     """The model's config, after refusing what this writer cannot express."""
     config = getattr(model, "config", None)
     architectures = getattr(config, "architectures", None) or [type(model).__name__]
-    if getattr(config, "model_type", None) != "llama" or "LlamaForCausalLM" not in architectures:
+    kind = getattr(config, "model_type", None)
+    if kind not in ARCHES or ARCHES[kind].hf_class not in architectures:
+        why = f" ({UNWRITTEN[kind]})" if kind in UNWRITTEN else ""
         raise ConfigError(
             f"GGUF export supports {SUPPORTED}; this model is {architectures[0]} "
-            f"(model_type {getattr(config, 'model_type', None)!r}). Export it to ONNX instead"
+            f"(model_type {kind!r}){why}. Export it to ONNX instead"
+        )
+    window = getattr(config, "sliding_window", None)
+    if kind == "mistral" and window is not None and window < config.max_position_embeddings:
+        raise ConfigError(
+            f"GGUF export: this Mistral attends within a sliding window of {window} tokens, "
+            "which llama.cpp's llama architecture does not apply (it attends to the whole "
+            "context); export it to ONNX instead"
         )
     if getattr(config, "edgetune_layer_widths", None):
         raise ConfigError(
@@ -159,7 +205,9 @@ def _check_model(model: torch.nn.Module) -> Any:
             "the model carries LoRA layers; pass the base model and the adapter folder "
             "(adapter_dir), with merge=True to fold it in"
         )
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+    if kind != "qwen2" and (
+        getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)
+    ):
         raise ConfigError(f"GGUF export supports {SUPPORTED} without biases; this model has some")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") != "default":
@@ -187,11 +235,12 @@ def _base_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return weights
 
 
-def _name_map(config: Any) -> Callable[[str], str]:
+def _name_map(config: Any, arch: _Arch) -> Callable[[str], str]:
     """HF tensor name -> llama.cpp tensor name."""
     import gguf
 
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    code = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch.name]
+    table = gguf.get_tensor_name_map(code, config.num_hidden_layers)
 
     def name(hf_name: str) -> str:
         mapped = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -348,10 +397,12 @@ _LLAMA3_REGEX = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
     "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
+_QWEN2_REGEX = _LLAMA3_REGEX.replace("\\p{N}{1,3}", "\\p{N}")  # one digit at a time
 _PRE_TOKENIZERS = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",
     (("Split", _LLAMA3_REGEX), ("ByteLevel", False)): "llama-bpe",
+    (("Split", _QWEN2_REGEX), ("ByteLevel", False)): "qwen2",
 }
 
 
@@ -367,7 +418,7 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     if shape not in _PRE_TOKENIZERS:
         raise ConfigError(
             f"GGUF export: llama.cpp has no pre-tokenizer known to match {shape}; supported "
-            f"are GPT-2 byte-level, SmolLM (digits split) and Llama 3 style tokenizers"
+            f"are GPT-2 byte-level, SmolLM (digits split), Llama 3 and Qwen2 style tokenizers"
         )
     return _PRE_TOKENIZERS[shape]
 
@@ -451,7 +502,9 @@ def _check_fits(
         )
 
 
-def _add_adapter(writer: Any, lora: _Lora, config: Any, names: Callable[[str], str]) -> None:
+def _add_adapter(
+    writer: Any, lora: _Lora, config: Any, names: Callable[[str], str], arch: _Arch
+) -> None:
     import gguf
 
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -460,7 +513,7 @@ def _add_adapter(writer: Any, lora: _Lora, config: Any, names: Callable[[str], s
     for path, (a, b) in lora.pairs.items():
         name = names(f"{path}.weight")
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a, dtype=np.float32))
-        rows = _rotary_layout(f"{path}.weight", b, config)
+        rows = _rotary_layout(f"{path}.weight", b, config) if arch.pairs else b
         writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(rows, dtype=np.float32))
 
 

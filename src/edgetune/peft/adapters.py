@@ -24,6 +24,7 @@ from edgetune.compress.quantize import Int8Linear, int8_as_linear
 from edgetune.errors import ConfigError
 from edgetune.peft.card import ModelCard
 from edgetune.peft.config import LORA_INITS, PeftConfig
+from edgetune.peft.targets import adaptable_names, default_targets, is_conv1d
 
 PEFT_FORMAT_METHODS = ("lora", "lora-fa", "prompt")
 INT8_BASE_METHODS = PEFT_FORMAT_METHODS  # the others would train base weights int8 freezes
@@ -143,28 +144,31 @@ def attach(model: torch.nn.Module, cfg: PeftConfig, seed: int) -> Adapter:
 def _lora(model: torch.nn.Module, cfg: PeftConfig, freeze_a: bool = False) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
-    unknown = [t for t in cfg.target_modules if t not in present]
+    targets = list(cfg.target_modules) or default_targets(model)
+    present = adaptable_names(model)
+    unknown = [t for t in targets if t not in present]
     if unknown:
         raise ConfigError(
             f"peft.target_modules: {unknown} not found in this model; its linear layers are "
-            f"{sorted(present)}"
+            f"{present}"
         )
+    # GPT-2's Conv1D keeps its weight as [in, out]; PEFT must be told (it would guess and
+    # warn otherwise; it still treats any nn.Linear among the targets as [out, in]).
+    conv1d = any(is_conv1d(m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
     placed: dict[str, Any] = {}
     top = cfg.top_layers()
     if top is not None:
-        count = len(_decoder_layers(model))
+        pattern, blocks = _block_list(model)
+        count = len(blocks)
         if top > count:
             raise ConfigError(f"peft.layers=top:{top} but the model has {count} layers")
-        placed = {
-            "layers_to_transform": list(range(count - top, count)),
-            "layers_pattern": "layers",
-        }
+        placed = {"layers_to_transform": list(range(count - top, count)), "layers_pattern": pattern}
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=targets,
+        fan_in_fan_out=conv1d,
         task_type="CAUSAL_LM",
         init_lora_weights=LORA_INITS[cfg.init],
         **placed,
@@ -175,10 +179,6 @@ def _lora(model: torch.nn.Module, cfg: PeftConfig, freeze_a: bool = False) -> to
             if ".lora_A." in name:
                 param.requires_grad_(False)
     return wrapped
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear)
 
 
 def _lora_fa(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:
@@ -218,10 +218,20 @@ def _last_n(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:
 
 
 def _decoder_layers(model: torch.nn.Module) -> Any:
+    return _block_list(model)[1]
+
+
+def _block_list(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's list of transformer blocks and its attribute name (`layers`; GPT-2's
+    `h`)."""
     for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
-            return module
-    raise ConfigError("cannot find this model's list of transformer blocks (last-n, peft.layers)")
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("layers", "h") and isinstance(module, torch.nn.ModuleList):
+            return leaf, module
+    raise ConfigError(
+        "cannot find this model's list of transformer blocks (a module list named layers or "
+        "h), which last-n and peft.layers select from"
+    )
 
 
 def _full(model: torch.nn.Module, cfg: PeftConfig) -> torch.nn.Module:

@@ -8,7 +8,6 @@ from edgetune.config import check_choice, check_positive, option
 from edgetune.errors import ConfigError
 
 PEFT_METHODS = ("lora", "lora-fa", "prompt", "bitfit", "last-n", "full")
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # LoRA initialisations (PEFT's `init_lora_weights`) and what each does to the start.
@@ -45,7 +44,9 @@ class PeftConfig:
     alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / rank)")
     dropout: float = option(0.0, "LoRA dropout on the adapter input")
     target_modules: list[str] = option(
-        LLAMA_PROJECTIONS, "linear layers LoRA wraps (default: all attention and MLP projections)"
+        [],
+        "linear layers LoRA wraps (empty: every attention and MLP projection, named as the "
+        "model's family names them; see peft/targets.py)",
     )
     virtual_tokens: int = option(8, "prompt tuning: number of soft-prompt tokens")
     last_layers: int = option(2, "last-n: how many final transformer blocks train")
@@ -84,8 +85,6 @@ class PeftConfig:
                 f"peft.init={self.init} initialises LoRA, but peft.method is {self.method!r}; "
                 "drop peft.init"
             )
-        if not self.target_modules:
-            raise ConfigError("peft.target_modules: give at least one module name, e.g. q_proj")
 
     def top_layers(self) -> int | None:
         """K of `layers=top:K`; None for all blocks."""

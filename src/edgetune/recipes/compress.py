@@ -76,6 +76,7 @@ from edgetune.data import DataConfig, build_task, load_splits
 from edgetune.data.recorded import with_recorded_task
 from edgetune.data.tasks.classification import ClassificationTask
 from edgetune.errors import ConfigError
+from edgetune.peft.targets import is_conv1d
 from edgetune.recipes.evaluate import load_adapter
 from edgetune.recipes.recover import RecoverConfig, load_teacher, recover, teacher_logits
 from edgetune.runs import RunDir, check_out, peak_rss_mb
@@ -356,8 +357,12 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, data=with_recorded_task(cfg.data, cfg.adapter))
     console.status(f"loading model {cfg.model} and data {cfg.data.dataset}", cfg.progress)
     model, tokenizer = models.load(cfg.model)
-    if cfg.vocab == "none":  # vocabulary pruning reads only the embedding and the head
+    # vocabulary pruning reads only the embedding and the head (and refuses --prune and
+    # --quantize beside it); the other stages need their layers
+    if cfg.vocab == "none" and (cfg.prune.requested or cfg.quantize == "int8-dynamic"):
         llama_layers(model)  # an unsupported architecture stops here, before DIR exists
+    elif cfg.vocab == "none" and cfg.quantize == "int8":
+        _refuse_conv1d(model)
     _refuse_int8_input(model, cfg)
     _refuse_vocab_input(model, cfg)
     splits = load_splits(cfg.data, cfg.seed)
@@ -563,6 +568,18 @@ def _prune_stage(
     after = {**_evaluate(scored, task, rows, cfg), **speed_after}
     rundir.log({"stage": "after-prune", **after["metrics"]})
     return scored, adapter_dir, after
+
+
+def _refuse_conv1d(model: Any) -> None:
+    """int8 replaces `nn.Linear` layers; GPT-2's projections are transformers' `Conv1D`
+    (weight [in, out]), which it would leave fp32 while reporting the model quantized."""
+    conv = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_conv1d(m)})
+    if conv:
+        raise ConfigError(
+            f"compress --quantize int8: this model's projections {conv} are transformers' "
+            "Conv1D layers (GPT-2's [in, out] weight layout), which edgetune's int8 layer "
+            "does not replace; quantize a model whose projections are nn.Linear"
+        )
 
 
 def _quantize_stage(

@@ -43,11 +43,15 @@ from edgetune.export.graph import (
 )
 from edgetune.export.manifest import ExportManifest, write_manifest
 from edgetune.models.builtin import base_model_id
-from edgetune.peft.config import LLAMA_PROJECTIONS
+from edgetune.peft.targets import default_targets
 from edgetune.recipes.evaluate import load_adapter
 from edgetune.runs import check_out
 
-ARCHITECTURES = ("llama",)  # what the exporters and their tests cover
+# The decoders the graph exporters take, each checked against PyTorch in ONNX Runtime
+# (tests/models/test_families.py); GGUF narrows this to what llama.cpp's llama
+# architecture holds (export/gguf.py). GPT-2, OPT and Phi-3 are not among them: their
+# blocks differ (Conv1D and learned positions; fused projections) and nothing checks them.
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 # An ExecuTorch program runs at exactly its limits (export/executorch.py): one copy (MeZO,
 # inference) by default; P-RGE needs --max-copies 2q.
 PTE_DEFAULTS = {"max_copies": 1, "max_batch": 16, "max_seq": 128}
@@ -81,7 +85,9 @@ class ExportConfig:
         flag="--lora-rank",
     )
     lora_alpha: float = option(16.0, "with lora_rank: LoRA alpha (scale = alpha / rank)")
-    lora_targets: list[str] = option(LLAMA_PROJECTIONS, "with lora_rank: linear layers adapted")
+    lora_targets: list[str] = option(
+        [], "with lora_rank: linear layers adapted (empty: the family's default, as peft's)"
+    )
     gguf_type: str = option(
         "f32", "gguf: weight type of the base model, f32 | q8_0 | q4_0", flag="--gguf-type"
     )
@@ -160,8 +166,9 @@ def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     if arch not in ARCHITECTURES:
         raise ConfigError(
             f"{cfg.model} is a {arch!r} model; edgetune exports Llama-family causal LMs "
-            f"(model_type {', '.join(ARCHITECTURES)}: SmolLM2, stories260K, TinyLlama, Llama "
-            "2/3), with LoRA on their linear layers"
+            f"(model_type {', '.join(ARCHITECTURES)}: SmolLM2, stories260K, Llama 2/3, Qwen2.5, "
+            "Qwen3, Mistral, Gemma 3), with LoRA on their linear layers; fine-tune and "
+            "federate this one in PyTorch"
         )
     if is_dynamic_int8(model):
         raise ConfigError(
@@ -221,8 +228,9 @@ def _export_graph(
             shutil.copytree(cfg.adapter, tmp / "adapter")
             model = wrapped.unload()
     elif cfg.lora_rank:
-        slots = slots_for(model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
-        peft_config = _new_lora_config(cfg, base)
+        targets = list(cfg.lora_targets) or default_targets(model)
+        slots = slots_for(model, targets, cfg.lora_rank, cfg.lora_alpha)
+        peft_config = _new_lora_config(cfg, targets, base)
     module: torch.nn.Module = (
         AdapterInputLM(model, slots, cfg.logits) if slots else PlainLM(model, cfg.logits)
     )
@@ -356,14 +364,14 @@ def _adapter_config(adapter: Path, base: str) -> dict[str, Any]:
     return config
 
 
-def _new_lora_config(cfg: ExportConfig, base: str) -> dict[str, Any]:
+def _new_lora_config(cfg: ExportConfig, targets: list[str], base: str) -> dict[str, Any]:
     """adapter_config.json of the LoRA the inputs describe (what PEFT would write)."""
     from peft import LoraConfig
 
     config = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
-        target_modules=list(cfg.lora_targets),
+        target_modules=targets,
         task_type="CAUSAL_LM",
         base_model_name_or_path=base,
     ).to_dict()

@@ -17,7 +17,16 @@ position ids and the rotary embeddings are computed exactly as in a full pass:
   - the top: the decoder with its block list cut to [cut, L) and its token embedding
     replaced by a module that returns the cached states (repeated to the batch given).
 Both swaps are undone when the block ends. This holds for decoders that hand the token
-embeddings straight to block 0 (`SHARED_TRUNK_MODEL_TYPES`); others run full depth.
+embeddings straight to block 0 (`SHARED_TRUNK_MODEL_TYPES`); others run full depth, and
+asking one of them for a cut is an error.
+
+Decoders with several kinds of block (Gemma 3's sliding-window and global attention, each
+with its own rotary base; Qwen2/3 with a sliding window on some blocks) pick block i's mask
+and rotary table by `config.layer_types[i]`, i counted in the block list they are given.
+So the top also sees `layer_types` cut to [cut, L) (and the trunk [0, cut)); without that,
+block cut would get block 0's kind. Gemma 3 scales its token embedding by sqrt(hidden)
+inside the embedding module, which the replay replaces, so the cached states (already
+scaled) go in unchanged.
 
 Losses equal full-depth losses to fp32 rounding (a matmul over b rows against one over
 2q*b rows may round differently), and the seeds, hence ZO traces, are the same.
@@ -26,16 +35,24 @@ Losses equal full-depth losses to fp32 rounding (a matmul over b rows against on
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
 
+from edgetune import console
 from edgetune.errors import ConfigError
 
 # Decoders whose forward is embed -> blocks -> norm with nothing between the embedding and
 # block 0 (no scaling, no extra inputs), read in their transformers source.
-SHARED_TRUNK_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SHARED_TRUNK_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+# Why the others cannot be split this way (what is missing), for the refusal.
+UNSHARED_REASONS = {
+    "gpt2": "GPT-2 adds learned position embeddings (transformer.wpe) to the token "
+    "embeddings before block 0, so cached states cannot stand in for the embedding",
+    "opt": "OPT adds learned position embeddings (and may project) before block 0, so "
+    "cached states cannot stand in for the embedding",
+}
 
 
 class _Replay(torch.nn.Module):
@@ -57,15 +74,15 @@ class _Replay(torch.nn.Module):
 
 
 @contextmanager
-def _swapped(module: torch.nn.Module, **children: torch.nn.Module) -> Iterator[None]:
-    saved = {name: getattr(module, name) for name in children}
+def _swapped(owner: Any, **attributes: Any) -> Iterator[None]:
+    saved = {name: getattr(owner, name) for name in attributes}
     try:
-        for name, child in children.items():
-            setattr(module, name, child)
+        for name, value in attributes.items():
+            setattr(owner, name, value)
         yield
     finally:
-        for name, child in saved.items():
-            setattr(module, name, child)
+        for name, value in saved.items():
+            setattr(owner, name, value)
 
 
 class Trunk:
@@ -93,7 +110,10 @@ class Trunk:
             return None
         decoder: Any = self.decoder
         bottom = torch.nn.ModuleList(list(decoder.layers)[: self.cut])
-        with _swapped(decoder, layers=bottom, norm=torch.nn.Identity()):
+        with (
+            _swapped(decoder, layers=bottom, norm=torch.nn.Identity()),
+            self._layer_types(0, self.cut),
+        ):
             out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.last_hidden_state
 
@@ -104,7 +124,21 @@ class Trunk:
             return nullcontext()
         decoder: Any = self.decoder
         top = torch.nn.ModuleList(list(decoder.layers)[self.cut :])
-        return _swapped(decoder, layers=top, embed_tokens=_Replay(hidden))
+        stack = ExitStack()
+        stack.enter_context(_swapped(decoder, layers=top, embed_tokens=_Replay(hidden)))
+        stack.enter_context(self._layer_types(self.cut, self.layers))
+        return stack
+
+    def _layer_types(self, start: int, stop: int) -> Any:
+        """A context in which the decoder's `config.layer_types` (where it has one) lists
+        only blocks [start, stop), matching the block list it runs. No KV cache is made
+        meanwhile: one sized from the cut list would lack the slots of the blocks' own
+        indices (and training reads no cache)."""
+        config = getattr(self.decoder, "config", None)
+        kinds = getattr(config, "layer_types", None)
+        if kinds is None:
+            return nullcontext()
+        return _swapped(config, layer_types=list(kinds)[start:stop], use_cache=False)
 
 
 FULL_DEPTH = Trunk(None, 0)
@@ -143,6 +177,16 @@ def lowest_trainable(model: torch.nn.Module, decoder: torch.nn.Module) -> dict[s
     return {name: depth.get(id(p), 0) for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _frozen_bottom(model: torch.nn.Module) -> bool:
+    """Whether the first block of the model's block list (found by name: `layers`, or
+    GPT-2's `h`) holds nothing trainable while a later one does."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h"):
+            trains = [any(p.requires_grad for p in block.parameters()) for block in module]
+            return bool(trains) and not trains[0] and any(trains)
+    return False
+
+
 def resolve_trunk(setting: str, model: torch.nn.Module, runtime: bool = False) -> Trunk:
     """The trunk a stepper shares, from `train.trunk`.
 
@@ -170,11 +214,19 @@ def resolve_trunk(setting: str, model: torch.nn.Module, runtime: bool = False) -
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     decoder = find_decoder(model)
     if decoder is None or model_type not in SHARED_TRUNK_MODEL_TYPES:
+        reason = UNSHARED_REASONS.get(
+            str(model_type), "its decoder is not one the split is built for"
+        )
         if explicit:
             raise ConfigError(
                 f"train.trunk={setting}: a shared trunk is supported for "
                 f"{', '.join(SHARED_TRUNK_MODEL_TYPES)} decoders, not model_type "
-                f"{model_type!r}; use train.trunk=auto or off"
+                f"{model_type!r} ({reason}); use train.trunk=auto or off"
+            )
+        if _frozen_bottom(model):
+            console.warn(
+                f"train.trunk=auto: the frozen bottom blocks of this {model_type!r} model run "
+                f"in every forward pass, not once per batch ({reason})"
             )
         return FULL_DEPTH
     needs = lowest_trainable(model, decoder)
