@@ -28,6 +28,7 @@ GIVEN = {
     "max_update_norm": 50.0,
     "max_abs_scalar": 1e3,
     "pool_size": 64,
+    "proj_k": 16,
     "fwd_candidates": 2,
     "bucket": 2,
     "zo.max_queries": 6,

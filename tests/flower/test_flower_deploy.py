@@ -107,6 +107,9 @@ PARITY = {
     "fedkseed-pro": ("zo", {"fed.pool_size": 64}),
     # forward-gradient clients at heterogeneous LoRA ranks (rank 4 and the global 8)
     "fwdllm": ("zo", {"fed.ranks": "4,8", "zo.max_queries": 3}),
+    # K large enough on stories260K's 46,240 values that a client 2 rounds behind is
+    # resynced in round 3 (the first round's clients catch up in round 2)
+    "fedproj": ("fo", {"fed.proj_k": 40000}),
     # random arms (the bandit's rewards would be real seconds on Flower), statistics and
     # a re-ordering every round, sparsity at the target from round 2
     "fedspine": (

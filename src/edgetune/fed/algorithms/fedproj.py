@@ -45,8 +45,9 @@ of at most fed.clip), and moves the global adapter by
 It keeps (s_t, a_t) of every round. A selected client gets the rounds since it last
 synced and replays them onto the adapter it holds (its `ClientState`): the same float32
 additions in the same order as the server's, so it holds the global adapter bit for bit.
-When those rounds would cost more bytes than the adapter itself (K x 4 bytes a round
-against D x 4), the server sends the adapter instead (a resync). A device that holds
+When those rounds would cost more bytes on the wire than the adapter itself (about
+K x 4 + 8 bytes a round against D x 4 and its tensor list), the server sends the adapter
+instead (a resync), so no catch-up costs more than a FedIT broadcast. A device that holds
 nothing starts from the initial adapter; one that restarted (`forget`) is resent every
 round, or resynced.
 """
@@ -71,12 +72,11 @@ from edgetune.fed.algorithms.base import (
 )
 from edgetune.fed.algorithms.registry import AlgorithmSetup, AlgorithmSpec, register
 from edgetune.fed.local import ClientJob
-from edgetune.fed.payloads import ClientState, ProjectedRounds, Projection
+from edgetune.fed.payloads import ClientState, ProjectedRounds, Projection, encode
 from edgetune.fed.wire import MAX_TRACE
 from edgetune.peft import Adapter
 from edgetune.zo.seeds import Stream, generator, stream_seed
 
-_SEED_BYTES = 8  # a round's seed in the broadcast
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,8 @@ class FedProj(StandardRoles):
         self.seeds: list[int] = []  # s_t of every aggregated round
         self.history: list[torch.Tensor] = []  # a_t of every aggregated round (K float32)
         self.synced: dict[int, int] = {}  # client -> round of the adapter it holds
+        resync = ProjectedRounds(0, 0, self.layout.numel, fed.proj_k, tensors=self.state)
+        self.resync_bytes = len(encode(resync))  # the adapter on the wire
 
     def round_seed(self, rnd: int) -> int:
         """s_t: the seed of round `rnd`'s directions (0-based)."""
@@ -198,13 +200,13 @@ class FedProj(StandardRoles):
         """The rounds since the plan's client last synced, or the adapter when those
         would cost more bytes (a resync)."""
         since = self.synced.get(plan.client, 0)
-        now = len(self.history)
+        now, seed = len(self.history), self.round_seed(rnd)
         k, numel = self.layout.k, self.layout.numel
-        if (now - since) * (4 * k + _SEED_BYTES) > 4 * numel:
-            tensors = {n: v.clone() for n, v in self.state.items()}
-            return ProjectedRounds(self.round_seed(rnd), now, numel, k, tensors=tensors)
-        seeds, coefs = self.seeds[since:], self.history[since:]
-        return ProjectedRounds(self.round_seed(rnd), since, numel, k, list(seeds), list(coefs))
+        rounds = ProjectedRounds(seed, since, numel, k, self.seeds[since:], self.history[since:])
+        if len(encode(rounds)) <= self.resync_bytes:
+            return rounds
+        tensors = {n: v.clone() for n, v in self.state.items()}
+        return ProjectedRounds(seed, now, numel, k, tensors=tensors)
 
     def forget(self, client: int) -> None:
         """The client restarted and may hold any adapter: send it everything again."""
