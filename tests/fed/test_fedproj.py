@@ -314,3 +314,20 @@ def test_attacks_corrupt_a_projections_coefficients():
     stacked = torch.stack([h.coefs.double() for h in honest])
     alie = (stacked.mean(0) - stacked.std(0, correction=0)).float()
     assert torch.equal(hit("alie").coefs, alie) and hit("ipm").numel == honest[0].numel
+
+
+def test_a_device_that_cannot_backprop_projects_its_zo_update_too(tmp_path, federate_args):
+    # Prepare: a board too small to backprop (P-RGE) beside one that can
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        "fleet:\n  - {name: tiny-board, memory_mb: 5, gflops: 5, up_mbps: 1, down_mbps: 5}\n"
+        "  - {name: board, memory_mb: 48000, gflops: 100, up_mbps: 10, down_mbps: 10}\n"
+    )
+    out = tmp_path / "run"
+    argv = federate_args(out, "fed.proj_k=512", algorithm="fedproj", fleet=str(fleet))
+    # Execute
+    assert main([*argv, "--clients", "2", "--participation", "1.0"]) == 0
+    # Assert: both methods ran, every upload is 512 coefficients, none was rejected
+    clients = RunDir(out, resume=True).read_metrics("clients.jsonl")
+    assert {c["method"] for c in clients} == {"prge", "fo"}
+    assert all(c["status"] == "ok" and 2048 < c["bytes_up"] < 2048 + 200 for c in clients)

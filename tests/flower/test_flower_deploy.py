@@ -126,6 +126,8 @@ assert set(PARITY) == set(ALGORITHMS), "every algorithm needs a Flower parity ca
         *[(a, m, e) for a, (m, e) in PARITY.items()],
         # a hybrid fleet: a rank-2 P-RGE seed trace (replayed by the server) beside a delta
         ("fedit", "auto", {"fleet_text": HYBRID, "peft.rank": 4, "fed.ranks": "device"}),
+        # FedProj's hybrid: the P-RGE device projects its update like the backprop one
+        ("fedproj", "auto", {"fleet_text": HYBRID, "fed.proj_k": 512}),
     ],
 )
 def test_flower_run_equals_the_simulator(
@@ -160,7 +162,7 @@ def test_flower_run_equals_the_simulator(
     assert summary["command"] == "flower run" and summary["rounds"] == 2
     if method == "auto":  # the hybrid fleet really was hybrid, and nothing was rejected
         ok = {(c["method"], c["rank"]) for c in f_clients if c["status"] == "ok"}
-        assert ok == {("prge", 2), ("fo", None)}
+        assert ok == {("prge", 2 if "fed.ranks" in extra else None), ("fo", None)}
         assert all(r["rejected"] == 0 and r["accepted"] == 2 for r in f_rows[1:])
 
 

@@ -50,6 +50,10 @@ K x 4 + 8 bytes a round against D x 4 and its tensor list), the server sends the
 instead (a resync), so no catch-up costs more than a FedIT broadcast. A device that holds
 nothing starts from the initial adapter; one that restarted (`forget`) is resent every
 round, or resynced.
+
+Devices that cannot backpropagate (a planned zo or prge method) train with their ZO
+estimator and project their update the same way, so a mixed fleet is seed-sized both
+ways. Sending FedKSeed-style seed traces instead (and broadcasting them) is not built.
 """
 
 from __future__ import annotations
