@@ -158,9 +158,9 @@ def corrupt(
         return SeedTrace(list(update.seeds), coefs, count, dict(update.meta))
     if isinstance(update, Projection):
         values = _scalars(update.coefs.tolist(), kind, gen, max_abs_scalar)
-        coefs = torch.tensor(values, dtype=torch.float32)
         count = _count(update.num_examples, kind)
-        return Projection(update.seed, coefs, update.numel, count, dict(update.meta))
+        corrupted = torch.tensor(values, dtype=torch.float32)
+        return Projection(update.seed, corrupted, update.numel, count, dict(update.meta))
     raise TypeError(f"clients do not send {type(update).__name__}")
 
 
