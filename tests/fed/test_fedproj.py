@@ -115,7 +115,8 @@ def test_the_servers_rebuilt_adapter_equals_every_clients_replay_bit_for_bit():
         assert now.round == 2 and _equal(tensors, server.state)
     moved = flatten(list(server.state.values())) - flatten(list(start.values()))
     steps = sum(
-        server.layout.rebuild(a, s).double() for s, a in zip(server.seeds, server.history)
+        server.layout.rebuild(a, s).double()
+        for s, a in zip(server.seeds, server.history, strict=True)
     )
     assert torch.allclose(moved.double(), steps, atol=1e-7) and moved.abs().sum() > 0
 

@@ -82,7 +82,6 @@ from edgetune.peft import Adapter
 from edgetune.zo.seeds import Stream, generator, stream_seed
 
 
-
 @dataclass(frozen=True)
 class BlockLayout:
     """K consecutive blocks over a flat vector of `numel` values (see the module
