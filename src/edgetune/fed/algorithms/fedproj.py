@@ -105,9 +105,9 @@ class BlockLayout:
         return (self.numel % self.k) * (self.numel // self.k + 1)
 
     def sizes(self) -> torch.Tensor:
-        """n_b of every block (float64)."""
+        """n_b of every block (int64)."""
         small, big = divmod(self.numel, self.k)
-        return torch.tensor([small + 1] * big + [small] * (self.k - big), dtype=torch.float64)
+        return torch.tensor([small + 1] * big + [small] * (self.k - big), dtype=torch.int64)
 
     def signs(self, seed: int) -> torch.Tensor:
         """r: the D random signs of the round seeded `seed` (float32)."""
@@ -117,26 +117,16 @@ class BlockLayout:
     def project(self, flat: torch.Tensor, seed: int) -> torch.Tensor:
         """c_b = <x_b, r_b> / n_b for a flat vector x (summed in float64; K float32)."""
         prod = flat.double() * self.signs(seed).double()
-        sums = self._blocks(prod, lambda part: part.sum(1))
+        big = self.numel % self.k
+        head, tail = prod[: self.split], prod[self.split :]
+        parts = [head.view(big, -1).sum(1)] if big else []
+        sums = torch.cat([*parts, tail.view(self.k - big, -1).sum(1)])
         return (sums / self.sizes()).to(torch.float32)
 
     def rebuild(self, coefs: torch.Tensor, seed: int) -> torch.Tensor:
         """sum_b a_b r_b as a flat float32 vector of D values."""
-        coefs = coefs.to(torch.float32)
-        signs = self.signs(seed)
-        head, tail = signs[: self.split], signs[self.split :]
-        big = self.numel % self.k
-        parts = [
-            (head.view(big, -1) * coefs[:big, None]).reshape(-1) if big else head,
-            (tail.view(self.k - big, -1) * coefs[big:, None]).reshape(-1),
-        ]
-        return torch.cat(parts)
-
-    def _blocks(self, flat: torch.Tensor, reduce: Any) -> torch.Tensor:
-        big = self.numel % self.k
-        head, tail = flat[: self.split], flat[self.split :]
-        parts = [reduce(head.view(big, -1))] if big else []
-        return torch.cat([*parts, reduce(tail.view(self.k - big, -1))])
+        spread = coefs.to(torch.float32).repeat_interleave(self.sizes(), output_size=self.numel)
+        return self.signs(seed).mul_(spread)
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
