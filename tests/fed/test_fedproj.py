@@ -215,13 +215,16 @@ def test_robust_rules_on_coefficient_vectors_neutralise_a_scaled_client(rule):
     assert robust.history[0].norm() < 0.3 * plain.history[0].norm()
 
 
-def test_the_server_lr_scales_the_broadcast_coefficients():
+def test_the_step_is_the_unbiased_rebuild_scaled_by_the_server_lr():
+    # Prepare: 64 blocks of 32 values
     one, two = _server(), _server(server_lr=2.0)
     update = _upload(one, 0, 0)
+    # Execute
     one.aggregate(0, [(0, update)])
     two.aggregate(0, [(0, update)])
+    # Assert: a_b = server_lr x n_b x c_b
+    assert torch.equal(one.history[0], update.coefs * 32.0)
     assert torch.equal(two.history[0], 2.0 * one.history[0])
-    assert torch.equal(one.history[0], update.coefs)
 
 
 def test_a_checkpoint_restores_the_server_exactly():

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PROJ_KS = (3840, 1024)  # FedProj's coefficients per upload: under 16 KB, and 4x fewer
-PROJ_SERVER_LR = 1.0  # the projected update as it is (see fed/algorithms/fedproj.py)
+PROJ_SERVER_LR = 1.0  # the unbiased step (see fed/algorithms/fedproj.py)
 RUNS = {
     "fedit (fo)": ["--algorithm", "fedit", "--method", "fo", "--lr", "5e-4"],
     "fedit, ranks 2/4/8 (fo)": [

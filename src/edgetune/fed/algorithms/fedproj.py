@@ -21,26 +21,35 @@ update delta_c = theta_c - theta block by block:
 
     c_{c,b} = <delta_{c,b}, r_b> / n_b          (K float32 coefficients, 4 bytes each)
 
-which is the least-squares fit of delta_c on the directions. The rebuilt update
-P delta_c = sum_b c_{c,b} r_b is the orthogonal projection of delta_c on their span:
-exact for an update inside the span (delta = sum_b alpha_b r_b gives c_b = alpha_b),
-never against the update (<P delta, delta> = ||P delta||^2 >= 0), and never longer than
-it. Over the random signs E[r_b r_b^T] = I on block b, so E[P delta] = delta / n_b on
-each block: n_b c_b r_b is the unbiased estimate (Ferret's random-basis reading), at a
-variance n_b times larger. No rebuild from K < D numbers can be both exact on the span
-and unbiased (an exact rank-K rebuild has trace K, an unbiased one trace D); FedProj
-sends the projection, and `fed.server_lr` scales the step (server_lr = D / K is the
-unbiased one on equal blocks).
+which is the least-squares fit of delta_c on the directions: exact for an update inside
+their span (delta = sum_b alpha_b r_b gives c_b = alpha_b). P delta_c = sum_b c_{c,b} r_b
+is the orthogonal projection of delta_c on the span, never against the update
+(<P delta, delta> = ||P delta||^2 >= 0) and never longer than it, but it keeps only about
+K / D of it: over the random signs E[r_b r_b^T] = I on block b, so E[P delta] = delta / n_b
+on each block. The server therefore steps along the unbiased estimate (Ferret's
+random-basis reconstruction, block by block):
+
+    delta_hat = sum_b n_b c_b r_b,      E[delta_hat] = delta
+
+at a variance about n_b times ||delta||^2 per block, in directions that change every
+round. No rebuild from K < D numbers is both exact on the span and unbiased (an exact
+rank-K rebuild has trace K, an unbiased one trace D): the coefficients are the exact fit,
+the step is the unbiased one, and `fed.server_lr` scales it (server_lr = 1 / n_b on equal
+blocks steps along the projection itself). Measured on SmolLM2-135M / BBC News (10
+clients, 3 of them a round, K = 3840, n_b = 636): after 5 rounds the projection
+(server_lr = 1 / 636) left held-out accuracy at its zero-shot 0.58, while the unbiased
+step reached 0.83 after one round.
 
 The server validates each upload (the round's seed, K coefficients over D values, all
-finite, a positive example count, and the norm of the update it rebuilds,
-||P delta_c|| = sqrt(sum_b n_b c_{c,b}^2) <= fed.max_update_norm), combines the
-coefficient vectors under `fed.aggregator` (the weighted mean, or coordinate-wise median /
-trimmed mean: every client of a round projects on the same directions, so coordinate b
-of every vector measures the same thing; clip-mean scales each vector to a rebuilt norm
-of at most fed.clip), and moves the global adapter by
+finite, a positive example count, and the norm of its fit,
+||P delta_c|| = sqrt(sum_b n_b c_{c,b}^2) <= fed.max_update_norm: never more than the
+update's own norm, so the bound means what it means for FedIT), combines the coefficient
+vectors under `fed.aggregator` (the weighted mean, or coordinate-wise median / trimmed
+mean: every client of a round projects on the same directions, so coordinate b of every
+vector measures the same thing; clip-mean scales each vector to a fit norm of at most
+fed.clip), and moves the global adapter by
 
-    a_t = server_lr * combine_c(c_c)  (float32);   theta <- theta + sum_b a_{t,b} r_b
+    a_{t,b} = server_lr * n_b * combine_c(c_c)_b  (float32);   theta <- theta + sum_b a_{t,b} r_b
 
 It keeps (s_t, a_t) of every round. A selected client gets the rounds since it last
 synced and replays them onto the adapter it holds (its `ClientState`): the same float32
@@ -265,7 +274,7 @@ class FedProj(StandardRoles):
         return result
 
     def combine(self, updates: list[Projection]) -> torch.Tensor:
-        """a_t = server_lr x the rule's combination of the coefficient vectors (K
+        """a_t = server_lr x n_b x the rule's combination of the coefficient vectors (K
         float32; zeros without updates)."""
         if not updates:
             return torch.zeros(self.layout.k, dtype=torch.float32)
@@ -277,7 +286,7 @@ class FedProj(StandardRoles):
             vectors = [v * s for v, s in zip(vectors, scales, strict=True)]
         weights = [float(u.num_examples) for u in updates]
         combined = combine(vectors, weights, rule, self.cfg.trim)
-        return (combined * self.cfg.server_lr).to(torch.float32)
+        return (combined * self.layout.sizes() * self.cfg.server_lr).to(torch.float32)
 
     def check(self, update: Any, seed: int) -> str | None:
         """The reason `update` is not a valid projection on the round seeded `seed`, or
