@@ -32,7 +32,7 @@ class Stream(IntEnum):
     JOB = 6  # a client's local round (batches and step seeds): (round, client)
     ARM = 7  # FedSpine's random arms: (round, client)
     DP = 8  # differential privacy noise: (server secret, round)
-    PROJECT = 9  # FedProj's block directions of a round: (round)
+    PROJECT = 11  # FedProj's block directions of a round: (round)
     INIT = 0x1A17  # on-device LoRA initialisation: ()
 
 
