@@ -36,9 +36,10 @@ round. No rebuild from K < D numbers is both exact on the span and unbiased (an 
 rank-K rebuild has trace K, an unbiased one trace D): the coefficients are the exact fit,
 the step is the unbiased one, and `fed.server_lr` scales it (server_lr = 1 / n_b on equal
 blocks steps along the projection itself). Measured on SmolLM2-135M / BBC News (10
-clients, 3 of them a round, K = 3840, n_b = 636): after 5 rounds the projection
-(server_lr = 1 / 636) left held-out accuracy at its zero-shot 0.58, while the unbiased
-step reached 0.83 after one round.
+clients, 3 of them a round, 3 local steps, K = 3840, n_b = 636, one seed): after 5 rounds
+the projection (server_lr = 1 / 636) left held-out accuracy at its zero-shot 0.58; the
+unbiased step gave 0.83, 0.90, 0.81, 0.88, 0.92 round by round, FedIT 0.83, 0.90, 0.83,
+0.90, 0.89.
 
 The server validates each upload (the round's seed, K coefficients over D values, all
 finite, a positive example count, and the norm of its fit,
