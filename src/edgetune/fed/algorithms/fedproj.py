@@ -38,8 +38,8 @@ the step is the unbiased one, and `fed.server_lr` scales it (server_lr = 1 / n_b
 blocks steps along the projection itself). Measured on SmolLM2-135M / BBC News (10
 clients, 3 of them a round, 3 local steps, K = 3840, n_b = 636, one seed): after 5 rounds
 the projection (server_lr = 1 / 636) left held-out accuracy at its zero-shot 0.58; the
-unbiased step gave 0.83, 0.90, 0.81, 0.88, 0.92 round by round, FedIT 0.83, 0.90, 0.83,
-0.90, 0.89.
+unbiased step gave 0.81, 0.91, 0.81, 0.91, 0.90 round by round (K = 1024: 0.79, 0.87,
+0.85, 0.87, 0.75), FedIT 0.83, 0.90, 0.83, 0.90, 0.89.
 
 The server validates each upload (the round's seed, K coefficients over D values, all
 finite, a positive example count, and the norm of its fit,
