@@ -140,6 +140,13 @@ CASES = [
     Case("max-update-norm-nan", fed("fed.max_update_norm=.nan"), r"fed\.max_update_norm.*nan"),
     Case("max-abs-scalar-inf", fed("fed.max_abs_scalar=.inf"), r"fed\.max_abs_scalar.*inf"),
     Case("participation-nan", fed("--participation", "nan"), r"fed\.participation.*nan"),
+    Case("proj-k-zero", fed("--algorithm", "fedproj", "fed.proj_k=0"), r"fed\.proj_k.*> 0"),
+    Case("proj-k-fedit", fed("fed.proj_k=64"), r"fed\.proj_k=64 is not read by .*fedproj"),
+    Case(
+        "proj-k-above-adapter",
+        fed("--algorithm", "fedproj", "fed.proj_k=100000"),
+        r"fed\.proj_k=100000: the adapter has \d+ trainable values",
+    ),
     Case("steps-zero", ft("--steps", "0"), r"train\.steps.*> 0"),
     Case("steps-negative", ft("--steps", "-3"), r"train\.steps.*> 0"),
     Case("steps-word", ft("train.steps=ten"), r"train\.steps.*integer"),

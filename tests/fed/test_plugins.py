@@ -29,6 +29,7 @@ GIVEN = {
     "max_abs_scalar": 1e3,
     "pool_size": 64,
     "secret_pool": True,
+    "proj_k": 16,
     "fwd_candidates": 2,
     "bucket": 2,
     "zo.max_queries": 6,

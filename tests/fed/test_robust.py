@@ -166,6 +166,7 @@ def test_a_nan_bound_never_switches_validation_off():
         ("flood:0.2", "fedit", "unknown attack 'flood'"),
         ("big-scalar:0.2", "fedit", "only fedkseed and fedkseed-pro"),
         ("big-scalar:0.2", "fwdllm", "only fedkseed and fedkseed-pro"),
+        ("big-scalar:0.2", "fedproj", "only fedkseed and fedkseed-pro"),
     ],
 )
 def test_attack_settings_are_checked(spec, algorithm, message):

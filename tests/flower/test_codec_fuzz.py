@@ -19,6 +19,8 @@ import torch
 from edgetune.fed.payloads import (
     LoraDelta,
     PayloadError,
+    ProjectedRounds,
+    Projection,
     SeedScalars,
     SeedTrace,
     ZOTrace,
@@ -43,6 +45,9 @@ def _payloads() -> list:
         ZOTrace([1, 5, 9], [0.5, -2.0, 3.0], [1e-3] * 3, 4, {"loss": 2.0}),
         SeedTrace([11, 2**40, 3], [0.25, -1.0, 1e-9], 5, {"loss": 2.0, "rank": 2.0}),
         SeedScalars([[0.0, 1.5, 0.0, -2.0], [0.0] * 4, [3.0, 0.0, 0.0, 0.0]], 2, 4),
+        Projection(2**62 + 3, torch.randn(5, generator=gen), 29, 6, {"loss": 0.5}),
+        ProjectedRounds(9, 1, 29, 3, [4, 2**63 + 1], [torch.ones(3), torch.zeros(3)]),
+        ProjectedRounds(9, 4, 29, 3, tensors=tensors),
     ]
 
 
@@ -75,6 +80,13 @@ _HEADER_EDITS = [
     lambda h: {**h, "counts": "abc"},
     lambda h: {**h, "counts": [1, -1, 0]},
     lambda h: {**h, "counts": [0] * 10**6},
+    lambda h: {**h, "k": h.get("k", 0) + 1},
+    lambda h: {**h, "k": 2**40},
+    lambda h: {**h, "rounds": h.get("rounds", 0) + 1},
+    lambda h: {**h, "rounds": 2**30},
+    lambda h: {**h, "seed": -1},
+    lambda h: {**h, "seed": 2**64},
+    lambda h: {**h, "numel": "29"},
     lambda h: {**h, "first_round": -2},
     lambda h: {**h, "first_round": 1e300},
     lambda h: {**h, "tensors": "all"},

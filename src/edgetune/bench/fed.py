@@ -4,7 +4,9 @@ SmolLM2-135M on BBC News, 10 clients, Dirichlet 0.5 label skew, the same seed fo
 algorithm, one run each (through `edgetune federate` in its own process): final held-out
 accuracy, bytes per client per round (measured from the serialized payloads), total
 uploaded bytes and simulated seconds to reach a target accuracy, and plots of accuracy
-against rounds and against cumulative uploaded bytes.
+against rounds and against cumulative uploaded bytes. FedProj runs at two K, each
+checked against its byte targets (16 KB up, 64 KB down per client per round) and its
+accuracy gap to FedIT.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from edgetune.runs import RunDir
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+PROJ_KS = (3840, 1024)  # FedProj's coefficients per upload: under 16 KB, and 4x fewer
+PROJ_SERVER_LR = 1.0  # the unbiased step (see fed/algorithms/fedproj.py)
 RUNS = {
     "fedit (fo)": ["--algorithm", "fedit", "--method", "fo", "--lr", "5e-4"],
     "fedit, ranks 2/4/8 (fo)": [
@@ -35,7 +39,21 @@ RUNS = {
     "fedkseed (zo)": ["--algorithm", "fedkseed", "--method", "zo", "--lr", "2e-3"],
     "fedkseed-pro (zo)": ["--algorithm", "fedkseed-pro", "--method", "zo", "--lr", "2e-3"],
     "fwdllm (zo)": ["--algorithm", "fwdllm", "--method", "zo", "--lr", "2e-3"],
+    **{
+        f"fedproj K={k} (fo)": [
+            "--algorithm",
+            "fedproj",
+            "--method",
+            "fo",
+            "--lr",
+            "5e-4",
+            f"fed.proj_k={k}",
+            f"fed.server_lr={PROJ_SERVER_LR}",
+        ]
+        for k in PROJ_KS
+    },
 }
+PROJ_TARGETS = (16_000, 64_000)  # FedProj's bytes up / down per client per round, at most
 
 
 def common_flags(
@@ -203,11 +221,25 @@ def render(
         f"paper), 1/{fedit['up_per_client_round'] / kseed['up_per_client_round']:,.0f} of "
         f"FedIT's; accuracy gap to FedIT after {rounds} rounds: "
         f"{100 * (fedit['final'] - kseed['final']):+.1f} points.",
+        *[proj_line(label, r, fedit, rounds) for label, r in results.items() if "fedproj" in label],
         "",
         f"![accuracy vs rounds]({_rel(plots / 'bench_fed_accuracy_vs_rounds.png', output)})",
         f"![accuracy vs bytes]({_rel(plots / 'bench_fed_accuracy_vs_bytes.png', output)})",
     ]
     return "\n".join(lines)
+
+
+def proj_line(label: str, r: dict[str, Any], fedit: dict[str, Any], rounds: int) -> str:
+    """A FedProj row against its targets: bytes each way and the gap to FedIT."""
+    sent = (r["up_per_client_round"], r["down_per_client_round"])
+    met = [
+        f"{value:,.0f} bytes {way} ({'within' if value <= bound else 'OVER'} {bound:,})"
+        for value, way, bound in zip(sent, ("up", "down"), PROJ_TARGETS, strict=True)
+    ]
+    return (
+        f"\n{label}: {', '.join(met)} per client per round; accuracy gap to FedIT after "
+        f"{rounds} rounds: {100 * (fedit['final'] - r['final']):+.1f} points (target: 2)."
+    )
 
 
 def _rel(path: Path, output: Path) -> str:

@@ -2,9 +2,10 @@
 
 stories260K on TinyStories (language modelling, held-out eval loss), 10 clients with an
 iid split on a fleet that is always reachable (so every round has the same 2 attackers
-of 10), FedIT (first-order LoRA) and FedKSeed (ZO seed pool). For each algorithm, each
-aggregator (mean, median, trimmed-mean, clip-mean) runs once with every client honest
-and once per attack of `edgetune.fed.attacks` with 20 % attackers; a cell reports the
+of 10), FedIT (first-order LoRA), FedKSeed (ZO seed pool) and FedProj (first-order,
+coefficients on seeded directions: the rules act on the coefficient vectors). For each
+algorithm, each aggregator (mean, median, trimmed-mean, clip-mean) runs once with every
+client honest and once per attack of `edgetune.fed.attacks` with 20 % attackers; a cell reports the
 final eval loss, its cost against the all-honest run of the same rule, and what the
 server did with the attackers' updates (rejected with a logged reason, example count
 capped, or accepted and its effect bounded by the rule).
@@ -47,7 +48,7 @@ ADAPTIVE_NOTE = (
 )
 TARGET = 0.02  # the best rule may lose at most 2 % of the honest eval loss to attackers
 # algorithm -> (client method, client lr)
-SETTINGS = {"fedit": ("fo", 5e-3), "fedkseed": ("zo", 2e-3)}
+SETTINGS = {"fedit": ("fo", 5e-3), "fedkseed": ("zo", 2e-3), "fedproj": ("fo", 5e-3)}
 FLEET = (
     "fleet:\n  - {name: lab-board, memory_mb: 8000, gflops: 100, up_mbps: 100, "
     "down_mbps: 100, availability: 1.0, dropout: 0.0}\n"
@@ -159,7 +160,7 @@ def render(results: dict, model: str, rounds: int, clients: int, machine: str) -
         f"{model} on TinyStories (language modelling; 600 training blocks of 32 tokens, "
         f"iid over {clients} clients, all selected every round), {rounds} rounds of 2 local "
         "steps of batch 4, LoRA r=8; FedIT first-order (lr 5e-3), FedKSeed ZO (pool 1024, "
-        f"lr 2e-3). {int(FRACTION * 100)} % of the clients attack (the same seeded ones "
+        f"lr 2e-3), FedProj first-order (lr 5e-3, K={FedConfig().proj_k} coefficients). {int(FRACTION * 100)} % of the clients attack (the same seeded ones "
         "every round; `fed.attack=KIND:0.2`), fed.trim=0.2, fed.clip=1.0. Each cell: final "
         "held-out eval loss (lower is better), its change against the all-honest run of the "
         "same rule, and what the server did with the attackers' updates: **rejected** (each "

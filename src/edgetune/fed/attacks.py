@@ -5,8 +5,8 @@ clients (the same every round, as a compromised device stays compromised) trains
 honestly, then corrupts its update before `encode`, so the attack goes through the real
 wire format, validation and aggregation. clients.jsonl marks them (`attack`).
 
-Kinds (u is the honest update: a LoRA delta's tensors, a FedKSeed trace's scalars, or a
-ZO client's seed coefficients):
+Kinds (u is the honest update: a LoRA delta's tensors, a FedKSeed trace's scalars, a
+ZO client's seed coefficients, or a FedProj client's block coefficients):
 
     signflip    -u (gradient ascent: undoes honest progress)
     scale       SCALE x u (a boosted update, "model replacement")
@@ -23,8 +23,9 @@ ZO client's seed coefficients):
                 a small update whose inner product with the true one is negative
 
 alie and ipm are omniscient: they see this round's honest updates (the simulator trains
-every client first). They apply to LoRA deltas and FedKSeed traces (seed coefficients of
-different clients lie on different directions, so no per-coordinate statistic exists).
+every client first). They apply to LoRA deltas, FedKSeed traces and FedProj projections
+(a round's clients project on the same directions); ZO seed coefficients of different
+clients lie on different directions, so no per-coordinate statistic exists for them.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ from typing import Any
 import torch
 
 from edgetune.errors import ConfigError
-from edgetune.fed.payloads import LoraDelta, Payload, SeedTrace, ZOTrace
+from edgetune.fed.payloads import LoraDelta, Payload, Projection, SeedTrace, ZOTrace
 from edgetune.zo.seeds import Stream, generator, stream_seed
 
 SCALE, NOISE, LIE, INFLATE, IPM = 100.0, 10.0, 10**9, 5.0, 0.5
-ANY = (LoraDelta, ZOTrace, SeedTrace)
+ANY = (LoraDelta, ZOTrace, SeedTrace, Projection)
 # kind -> the update kinds it corrupts (it applies to the algorithms whose clients upload one)
 TARGETS: dict[str, tuple[type, ...]] = {
     "signflip": ANY,
@@ -50,8 +51,8 @@ TARGETS: dict[str, tuple[type, ...]] = {
     "lie-count": ANY,
     "big-scalar": (ZOTrace,),
     "inflate": ANY,
-    "alie": (LoraDelta, ZOTrace),
-    "ipm": (LoraDelta, ZOTrace),
+    "alie": (LoraDelta, ZOTrace, Projection),
+    "ipm": (LoraDelta, ZOTrace, Projection),
 }
 
 
@@ -155,6 +156,11 @@ def corrupt(
         coefs = _scalars(update.coefs, kind, gen, max_abs_scalar)
         count = _count(update.num_examples, kind)
         return SeedTrace(list(update.seeds), coefs, count, dict(update.meta))
+    if isinstance(update, Projection):
+        values = _scalars(update.coefs.tolist(), kind, gen, max_abs_scalar)
+        count = _count(update.num_examples, kind)
+        corrupted = torch.tensor(values, dtype=torch.float32)
+        return Projection(update.seed, corrupted, update.numel, count, dict(update.meta))
     raise TypeError(f"clients do not send {type(update).__name__}")
 
 
@@ -171,6 +177,13 @@ def _omniscient(update: Payload, kind: str, honest: list[Any]) -> Payload:
             std = stacked.std(0, correction=0)
             tensors[n] = (mean - std if kind == "alie" else -IPM * mean).to(update.tensors[n].dtype)
         return LoraDelta(tensors, update.num_examples, dict(update.meta))
+    if isinstance(update, Projection):  # one round's clients share the directions
+        if not honest:
+            return update
+        stacked = torch.stack([h.coefs.double() for h in honest])
+        mean, std = stacked.mean(0), stacked.std(0, correction=0)
+        coefs = (mean - std if kind == "alie" else -IPM * mean).to(torch.float32)
+        return Projection(update.seed, coefs, update.numel, update.num_examples, dict(update.meta))
     assert isinstance(update, ZOTrace)
     pool = [c for h in honest for c in h.scalars]
     if not pool:

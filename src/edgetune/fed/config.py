@@ -124,13 +124,20 @@ class FedConfig:
         "lora_rank; or a list like 2,4,8 cycled over clients (each <= peft.rank)",
     )
     rank_aggregation: str = option("padded", "mixed ranks: padded (HetLoRA) | svd")
-    max_update_norm: float = option(100.0, "reject fedit updates with a larger norm")
+    max_update_norm: float = option(
+        100.0, "reject fedit updates (fedproj: rebuilt updates) with a larger norm"
+    )
     max_abs_scalar: float = option(1e4, "reject fedkseed traces with a larger |scalar|")
     pool_size: int = option(1024, "fedkseed: K candidate seeds shared by all clients")
     secret_pool: bool = option(
         False,
         "fedkseed: draw each round's K seeds from a server secret that only the round's "
         "clients receive (scalars read off the wire replay into nothing without it)",
+    )
+    proj_k: int = option(
+        3840,
+        "fedproj: K coefficients a client uploads (one per block of the flat adapter; "
+        "4 bytes each, so 3840 keeps the upload under 16 KB)",
     )
     fwd_candidates: int = option(4, "fwdllm: seeds considered per draw (1 = no steering)")
     attack: str = option(
@@ -162,6 +169,7 @@ class FedConfig:
             "rounds",
             "local_steps",
             "pool_size",
+            "proj_k",
             "fwd_candidates",
         ):
             check_positive("fed", name, getattr(self, name))

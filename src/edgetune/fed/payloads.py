@@ -1,11 +1,13 @@
 """Updates and broadcasts as typed values, and their wire format.
 
-Three kinds of client update:
+Four kinds of client update:
 - `LoraDelta`: theta_local - theta_global for each adapter tensor (FedIT, first-order).
 - `ZOTrace`: a list of (seed index, scalar) pairs from a seed pool, plus the lr of each
   step (FedKSeed); a few bytes per local step, whatever the model size.
 - `SeedTrace`: (seed, coefficient) per ZO direction, which the server replays into a
   delta (ZO devices in FedIT/FwdLLM hybrid fleets); 16 bytes a direction.
+- `Projection`: the K coefficients of a client's update on the round's seeded block
+  directions (FedProj); 4 bytes a coefficient, whatever the adapter size.
 
 A device also keeps a `ClientState` between rounds (what its algorithm needs to
 remember: FedKSeed's caught-up model, FwdLLM's previous broadcast); it never leaves the
@@ -45,7 +47,8 @@ from edgetune.fed.wire import (
 class Update:
     """What every client upload carries beside its values: the examples it trained on
     (the weight of a weighted mean, capped by the server) and what it reports (`meta`:
-    its loss, its validation losses). LoraDelta, ZOTrace and SeedTrace are Updates."""
+    its loss, its validation losses). LoraDelta, ZOTrace, SeedTrace and Projection are
+    Updates."""
 
     num_examples: int
     meta: dict[str, float]
@@ -86,6 +89,38 @@ class SeedTrace(Update):
 
 
 @dataclass
+class Projection(Update):
+    """A client's update as K float32 coefficients on the block directions of the round
+    seeded `seed`, over an adapter of `numel` values (the block layout: K blocks of
+    numel // K or numel // K + 1 consecutive values, in adapter order)."""
+
+    seed: int
+    coefs: torch.Tensor  # (K,) float32
+    numel: int
+    num_examples: int = 0
+    meta: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ProjectedRounds:
+    """FedProj's broadcast: the rounds a client has not replayed, or a full resync.
+
+    Catch-up: the seed and K float32 coefficients of every round since `first_round`
+    (oldest first). Resync (`tensors` not empty): the global adapter tensors of round
+    `first_round`, sent when the catch-up would cost more bytes than they do. `seed` is
+    the round's own projection seed, on which the client projects its update.
+    """
+
+    seed: int
+    first_round: int
+    numel: int
+    k: int
+    seeds: list[int] = field(default_factory=list)
+    coefs: list[torch.Tensor] = field(default_factory=list)  # each (K,) float32
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class SeedScalars:
     """FedKSeed's broadcast: for each round since the client last synced (oldest first,
     starting at `first_round`), the accumulated scalar of every seed in the pool.
@@ -107,7 +142,8 @@ class ClientState:
     values: dict[str, float] = field(default_factory=dict)
 
 
-Payload = LoraDelta | ZOTrace | SeedTrace | SeedScalars | ClientState
+Payload = LoraDelta | ZOTrace | SeedTrace | Projection | ProjectedRounds | SeedScalars | ClientState
+MAX_NUMEL_ADAPTER = 1 << 40  # an adapter's values (a Projection's layout), at most
 
 
 def encode(payload: Payload) -> bytes:
@@ -140,6 +176,8 @@ def encode(payload: Payload) -> bytes:
             "num_examples": payload.num_examples,
             "meta": payload.meta,
         }
+    elif isinstance(payload, Projection | ProjectedRounds):
+        header, blob = _projected(payload)
     else:
         counts: list[int] = []
         indices: list[int] = []
@@ -178,6 +216,10 @@ def decode(data: bytes) -> Payload:
         return ClientState(_tensors(specs(header), blob), _meta(header))
     if kind == "seed_scalars":
         return _seed_scalars(header, blob)
+    if kind == "projection":
+        return _projection(header, blob)
+    if kind == "projected_rounds":
+        return _projected_rounds(header, blob)
     if kind not in ("zo_trace", "seed_trace"):
         raise PayloadError(f"unknown payload kind {kind!r}")
     n = header_int(header, "n", MAX_TRACE)
@@ -285,3 +327,74 @@ def _seed_scalars(header: dict[str, Any], blob: bytes) -> SeedScalars:
         )
     keys = [header_int({"key": k}, "key", 2**63 - 1) for k in keys]
     return SeedScalars(rounds, header_int(header, "first_round", MAX_ROUNDS), size, keys)
+
+
+def _projected(payload: Projection | ProjectedRounds) -> tuple[dict[str, Any], bytes]:
+    """Header and data of a FedProj upload (K float32) or broadcast (tensors of a
+    resync, then a u64 seed per round, then each round's K float32)."""
+    if isinstance(payload, Projection):
+        coefs = payload.coefs.detach().to(torch.float32).contiguous()
+        header: dict[str, Any] = {
+            "kind": "projection",
+            "seed": payload.seed,
+            "k": coefs.numel(),
+            "numel": payload.numel,
+            "num_examples": payload.num_examples,
+            "meta": payload.meta,
+        }
+        return header, _raw(coefs)
+    tensors = [(k, v.detach().contiguous().cpu()) for k, v in payload.tensors.items()]
+    rounds = len(payload.seeds)
+    header = {
+        "kind": "projected_rounds",
+        "seed": payload.seed,
+        "first_round": payload.first_round,
+        "numel": payload.numel,
+        "k": payload.k,
+        "rounds": rounds,
+        "tensors": [[k, _DTYPE_NAMES[v.dtype], list(v.shape)] for k, v in tensors],
+    }
+    blob = b"".join(_raw(v) for _, v in tensors) + struct.pack(f"<{rounds}Q", *payload.seeds)
+    blob += b"".join(_raw(c.detach().to(torch.float32).contiguous()) for c in payload.coefs)
+    return header, blob
+
+
+def _floats(blob: bytes, count: int, kind: str) -> torch.Tensor:
+    if len(blob) != 4 * count:
+        raise PayloadError(
+            f"malformed {kind} payload: {len(blob)} coefficient bytes, header implies {4 * count}"
+        )
+    return torch.frombuffer(bytearray(blob), dtype=torch.float32) if blob else torch.empty(0)
+
+
+def _projection(header: dict[str, Any], blob: bytes) -> Projection:
+    k = header_int(header, "k", MAX_TRACE)
+    return Projection(
+        header_int(header, "seed", (1 << 64) - 1),
+        _floats(blob, k, "projection"),
+        header_int(header, "numel", MAX_NUMEL_ADAPTER),
+        _count(header),
+        _meta(header),
+    )
+
+
+def _projected_rounds(header: dict[str, Any], blob: bytes) -> ProjectedRounds:
+    k = header_int(header, "k", MAX_TRACE)
+    rounds = header_int(header, "rounds", MAX_ROUNDS)
+    if rounds * max(k, 1) > MAX_SCALARS:
+        raise PayloadError(f"payload header: rounds x k must be at most {MAX_SCALARS}")
+    layout = specs(header)
+    size = sum(numel(shape) * _DTYPES[dtype].itemsize for _, dtype, shape in layout)
+    if size + 8 * rounds > len(blob):
+        raise PayloadError("malformed projected_rounds payload: data ends early")
+    seeds = list(struct.unpack(f"<{rounds}Q", blob[size : size + 8 * rounds]))
+    flat = _floats(blob[size + 8 * rounds :], rounds * k, "projected_rounds")
+    return ProjectedRounds(
+        header_int(header, "seed", (1 << 64) - 1),
+        header_int(header, "first_round", MAX_ROUNDS),
+        header_int(header, "numel", MAX_NUMEL_ADAPTER),
+        k,
+        seeds,
+        [flat[i * k : (i + 1) * k] for i in range(rounds)],
+        _tensors(layout, blob[:size]),
+    )

@@ -24,7 +24,7 @@ import math
 import torch
 
 from edgetune.fed.aggregate import check_bound
-from edgetune.fed.payloads import LoraDelta, Payload, SeedTrace, ZOTrace
+from edgetune.fed.payloads import LoraDelta, Payload, SeedTrace, Update, ZOTrace
 
 
 def check_delta(
@@ -112,7 +112,7 @@ def check_seed_trace(trace: SeedTrace, max_abs_coef: float | None) -> str | None
 def cap_examples(update: Payload, cap: int) -> str | None:
     """Cut `update.num_examples` to `cap` (the rows the server knows the client holds), in
     place; returns a note naming the claim when it was cut, else None."""
-    if not isinstance(update, LoraDelta | ZOTrace | SeedTrace):
+    if not isinstance(update, Update):
         return None  # not an update: the algorithm's check rejects it
     claimed = update.num_examples
     if claimed <= cap:

@@ -34,6 +34,7 @@ class Stream(IntEnum):
     DP = 8  # differential privacy noise: (server secret, round)
     POOL_KEY = 9  # a secret seed pool's round key: (federation secret, round)
     DP_DEVICE = 10  # local differential privacy noise: (device secret, round)
+    PROJECT = 11  # FedProj's block directions of a round: (round)
     INIT = 0x1A17  # on-device LoRA initialisation: ()
 
 

@@ -15,7 +15,13 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from edgetune.errors import EdgetuneError
-from edgetune.fed.algorithms import fedit, fedkseed, fedspine, fwdllm  # noqa: F401 (register)
+from edgetune.fed.algorithms import (  # noqa: F401 (register)
+    fedit,
+    fedkseed,
+    fedproj,
+    fedspine,
+    fwdllm,
+)
 from edgetune.fed.algorithms.base import FedAlgorithm
 from edgetune.fed.algorithms.registry import (
     ALGORITHMS,

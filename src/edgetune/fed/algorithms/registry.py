@@ -28,10 +28,10 @@ from typing import Any
 from edgetune.config import check_choice
 from edgetune.fed.aggregate import AGGREGATORS
 from edgetune.fed.algorithms.base import FedAlgorithm
-from edgetune.fed.payloads import LoraDelta, SeedTrace, ZOTrace
+from edgetune.fed.payloads import LoraDelta, Projection, SeedTrace, ZOTrace
 from edgetune.peft import Adapter
 
-UPDATE_KINDS = (LoraDelta, ZOTrace, SeedTrace)  # what a client may upload
+UPDATE_KINDS = (LoraDelta, ZOTrace, SeedTrace, Projection)  # what a client may upload
 
 
 @dataclass(frozen=True)
