@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
+from edgetune.errors import EdgetuneError
 from edgetune.fed.local import ClientJob
 from edgetune.fed.payloads import ClientState, Payload
 from edgetune.fed.plan import Planner, StaticPlanner
@@ -131,3 +132,20 @@ def load_trainable(adapter: Adapter, state: dict[str, torch.Tensor]) -> None:
     """Copy `state` into the adapter's trainable tensors, in place."""
     for name, param in zip(adapter.names, adapter.trainable(), strict=True):
         param.copy_(state[name])
+
+
+def rounds_held(held_round: int, first_round: int, rounds: int) -> int:
+    """How many of a catch-up broadcast's `rounds` (from `first_round` on) a client that
+    holds the model of `held_round` has already applied: the ones it skips.
+
+    Raises:
+        EdgetuneError: the held model is older than the broadcast's first round, or newer
+            than its last.
+    """
+    skip = held_round - first_round
+    if not 0 <= skip <= rounds:
+        raise EdgetuneError(
+            f"client holds the model of round {held_round} but the broadcast covers "
+            f"rounds {first_round}..{first_round + rounds}"
+        )
+    return skip

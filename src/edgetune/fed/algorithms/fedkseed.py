@@ -73,6 +73,7 @@ from edgetune.fed.algorithms.base import (
     AggregateResult,
     StandardRoles,
     load_trainable,
+    rounds_held,
     screen,
     trainable_state,
 )
@@ -228,12 +229,7 @@ class FedKSeed(StandardRoles):
         Raises:
             EdgetuneError: the held model is older than the broadcast's first round.
         """
-        skip = held.round - payload.first_round
-        if not 0 <= skip <= len(payload.rounds):
-            raise EdgetuneError(
-                f"client holds the model of round {held.round} but the broadcast "
-                f"covers rounds {payload.first_round}..{payload.first_round + len(payload.rounds)}"
-            )
+        skip = rounds_held(held.round, payload.first_round, len(payload.rounds))
         load_trainable(adapter, held.tensors)
         magnitude = held.magnitude.clone()
         pools = self.client_pools(payload)

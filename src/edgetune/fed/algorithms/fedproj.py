@@ -81,6 +81,7 @@ from edgetune.fed.algorithms.base import (
     AggregateResult,
     StandardRoles,
     load_trainable,
+    rounds_held,
     screen,
     trainable_state,
 )
@@ -232,12 +233,7 @@ class FedProj(StandardRoles):
             )
         if payload.tensors:
             held = HeldAdapter(dict(payload.tensors), payload.first_round)
-        skip = held.round - payload.first_round
-        if not 0 <= skip <= len(payload.seeds):
-            raise EdgetuneError(
-                f"client holds the adapter of round {held.round} but the broadcast covers "
-                f"rounds {payload.first_round}..{payload.first_round + len(payload.seeds)}"
-            )
+        skip = rounds_held(held.round, payload.first_round, len(payload.seeds))
         load_trainable(adapter, held.tensors)
         for seed, coefs in zip(payload.seeds[skip:], payload.coefs[skip:], strict=True):
             replay(adapter.trainable(), self.layout, seed, coefs)
