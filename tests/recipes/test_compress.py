@@ -295,7 +295,10 @@ def test_compress_recovers_with_distillation(
     summary = json.loads((out / "summary.json").read_text())
     recovered = summary["recover"]
     assert recovered["method"] == method and recovered["distill"] is True
-    assert recovered["steps_done"] == 3 and recovered["lr"] == 1e-3
+    assert recovered["steps_done"] == 3
+    # finetune's step size: first-order's default, or the ZO recipe's normalised step
+    expected = (1e-3, "auto") if method == "fo" else (5e-3, "rms")
+    assert (recovered["lr"], recovered["scale"]) == expected
     assert recovered["teacher_forward_passes"] == 3  # once per step, whatever the queries
     assert recovered["trainable_params"] > 0 and recovered["peak_rss_mb"] > 0
     assert recovered["metrics"] == {k: v for k, v in lines[-1].items() if k != "stage"}
@@ -391,6 +394,14 @@ def test_compress_distills_from_a_named_teacher(cli, stories260k_path, shared_da
         (
             ("--recover", "fo", "recover.queries=4"),
             "recover.queries is not used with recover.method=fo",
+        ),
+        (
+            ("--recover", "fo", "recover.scale=rms"),
+            "recover.scale is not used with recover.method=fo",
+        ),
+        (
+            ("--recover", "zo", "recover.scale=adam"),
+            "recover.scale: 'adam' is not one of auto, rms, none",
         ),
         (
             ("--recover", "zo", "--distill", "recover.alpha=1.5"),
@@ -724,3 +735,19 @@ def test_compress_magnitude_pruning_with_dynamic_int8_reads_calib_for_the_smooth
     assert cli([*args, "--importance", "magnitude"]) == 0
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["prune"]["calib"] == 8 and config["prune"]["importance"] == "magnitude"
+
+
+@pytest.mark.parametrize(
+    ("method", "lr", "expected"),
+    [
+        ("zo", None, (5e-3, "rms")),  # the default ZO recipe, as finetune runs it
+        ("prge", None, (5e-3, "rms")),
+        ("zo", 2e-3, (2e-3, "none")),  # a given step size keeps raw scalars
+        ("fo", None, (1e-3, "auto")),  # first-order: finetune's default, no scalars
+    ],
+)
+def test_recovery_takes_finetunes_step_size_and_zo_recipe(method, lr, expected):
+    from edgetune.recipes.recover import RecoverConfig
+
+    cfg = RecoverConfig(method=method, lr=lr)
+    assert (cfg.lr, cfg.scale) == expected

@@ -34,7 +34,12 @@ from edgetune.fed.spine.config import SpineConfig
 from edgetune.models.builtin import BUILTIN_MODELS
 from edgetune.peft import PeftConfig
 from edgetune.train import OptimConfig, TrainConfig
-from edgetune.train.config import GUARD_SETTINGS, TRAIN_METHODS, backpropagates
+from edgetune.train.config import (
+    GUARD_SETTINGS,
+    TRAIN_METHODS,
+    backpropagates,
+    resolve_step_size,
+)
 from edgetune.zo import ZOConfig
 
 FED_ALGORITHMS = tuple(ALGORITHMS)  # the built-in ones (the registry may grow)
@@ -272,8 +277,7 @@ class FederateConfig:
     def __post_init__(self) -> None:
         threads.check(self.threads, "threads")
         track.names(self.report_to)  # an unknown tracker fails here, with the closest
-        if self.optim.lr is None:
-            self.optim.lr = 1e-3
+        resolve_client_step_size(self)
         check_read_by_federation(self)
 
 
@@ -305,8 +309,23 @@ _NOT_READ = {
     "zo.beta2": "ZO clients run ZO-SGD (their steps are replayed from seeds)",
     "zo.estimator": "the algorithm sets the estimator (MeZO, the seed pool, or fwdgrad)",
     "zo.exact_restore": "federated ZO clients always restore exactly, so traces replay",
-    "zo.scale": "federated ZO clients send raw scalars (the default recipe is single-device)",
 }
+
+
+def resolve_client_step_size(cfg: FederateConfig) -> None:
+    """Fill in the clients' step size when it is not given. A fleet whose clients all run
+    zeroth-order (a forward-only algorithm, or fed.method zo / prge) gets the default ZO
+    recipe, as `finetune` does: RECIPE_LR with each local round's scalars divided by their
+    running RMS (zo.scale=rms; the trace carries the normalised scalars, so replaying it is
+    still plain ZO-SGD). Otherwise clients get first-order's default, and the ZO devices of
+    a mixed fleet send raw scalars at it unless zo.scale=rms is given."""
+    spec = algorithm_spec(cfg.fed.algorithm)
+    zeroth = spec.forward_only or (
+        cfg.fed.method in TRAIN_METHODS and not backpropagates(cfg.fed.method)
+    )
+    resolve_step_size(cfg.optim, cfg.zo, "zo" if zeroth else "fo")
+    if cfg.zo.scale == "auto":
+        cfg.zo.scale = "none"
 
 
 def _given(cfg: FederateConfig, dotted: str) -> object | None:

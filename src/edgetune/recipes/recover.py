@@ -28,12 +28,13 @@ from edgetune.peft import Adapter, PeftConfig, attach
 from edgetune.recipes.finetune import FinetuneConfig, make_stepper
 from edgetune.runs import RunDir, reset_peak_rss, status_mb
 from edgetune.train import OptimConfig, TrainConfig
-from edgetune.train.config import DEFAULT_LR, backpropagates
+from edgetune.train.config import RECIPE_LR, backpropagates, resolve_step_size
 from edgetune.train.loop import fit
 from edgetune.zo import ZOConfig
+from edgetune.zo.config import ZO_SCALES
 
 RECOVER_METHODS = ("none", "fo", "zo", "prge")
-ZO_ONLY = ("eps", "queries")
+ZO_ONLY = ("eps", "queries", "scale")
 DISTILL_ONLY = ("teacher", "alpha", "temperature", "teacher_cache")
 
 
@@ -46,10 +47,19 @@ class RecoverConfig:
     )
     steps: int = option(100, "recovery optimizer steps", flag="--recover-steps")
     batch_size: int = option(8, "training examples per step")
-    lr: float | None = option(None, "learning rate (default: 1e-3, as edgetune finetune)")
+    lr: float | None = option(
+        None,
+        "learning rate (default, as edgetune finetune: 1e-3 for fo; for zo / prge the "
+        f"default ZO recipe, {RECIPE_LR:g} with recover.scale=rms)",
+    )
     rank: int = option(8, "rank of a fresh LoRA adapter (scale alpha = 2 x rank)")
     eps: float = option(1e-3, "zo / prge: perturbation scale epsilon")
     queries: int = option(1, "zo / prge: directions q averaged per step")
+    scale: str = option(
+        "auto",
+        "zo / prge: divide each step's projected gradients by their running RMS: rms | none "
+        "| auto (rms when recover.lr is not given: the default ZO recipe)",
+    )
     distill: bool = option(
         False, "mix the task loss with KL to a teacher's distribution", flag="--distill"
     )
@@ -80,8 +90,11 @@ class RecoverConfig:
             given, ZO_ONLY, backpropagates(self.method), "recover.method=fo", "--recover zo"
         )
         _refuse_unread(given, DISTILL_ONLY, not self.distill, "no --distill", "--distill")
-        if self.method != "none" and self.lr is None:
-            self.lr = DEFAULT_LR[self.method]
+        check_choice("recover", "scale", self.scale, ZO_SCALES)
+        if self.method != "none":  # the step size finetune would take (its ZO recipe)
+            optim, zo = OptimConfig(lr=self.lr), ZOConfig(scale=self.scale)
+            resolve_step_size(optim, zo, self.method)
+            self.lr, self.scale = optim.lr, zo.scale
 
 
 def _refuse_unread(given: list[str], names: tuple, unread: bool, why: str, fix: str) -> None:
@@ -151,7 +164,7 @@ def recover(
         peft=PeftConfig(rank=cfg.rank, alpha=2.0 * cfg.rank),
         train=TrainConfig(method=cfg.method),
         optim=OptimConfig(lr=cfg.lr),
-        zo=ZOConfig(eps=cfg.eps, queries=cfg.queries)
+        zo=ZOConfig(eps=cfg.eps, queries=cfg.queries, scale=cfg.scale)
         if not backpropagates(cfg.method)
         else ZOConfig(),
     )
