@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=_seed_list,
         default=[0, 1],
-        help="compress: seeds of the 30 %% rows; ondevice: seeds of the zo rows; fedspine, "
-        "privacy: seeds of every row",
+        help="compress: seeds of the 30 %% rows; ondevice: seeds of the zo rows; fed, "
+        "fedspine, privacy: seeds of every row",
     )
     bench.add_argument("--adapter", help="compress: the task adapter (default: fine-tune one)")
     bench.add_argument(
@@ -335,12 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rows",
         type=_name_list,
-        default=["fo", "fo-top6", "zo-mezo", "zo-prge", "zo-prge-raw"],
-        help="tasks: comma-separated rows (fo, fo-top6, zo-mezo, zo-prge, zo-prge-raw)",
+        help="tasks: comma-separated rows (default fo, fo-top6, zo-mezo, zo-prge, "
+        "zo-prge-raw); fed: comma-separated algorithms (default all: fedit, fedit-ranks, "
+        "fedkseed, fedkseed-recipe, fedkseed-pro, fwdllm, fedproj-3840, fedproj-1024)",
     )
     bench.add_argument(
         "--work",
-        help="compress / ondevice / fedspine: run folders (default runs/bench-<which>)",
+        help="compress / ondevice / fedspine / fed: run folders (default runs/bench-<which>)",
     )
     # fedspine, for tests: smaller held-out and training sets than the benchmark's
     bench.add_argument("--eval-size", type=at_least(1), help=argparse.SUPPRESS)

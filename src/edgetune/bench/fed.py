@@ -1,13 +1,16 @@
 """`edgetune bench fed`: federated algorithms side by side on the demo task.
 
-SmolLM2-135M on BBC News, 10 clients, Dirichlet 0.5 label skew, the same seed for every
-algorithm, one run each (through `edgetune federate` in its own process): final held-out
-accuracy, bytes per client per round (measured from the serialized payloads), total
-uploaded bytes and simulated seconds to reach a target accuracy, and plots of accuracy
-against rounds and against cumulative uploaded bytes. FedProj runs at two K, each
-checked against its byte targets (16 KB up, 64 KB down per client per round) and its
-accuracy gap to FedIT.
-"""
+SmolLM2-135M on BBC News, 10 clients, Dirichlet 0.5 label skew, every algorithm with
+the same seeds (`--seeds`, default 0 and 1), one run per algorithm and seed (through
+`edgetune federate` in its own process, reused when its summary exists): held-out
+accuracy (mean of the seeds, each in brackets), bytes per client per round (measured from
+the serialized payloads), total uploaded bytes and simulated seconds to reach a target
+accuracy, and plots of accuracy against rounds and against cumulative uploaded bytes
+(the first seed's runs). `--rows` picks algorithms (FedIT always runs: its accuracy sets
+the target and the gaps). FedKSeed runs at the step size tuned for it and with the
+default ZO recipe (no step size given: normalised scalars at the recipe's step).
+FedProj runs at two K, each checked against its byte targets (16 KB up, 64 KB down per
+client per round) and its accuracy gap to FedIT."""
 
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ RUNS = {
         "fed.ranks=2,4,8",
     ],
     "fedkseed (zo)": ["--algorithm", "fedkseed", "--method", "zo", "--lr", "2e-3"],
+    "fedkseed, ZO recipe (zo)": ["--algorithm", "fedkseed", "--method", "zo"],
     "fedkseed-pro (zo)": ["--algorithm", "fedkseed-pro", "--method", "zo", "--lr", "2e-3"],
     "fwdllm (zo)": ["--algorithm", "fwdllm", "--method", "zo", "--lr", "2e-3"],
     **{
@@ -52,6 +56,17 @@ RUNS = {
         ]
         for k in PROJ_KS
     },
+}
+KSEED = ("fedkseed (zo)", "fedkseed, ZO recipe (zo)")  # the rows with FedKSeed's targets
+# --rows names -> RUNS labels
+ROWS = {
+    "fedit": "fedit (fo)",
+    "fedit-ranks": "fedit, ranks 2/4/8 (fo)",
+    "fedkseed": "fedkseed (zo)",
+    "fedkseed-recipe": "fedkseed, ZO recipe (zo)",
+    "fedkseed-pro": "fedkseed-pro (zo)",
+    "fwdllm": "fwdllm (zo)",
+    **{f"fedproj-{k}": f"fedproj K={k} (fo)" for k in PROJ_KS},
 }
 PROJ_TARGETS = (16_000, 64_000)  # FedProj's bytes up / down per client per round, at most
 
@@ -117,37 +132,90 @@ def summarise(run: Path, target: float) -> dict[str, Any]:
     }
 
 
-def run(model: str, rounds: int, clients: int, output: str, plot_dir: str) -> None:
-    """Run every algorithm, then write the table and plots."""
+def check(rows: list[str] | None) -> list[str]:
+    """The labels of the chosen rows (all by default), FedIT first.
+
+    Raises:
+        ConfigError: an unknown row, naming the known ones.
+    """
+    from edgetune.errors import ConfigError
+
+    unknown = [r for r in rows or [] if r not in ROWS]
+    if unknown:
+        raise ConfigError(
+            f"bench fed: unknown row {', '.join(unknown)}; choose from {', '.join(ROWS)}"
+        )
+    chosen = {"fedit", *(rows or ROWS)}
+    return [label for key, label in ROWS.items() if key in chosen]
+
+
+def run_one(label: str, seed: int, out: Path, model: str, rounds: int, clients: int) -> None:
+    """One algorithm and seed in its own process (kept when its summary exists)."""
+    if (out / "summary.json").is_file():
+        return
+    print(f"[bench fed] {label}, seed {seed}", flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgetune.cli",
+        "federate",
+        "--out",
+        str(out),
+        *common_flags(model, rounds, clients, seed=seed),
+        *RUNS[label],
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def run(
+    model: str,
+    rounds: int,
+    clients: int,
+    output: str,
+    plot_dir: str,
+    seeds: list[int],
+    rows: list[str] | None = None,
+    work: str = "runs/bench-fed",
+) -> None:
+    """Run every chosen algorithm with every seed, then write the table and plots."""
     from edgetune.bench.markdown import machine_line, write_section
     from edgetune.report.plots import save
 
-    work = Path("runs") / "bench-fed"
-    dirs = {}
-    for i, (label, args) in enumerate(RUNS.items()):
-        out = work / f"run-{i}"
-        print(f"[bench fed] {label}", flush=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "edgetune.cli",
-            "federate",
-            "--out",
-            str(out),
-            *common_flags(model, rounds, clients),
-            *args,
-        ]
-        subprocess.run(cmd, check=True, capture_output=True)
-        dirs[label] = out
-    first = summarise(next(iter(dirs.values())), 2.0)
-    target = round(first["start"] + 0.5 * (first["best"] - first["start"]), 3)
-    results = {label: summarise(d, target) for label, d in dirs.items()}
+    labels = check(rows)
+    keys = {label: key for key, label in ROWS.items()}
+    dirs: dict[str, list[Path]] = {}
+    for label in labels:
+        dirs[label] = [Path(work) / f"{keys[label]}-s{seed}" for seed in seeds]
+        for seed, out in zip(seeds, dirs[label], strict=True):
+            run_one(label, seed, out, model, rounds, clients)
+    fedit = [summarise(d, 2.0) for d in dirs["fedit (fo)"]]
+    start = sum(f["start"] for f in fedit) / len(fedit)
+    best = sum(f["best"] for f in fedit) / len(fedit)
+    target = round(start + 0.5 * (best - start), 3)
+    results = {label: combine([summarise(d, target) for d in ds]) for label, ds in dirs.items()}
     plots = Path(plot_dir)
     for name, fig in figures(results, model, clients).items():
         save(fig, plots / name)
-    body = render(results, target, model, rounds, clients, machine_line(), plots, Path(output))
+    body = render(
+        results, target, model, rounds, clients, machine_line(), plots, Path(output), seeds
+    )
     write_section(output, "fed", body)
     print(body)
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from its seeds' runs: accuracies and bytes averaged (each seed's final
+    kept), the target reached by every seed or not, the first seed's curve for the plots."""
+    n = len(runs)
+    out = dict(runs[0])
+    for key in ("start", "final", "best", "up_per_client_round", "down_per_client_round"):
+        out[key] = sum(r[key] for r in runs) / n
+    out["finals"] = [r["final"] for r in runs]
+    for key in ("bytes_to_target", "sim_s_to_target", "round_to_target"):
+        values = [r[key] for r in runs]
+        out[key] = None if None in values else sum(values) / n
+    out["threads"] = max(r["threads"] for r in runs)
+    return out
 
 
 def figures(results: dict[str, dict], model: str, clients: int) -> dict[str, Figure]:
@@ -182,18 +250,24 @@ def render(
     machine: str,
     plots: Path,
     output: Path,
+    seeds: list[int] | None = None,
 ) -> str:
-    """The Markdown section."""
+    """The Markdown section (`seeds`: the runs' seeds, [0] when not given)."""
+    seeds = seeds or [0]
+    flag = "" if seeds == [0, 1] else f" --seeds {','.join(map(str, seeds))}"
     fedit = results["fedit (fo)"]
     lines = [
         "## Federated algorithms (`edgetune bench fed`)",
         "",
-        f"Command: `edgetune bench fed --model {model} --rounds {rounds} --clients {clients}`  ",
+        f"Command: `edgetune bench fed --model {model} --rounds {rounds} --clients {clients}"
+        f"{flag}`  ",
         f"Machine: {machine}  ",
         threads_line([r["threads"] for r in results.values()], "simulator run (config.yaml)"),
         f"{clients} clients (Jetson fleet), 30% participation per round, Dirichlet 0.5 label "
         "skew over BBC News, 3 local steps of batch 4 per round, LoRA r=8 on all projections, "
-        "seed 0; held-out accuracy on 100 articles. Bytes are measured from the serialized "
+        f"seeds {', '.join(map(str, seeds))} (accuracies are their mean, each seed's final in "
+        "brackets; to-target columns are the mean over the seeds when every seed reached "
+        "it); held-out accuracy on 100 articles. Bytes are measured from the serialized "
         f"payloads. Target accuracy = halfway from zero-shot to FedIT's best = {target:.3f}.",
         "",
         "| algorithm | start acc | final acc | best acc | bytes up / client / round | "
@@ -203,30 +277,36 @@ def render(
     for label, r in results.items():
         ratio = r["up_per_client_round"] / fedit["up_per_client_round"]
         to_bytes = (
-            f"{r['bytes_to_target']:,.0f} (round {r['round_to_target']})"
+            f"{r['bytes_to_target']:,.0f} (round {r['round_to_target']:g})"
             if r["bytes_to_target"] is not None
             else "not reached"
         )
         to_time = f"{r['sim_s_to_target']:.1f}" if r["sim_s_to_target"] is not None else "-"
+        finals = " / ".join(f"{f:.2f}" for f in r.get("finals", [r["final"]]))
         lines.append(
-            f"| {label} | {r['start']:.3f} | {r['final']:.3f} | {r['best']:.3f} | "
+            f"| {label} | {r['start']:.3f} | {r['final']:.3f} ({finals}) | {r['best']:.3f} | "
             f"{r['up_per_client_round']:,.0f} | {r['down_per_client_round']:,.0f} | "
             f"1/{1 / ratio:,.0f} | {to_bytes} | {to_time} |"
         )
-    kseed = results["fedkseed (zo)"]
     lines += [
-        "",
-        f"FedKSeed upload per client per round: {kseed['up_per_client_round']:,.0f} bytes "
-        f"({'under' if kseed['up_per_client_round'] < 18 * 1024 else 'OVER'} the 18 KB of its "
-        f"paper), 1/{fedit['up_per_client_round'] / kseed['up_per_client_round']:,.0f} of "
-        f"FedIT's; accuracy gap to FedIT after {rounds} rounds: "
-        f"{100 * (fedit['final'] - kseed['final']):+.1f} points.",
+        *[kseed_line(label, r, fedit, rounds) for label, r in results.items() if label in KSEED],
         *[proj_line(label, r, fedit, rounds) for label, r in results.items() if "fedproj" in label],
         "",
         f"![accuracy vs rounds]({_rel(plots / 'bench_fed_accuracy_vs_rounds.png', output)})",
         f"![accuracy vs bytes]({_rel(plots / 'bench_fed_accuracy_vs_bytes.png', output)})",
     ]
     return "\n".join(lines)
+
+
+def kseed_line(label: str, r: dict[str, Any], fedit: dict[str, Any], rounds: int) -> str:
+    """A FedKSeed row against its targets: the paper's upload and the gap to FedIT."""
+    up = r["up_per_client_round"]
+    return (
+        f"\n{label}: {up:,.0f} bytes up per client per round "
+        f"({'under' if up < 18 * 1024 else 'OVER'} the 18 KB of its paper), "
+        f"1/{fedit['up_per_client_round'] / up:,.0f} of FedIT's; accuracy gap to FedIT after "
+        f"{rounds} rounds: {100 * (fedit['final'] - r['final']):+.1f} points (target: 8)."
+    )
 
 
 def proj_line(label: str, r: dict[str, Any], fedit: dict[str, Any], rounds: int) -> str:

@@ -47,7 +47,8 @@ def _zo(a: argparse.Namespace) -> None:
 def _fed(a: argparse.Namespace) -> None:
     from edgetune.bench import fed
 
-    fed.run(a.model, a.rounds or 15, a.clients or 10, a.output, "docs")
+    fed.check(a.rows)
+    fed.run(a.model, a.rounds or 15, a.clients or 10, a.output, "docs", a.seeds, a.rows, a.work)
 
 
 def _fedspine(a: argparse.Namespace) -> None:
@@ -97,14 +98,15 @@ def _ondevice(a: argparse.Namespace) -> None:
 def _tasks(a: argparse.Namespace) -> None:
     from edgetune.bench import tasks
 
-    tasks.check(a.tasks, a.rows, a.quick)
-    tasks.run(a.model, a.tasks, a.seeds, a.rows, a.output, a.work, a.quick)
+    rows = a.rows or list(tasks.QUICK if a.quick else tasks.ROWS)
+    tasks.check(a.tasks, rows, a.quick)
+    tasks.run(a.model, a.tasks, a.seeds, rows, a.output, a.work, a.quick)
 
 
 BENCHES: dict[str, Bench] = {
     "memory": Bench(_memory, ("batch_size", "seq_len", "steps")),
     "zo": Bench(_zo, ("peft", "steps", "tta_steps", "plot")),
-    "fed": Bench(_fed, ("rounds", "clients")),
+    "fed": Bench(_fed, ("rounds", "clients", "seeds", "rows", "work")),
     "fedspine": Bench(_fedspine, ("rounds", "seeds", "work", "eval_size", "train_size")),
     "flower": Bench(_flower, ("rounds", "clients")),
     "robust": Bench(_robust, ("rounds", "clients"), small=lambda a: True),
