@@ -1,12 +1,15 @@
-"""`report_to`: TensorBoard and MLflow hold every metric line of metrics.jsonl and the
-resolved config, read back with the stock readers (TensorBoard's EventAccumulator,
-MLflow's MlflowClient on the local file store)."""
+"""`report_to`: TensorBoard, MLflow and W&B hold every metric line of metrics.jsonl and
+the resolved config, read back with the stock readers (TensorBoard's EventAccumulator,
+MLflow's MlflowClient on the local file store). W&B 0.31 ships no offline reader in
+Python (its core reads the run file in Go), so its run file is read as the LevelDB log it
+is and each record decoded with W&B's own protobuf definitions."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ from edgetune.errors import ConfigError
 
 pytest.importorskip("tensorboard", reason="report_to tests need pip install 'edgetune[track]'")
 pytest.importorskip("mlflow", reason="report_to tests need pip install 'edgetune[track]'")
+pytest.importorskip("wandb", reason="report_to tests need pip install 'edgetune[track]'")
+ALL = "tensorboard,mlflow,wandb"
 
 
 def expected(run: Path) -> dict[tuple[str, int], float]:
@@ -82,6 +87,48 @@ def mlflow_run(run: Path):
     return found, metrics
 
 
+def wandb_records(run: Path) -> list:
+    """The records of the one offline W&B run in RUN/wandb: a 7-byte file header, then
+    32 KiB blocks of chunks (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = (run / "wandb").glob("wandb/offline-run-*/run-*.wandb")
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    records, pending, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # the zero padding at a block's end
+            pos += left
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def wandb_run(run: Path) -> tuple[dict[str, object], dict[tuple[str, int], float], int]:
+    """(config, {(metric, step): value}, exit code) of the W&B run, as W&B recorded them."""
+    config, metrics, exit_code = {}, {}, None
+    for record in wandb_records(run):
+        kind = record.WhichOneof("record_type")
+        if kind == "config":
+            config |= {i.key: json.loads(i.value_json) for i in record.config.update}
+        elif kind == "history":
+            row = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in record.history.item
+            }
+            step = row.pop("step")
+            metrics |= {(k, step): v for k, v in row.items() if not k.startswith("_")}
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return config, metrics, exit_code
+
+
 def assert_trackers_hold_metrics(run: Path) -> None:
     want = expected(run)
     assert want, "metrics.jsonl has no numeric field to mirror"
@@ -91,6 +138,8 @@ def assert_trackers_hold_metrics(run: Path) -> None:
     found, metrics = mlflow_run(run)
     assert metrics == want
     assert found.info.status == "FINISHED"
+    _, history, exit_code = wandb_run(run)
+    assert history == want and exit_code == 0
 
 
 def assert_config_recorded(run: Path) -> None:
@@ -98,11 +147,15 @@ def assert_config_recorded(run: Path) -> None:
     found, _ = mlflow_run(run)
     assert found.data.params == {k: str(v) for k, v in config.items()}
     assert tensorboard_hparams(run) == {k: as_hparam(v) for k, v in config.items()}
+    recorded, _, _ = wandb_run(run)
+    assert {k: v for k, v in recorded.items() if not k.startswith("_")} == {
+        k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.items()
+    }
 
 
 def test_finetune_mirrors_every_metric_line_and_the_config(tmp_path, tiny_args, cli):
     out = tmp_path / "run"
-    assert cli([*tiny_args(out), "--threads", "1", "--report-to", "tensorboard,mlflow"]) == 0
+    assert cli([*tiny_args(out), "--threads", "1", "--report-to", ALL]) == 0
 
     assert {k for k, _ in expected(out)} >= {"loss", "eval/accuracy", "eval/loss"}
     assert_trackers_hold_metrics(out)
@@ -111,7 +164,7 @@ def test_finetune_mirrors_every_metric_line_and_the_config(tmp_path, tiny_args, 
 
 def test_federate_mirrors_every_round(tmp_path, federate_args, cli):
     out = tmp_path / "fed"
-    assert cli([*federate_args(out), "--threads", "1", "--report-to", "tensorboard,mlflow"]) == 0
+    assert cli([*federate_args(out), "--threads", "1", "--report-to", ALL]) == 0
 
     assert {s for k, s in expected(out) if k == "eval/accuracy"} == {0, 1, 2}
     assert ("bytes_up", 2) in expected(out)
@@ -121,7 +174,7 @@ def test_federate_mirrors_every_round(tmp_path, federate_args, cli):
 
 def test_a_resume_rebuilds_the_trackers_from_metrics_jsonl(tmp_path, tiny_args, cli, run_torn):
     out = tmp_path / "run"
-    args = [*tiny_args(out, steps=6), "--threads", "1", "--report-to", "tensorboard,mlflow"]
+    args = [*tiny_args(out, steps=6), "--threads", "1", "--report-to", ALL]
     run_torn(args, "metrics.jsonl", "step", 3)  # dies after the step-2 checkpoint
     assert cli(["finetune", "--resume", str(out), "--threads", "1"]) == 0
 
@@ -138,7 +191,7 @@ def test_compress_mirrors_its_stages_and_recovery_steps(
         "compress", "--model", str(stories260k_path), "--dataset", "sst2", "--out", str(out),
         "--calib", "8", "data.train_size=64", "data.eval_size=16", "data.max_length=32",
         "progress=false", "--prune", "0.3", "--recover", "zo", "--recover-steps", "2",
-        "recover.batch_size=4", "--threads", "1", "--report-to", "tensorboard,mlflow",
+        "recover.batch_size=4", "--threads", "1", "--report-to", ALL,
     ]  # fmt: skip
     assert cli(args) == 0
 
@@ -155,7 +208,7 @@ def test_ondevice_mirrors_its_steps(tmp_path, onnx_lora_export, cli):
         "ondevice", "--model", str(onnx_lora_export), "--runtime", "ort", "--method", "zo",
         "--steps", "4", "--batch-size", "4", "--out", str(out), "--threads", "1",
         "--dataset", "sst2", "data.max_length=32", "data.train_size=32", "data.eval_size=8",
-        "train.eval_every=2", "train.progress=false", "--report-to", "tensorboard,mlflow",
+        "train.eval_every=2", "train.progress=false", "--report-to", ALL,
     ]  # fmt: skip
     assert cli(args) == 0
 

@@ -1,6 +1,6 @@
-"""Experiment trackers: metrics.jsonl mirrored into TensorBoard and/or MLflow, offline.
+"""Experiment trackers: metrics.jsonl mirrored into TensorBoard, MLflow and/or W&B, offline.
 
-`report_to=tensorboard,mlflow` (default `none`) on finetune, federate, `flower run`,
+`report_to=tensorboard,mlflow,wandb` (default `none`) on finetune, federate, `flower run`,
 compress and ondevice. The trackers are a mirror of the run folder, never a second
 source of truth: every numeric field of every metrics.jsonl line goes to each tracker at
 that line's `step` (or `round`), and the resolved config goes in once as hyperparameters
@@ -9,8 +9,8 @@ instead of a step are logged as `stage/<field>` at the stage's ordinal (0 = befo
 then the stages in the order they ran). Booleans and strings (including the "nan" that
 metrics.jsonl writes for a non-finite value) are not numbers and are not mirrored.
 
-Each tracker writes into its own folder of the run (RUN/tensorboard/, RUN/mlruns/), no
-server and no network. On every start, including `--resume`, the folders are rebuilt from
+Each tracker writes into its own folder of the run (RUN/tensorboard/, RUN/mlruns/,
+RUN/wandb/: W&B's offline mode), no server and no network. On every start, including `--resume`, the folders are rebuilt from
 metrics.jsonl as it stands (a resume first drops the lines after its checkpoint), so a
 tracker always holds exactly the lines of metrics.jsonl, never the steps an interrupted
 call logged and the resume redid.
@@ -34,6 +34,7 @@ from edgetune.config import leaves, option
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.track.mlflow import MlflowTracker
 from edgetune.track.tensorboard import TensorBoardTracker
+from edgetune.track.wandb import WandbTracker
 
 EXTRA = "track"  # the pyproject extra that installs every tracker
 
@@ -69,6 +70,7 @@ class TrackerSpec:
 TRACKERS: dict[str, TrackerSpec] = {
     "tensorboard": TrackerSpec("tensorboard", "tensorboard", "tensorboard", TensorBoardTracker),
     "mlflow": TrackerSpec("mlruns", "mlflow", "mlflow-skinny", MlflowTracker),
+    "wandb": TrackerSpec("wandb", "wandb", "wandb", WandbTracker),
 }
 FOLDERS = tuple(spec.folder for spec in TRACKERS.values())
 
@@ -78,8 +80,9 @@ def report_to_option() -> Any:
     return option(
         "none",
         "experiment trackers that mirror metrics.jsonl and the resolved config, offline in "
-        "the run folder: none | tensorboard (RUN/tensorboard/) | mlflow (RUN/mlruns/), "
-        "comma-separated for both; needs pip install 'edgetune[track]'",
+        "the run folder: none | tensorboard (RUN/tensorboard/) | mlflow (RUN/mlruns/) | "
+        "wandb (RUN/wandb/, offline), comma-separated for several; needs pip install "
+        "'edgetune[track]'",
         flag="--report-to",
     )
 
