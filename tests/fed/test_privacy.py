@@ -81,6 +81,39 @@ def test_fedkseed_clips_each_clients_per_seed_scalars_and_noises_every_seed():
     assert acc[3] == pytest.approx(0.01 * 0.5 / 2) and abs(sum(acc) - acc[3]) < 1e-9
 
 
+def test_fedproj_clips_each_fitted_update_and_noises_every_coefficient():
+    from edgetune.fed.algorithms.fedproj import FedProj, rebuilt_norm
+    from edgetune.fed.payloads import Projection
+
+    fed = FedConfig(algorithm="fedproj", proj_k=16, max_update_norm=1e9)
+    quiet = Privacy(DPConfig(noise=1e-12, clip=0.5), 10, 2, run_seed=0)
+    algo = FedProj(fed, _adapter(), 0, quiet)
+    sizes = algo.layout.sizes().double()
+    huge = Projection(algo.round_seed(0), torch.full((16,), 100.0), algo.layout.numel, 4, {})
+    # the mean's coefficients (step / (server_lr n_b)) fit an update of norm clip / m
+    mean = algo.combine([huge], rnd=0).double() / sizes
+    assert rebuilt_norm(mean, algo.layout) == pytest.approx(0.5 / 2, rel=1e-6)
+    assert torch.nn.functional.cosine_similarity(mean * sizes.sqrt(), sizes.sqrt(), dim=0) > 0.999
+    # noise on every coefficient: std sigma clip / m of the fitted coordinates
+    algo.privacy = Privacy(DPConfig(noise=1.0, clip=0.5), 10, 2, run_seed=0)
+    still = Projection(huge.seed, torch.zeros(16), algo.layout.numel, 4, {})
+    noise = algo.combine([still], rnd=0).double() / sizes.sqrt()
+    assert bool((noise != 0).all()) and 0.1 < float(noise.std()) < 0.5  # expected 0.25
+    assert "dp.secret" in algo.state_dict()
+
+
+def test_fedproj_under_central_dp_runs_from_the_cli_and_accounts_every_round(
+    tmp_path, federate_args
+):
+    out = tmp_path / "proj"
+    args = federate_args(out, "--method", "fo", "dp.noise=0.5", algorithm="fedproj")
+    assert main([*args, "fed.proj_k=64"]) == 0
+    rows = RunDir(out, resume=True).read_metrics()
+    expected = Privacy(DPConfig(noise=0.5), 5, 3, run_seed=0).epsilon(2)
+    assert rows[-1]["epsilon"] == pytest.approx(expected)
+    assert [r["accepted"] for r in rows[1:]] == [3, 3]
+
+
 def test_a_resumed_server_adds_the_noise_of_its_checkpoint():
     # Prepare: a server after one round, and a fresh one (another secret) restored from it
     adapter = _adapter()
@@ -133,6 +166,11 @@ def test_privacy_settings_that_are_wrong_or_void_the_guarantee_are_refused(
 def test_an_algorithm_without_private_aggregation_is_refused():
     with pytest.raises(ConfigError, match="cannot clip and noise its aggregate"):
         resolve_config(FederateConfig, None, ["dp.noise=1"], {"fed.algorithm": "fedspine"})
+    # FedProj's clients cannot noise their own coefficients (central DP only)
+    with pytest.raises(ConfigError, match="dp.where=device: the clients of fed.algorithm=fedproj"):
+        resolve_config(
+            FederateConfig, None, ["dp.noise=1", "dp.where=device"], {"fed.algorithm": "fedproj"}
+        )
 
 
 # --- local DP (dp.where=device) ---------------------------------------------------------

@@ -61,6 +61,17 @@ instead (a resync), so no catch-up costs more than a FedIT broadcast. A device t
 nothing starts from the initial adapter; one that restarted (`forget`) is resent every
 round, or resynced.
 
+Central differential privacy (fed.dp, dp.where=server). A client's release is its fitted
+update, whose norm is ||v_c|| with v_{c,b} = sqrt(n_b) c_{c,b}: the server clips each v_c
+to dp.clip, sums, adds N(0, sigma^2 clip^2) to each of the K coordinates from its secret
+(`fed/privacy.py`), divides by the clients a round selects, and steps along
+a_{t,b} = server_lr x sqrt(n_b) x that mean (the unbiased step of the mean's
+coefficients: n_b x v_b / sqrt(n_b)). The step is post-processing of the noised mean, so
+the accountant's guarantee holds as for FedIT; the noise is K numbers a round, not D (the
+norm of the noise is sigma clip sqrt(K), against sigma clip sqrt(D) for a dense delta).
+Only the mean is private (fed.aggregator other than mean is refused), and noising on the
+device (dp.where=device) is not built for FedProj.
+
 Devices that cannot backpropagate (a planned zo or prge method) train with their ZO
 estimator and project their update the same way, so a mixed fleet is seed-sized both
 ways. Sending FedKSeed-style seed traces instead (and broadcasting them) is not built.
@@ -182,10 +193,13 @@ class FedProj(StandardRoles):
     """First-order clients, coefficients on seeded block directions (see the module
     docstring)."""
 
-    def __init__(self, fed: Any, adapter: Adapter, seed: int):
+    def __init__(self, fed: Any, adapter: Adapter, seed: int, privacy: Any = None):
         """`fed` is the run's `fed` section (proj_k, server_lr, max_update_norm and the
-        aggregator's settings); `seed` the run seed (the rounds' direction seeds)."""
+        aggregator's settings); `seed` the run seed (the rounds' direction seeds); with
+        `privacy` (fed.dp) each client's fitted update is clipped and the mean noised (see
+        the module docstring)."""
         self.cfg = fed
+        self.privacy = privacy
         self.run_seed = seed
         self.state = trainable_state(adapter)
         self.initial = {k: v.clone() for k, v in self.state.items()}
@@ -261,7 +275,7 @@ class FedProj(StandardRoles):
         (every plan trains the whole adapter, so `plans` add no check)."""
         seed = self.round_seed(rnd)
         good, result = screen(updates, lambda client, u: self.check(u, seed))
-        step = self.combine(good)
+        step = self.combine(good, rnd)
         replay(list(self.state.values()), self.layout, seed, step)
         for client, _ in updates:  # every client that replied has replayed up to `rnd`
             self.synced[client] = rnd
@@ -270,11 +284,16 @@ class FedProj(StandardRoles):
         result.stats["step_norm"] = rebuilt_norm(step, self.layout)
         return result
 
-    def combine(self, updates: list[Projection]) -> torch.Tensor:
+    def combine(self, updates: list[Projection], rnd: int = 0) -> torch.Tensor:
         """a_t = server_lr x n_b x the rule's combination of the coefficient vectors (K
-        float32; zeros without updates)."""
+        float32; zeros without updates); under fed.dp, round `rnd`'s private mean."""
         if not updates:
             return torch.zeros(self.layout.k, dtype=torch.float32)
+        if self.privacy is not None:
+            root = self.layout.sizes().double().sqrt()
+            fitted = [{"v": u.coefs.double() * root} for u in updates]
+            mean = self.privacy.mean(rnd, fitted)["v"]
+            return (mean * root * self.cfg.server_lr).to(torch.float32)
         rule = self.cfg.aggregator
         vectors = [u.coefs.double() for u in updates]
         if rule == "clip-mean":
@@ -318,6 +337,8 @@ class FedProj(StandardRoles):
         out["history"] = torch.stack(self.history) if self.history else torch.zeros(0, k)
         out["seeds"] = torch.tensor(self.seeds, dtype=torch.int64)
         out["synced"] = torch.tensor(sorted(self.synced.items()), dtype=torch.int64).reshape(-1, 2)
+        if self.privacy is not None:
+            out.update(self.privacy.state_dict())
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -329,10 +350,12 @@ class FedProj(StandardRoles):
         self.history = [row.clone() for row in state["history"].to(torch.float32)]
         self.seeds = [int(s) for s in state["seeds"].tolist()]
         self.synced = {int(c): int(r) for c, r in state["synced"].tolist()}
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state)
 
 
 def _build(setup: AlgorithmSetup) -> FedProj:
-    return FedProj(setup.fed, setup.adapter, setup.seed)
+    return FedProj(setup.fed, setup.adapter, setup.seed, setup.privacy)
 
 
 register(
@@ -344,5 +367,6 @@ register(
         settings=("proj_k", "server_lr", "max_update_norm"),
         uploads=(Projection,),
         aggregators=("mean", "median", "trimmed-mean", "clip-mean"),
+        private=True,
     )
 )
