@@ -56,6 +56,20 @@ RUNS = {
         ]
         for k in PROJ_KS
     },
+    # a mixed fleet: the phones and the Raspberry Pi cannot backprop SmolLM2 and train ZO,
+    # then project their update like the others (one step size for every device)
+    f"fedproj K={PROJ_KS[0]}, mixed fleet (fo + zo)": [
+        "--algorithm",
+        "fedproj",
+        "--method",
+        "auto",
+        "--fleet",
+        "mixed",
+        "--lr",
+        "5e-4",
+        f"fed.proj_k={PROJ_KS[0]}",
+        f"fed.server_lr={PROJ_SERVER_LR}",
+    ],
 }
 KSEED = ("fedkseed (zo)", "fedkseed, ZO recipe (zo)")  # the rows with FedKSeed's targets
 # --rows names -> RUNS labels
@@ -67,6 +81,7 @@ ROWS = {
     "fedkseed-pro": "fedkseed-pro (zo)",
     "fwdllm": "fwdllm (zo)",
     **{f"fedproj-{k}": f"fedproj K={k} (fo)" for k in PROJ_KS},
+    "fedproj-mixed": f"fedproj K={PROJ_KS[0]}, mixed fleet (fo + zo)",
 }
 PROJ_TARGETS = (16_000, 64_000)  # FedProj's bytes up / down per client per round, at most
 
