@@ -120,7 +120,14 @@ def test_a_vocabulary_pruned_model_exports_to_onnx_with_its_map(cli, vocab_run, 
         (["--vocab", "0"], "vocab: '0' is not none, task or a positive token count"),
         (["--vocab", "all"], "vocab: 'all' is not none, task or a positive token count"),
         (["--vocab", "task", "--prune", "0.3"], "cannot be combined with --prune in one run"),
-        (["--vocab", "task", "--quantize", "int8"], "cannot be combined with --quantize"),
+        (
+            ["--vocab", "task", "--quantize", "int8-dynamic"],
+            "cannot be combined with --quantize int8-dynamic",
+        ),
+        (
+            ["--vocab", "task", "--quantize", "int8", "--vocab-head", "labels"],
+            "--vocab-head labels with --quantize int8",
+        ),
         (["--vocab", "3"], "vocab=3 is below the"),
     ],
 )
@@ -131,6 +138,33 @@ def test_compress_vocab_refuses_bad_settings(
     assert cli(vocab_args(stories260k_path, out, *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_vocab_then_int8_in_one_run_stores_both_and_loads_with_the_map(
+    cli, vocab_run, stories260k_path, tmp_path
+):
+    out = tmp_path / "vocab-int8"
+    assert cli(vocab_args(stories260k_path, out, "--vocab", "task", "--quantize", "int8")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    fp32 = json.loads((vocab_run / "summary.json").read_text())
+    assert [s for s in summary if s.startswith("after-")] == ["after-vocab", "after-quantize"]
+    assert summary["after-vocab"]["vocab"] == fp32["after-vocab"]["vocab"]
+    # int8 linears on top of the smaller vocabulary: a smaller folder than vocab alone
+    assert summary["model_bytes_after"] < fp32["model_bytes_after"]
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert "edgetune_vocab" in config and "edgetune_int8" in config
+    # loaded back: int8 layers, the id map at the edge, the stage's accuracy reproduced
+    model, _ = models.load(str(out / "model"))
+    from edgetune.compress.quantize import Int8Linear
+    from edgetune.compress.vocab import is_vocab_pruned
+
+    assert is_vocab_pruned(model) and any(isinstance(m, Int8Linear) for m in model.modules())
+    kept = json.loads((out / "model" / "vocab_map.json").read_text())["kept"]
+    ids = torch.tensor([kept[3:20]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape[-1] == 512  # logits over the original vocabulary
+    assert cli(["eval", "--model", str(out / "model"), "--dataset", "sst2", *TINY_DATA]) == 0
 
 
 def test_a_vocabulary_pruned_model_is_refused_by_compress_and_gguf(

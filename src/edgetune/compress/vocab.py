@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,29 @@ def attach_map(model: Any, vmap: VocabMap) -> Any:
         model.set_output_embeddings(MappedHead(head, rows, vmap.original_size))
     model.config.vocab_size = vmap.original_size
     return model
+
+
+@contextmanager
+def unmapped(model: Any) -> Iterator[Any]:
+    """`model` without its id map for the duration (its kept-id-space modules and
+    vocab_size, as a folder stores them), the map put back after; a model without a map
+    is left alone. Used to save a mapped model in another format (int8)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, MappedEmbedding):
+        yield model
+        return
+    original = model.config.vocab_size
+    model.set_input_embeddings(embedding.inner)
+    if isinstance(head, MappedHead):
+        model.set_output_embeddings(head.inner)
+    model.config.vocab_size = embedding.inner.weight.shape[0]
+    try:
+        yield model
+    finally:
+        model.set_input_embeddings(embedding)
+        if isinstance(head, MappedHead):
+            model.set_output_embeddings(head)
+        model.config.vocab_size = original
 
 
 def is_vocab_pruned(model: Any) -> bool:

@@ -318,7 +318,13 @@ def _int8_model(source: Path | str) -> Any:
 
     if isinstance(source, str) or int8_entry(source) is None:
         return None
-    return load_int8(source)
+    model = load_int8(source)
+    config = _recorded_json(source / "config.json") or {}
+    if "edgetune_vocab" in config:  # vocabulary-pruned, then int8 (compress)
+        from edgetune.compress.vocab import VocabMap, attach_map
+
+        attach_map(model, VocabMap.read(source))
+    return model
 
 
 def _int8_dynamic(model: Any) -> Any:

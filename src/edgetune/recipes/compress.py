@@ -11,10 +11,12 @@ the unpruned one (`recipes/recover.py`), saved to DIR/adapter -> evaluate "after
 DIR/model in the int8 folder format (`compress/int8_folder.py`) -> evaluate
 "after-quantize"; or int8-dynamic: merge -> SmoothQuant smoothing on the calibration rows
 (`compress/smooth.py`) -> save the smoothed fp32 DIR/model -> fbgemm dynamic int8
-(`compress/int8_dynamic.py`) -> evaluate "after-quantize"]. Or, as a stage of its own, vocabulary pruning (`--vocab task|N`,
-`compress/vocab.py`): keep the token rows the training prompts use -> save DIR/model with
-its id map (and the re-based DIR/adapter) -> evaluate "after-vocab". A stage not requested
-is skipped; a run requesting nothing is refused.
+(`compress/int8_dynamic.py`) -> evaluate "after-quantize"]. Or vocabulary pruning
+(`--vocab task|N`, `compress/vocab.py`): keep the token rows the training prompts use ->
+save DIR/model with its id map (and the re-based DIR/adapter) -> evaluate "after-vocab"
+-> [quantize int8 as above, the folder stored in the kept id space with its map]; it
+takes no prune, recovery or int8-dynamic stage in the same run. A stage not requested is
+skipped; a run requesting nothing is refused.
 An fp32 DIR/model loads with stock transformers when every layer keeps the same widths,
 else with `edgetune.models.load` (per-layer widths; see `compress/prune/structured.py`).
 Every input is checked before DIR is created, so a refused request writes nothing; an
@@ -70,6 +72,7 @@ from edgetune.compress.vocab import (
     select_vocab,
     shrink,
     token_counts,
+    unmapped,
 )
 from edgetune.config import check_choice, option, to_dict
 from edgetune.data import DataConfig, build_task, load_splits
@@ -269,16 +272,22 @@ class CompressConfig:
             flag
             for flag, on in (
                 ("--prune", self.prune.requested),
-                ("--quantize", self.quantize != "none"),
+                ("--quantize int8-dynamic", self.quantize == "int8-dynamic"),
                 ("recover.method", self.recover.method != "none"),
             )
             if on
         ]
         if self.vocab != "none" and others:
             raise ConfigError(
-                f"--vocab is a stage of its own and cannot be combined with {others[0]} "
-                f"in one run; drop {others[0]}, or run --prune (uniform widths) first and "
-                "--vocab on its DIR/model"
+                f"--vocab cannot be combined with {others[0]} in one run (only --quantize "
+                f"int8 follows it); drop {others[0]}, or run --prune (uniform widths) first "
+                "and --vocab on its DIR/model"
+            )
+        if self.vocab != "none" and self.quantize == "int8" and self.vocab_head == "labels":
+            raise ConfigError(
+                "--vocab-head labels with --quantize int8: the int8 folder rebuilds the head "
+                "from the kept vocabulary, so a label-only head cannot be stored in it yet; "
+                "use --vocab-head all, or drop --quantize int8"
             )
 
     def __post_init__(self) -> None:
@@ -361,7 +370,7 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
     # --quantize beside it); the other stages need their layers
     if cfg.vocab == "none" and (cfg.prune.requested or cfg.quantize == "int8-dynamic"):
         llama_layers(model)  # an unsupported architecture stops here, before DIR exists
-    elif cfg.vocab == "none" and cfg.quantize == "int8":
+    elif cfg.quantize == "int8":
         _refuse_conv1d(model)
     _refuse_int8_input(model, cfg)
     _refuse_vocab_input(model, cfg)
@@ -398,8 +407,7 @@ def run(cfg: CompressConfig, *, overwrite: bool = False) -> dict[str, Any]:
     params_before = _params(model)
     recovered = None
     if cfg.vocab != "none":
-        del scored
-        stages["after-vocab"] = _vocab_stage(
+        scored, stages["after-vocab"] = _vocab_stage(
             model, tokenizer, task, train_rows, eval_rows, rundir, cfg
         )
     if pruning:
@@ -497,7 +505,8 @@ def _vocab_stage(
     the adapter, re-based, as DIR/adapter), evaluate with the map at the edge.
 
     Returns:
-        The stage result: metrics, speed, and the vocabulary kept.
+        (the mapped model, with its re-based adapter when there is one; the stage result:
+        metrics, speed, and the vocabulary kept).
     """
     labels = task.verbalizer_ids if isinstance(task, ClassificationTask) else []
     counts = token_counts(_calib_batches(task, train_rows, cfg.batch_size))
@@ -529,7 +538,7 @@ def _vocab_stage(
         "oov": cfg.vocab_oov,
         "dropped_used": unused,
     }
-    return {**after, "vocab": vocab}
+    return scored, {**after, "vocab": vocab}
 
 
 def _prune_stage(
@@ -599,7 +608,8 @@ def _quantize_stage(
     release_file_pages(quantize_int8(model))
     folder = rundir.path / "model"
     (folder / "model.safetensors").unlink(missing_ok=True)
-    save_int8(model, folder)
+    with unmapped(model):  # a vocabulary-pruned model is stored in its kept id space
+        save_int8(model, folder)
     tokenizer.save_pretrained(folder)
     # the adapter is in DIR/model now; kept beside it, it would fit no saved model
     shutil.rmtree(rundir.path / "adapter", ignore_errors=True)
