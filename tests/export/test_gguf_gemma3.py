@@ -13,6 +13,7 @@ from edgetune.errors import ConfigError
 from edgetune.export.gguf import export_gguf
 from edgetune.export.llama_cpp import gguf_parity
 from edgetune.models.tiny import tiny_causal_lm
+from edgetune.peft import PeftConfig, attach
 
 PROMPT = "Once upon a time, there was a little girl named Lily."
 
@@ -131,3 +132,29 @@ def test_the_27b_attention_scale_is_what_llama_cpp_uses_at_62_blocks(tokenizer, 
         tiny_causal_lm("gemma3", **shape, query_pre_attn_scalar=32), tokenizer, tmp_path / "b"
     )
     assert written.model.is_file()
+
+
+def test_a_merged_lora_keeps_parity_in_llama_cpp(tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp")
+    # Prepare: a LoRA on every projection with a random B, saved as PEFT saves it
+    adapter = attach(tiny_causal_lm("gemma3"), PeftConfig(rank=2), seed=1)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in adapter.model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    adapter.model.save_pretrained(tmp_path / "adapter")
+    ids = tokenizer(PROMPT).input_ids
+    with torch.no_grad():
+        expected = adapter.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        base = tiny_causal_lm("gemma3")(input_ids=torch.tensor([ids])).logits[0].numpy()
+    # Execute: W + scaling * B @ A folded in, then the norms offset as for the base
+    written = export_gguf(
+        tiny_causal_lm("gemma3"), tokenizer, tmp_path / "out", adapter_dir=tmp_path / "adapter",
+        merge=True,
+    )  # fmt: skip
+    facts = gguf_parity(written.model, ids, expected, "f32")
+    # Assert: the adapter moves the logits far more than llama.cpp's GELU does
+    assert written.adapter is None and written.model.name == "model-merged-f32.gguf"
+    assert facts["parity_max_abs"] < 5e-3 < np.abs(expected - base).max()
+    assert facts["parity_top1_agreement"] == 1.0
