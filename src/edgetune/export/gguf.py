@@ -1,4 +1,4 @@
-"""GGUF export: a Hugging Face Llama model, and a LoRA adapter on it, as llama.cpp files.
+"""GGUF export: a Hugging Face Llama-family model, and a LoRA on it, as llama.cpp files.
 
 llama.cpp runs one self-contained GGUF file: hyperparameters and the tokenizer as
 metadata, then the tensors. `export_gguf` writes the base (or a LoRA merged into it) and,
@@ -7,6 +7,10 @@ for an unmerged LoRA, llama.cpp's LoRA adapter GGUF beside it.
 Notable choices:
 - Names come from gguf-py's own table (`gguf.get_tensor_name_map`):
   `model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`.
+- Architectures (`ARCHES`): Llama and Mistral as llama.cpp's llama, Qwen2 / Qwen3 as its
+  qwen2 / qwen3, Gemma 3 text models as its gemma3 (`export/gguf_gemma3.py`: which Gemma 3
+  settings llama.cpp reads and which it fixes, so which configs are refused; RMSNorm
+  weights stored as 1 + w).
 - Rotary layout: HF Llama rotates the two halves of each head (`rotate_half`), llama.cpp
   rotates adjacent pairs (Meta's original layout). So the rows of q and k are permuted
   within each head, row `h * d/2 + i` -> `2 * i + h` (d the head dim, h in {0, 1}). A LoRA's
@@ -46,11 +50,13 @@ import torch
 from edgetune.compress.int8_dynamic import is_dynamic_int8
 from edgetune.compress.quantize import Int8Linear
 from edgetune.errors import ConfigError
+from edgetune.export import gguf_gemma3
 
 GGUF_TYPES = ("f32", "q8_0", "q4_0")
 SUPPORTED = (
     "Llama-family models (LlamaForCausalLM, MistralForCausalLM without a sliding window, "
-    "Qwen2ForCausalLM, Qwen3ForCausalLM) with the same widths in every layer"
+    "Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM) with the same widths in every "
+    "layer"
 )
 
 
@@ -62,28 +68,39 @@ class _Arch:
         name: llama.cpp's architecture name (the prefix of its hyperparameter keys).
         hf_class: the transformers class whose weights it holds as they are.
         pairs: llama.cpp rotates adjacent pairs (its llama architecture), so q and k rows
-            are permuted from HF's rotate-half layout; Qwen's architectures rotate halves
-            (NEOX) as HF does, so nothing is permuted.
+            are permuted from HF's rotate-half layout; Qwen's and Gemma's architectures
+            rotate halves (NEOX) as HF does, so nothing is permuted.
+        offset_norm: which HF tensors are RMSNorm weights that HF applies as 1 + w and
+            llama.cpp as the stored weight (written as 1 + w); None: none are.
+        check: refuses a config this architecture would run differently in llama.cpp.
+        hparams: writes the architecture's rotary base and its own keys; None: the
+            common rotary base (`rope_theta`).
     """
 
     name: str
     hf_class: str
     pairs: bool
+    offset_norm: Callable[[str], bool] | None = None
+    check: Callable[[Any], None] | None = None
+    hparams: Callable[[Any, Any], None] | None = None
 
 
 # model_type -> the llama.cpp architecture; llama.cpp's converter writes Mistral as llama.
-# Qwen2's q/k/v biases and Qwen3's per-head q/k norms have their own llama.cpp tensors.
+# Qwen2's q/k/v biases, Qwen3's per-head q/k norms and Gemma 3's four norms per block have
+# their own llama.cpp tensors.
 ARCHES = {
     "llama": _Arch("llama", "LlamaForCausalLM", pairs=True),
     "mistral": _Arch("llama", "MistralForCausalLM", pairs=True),
     "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", pairs=False),
     "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", pairs=False),
-}
-# What a writer for these would need that this one does not do.
-UNWRITTEN = {
-    "gemma3_text": "llama.cpp's gemma3 architecture needs RMSNorm weights stored as 1 + w, "
-    "four norms per block and its fixed pattern of one global block in six, which this "
-    "writer does not produce",
+    "gemma3_text": _Arch(
+        "gemma3",
+        "Gemma3ForCausalLM",
+        pairs=False,
+        offset_norm=gguf_gemma3.is_offset_norm,
+        check=gguf_gemma3.check_gemma3,
+        hparams=gguf_gemma3.add_gemma3_hparams,
+    ),
 }
 _ROTARY = ("q_proj", "k_proj")  # modules whose output rows carry rotary pairs
 
@@ -120,10 +137,10 @@ def export_gguf(
     adapter_dir: Path | None = None,
     merge: bool = False,
 ) -> GGUFExport:
-    """Write a Llama model (and a LoRA on it) as GGUF files for llama.cpp.
+    """Write a Llama-family model (and a LoRA on it) as GGUF files for llama.cpp.
 
     Args:
-        model: HF `LlamaForCausalLM` in fp32, the base the adapter was trained on.
+        model: an HF causal LM of `ARCHES` in fp32, the base the adapter was trained on.
         tokenizer: its HF fast tokenizer (embedded in the file).
         out_dir: folder for the files; created if missing.
         quant: one of `GGUF_TYPES` for the model's 2-D weights (see the module docstring
@@ -136,8 +153,9 @@ def export_gguf(
         unmerged adapter, `out_dir/adapter-f32.gguf`.
 
     Raises:
-        ConfigError: an unknown quant, a model that is not a plain fp32 Llama, a tokenizer
-            this writer cannot describe, or an adapter trained on another base.
+        ConfigError: an unknown quant, a model that is not a plain fp32 one of `ARCHES` (or
+            a config llama.cpp would run differently), a tokenizer this writer cannot
+            describe, or an adapter trained on another base.
     """
     if quant not in GGUF_TYPES:
         raise ConfigError(f"GGUF type {quant!r} is not supported; choose one of {GGUF_TYPES}")
@@ -156,10 +174,12 @@ def export_gguf(
     arch = ARCHES[config.model_type]
     names = _name_map(config, arch)
     with _atomic(model_path, arch.name) as writer:
-        _add_hparams(writer, config, quant)
+        _add_hparams(writer, config, quant, arch)
         _add_tokenizer(writer, tokenizer, config.vocab_size)
         for name, array in weights.items():
             tensor = _rotary_layout(name, array, config) if arch.pairs else array
+            if arch.offset_norm is not None and arch.offset_norm(name):
+                tensor = tensor + 1.0
             _add_weight(writer, names(name), tensor, quant)
     adapter_path = None
     if lora is not None and not merge:
@@ -176,10 +196,9 @@ def _check_model(model: torch.nn.Module) -> Any:
     architectures = getattr(config, "architectures", None) or [type(model).__name__]
     kind = getattr(config, "model_type", None)
     if kind not in ARCHES or ARCHES[kind].hf_class not in architectures:
-        why = f" ({UNWRITTEN[kind]})" if kind in UNWRITTEN else ""
         raise ConfigError(
             f"GGUF export supports {SUPPORTED}; this model is {architectures[0]} "
-            f"(model_type {kind!r}){why}. Export it to ONNX instead"
+            f"(model_type {kind!r}). Export it to ONNX instead"
         )
     window = getattr(config, "sliding_window", None)
     if kind == "mistral" and window is not None and window < config.max_position_embeddings:
@@ -209,6 +228,9 @@ def _check_model(model: torch.nn.Module) -> Any:
         getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)
     ):
         raise ConfigError(f"GGUF export supports {SUPPORTED} without biases; this model has some")
+    if ARCHES[kind].check is not None:
+        ARCHES[kind].check(config)
+        return config
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ConfigError(
@@ -281,7 +303,7 @@ def _add_weight(writer: Any, name: str, array: np.ndarray, quant: str) -> None:
     writer.add_tensor(name, packed, raw_dtype=qtype[quant])
 
 
-def _add_hparams(writer: Any, config: Any, quant: str) -> None:
+def _add_hparams(writer: Any, config: Any, quant: str, arch: _Arch) -> None:
     import gguf
 
     file_type = {
@@ -301,7 +323,10 @@ def _add_hparams(writer: Any, config: Any, quant: str) -> None:
     writer.add_key_length(_head_dim(config))
     writer.add_value_length(_head_dim(config))
     writer.add_rope_dimension_count(_head_dim(config))
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
+    if arch.hparams is not None:
+        arch.hparams(writer, config)
+    else:
+        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type[quant])

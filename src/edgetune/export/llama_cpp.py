@@ -39,6 +39,12 @@ MISSING = (
 # cache. Quantized files differ by their rounding, so only F32 has a bound; for those the
 # figures are recorded.
 F32_TOLERANCE = 1e-4
+# Architectures whose F32 files llama.cpp computes less exactly, by the same measure.
+# gemma3's MLP is a GELU, which llama.cpp's CPU backend reads from an fp16 lookup table:
+# on the tiny random Gemma 3 of the tests (logits below 1) that alone moves logits by 3e-4,
+# and by 1.6e-3 with a LoRA adapter; rounding PyTorch's GELU to fp16 in and out as well
+# brings both to 5e-5 to 7e-5. A file that computes another model moves them by 0.2-0.9.
+F32_TOLERANCE_BY_ARCH = {"gemma3": 5e-3}
 
 
 def binding_available() -> bool:
@@ -65,12 +71,14 @@ def gguf_parity(
         of positions where both predict the same next token).
 
     Raises:
-        ConfigError: an F32 file is further from PyTorch than `F32_TOLERANCE` allows
-            (the file does not hold the model), or llama.cpp cannot load it.
+        ConfigError: an F32 file is further from PyTorch than `F32_TOLERANCE` (or its
+            architecture's `F32_TOLERANCE_BY_ARCH`) allows (the file does not hold the
+            model), or llama.cpp cannot load it.
     """
     got = llama_cpp_logits(model_path, token_ids, adapter_path, threads)
     worst = float(np.abs(got - expected).max())
-    bound = F32_TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    tolerance = F32_TOLERANCE_BY_ARCH.get(_architecture(model_path), F32_TOLERANCE)
+    bound = tolerance * max(1.0, float(np.abs(expected).max()))
     if quant == "f32" and not worst <= bound:
         raise ConfigError(
             f"llama.cpp's logits from {model_path.name} differ from PyTorch's by up to "
@@ -80,6 +88,14 @@ def gguf_parity(
         )
     agreement = float(np.mean(got.argmax(-1) == expected.argmax(-1)))
     return {"parity_max_abs": worst, "parity_top1_agreement": agreement}
+
+
+def _architecture(model_path: Path) -> str:
+    """The file's `general.architecture` ("llama", "gemma3", ...)."""
+    import gguf
+
+    field = gguf.GGUFReader(model_path).get_field(gguf.Keys.General.ARCHITECTURE)
+    return field.contents() if field is not None else ""
 
 
 def llama_cpp_generate(

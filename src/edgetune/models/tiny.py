@@ -41,7 +41,7 @@ def tiny_llama(vocab_size: int = 128, seed: int = 0, **overrides: Any) -> Any:
 # 2 key/value groups where the family has groups. Gemma 3 alternates sliding-window and
 # global blocks (window 4, so a 32-token row feels the difference), both kinds on each side
 # of a cut at 2 and in an order a cut that ignored them would get wrong; Qwen3 and Gemma 3
-# set head_dim explicitly as their real configs do.
+# set head_dim explicitly as their real configs do (and Gemma 3 scales attention by it).
 _ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2)
 _DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, **_ATTENTION)
 TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -55,6 +55,7 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         dict(
             _DECODER,
             head_dim=16,
+            query_pre_attn_scalar=16,
             sliding_window=4,
             layer_types=[
                 "sliding_attention",
