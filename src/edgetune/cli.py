@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rows",
         type=_name_list,
         help="tasks: comma-separated rows (default fo, fo-top6, zo-mezo, zo-prge, "
-        "zo-prge-raw); fed: comma-separated algorithms (default all: fedit, fedit-ranks, "
+        "zo-prge-raw; also zo-prge-3x); fed: comma-separated algorithms (default all: fedit, fedit-ranks, "
         "fedkseed, fedkseed-recipe, fedkseed-pro, fwdllm, fedproj-3840, fedproj-1024, "
         "fedproj-mixed)",
     )
