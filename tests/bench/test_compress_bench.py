@@ -41,9 +41,11 @@ def test_the_plan_gives_every_row_and_a_second_seed_to_the_30_percent_distillati
     assert labels.count("30 % + ZO + distill") == 2 and "10 % + ZO + distill" not in labels
     assert labels.count("30 % + FO + distill") == 2 and labels.count("30 % + FO") == 1
     assert labels.count("20 % + FO + distill") == 1
-    assert labels[-4:] == ["int8", "30 % + int8", "int8-dynamic", "30 % + int8-dynamic"]
-    # FO +- distill per ratio, ZO at 30 %, seed 1, two int8 kinds alone and after pruning
-    assert len(runs) == 4 * 2 + 1 + 2 + 4
+    assert labels[-7:-3] == ["int8", "30 % + int8", "int8-dynamic", "30 % + int8-dynamic"]
+    assert labels[-3:] == ["vocabulary (task)", "vocabulary + int8", "vocabulary, label head"]
+    # FO +- distill per ratio, ZO at 30 %, seed 1, two int8 kinds alone and after pruning,
+    # three vocabulary runs
+    assert len(runs) == 4 * 2 + 1 + 2 + 4 + 3
     zo = next(r for r in runs if r.name == "prune30-zo-distill-s1")
     args = bench.compress_args(s, zo, Path("A"))
     assert args[args.index("--recover") + 1] == "zo" and "--distill" in args
@@ -153,6 +155,10 @@ def test_quick_bench_writes_every_row_the_targets_and_the_plot(tmp_path, shared_
     for label in ("unpruned", "30 % pruned", "30 % + FO", "30 % + FO + distill", "int8"):
         assert f"| {label} |" in text or f"| **{label}** |" in text
     assert "30 % + ZO + distill: prefill" in text and "ZO LoRA on the int8 base" in text
+    for label in ("vocabulary (task)", "vocabulary + int8", "vocabulary, label head"):
+        assert f"| {label} |" in text or f"| **{label}** |" in text
+    assert re.search(r"- vocabulary \+ int8: file \d+\.\d %, peak RSS \d+\.\d %", text)
+    assert "- vocabulary, label head: prefill" in text
     unpruned = next(line for line in text.splitlines() if "unpruned" in line and "|" in line)
     assert re.search(r"\| 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\] \|$", unpruned)  # HellaSwag
     png = (tmp_path / "docs" / "bench_compress_pareto.png").read_bytes()
