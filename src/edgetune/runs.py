@@ -29,6 +29,7 @@ it is complete on disk, so a kill during the rewrite loses nothing.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -69,6 +70,7 @@ class RunFileError(EdgetuneError):
 # ru_maxrss also reads) is not raised when reclaim drops mapped file pages, so a VmRSS
 # reading taken earlier can exceed the mark read later; both count toward the peak.
 _peak_seen = 0.0
+_libc: Any = None  # glibc, once looked up (False where there is none)
 
 
 def peak_rss_mb() -> float:
@@ -92,6 +94,23 @@ def status_mb(field: str) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc's `malloc_trim(0)`); whether
+    any were (False without glibc). A training process that evaluates between steps otherwise
+    keeps the freed evaluation and step buffers as fragmented heap: measured on SmolLM2 /
+    AG News (MeZO, 20 steps, evaluations of 300 rows at steps 0, 10 and 20), peak RSS
+    1,144 MB, against 1,061 MB with a trim before and after each evaluation and 1,065 MB
+    for the evaluation alone."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 (musl and others have no malloc_trim)
+        except (OSError, AttributeError):
+            _libc = False
+    return bool(_libc) and bool(_libc.malloc_trim(0))
 
 
 def reset_peak_rss() -> bool:

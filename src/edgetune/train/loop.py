@@ -18,7 +18,7 @@ import torch
 from edgetune import console
 from edgetune.errors import ConfigError, TrainingDivergedError
 from edgetune.peft import Adapter
-from edgetune.runs import RunDir
+from edgetune.runs import RunDir, trim_heap
 from edgetune.train.checkpoint import good_before_divergence, save_checkpoint, warn
 from edgetune.train.config import OptimConfig, TrainConfig
 from edgetune.train.guard import Guard, GuardState, better
@@ -94,12 +94,14 @@ def evaluate_model(
     model: Any, task: Any, rows: Sequence[dict], batch_size: int, progress: bool = False
 ) -> dict:
     """`evaluate` for a bare model (no Adapter), e.g. a loaded PEFT adapter."""
+    trim_heap()  # the steps' freed buffers, before evaluation allocates its own
     bar = console.bar(len(rows), "evaluating", "ex", enabled=progress, leave=False)
     try:
         metrics = task.evaluate(model, rows, batch_size, bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()
+        trim_heap()  # and evaluation's, before the steps go on
     return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
 
